@@ -1,0 +1,121 @@
+package gateway
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Options configures a gateway Server. Zero values get the defaults below.
+type Options struct {
+	// Addr is the TCP listen address. Default ":7070".
+	Addr string
+	// ID names this gateway in the router; it must be unique among live
+	// gateways. Default: hostname:port plus a boot nonce.
+	ID string
+	// MaxConns is the most connections held at once; more are answered
+	// with StatusTooManyConns and closed. Default and ceiling: the
+	// process's open-file limit less a reserve for everything else.
+	MaxConns int
+	// MaxBody is the largest frame body accepted. Default 64 KiB.
+	MaxBody uint32
+	// LoginTimeout closes a connection that has not logged in by then.
+	// Default 10s.
+	LoginTimeout time.Duration
+	// IdleTimeout closes a logged-in connection that sent nothing for this
+	// long. Default 90s.
+	IdleTimeout time.Duration
+	// KeepaliveInterval is advertised to clients at login. Default IdleTimeout/3.
+	KeepaliveInterval time.Duration
+	// RequestTimeout bounds each call into logic. Default 10s.
+	RequestTimeout time.Duration
+	// WriteTimeout closes a connection whose socket accepts nothing for
+	// this long. Default 10s.
+	WriteTimeout time.Duration
+	// MaxInFlight bounds concurrent requests per connection. Default 64.
+	MaxInFlight int
+	// MaxQueueBytes closes a connection (slow consumer) whose unsent frames
+	// exceed it. Default 4 MiB.
+	MaxQueueBytes int
+
+	Logger   *slog.Logger
+	Registry prometheus.Registerer
+}
+
+// fdReserve is kept free of connections for listeners, storage and logs.
+const fdReserve = 256
+
+func openFileLimit() int {
+	var rl syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &rl); err != nil || rl.Cur > 1<<31 {
+		return 1 << 20
+	}
+	return int(rl.Cur)
+}
+
+func (o *Options) setDefaults() error {
+	if o.Addr == "" {
+		o.Addr = ":7070"
+	}
+	if o.ID == "" {
+		h, _ := os.Hostname()
+		o.ID = h + "/" + strconv.FormatInt(time.Now().UnixNano(), 36)
+	}
+	limit := openFileLimit() - fdReserve
+	if limit < 1 {
+		return fmt.Errorf("gateway: open-file limit %d leaves no room for connections", limit+fdReserve)
+	}
+	if o.MaxConns == 0 || o.MaxConns > limit {
+		o.MaxConns = limit
+	}
+	if o.MaxBody == 0 {
+		o.MaxBody = 64 << 10
+	}
+	if o.LoginTimeout == 0 {
+		o.LoginTimeout = 10 * time.Second
+	}
+	if o.IdleTimeout == 0 {
+		o.IdleTimeout = 90 * time.Second
+	}
+	if o.KeepaliveInterval == 0 {
+		o.KeepaliveInterval = o.IdleTimeout / 3
+	}
+	if o.RequestTimeout == 0 {
+		o.RequestTimeout = 10 * time.Second
+	}
+	if o.WriteTimeout == 0 {
+		o.WriteTimeout = 10 * time.Second
+	}
+	if o.MaxInFlight == 0 {
+		o.MaxInFlight = 64
+	}
+	if o.MaxQueueBytes == 0 {
+		o.MaxQueueBytes = 4 << 20
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	var errs []error
+	if o.MaxConns < 0 {
+		errs = append(errs, errors.New("max conns must be >= 0"))
+	}
+	if o.LoginTimeout < 0 || o.IdleTimeout < 0 || o.RequestTimeout < 0 || o.WriteTimeout < 0 {
+		errs = append(errs, errors.New("timeouts must be >= 0"))
+	}
+	if o.KeepaliveInterval >= o.IdleTimeout {
+		errs = append(errs, fmt.Errorf("keepalive interval %s must be shorter than the idle timeout %s", o.KeepaliveInterval, o.IdleTimeout))
+	}
+	if o.MaxInFlight < 0 || o.MaxQueueBytes < 0 {
+		errs = append(errs, errors.New("max in flight and max queue bytes must be >= 0"))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("gateway: %w", err)
+	}
+	return nil
+}

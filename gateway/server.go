@@ -1,0 +1,276 @@
+// Package gateway is msg-gate: it holds the clients' TCP long connections,
+// parses frames, enforces login, keepalive and limits, forwards requests to
+// logic and pushes frames to connections. It is the source of truth for who
+// is connected to it.
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/imd-dev/imd/logic"
+	"github.com/imd-dev/imd/schema"
+	"github.com/imd-dev/imd/schema/pb"
+)
+
+// ErrUnknownConn is returned by Kick for a connection this gateway does not hold.
+var ErrUnknownConn = errors.New("gateway: unknown connection")
+
+// ErrServerClosed is returned by Serve after Shutdown.
+var ErrServerClosed = errors.New("gateway: server closed")
+
+const connShards = 64
+
+// Server is a gateway. Create it with New, run it with Serve (or
+// ListenAndServe) and stop it with Shutdown. All methods are safe for
+// concurrent use.
+type Server struct {
+	opts  Options
+	api   logic.API
+	log   *slog.Logger
+	m     *metrics
+	ctx   context.Context // cancelled by the last step of Shutdown
+	stop  context.CancelFunc
+	lnMu  sync.Mutex
+	ln    net.Listener
+	ready chan struct{}
+
+	nextConn atomic.Uint64
+	nextLog  atomic.Uint64
+	nconns   atomic.Int64
+	draining atomic.Bool
+	shards   [connShards]connShard
+	wg       sync.WaitGroup // one per connection goroutine and per in-flight request
+
+	shutdownOnce sync.Once
+}
+
+type connShard struct {
+	mu sync.Mutex
+	m  map[uint64]*conn
+}
+
+var _ logic.Gate = (*Server)(nil)
+
+// New returns a gateway that forwards to api.
+func New(opts Options, api logic.API) (*Server, error) {
+	if api == nil {
+		return nil, errors.New("gateway: logic API is required")
+	}
+	if err := opts.setDefaults(); err != nil {
+		return nil, err
+	}
+	m, err := newMetrics(opts.Registry)
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{opts: opts, api: api, log: opts.Logger.With("gate", opts.ID), m: m, ready: make(chan struct{})}
+	s.ctx, s.stop = context.WithCancel(context.Background())
+	for i := range s.shards {
+		s.shards[i].m = make(map[uint64]*conn)
+	}
+	now := uint64(time.Now().UnixNano())
+	s.nextConn.Store(now &^ (1<<20 - 1)) // ids stay unique across restarts within one gate id
+	s.nextLog.Store(now)
+	return s, nil
+}
+
+// ID returns the gateway's id.
+func (s *Server) ID() string { return s.opts.ID }
+
+// Options returns the effective options (defaults applied).
+func (s *Server) Options() Options { return s.opts }
+
+// Listen binds the configured address; Serve then accepts on it.
+func (s *Server) Listen() error {
+	ln, err := net.Listen("tcp", s.opts.Addr)
+	if err != nil {
+		return fmt.Errorf("gateway: listen %s: %w", s.opts.Addr, err)
+	}
+	s.lnMu.Lock()
+	s.ln = ln
+	s.lnMu.Unlock()
+	close(s.ready)
+	return nil
+}
+
+// Addr returns the listen address once Listen has succeeded, else nil.
+func (s *Server) Addr() net.Addr {
+	s.lnMu.Lock()
+	defer s.lnMu.Unlock()
+	if s.ln == nil {
+		return nil
+	}
+	return s.ln.Addr()
+}
+
+// Serve accepts connections until Shutdown. It returns ErrServerClosed after
+// Shutdown and never fails on a transient accept error such as running out
+// of file descriptors: it logs, backs off and goes on.
+func (s *Server) Serve() error {
+	<-s.ready
+	s.log.Info("gateway serving", "addr", s.ln.Addr().String(), "max_conns", s.opts.MaxConns)
+	var backoff time.Duration
+	for {
+		nc, err := s.ln.Accept()
+		if err != nil {
+			if s.draining.Load() || errors.Is(err, net.ErrClosed) {
+				return ErrServerClosed
+			}
+			// EMFILE, ENFILE, ECONNABORTED and the like: the listener is
+			// fine, the moment is not. Back off as net/http does.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.m.acceptErrors.Inc()
+			s.log.Warn("accept failed; backing off", "err", err, "backoff", backoff)
+			time.Sleep(backoff)
+			continue
+		}
+		backoff = 0
+		s.m.accepted.Inc()
+		if s.draining.Load() {
+			s.reject(nc, schema.StatusShuttingDown, "gateway is shutting down")
+			continue
+		}
+		if s.nconns.Load() >= int64(s.opts.MaxConns) {
+			s.reject(nc, schema.StatusTooManyConns, "gateway is at its connection limit")
+			continue
+		}
+		s.startConn(nc)
+	}
+}
+
+// ListenAndServe is Listen followed by Serve.
+func (s *Server) ListenAndServe() error {
+	if err := s.Listen(); err != nil {
+		return err
+	}
+	return s.Serve()
+}
+
+// reject answers a connection that cannot be held with one error frame and
+// closes it, without blocking the accept loop for long.
+func (s *Server) reject(nc net.Conn, st schema.Status, msg string) {
+	s.m.rejected.WithLabelValues(st.String()).Inc()
+	frame := errorFrame(nil, &schema.Header{}, st, msg)
+	_ = nc.SetWriteDeadline(time.Now().Add(50 * time.Millisecond))
+	_, _ = nc.Write(frame)
+	_ = nc.Close()
+}
+
+func (s *Server) startConn(nc net.Conn) {
+	if tc, ok := nc.(*net.TCPConn); ok {
+		_ = tc.SetNoDelay(true)
+		_ = tc.SetKeepAlive(false) // application keepalive does this job
+	}
+	c := newConn(s, nc, s.nextConn.Add(1))
+	sh := &s.shards[c.id%connShards]
+	sh.mu.Lock()
+	sh.m[c.id] = c
+	sh.mu.Unlock()
+	s.nconns.Add(1)
+	s.m.conns.Inc()
+	s.wg.Add(1)
+	go c.serve()
+}
+
+func (s *Server) removeConn(c *conn) {
+	sh := &s.shards[c.id%connShards]
+	sh.mu.Lock()
+	_, ok := sh.m[c.id]
+	delete(sh.m, c.id)
+	sh.mu.Unlock()
+	if ok {
+		s.nconns.Add(-1)
+		s.m.conns.Dec()
+	}
+}
+
+func (s *Server) conn(id uint64) *conn {
+	sh := &s.shards[id%connShards]
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	return sh.m[id]
+}
+
+func (s *Server) each(fn func(*conn)) {
+	for i := range s.shards {
+		sh := &s.shards[i]
+		sh.mu.Lock()
+		list := make([]*conn, 0, len(sh.m))
+		for _, c := range sh.m {
+			list = append(list, c)
+		}
+		sh.mu.Unlock()
+		for _, c := range list {
+			fn(c)
+		}
+	}
+}
+
+// Conns returns the number of connections held.
+func (s *Server) Conns() int { return int(s.nconns.Load()) }
+
+// Kick implements logic.Gate: it pushes k to the connection and closes it
+// once the frame has left.
+func (s *Server) Kick(_ context.Context, id uint64, k *pb.Kickout) error {
+	c := s.conn(id)
+	if c == nil {
+		return ErrUnknownConn
+	}
+	s.m.kicked.Inc()
+	c.notifyAndClose(schema.CmdKickout, k, "kicked: "+k.GetReason().String())
+	return nil
+}
+
+// Shutdown stops accepting, sends GoAway to every connection, waits for
+// in-flight requests and for clients to leave until ctx is done, then closes
+// what is left (their sessions are unregistered). It is idempotent; later
+// calls wait for nothing and return nil.
+func (s *Server) Shutdown(ctx context.Context) error {
+	first := false
+	s.shutdownOnce.Do(func() { first = true })
+	if !first {
+		return nil
+	}
+	s.draining.Store(true)
+	s.lnMu.Lock()
+	if s.ln != nil {
+		_ = s.ln.Close()
+	}
+	s.lnMu.Unlock()
+	n := s.Conns()
+	s.log.Info("gateway draining", "conns", n)
+	ga := &pb.GoAway{Reason: "server shutting down", ReconnectAfterMs: 1000}
+	s.each(func(c *conn) { c.notify(schema.CmdGoAway, 0, ga) })
+
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	var err error
+wait:
+	for s.Conns() > 0 {
+		select {
+		case <-ctx.Done():
+			err = ctx.Err()
+			break wait
+		case <-tick.C:
+		}
+	}
+	left := s.Conns()
+	s.each(func(c *conn) { c.close("server shutdown") })
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(s.opts.WriteTimeout):
+		s.log.Warn("gateway: goroutines still running after shutdown")
+	}
+	s.stop()
+	s.log.Info("gateway stopped", "conns_at_start", n, "closed_by_force", left)
+	return err
+}

@@ -1,0 +1,211 @@
+// Package config loads imd's configuration from, in rising precedence,
+// built-in defaults, a YAML file, IMD_* environment variables and
+// command-line flags.
+package config
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/imd-dev/imd/logic"
+	"gopkg.in/yaml.v3"
+)
+
+// Config is everything imd reads at start.
+type Config struct {
+	// DataDir holds embedded storage and generated secrets.
+	DataDir string  `yaml:"data_dir"`
+	Log     Log     `yaml:"log"`
+	Gateway Gateway `yaml:"gateway"`
+	HTTP    HTTP    `yaml:"http"`
+	// ShutdownGrace bounds a graceful shutdown on SIGTERM.
+	ShutdownGrace time.Duration `yaml:"shutdown_grace"`
+	// Apps maps each appcode to its account system and secrets. When it is
+	// empty, imd runs the demo apps (DemoApps) with secrets generated once
+	// into <data_dir>/secrets.yaml.
+	Apps []logic.App `yaml:"apps"`
+}
+
+// Log configures logging.
+type Log struct {
+	Level  string `yaml:"level"`  // debug, info, warn, error
+	Format string `yaml:"format"` // text or json
+}
+
+// Gateway mirrors gateway.Options.
+type Gateway struct {
+	Addr              string        `yaml:"addr"`
+	ID                string        `yaml:"id"`
+	MaxConns          int           `yaml:"max_conns"`
+	MaxBody           uint32        `yaml:"max_body"`
+	LoginTimeout      time.Duration `yaml:"login_timeout"`
+	IdleTimeout       time.Duration `yaml:"idle_timeout"`
+	KeepaliveInterval time.Duration `yaml:"keepalive_interval"`
+	RequestTimeout    time.Duration `yaml:"request_timeout"`
+	WriteTimeout      time.Duration `yaml:"write_timeout"`
+	MaxInFlight       int           `yaml:"max_in_flight"`
+	MaxQueueBytes     int           `yaml:"max_queue_bytes"`
+}
+
+// HTTP configures the HTTP API (health, metrics, s2c).
+type HTTP struct {
+	Addr string `yaml:"addr"`
+}
+
+// Default returns the built-in configuration.
+func Default() Config {
+	return Config{
+		DataDir:       "./data",
+		Log:           Log{Level: "info", Format: "text"},
+		Gateway:       Gateway{Addr: ":7070", LoginTimeout: 10 * time.Second, IdleTimeout: 90 * time.Second, MaxBody: 64 << 10},
+		HTTP:          HTTP{Addr: ":8080"},
+		ShutdownGrace: 15 * time.Second,
+	}
+}
+
+// DemoApps are the appcodes a configuration without apps runs with:
+// freight on android and pc (one account system) and support on the web
+// (another).
+func DemoApps() []logic.App {
+	return []logic.App{
+		{AppCode: 101, Name: "freight-android", Account: 1},
+		{AppCode: 102, Name: "freight-pc", Account: 1},
+		{AppCode: 201, Name: "support-web", Account: 2},
+	}
+}
+
+// Flags binds the common flags to c on fs. Call Load after fs.Parse.
+func (c *Config) Flags(fs *flag.FlagSet) *string {
+	path := fs.String("config", "", "YAML config file (env IMD_CONFIG)")
+	fs.StringVar(&c.DataDir, "data-dir", c.DataDir, "directory for embedded storage and generated secrets")
+	fs.StringVar(&c.Log.Level, "log-level", c.Log.Level, "log level: debug, info, warn or error")
+	fs.StringVar(&c.Log.Format, "log-format", c.Log.Format, "log format: text or json")
+	return path
+}
+
+// ServerFlags binds the flags of the serving subcommands.
+func (c *Config) ServerFlags(fs *flag.FlagSet) {
+	g := &c.Gateway
+	fs.StringVar(&g.Addr, "gateway-addr", g.Addr, "gateway TCP listen address")
+	fs.StringVar(&g.ID, "gateway-id", g.ID, "gateway id, unique among live gateways (default hostname/boot nonce)")
+	fs.IntVar(&g.MaxConns, "max-conns", g.MaxConns, "most connections held at once (default: open-file limit less a reserve)")
+	fs.Func("max-body", "largest frame body in bytes (default 65536)", func(s string) error {
+		var v uint32
+		_, err := fmt.Sscan(s, &v)
+		g.MaxBody = v
+		return err
+	})
+	fs.DurationVar(&g.LoginTimeout, "login-timeout", g.LoginTimeout, "close connections that have not logged in by then")
+	fs.DurationVar(&g.IdleTimeout, "idle-timeout", g.IdleTimeout, "close logged-in connections silent for this long")
+	fs.DurationVar(&g.KeepaliveInterval, "keepalive-interval", g.KeepaliveInterval, "keepalive interval advertised to clients (default idle-timeout/3)")
+	fs.DurationVar(&g.RequestTimeout, "request-timeout", g.RequestTimeout, "bound on each request inside the platform (default 10s)")
+	fs.IntVar(&g.MaxInFlight, "max-in-flight", g.MaxInFlight, "concurrent requests per connection (default 64)")
+	fs.StringVar(&c.HTTP.Addr, "http-addr", c.HTTP.Addr, "HTTP API listen address (health, metrics, s2c)")
+	fs.DurationVar(&c.ShutdownGrace, "shutdown-grace", c.ShutdownGrace, "how long a graceful shutdown may take")
+}
+
+// Load completes c after fs has parsed args once: it reads the YAML file
+// (path from --config or IMD_CONFIG), applies IMD_* environment variables
+// to every flag not given on the command line, and parses args again so
+// that flags win. env is os.LookupEnv in production.
+func (c *Config) Load(fs *flag.FlagSet, path *string, args []string, env func(string) (string, bool)) error {
+	p := *path
+	if p == "" {
+		p, _ = env("IMD_CONFIG")
+	}
+	if p != "" {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return fmt.Errorf("config: %w", err)
+		}
+		dec := yaml.NewDecoder(strings.NewReader(string(b)))
+		dec.KnownFields(true)
+		if err := dec.Decode(c); err != nil && !errors.Is(err, io.EOF) {
+			return fmt.Errorf("config %s: %w", p, err)
+		}
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	var errs []error
+	fs.VisitAll(func(f *flag.Flag) {
+		if set[f.Name] || f.Name == "config" {
+			return
+		}
+		name := EnvName(f.Name)
+		if v, ok := env(name); ok {
+			if err := fs.Set(f.Name, v); err != nil {
+				errs = append(errs, fmt.Errorf("%s=%q: %w", name, v, err))
+			}
+		}
+	})
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("config: %w", err)
+	}
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	return nil
+}
+
+// EnvName is the environment variable that sets flag name.
+func EnvName(flagName string) string {
+	return "IMD_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
+}
+
+// ResolveApps fills in the demo apps and their generated secrets when no
+// apps are configured. It reports whether the demo apps are in use.
+func (c *Config) ResolveApps() (demo bool, err error) {
+	if len(c.Apps) > 0 {
+		return false, nil
+	}
+	secrets, err := demoSecrets(filepath.Join(c.DataDir, "secrets.yaml"))
+	if err != nil {
+		return true, err
+	}
+	c.Apps = DemoApps()
+	for i := range c.Apps {
+		c.Apps[i].Secrets = []string{secrets}
+	}
+	return true, nil
+}
+
+type secretsFile struct {
+	DemoSecret string `yaml:"demo_secret"`
+}
+
+// demoSecrets reads the demo secret from path, creating it on first use.
+func demoSecrets(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err == nil {
+		var f secretsFile
+		if err := yaml.Unmarshal(b, &f); err != nil || len(f.DemoSecret) < 16 {
+			return "", fmt.Errorf("config: %s is unreadable or holds no demo_secret (delete it to regenerate)", path)
+		}
+		return f.DemoSecret, nil
+	}
+	if !errors.Is(err, fs.ErrNotExist) {
+		return "", fmt.Errorf("config: %w", err)
+	}
+	raw := make([]byte, 32)
+	if _, err := rand.Read(raw); err != nil {
+		return "", err
+	}
+	f := secretsFile{DemoSecret: hex.EncodeToString(raw)}
+	out, _ := yaml.Marshal(&f)
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return "", fmt.Errorf("config: %w", err)
+	}
+	if err := os.WriteFile(path, append([]byte("# generated by imd for the demo apps; configure apps for production\n"), out...), 0o600); err != nil {
+		return "", fmt.Errorf("config: %w", err)
+	}
+	return f.DemoSecret, nil
+}

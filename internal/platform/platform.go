@@ -1,0 +1,107 @@
+// Package platform assembles every tier in one process: the shape `imd all`
+// runs and the end-to-end tests start on random ports.
+package platform
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+
+	"github.com/imd-dev/imd/gateway"
+	"github.com/imd-dev/imd/internal/config"
+	"github.com/imd-dev/imd/logic"
+	"github.com/imd-dev/imd/router"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/valyala/fasthttp"
+)
+
+// Platform is a running one-process deployment.
+type Platform struct {
+	Router   router.Router
+	Logic    *logic.Service
+	Gateway  *gateway.Server
+	Registry *prometheus.Registry
+
+	log      *slog.Logger
+	http     *fasthttp.Server
+	httpLn   net.Listener
+	serveErr chan error
+	once     sync.Once
+}
+
+// Start builds and starts every tier from cfg (whose Apps must be
+// resolved). It returns once the gateway and the HTTP API are listening.
+func Start(cfg config.Config, log *slog.Logger) (*Platform, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	p := &Platform{Router: router.NewMemory(), Registry: reg, log: log, serveErr: make(chan error, 2)}
+	svc, err := logic.New(logic.Options{Apps: cfg.Apps, Router: p.Router, Logger: log.With("tier", "logic"), Registry: reg})
+	if err != nil {
+		return nil, err
+	}
+	p.Logic = svc
+	g := cfg.Gateway
+	gw, err := gateway.New(gateway.Options{
+		Addr: g.Addr, ID: g.ID, MaxConns: g.MaxConns, MaxBody: g.MaxBody,
+		LoginTimeout: g.LoginTimeout, IdleTimeout: g.IdleTimeout, KeepaliveInterval: g.KeepaliveInterval,
+		RequestTimeout: g.RequestTimeout, WriteTimeout: g.WriteTimeout, MaxInFlight: g.MaxInFlight,
+		MaxQueueBytes: g.MaxQueueBytes, Logger: log.With("tier", "gateway"), Registry: reg,
+	}, svc)
+	if err != nil {
+		return nil, err
+	}
+	p.Gateway = gw
+	svc.AttachGate(gw.ID(), gw)
+	if err := gw.Listen(); err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", cfg.HTTP.Addr)
+	if err != nil {
+		_ = gw.Shutdown(context.Background())
+		return nil, fmt.Errorf("http: listen %s: %w", cfg.HTTP.Addr, err)
+	}
+	p.httpLn = ln
+	p.http = logic.NewHTTPServer(svc, logic.HTTPOptions{Gatherer: reg, Logger: log.With("tier", "http"), Ready: func() bool { return gw.Addr() != nil }})
+	go func() {
+		if err := gw.Serve(); err != nil && !errors.Is(err, gateway.ErrServerClosed) {
+			p.serveErr <- err
+		}
+	}()
+	go func() {
+		if err := p.http.Serve(ln); err != nil {
+			p.serveErr <- fmt.Errorf("http: %w", err)
+		}
+	}()
+	log.Info("platform started", "gateway", gw.Addr().String(), "http", ln.Addr().String(), "apps", len(cfg.Apps))
+	return p, nil
+}
+
+// GatewayAddr is the gateway's listen address.
+func (p *Platform) GatewayAddr() string { return p.Gateway.Addr().String() }
+
+// HTTPAddr is the HTTP API's listen address.
+func (p *Platform) HTTPAddr() string { return p.httpLn.Addr().String() }
+
+// Err delivers a fatal serving error.
+func (p *Platform) Err() <-chan error { return p.serveErr }
+
+// Shutdown drains the gateway (clients are told to go away and their
+// in-flight requests finish), then stops the HTTP API. Idempotent.
+func (p *Platform) Shutdown(ctx context.Context) error {
+	var err error
+	p.once.Do(func() {
+		err = p.Gateway.Shutdown(ctx)
+		p.Logic.DetachGate(context.Background(), p.Gateway.ID())
+		if herr := p.http.ShutdownWithContext(ctx); herr != nil {
+			err = errors.Join(err, herr)
+		}
+	})
+	return err
+}

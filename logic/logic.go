@@ -1,0 +1,252 @@
+// Package logic is the stateless tier: login and authentication per appcode,
+// and every request a gateway forwards. Any logic node can serve any request;
+// the state it needs lives in the router (who is online) and in das (what is
+// stored).
+package logic
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/imd-dev/imd/router"
+	"github.com/imd-dev/imd/schema"
+	"github.com/imd-dev/imd/schema/pb"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// API is what a gateway calls. In one process it is *Service; across
+// processes an RPC client implements it. All methods are safe for concurrent
+// use. Errors meant for the client are *schema.Error.
+type API interface {
+	// Login authenticates in and registers the session; sessions it
+	// replaces are kicked through their gateways before it returns.
+	Login(ctx context.Context, in LoginInput) (LoginResult, error)
+	// Logout removes the session.
+	Logout(ctx context.Context, s router.Session) error
+	// Disconnected tells logic that the connection of s closed without a
+	// logout. It must not fail: it is best effort cleanup.
+	Disconnected(ctx context.Context, s router.Session)
+	// Handle serves any other request of a logged-in session and returns
+	// the marshalled response body.
+	Handle(ctx context.Context, s router.Session, h *schema.Header, body []byte) ([]byte, error)
+}
+
+// Gate is what logic needs from a gateway: acting on its connections. In one
+// process it is *gateway.Server. All methods are safe for concurrent use.
+type Gate interface {
+	// Kick sends k to connection conn and then closes it.
+	Kick(ctx context.Context, conn uint64, k *pb.Kickout) error
+}
+
+// LoginInput is a login as the gateway saw it.
+type LoginInput struct {
+	AppCode  uint32
+	UID      uint64
+	Token    string
+	DeviceID string
+	Platform string
+	Gate     string
+	Conn     uint64
+	LogID    uint64
+}
+
+// LoginResult is what a successful login returns to the gateway.
+type LoginResult struct {
+	Session router.Session
+	Evicted int // sessions kicked because of this login
+}
+
+// Options configures a Service.
+type Options struct {
+	Apps     []App
+	Auth     Authenticator // nil: HMACAuth
+	Router   router.Router
+	Logger   *slog.Logger
+	Registry prometheus.Registerer // nil: metrics are not registered
+}
+
+// Service implements API in-process.
+type Service struct {
+	apps   map[uint32]*App
+	auth   Authenticator
+	router router.Router
+	log    *slog.Logger
+
+	epoch atomic.Uint64
+
+	gatesMu sync.RWMutex
+	gates   map[string]Gate
+
+	mLogins *prometheus.CounterVec
+	mKicks  prometheus.Counter
+}
+
+var _ API = (*Service)(nil)
+
+// New validates opts and returns a Service.
+func New(opts Options) (*Service, error) {
+	if opts.Router == nil {
+		return nil, errors.New("logic: Router is required")
+	}
+	s := &Service{
+		apps:   make(map[uint32]*App, len(opts.Apps)),
+		auth:   opts.Auth,
+		router: opts.Router,
+		log:    opts.Logger,
+		gates:  make(map[string]Gate),
+	}
+	if s.auth == nil {
+		s.auth = HMACAuth{}
+	}
+	if s.log == nil {
+		s.log = slog.New(slog.DiscardHandler)
+	}
+	var errs []error
+	for i := range opts.Apps {
+		a := opts.Apps[i]
+		if err := a.Validate(); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if _, dup := s.apps[a.AppCode]; dup {
+			errs = append(errs, fmt.Errorf("appcode %d configured twice", a.AppCode))
+			continue
+		}
+		s.apps[a.AppCode] = &a
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, fmt.Errorf("logic: %w", err)
+	}
+	s.epoch.Store(uint64(time.Now().UnixNano()))
+	s.mLogins = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "imd", Subsystem: "logic", Name: "logins_total",
+		Help: "Login attempts by resulting status.",
+	}, []string{"status"})
+	s.mKicks = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "imd", Subsystem: "logic", Name: "kickouts_total",
+		Help: "Sessions kicked because the same terminal logged in again.",
+	})
+	if opts.Registry != nil {
+		for _, c := range []prometheus.Collector{s.mLogins, s.mKicks} {
+			if err := opts.Registry.Register(c); err != nil {
+				return nil, fmt.Errorf("logic: metrics: %w", err)
+			}
+		}
+	}
+	return s, nil
+}
+
+// App returns the configuration of appcode, or nil.
+func (s *Service) App(appcode uint32) *App { return s.apps[appcode] }
+
+// AttachGate makes gateway g reachable under id.
+func (s *Service) AttachGate(id string, g Gate) {
+	s.gatesMu.Lock()
+	s.gates[id] = g
+	s.gatesMu.Unlock()
+}
+
+// DetachGate forgets gateway id and purges its sessions from the router.
+func (s *Service) DetachGate(ctx context.Context, id string) {
+	s.gatesMu.Lock()
+	delete(s.gates, id)
+	s.gatesMu.Unlock()
+	if n, err := s.router.PurgeGate(ctx, id); err != nil {
+		s.log.Warn("purge gate sessions", "gate", id, "err", err)
+	} else if n > 0 {
+		s.log.Info("purged gate sessions", "gate", id, "sessions", n)
+	}
+}
+
+func (s *Service) gate(id string) Gate {
+	s.gatesMu.RLock()
+	defer s.gatesMu.RUnlock()
+	return s.gates[id]
+}
+
+// Login implements API.
+func (s *Service) Login(ctx context.Context, in LoginInput) (LoginResult, error) {
+	res, err := s.login(ctx, in)
+	st := schema.StatusOK
+	if err != nil {
+		st = schema.StatusInternal
+		var se *schema.Error
+		if errors.As(err, &se) {
+			st = se.Status
+		}
+	}
+	s.mLogins.WithLabelValues(st.String()).Inc()
+	return res, err
+}
+
+func (s *Service) login(ctx context.Context, in LoginInput) (LoginResult, error) {
+	app := s.apps[in.AppCode]
+	if app == nil {
+		return LoginResult{}, schema.Errorf(schema.StatusUnknownAppCode, "appcode %d is not configured", in.AppCode)
+	}
+	if in.UID == 0 {
+		return LoginResult{}, schema.Errorf(schema.StatusTokenMismatch, "uid 0 cannot log in")
+	}
+	if err := s.auth.Authenticate(ctx, app, in.UID, in.Token); err != nil {
+		return LoginResult{}, err
+	}
+	sess := router.Session{
+		Account:  app.Account,
+		AppCode:  app.AppCode,
+		UID:      in.UID,
+		Gate:     in.Gate,
+		Conn:     in.Conn,
+		Epoch:    s.epoch.Add(1),
+		DeviceID: in.DeviceID,
+		LoginMS:  time.Now().UnixMilli(),
+	}
+	evicted, err := s.router.Register(ctx, sess, app.MaxSessions)
+	if err != nil {
+		return LoginResult{}, schema.Errorf(schema.StatusUnavailable, "router: %v", err)
+	}
+	for _, old := range evicted {
+		s.kick(ctx, old, &pb.Kickout{
+			Reason:      pb.KickReason_KICK_REASON_LOGIN_ELSEWHERE,
+			Detail:      "the same account logged in again on this terminal",
+			NewDeviceId: in.DeviceID,
+		}, in.LogID)
+	}
+	return LoginResult{Session: sess, Evicted: len(evicted)}, nil
+}
+
+func (s *Service) kick(ctx context.Context, old router.Session, k *pb.Kickout, logid uint64) {
+	s.mKicks.Inc()
+	g := s.gate(old.Gate)
+	if g == nil {
+		s.log.Warn("kick: gate unknown", "gate", old.Gate, "uid", old.UID, "appcode", old.AppCode, "logid", logid)
+		return
+	}
+	if err := g.Kick(ctx, old.Conn, k); err != nil {
+		s.log.Debug("kick", "gate", old.Gate, "conn", old.Conn, "err", err, "logid", logid)
+	}
+}
+
+// Logout implements API.
+func (s *Service) Logout(ctx context.Context, sess router.Session) error {
+	if _, err := s.router.Unregister(ctx, sess); err != nil {
+		return schema.Errorf(schema.StatusUnavailable, "router: %v", err)
+	}
+	return nil
+}
+
+// Disconnected implements API.
+func (s *Service) Disconnected(ctx context.Context, sess router.Session) {
+	if _, err := s.router.Unregister(ctx, sess); err != nil {
+		s.log.Warn("unregister on disconnect", "uid", sess.UID, "appcode", sess.AppCode, "err", err)
+	}
+}
+
+// Handle implements API.
+func (s *Service) Handle(_ context.Context, _ router.Session, h *schema.Header, _ []byte) ([]byte, error) {
+	return nil, schema.Errorf(schema.StatusUnknownCmd, "command %s is not served by this server", h.Cmd)
+}

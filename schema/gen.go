@@ -1,0 +1,3 @@
+package schema
+
+//go:generate protoc --proto_path=proto --go_out=pb --go_opt=paths=source_relative proto/imd.proto

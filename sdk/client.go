@@ -1,0 +1,588 @@
+// Package sdk is the Go client of the platform. A Client holds one TCP long
+// connection to a gateway, logs in, keeps the connection alive and, when it
+// drops, reconnects with backoff (to the last gateway that worked first) and
+// logs in again, so the app sees one steady session. Every call takes a
+// context and is safe for concurrent use.
+package sdk
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/imd-dev/imd/schema"
+	"github.com/imd-dev/imd/schema/pb"
+	"google.golang.org/protobuf/proto"
+)
+
+// Errors returned by Client methods besides *schema.Error (a status from the
+// server) and context errors.
+var (
+	// ErrClosed: the client was closed, logged out or kicked out.
+	ErrClosed = errors.New("sdk: client closed")
+	// ErrNotConnected: no connection is up and the context ended before one was.
+	ErrNotConnected = errors.New("sdk: not connected")
+	// ErrConnLost: the connection broke while the call was in flight; the
+	// request may or may not have reached the server.
+	ErrConnLost = errors.New("sdk: connection lost")
+	// ErrNotLoggedIn: Login has not succeeded yet.
+	ErrNotLoggedIn = errors.New("sdk: not logged in")
+)
+
+// State is the client's connection state, reported to Options.OnState.
+type State int
+
+// Client states.
+const (
+	StateConnecting State = iota // dialing or logging in (again)
+	StateOnline                  // logged in
+	StateOffline                 // connection lost; reconnecting after a backoff
+	StateClosed                  // closed, logged out, kicked out or refused: final
+)
+
+func (s State) String() string {
+	return [...]string{"connecting", "online", "offline", "closed"}[s]
+}
+
+// Message is a notify pushed by the server (other than kickout and goaway,
+// which the client handles itself).
+type Message struct {
+	Cmd     schema.Cmd
+	MsgType uint32
+	LogID   uint64
+	Body    []byte // protobuf body of the command; the callback may keep it
+}
+
+// Options configures a Client. Zero values get defaults.
+type Options struct {
+	// Addrs are the gateways to use. The client starts with the first and
+	// on reconnect tries the last one that worked before the others.
+	Addrs []string
+	// DeviceID and Platform are sent at login.
+	DeviceID string
+	Platform string
+	// DialTimeout bounds one TCP connect. Default 5s.
+	DialTimeout time.Duration
+	// RequestTimeout applies to calls whose context has no deadline, and
+	// to keepalives. Default 10s.
+	RequestTimeout time.Duration
+	// KeepaliveInterval overrides the interval the server advertises.
+	KeepaliveInterval time.Duration
+	// BackoffMin and BackoffMax bound the reconnect backoff (exponential
+	// with full jitter). Defaults 200ms and 30s.
+	BackoffMin, BackoffMax time.Duration
+	// NoReconnect turns automatic reconnection off.
+	NoReconnect bool
+	// MaxBody bounds the frames the client accepts. Default 1 MiB.
+	MaxBody uint32
+
+	// OnMessage receives notifies, one at a time, in arrival order.
+	OnMessage func(Message)
+	// OnKickout is called when the server kicks this session out (the same
+	// account logged in on the same terminal elsewhere). The client is
+	// closed afterwards and does not reconnect.
+	OnKickout func(*pb.Kickout)
+	// OnState is called on every state change; err says why when there is
+	// a reason (lost connection, refused login).
+	OnState func(State, error)
+
+	Logger *slog.Logger
+}
+
+func (o *Options) setDefaults() error {
+	if len(o.Addrs) == 0 {
+		return errors.New("sdk: at least one gateway address is required")
+	}
+	if o.DialTimeout <= 0 {
+		o.DialTimeout = 5 * time.Second
+	}
+	if o.RequestTimeout <= 0 {
+		o.RequestTimeout = 10 * time.Second
+	}
+	if o.BackoffMin <= 0 {
+		o.BackoffMin = 200 * time.Millisecond
+	}
+	if o.BackoffMax < o.BackoffMin {
+		o.BackoffMax = max(30*time.Second, o.BackoffMin)
+	}
+	if o.MaxBody == 0 {
+		o.MaxBody = 1 << 20
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	return nil
+}
+
+// Credentials identify the session to log in.
+type Credentials struct {
+	AppCode uint32
+	UID     uint64
+	// Token is presented at login. TokenFunc, when set, is called instead
+	// before every login, so a reconnect can use a fresh token.
+	Token     string
+	TokenFunc func(ctx context.Context) (string, error)
+}
+
+// Client is a connection to the platform. Create it with Dial.
+type Client struct {
+	opts Options
+	log  *slog.Logger
+	seq  atomic.Uint32
+
+	mu        sync.Mutex
+	link      *link
+	up        chan struct{} // closed when link is usable; replaced when it is lost
+	state     State
+	cred      *Credentials // set after the first successful Login
+	login     *pb.LoginResponse
+	preferred int // index in Addrs of the last gateway that worked
+	closed    bool
+	closeErr  error
+
+	msgs      chan Message
+	stop      chan struct{}
+	wg        sync.WaitGroup
+	reconnect chan struct{}
+}
+
+// Dial connects to the first reachable gateway in opts.Addrs. It does not
+// log in: call Login next.
+func Dial(ctx context.Context, opts Options) (*Client, error) {
+	if err := opts.setDefaults(); err != nil {
+		return nil, err
+	}
+	c := &Client{
+		opts:      opts,
+		log:       opts.Logger,
+		up:        make(chan struct{}),
+		msgs:      make(chan Message, 1024),
+		stop:      make(chan struct{}),
+		reconnect: make(chan struct{}, 1),
+		state:     StateConnecting,
+	}
+	l, err := c.dialAny(ctx)
+	if err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	c.link = l
+	c.mu.Unlock()
+	c.wg.Add(2)
+	go c.deliver()
+	go c.supervise()
+	return c, nil
+}
+
+// dialAny tries the preferred gateway first, then the others in order.
+func (c *Client) dialAny(ctx context.Context) (*link, error) {
+	c.mu.Lock()
+	first := c.preferred
+	c.mu.Unlock()
+	var errs []error
+	n := len(c.opts.Addrs)
+	for i := 0; i < n; i++ {
+		idx := (first + i) % n
+		l, err := dialLink(ctx, c, c.opts.Addrs[idx])
+		if err == nil {
+			c.mu.Lock()
+			c.preferred = idx
+			c.mu.Unlock()
+			return l, nil
+		}
+		errs = append(errs, err)
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	return nil, fmt.Errorf("%w: %w", ErrNotConnected, errors.Join(errs...))
+}
+
+// Login logs in on the current connection and remembers the credentials for
+// reconnects. A refused login returns a *schema.Error (wrong or expired
+// token, unknown appcode); the server then closes the connection.
+func (c *Client) Login(ctx context.Context, cred Credentials) (*pb.LoginResponse, error) {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return nil, ErrClosed
+	}
+	l := c.link
+	c.mu.Unlock()
+	if l == nil || l.dead() != nil {
+		var err error
+		if l, err = c.dialAny(ctx); err != nil {
+			return nil, err
+		}
+		c.mu.Lock()
+		c.link = l
+		c.mu.Unlock()
+	}
+	resp, err := c.loginOn(ctx, l, &cred)
+	if err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	c.cred = &cred
+	c.mu.Unlock()
+	c.online(l, resp)
+	return resp, nil
+}
+
+func (c *Client) loginOn(ctx context.Context, l *link, cred *Credentials) (*pb.LoginResponse, error) {
+	ctx, cancel := c.withTimeout(ctx)
+	defer cancel()
+	token := cred.Token
+	if cred.TokenFunc != nil {
+		t, err := cred.TokenFunc(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("sdk: token: %w", err)
+		}
+		token = t
+	}
+	h := schema.Header{Cmd: schema.CmdLogin, AppCode: cred.AppCode, UID: cred.UID}
+	var resp pb.LoginResponse
+	err := l.roundTrip(ctx, h, &pb.LoginRequest{Token: token, DeviceId: c.opts.DeviceID, Platform: c.opts.Platform, SdkVersion: Version}, &resp)
+	if err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+// online makes l the current, usable link and starts its keepalive.
+func (c *Client) online(l *link, resp *pb.LoginResponse) {
+	c.mu.Lock()
+	if c.closed || l.dead() != nil {
+		c.mu.Unlock()
+		return
+	}
+	c.link = l
+	c.login = resp
+	select {
+	case <-c.up:
+	default:
+		close(c.up)
+	}
+	c.mu.Unlock()
+	c.setState(StateOnline, nil)
+	iv := c.opts.KeepaliveInterval
+	if iv <= 0 {
+		iv = time.Duration(resp.KeepaliveMs) * time.Millisecond
+	}
+	if iv <= 0 {
+		iv = 30 * time.Second
+	}
+	c.wg.Add(1)
+	go c.keepalive(l, iv)
+}
+
+func (c *Client) keepalive(l *link, iv time.Duration) {
+	defer c.wg.Done()
+	t := time.NewTicker(iv)
+	defer t.Stop()
+	for {
+		select {
+		case <-l.done:
+			return
+		case <-c.stop:
+			return
+		case <-t.C:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), min(c.opts.RequestTimeout, iv))
+		err := l.roundTrip(ctx, schema.Header{Cmd: schema.CmdKeepalive}, &pb.KeepaliveRequest{ClientTimeMs: time.Now().UnixMilli()}, nil)
+		cancel()
+		if err != nil && l.dead() == nil {
+			l.close(fmt.Errorf("%w: keepalive: %v", ErrConnLost, err))
+			return
+		}
+	}
+}
+
+// LoginInfo returns the server's answer to the last successful login, or nil.
+func (c *Client) LoginInfo() *pb.LoginResponse {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.login
+}
+
+// State returns the current state.
+func (c *Client) State() State {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.state
+}
+
+func (c *Client) setState(s State, err error) {
+	c.mu.Lock()
+	if c.state == s || (c.state == StateClosed) {
+		c.mu.Unlock()
+		return
+	}
+	c.state = s
+	c.mu.Unlock()
+	c.log.Debug("sdk state", "state", s.String(), "err", err)
+	if c.opts.OnState != nil {
+		c.opts.OnState(s, err)
+	}
+}
+
+// linkDown is called by a link that died.
+func (c *Client) linkDown(l *link, err error) {
+	c.mu.Lock()
+	if c.link != l {
+		c.mu.Unlock()
+		return
+	}
+	select {
+	case <-c.up:
+		c.up = make(chan struct{})
+	default:
+	}
+	loggedIn := c.cred != nil
+	closed := c.closed
+	c.mu.Unlock()
+	if closed {
+		return
+	}
+	if !loggedIn || c.opts.NoReconnect {
+		if loggedIn {
+			c.shutdown(err)
+		}
+		return
+	}
+	c.setState(StateOffline, err)
+	select {
+	case c.reconnect <- struct{}{}:
+	default:
+	}
+}
+
+// supervise reconnects and logs in again after the link is lost.
+func (c *Client) supervise() {
+	defer c.wg.Done()
+	backoff := c.opts.BackoffMin
+	for {
+		select {
+		case <-c.stop:
+			return
+		case <-c.reconnect:
+		}
+		for attempt := 0; ; attempt++ {
+			if attempt > 0 || backoff > c.opts.BackoffMin {
+				// full jitter: sleep a random time up to the backoff
+				d := time.Duration(rand.Int64N(int64(backoff))) + c.opts.BackoffMin/2
+				select {
+				case <-c.stop:
+					return
+				case <-time.After(d):
+				}
+				backoff = min(2*backoff, c.opts.BackoffMax)
+			}
+			c.mu.Lock()
+			cred := c.cred
+			closed := c.closed
+			c.mu.Unlock()
+			if closed {
+				return
+			}
+			c.setState(StateConnecting, nil)
+			ctx, cancel := context.WithTimeout(context.Background(), c.opts.DialTimeout+c.opts.RequestTimeout)
+			l, err := c.dialAny(ctx)
+			if err == nil {
+				c.mu.Lock()
+				c.link = l
+				c.mu.Unlock()
+				var resp *pb.LoginResponse
+				resp, err = c.loginOn(ctx, l, cred)
+				if err == nil {
+					cancel()
+					c.online(l, resp)
+					backoff = c.opts.BackoffMin
+					break
+				}
+				l.close(err)
+				var se *schema.Error
+				if errors.As(err, &se) && !se.Retryable() {
+					cancel()
+					c.log.Warn("sdk: login refused on reconnect; giving up", "err", err)
+					c.shutdown(err)
+					return
+				}
+			}
+			cancel()
+			c.setState(StateOffline, err)
+			c.log.Debug("sdk: reconnect failed", "attempt", attempt, "err", err)
+		}
+	}
+}
+
+// notified receives a notify from link l.
+func (c *Client) notified(l *link, h schema.Header, body []byte) {
+	switch h.Cmd {
+	case schema.CmdKickout:
+		var k pb.Kickout
+		_ = proto.Unmarshal(body, &k)
+		c.shutdown(fmt.Errorf("sdk: kicked out: %s", k.Reason))
+		if c.opts.OnKickout != nil {
+			c.opts.OnKickout(&k)
+		}
+	case schema.CmdGoAway:
+		var g pb.GoAway
+		_ = proto.Unmarshal(body, &g)
+		c.mu.Lock()
+		if c.link == l && len(c.opts.Addrs) > 1 {
+			c.preferred = (c.preferred + 1) % len(c.opts.Addrs) // this gateway is draining
+		}
+		c.mu.Unlock()
+		go func() {
+			time.Sleep(time.Duration(g.ReconnectAfterMs) * time.Millisecond / 4)
+			l.close(fmt.Errorf("%w: server going away: %s", ErrConnLost, g.Reason))
+		}()
+	default:
+		select {
+		case c.msgs <- Message{Cmd: h.Cmd, MsgType: h.MsgType, LogID: h.LogID, Body: body}:
+		case <-c.stop:
+		}
+	}
+}
+
+// deliver runs the OnMessage callback on its own goroutine so a slow
+// callback never stalls the connection's reader for long.
+func (c *Client) deliver() {
+	defer c.wg.Done()
+	for {
+		select {
+		case m := <-c.msgs:
+			if c.opts.OnMessage != nil {
+				c.opts.OnMessage(m)
+			}
+		case <-c.stop:
+			return
+		}
+	}
+}
+
+func (c *Client) withTimeout(ctx context.Context) (context.Context, context.CancelFunc) {
+	if _, ok := ctx.Deadline(); ok {
+		return context.WithCancel(ctx)
+	}
+	return context.WithTimeout(ctx, c.opts.RequestTimeout)
+}
+
+// current waits until a logged-in link is up or ctx ends.
+func (c *Client) current(ctx context.Context) (*link, error) {
+	for {
+		c.mu.Lock()
+		if c.closed {
+			err := c.closeErr
+			c.mu.Unlock()
+			return nil, err
+		}
+		if c.cred == nil {
+			c.mu.Unlock()
+			return nil, ErrNotLoggedIn
+		}
+		up, l := c.up, c.link
+		c.mu.Unlock()
+		select {
+		case <-up:
+			if l.dead() == nil {
+				return l, nil
+			}
+			// lost after it came up: wait for the next one
+			runtimeYield()
+		case <-ctx.Done():
+			return nil, fmt.Errorf("%w: %w", ErrNotConnected, ctx.Err())
+		}
+	}
+}
+
+// Request sends a request of command cmd with body req on the current
+// connection, waiting for a reconnect if one is under way, and decodes the
+// response into resp (which may be nil). It does not retry: a request that
+// fails with ErrConnLost may or may not have been served.
+func (c *Client) Request(ctx context.Context, cmd schema.Cmd, msgtype uint32, req, resp proto.Message) error {
+	ctx, cancel := c.withTimeout(ctx)
+	defer cancel()
+	l, err := c.current(ctx)
+	if err != nil {
+		return err
+	}
+	return l.roundTrip(ctx, schema.Header{Cmd: cmd, MsgType: msgtype}, req, resp)
+}
+
+// Notify sends a client notify (such as an ack) on the current connection.
+func (c *Client) Notify(ctx context.Context, cmd schema.Cmd, m proto.Message) error {
+	ctx, cancel := c.withTimeout(ctx)
+	defer cancel()
+	l, err := c.current(ctx)
+	if err != nil {
+		return err
+	}
+	return l.send(schema.Header{Cmd: cmd}, m)
+}
+
+// Keepalive sends one keepalive and returns the round-trip time.
+func (c *Client) Keepalive(ctx context.Context) (time.Duration, error) {
+	start := time.Now()
+	err := c.Request(ctx, schema.CmdKeepalive, 0, &pb.KeepaliveRequest{ClientTimeMs: start.UnixMilli()}, nil)
+	return time.Since(start), err
+}
+
+// Logout ends the session and closes the client.
+func (c *Client) Logout(ctx context.Context) error {
+	ctx, cancel := c.withTimeout(ctx)
+	defer cancel()
+	l, err := c.current(ctx)
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	c.cred = nil // the close that follows the logout must not reconnect
+	c.mu.Unlock()
+	err = l.roundTrip(ctx, schema.Header{Cmd: schema.CmdLogout}, &pb.LogoutRequest{}, nil)
+	c.shutdown(ErrClosed)
+	return err
+}
+
+// Close closes the connection without logging out (the server unregisters
+// the session when it sees the close) and stops reconnecting.
+func (c *Client) Close() error {
+	c.shutdown(ErrClosed)
+	return nil
+}
+
+func (c *Client) shutdown(reason error) {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return
+	}
+	c.closed = true
+	if reason == nil || !errors.Is(reason, ErrClosed) {
+		reason = fmt.Errorf("%w: %w", ErrClosed, reason)
+	}
+	c.closeErr = reason
+	l := c.link
+	c.mu.Unlock()
+	close(c.stop)
+	if l != nil {
+		l.close(reason)
+	}
+	c.setState(StateClosed, reason)
+}
+
+// Wait blocks until the client is closed (by Close, Logout, a kickout or a
+// refused re-login) and its goroutines have stopped, and returns why.
+func (c *Client) Wait() error {
+	<-c.stop
+	c.wg.Wait()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.closeErr
+}

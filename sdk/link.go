@@ -1,0 +1,196 @@
+package sdk
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/imd-dev/imd/schema"
+	"github.com/imd-dev/imd/schema/pb"
+	"google.golang.org/protobuf/proto"
+)
+
+// link is one TCP connection to a gateway: a reader goroutine that matches
+// responses to pending requests by seq and hands notifies to the client.
+type link struct {
+	cl   *Client
+	nc   net.Conn
+	addr string
+
+	wmu sync.Mutex // serialises frame writes
+	wb  []byte
+
+	mu      sync.Mutex
+	pending map[uint32]chan result
+	err     error // set once the link is dead
+	done    chan struct{}
+}
+
+type result struct {
+	h    schema.Header
+	body []byte
+}
+
+func dialLink(ctx context.Context, cl *Client, addr string) (*link, error) {
+	d := net.Dialer{Timeout: cl.opts.DialTimeout}
+	nc, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	l := &link{cl: cl, nc: nc, addr: addr, pending: make(map[uint32]chan result), done: make(chan struct{})}
+	go l.readLoop()
+	return l, nil
+}
+
+func (l *link) readLoop() {
+	dec := schema.NewDecoder(bufio.NewReaderSize(l.nc, 16<<10), l.cl.opts.MaxBody)
+	var f schema.Frame
+	for {
+		if err := dec.ReadFrame(&f); err != nil {
+			l.fail(fmt.Errorf("%w: %v", ErrConnLost, err))
+			return
+		}
+		body := append([]byte(nil), f.Body...)
+		f.Release()
+		switch f.Kind() {
+		case schema.KindResponse:
+			l.mu.Lock()
+			ch := l.pending[f.Seq]
+			delete(l.pending, f.Seq)
+			l.mu.Unlock()
+			if ch != nil {
+				ch <- result{h: f.Header, body: body}
+			} else if f.Status != schema.StatusOK {
+				// An error that answers no request of ours: the server is
+				// telling us why it is about to close (login timeout,
+				// too many connections, ...).
+				l.fail(decodeError(&f.Header, body))
+				return
+			}
+		case schema.KindNotify:
+			l.cl.notified(l, f.Header, body)
+		}
+	}
+}
+
+// fail marks the link dead with err, closes the socket and wakes every
+// pending request.
+func (l *link) fail(err error) {
+	l.mu.Lock()
+	if l.err != nil {
+		l.mu.Unlock()
+		return
+	}
+	l.err = err
+	pend := l.pending
+	l.pending = nil
+	close(l.done)
+	l.mu.Unlock()
+	_ = l.nc.Close()
+	for _, ch := range pend {
+		close(ch)
+	}
+	l.cl.linkDown(l, err)
+}
+
+func (l *link) dead() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.err
+}
+
+// roundTrip sends a request and waits for its response.
+func (l *link) roundTrip(ctx context.Context, h schema.Header, req proto.Message, resp proto.Message) error {
+	body, err := proto.Marshal(req)
+	if err != nil {
+		return fmt.Errorf("sdk: marshal %s: %w", h.Cmd, err)
+	}
+	ch := make(chan result, 1)
+	l.mu.Lock()
+	if l.err != nil {
+		l.mu.Unlock()
+		return l.err
+	}
+	h.Seq = l.cl.seq.Add(1)
+	l.pending[h.Seq] = ch
+	l.mu.Unlock()
+
+	h.Flags = 0
+	h.SetKind(schema.KindRequest)
+	if err := l.write(&h, body); err != nil {
+		l.fail(fmt.Errorf("%w: write: %v", ErrConnLost, err))
+		return l.dead()
+	}
+	select {
+	case r, ok := <-ch:
+		if !ok {
+			return l.dead()
+		}
+		if r.h.Status != schema.StatusOK {
+			return decodeError(&r.h, r.body)
+		}
+		if resp != nil {
+			if err := proto.Unmarshal(r.body, resp); err != nil {
+				return fmt.Errorf("sdk: %s response: %w", h.Cmd, err)
+			}
+		}
+		return nil
+	case <-ctx.Done():
+		l.mu.Lock()
+		if l.pending != nil {
+			delete(l.pending, h.Seq)
+		}
+		l.mu.Unlock()
+		return ctx.Err()
+	}
+}
+
+// send writes a notify (acks) without waiting for anything.
+func (l *link) send(h schema.Header, m proto.Message) error {
+	body, err := proto.Marshal(m)
+	if err != nil {
+		return err
+	}
+	h.Flags = 0
+	h.SetKind(schema.KindNotify)
+	if err := l.write(&h, body); err != nil {
+		l.fail(fmt.Errorf("%w: write: %v", ErrConnLost, err))
+		return l.dead()
+	}
+	return nil
+}
+
+func (l *link) write(h *schema.Header, body []byte) error {
+	l.wmu.Lock()
+	defer l.wmu.Unlock()
+	l.wb = schema.AppendFrame(l.wb[:0], h, body)
+	_ = l.nc.SetWriteDeadline(time.Now().Add(l.cl.opts.RequestTimeout))
+	_, err := l.nc.Write(l.wb)
+	if cap(l.wb) > 64<<10 {
+		l.wb = nil
+	}
+	return err
+}
+
+func (l *link) close(err error) { l.fail(err) }
+
+// decodeError turns an error response into a *schema.Error.
+func decodeError(h *schema.Header, body []byte) error {
+	var e pb.Error
+	_ = proto.Unmarshal(body, &e)
+	return &schema.Error{Status: h.Status, Message: e.Message}
+}
+
+// IsRetryable reports whether err (from any Client method) may succeed if
+// the same call is made again later.
+func IsRetryable(err error) bool {
+	var se *schema.Error
+	if errors.As(err, &se) {
+		return se.Retryable()
+	}
+	return errors.Is(err, ErrConnLost) || errors.Is(err, ErrNotConnected) || errors.Is(err, context.DeadlineExceeded)
+}
