@@ -58,7 +58,7 @@ func newConn(s *Server, nc net.Conn, id uint64) *conn {
 func (c *conn) serve() {
 	s := c.srv
 	defer s.wg.Done()
-	defer c.close("reader done")
+	defer c.readerDone()
 	_ = c.nc.SetReadDeadline(time.Now().Add(s.opts.LoginTimeout))
 	var f schema.Frame
 	for {
@@ -459,6 +459,19 @@ func (c *conn) closeAfterFlush() {
 	c.mu.Unlock()
 	if idle {
 		c.close("closed")
+	}
+}
+
+// readerDone runs when the reader goroutine stops. A connection that is
+// closing after a final response (a failed login, a logout) is left to the
+// flusher, which closes it once that response is written; anything else is
+// closed now.
+func (c *conn) readerDone() {
+	c.mu.Lock()
+	closing := c.closing
+	c.mu.Unlock()
+	if !closing {
+		c.close("reader done")
 	}
 }
 
