@@ -213,6 +213,9 @@ func (s *Server) each(fn func(*conn)) {
 	}
 }
 
+// Draining reports whether Shutdown has begun.
+func (s *Server) Draining() bool { return s.draining.Load() }
+
 // Conns returns the number of connections held.
 func (s *Server) Conns() int { return int(s.nconns.Load()) }
 

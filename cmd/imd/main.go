@@ -27,7 +27,7 @@ func commands() []command {
 	return []command{
 		{"all", "run every tier (gateway, logic, router, HTTP API) in one process", runAll},
 		{"token", "mint a login token for an appcode and uid (for testing)", runToken},
-		{"version", "print the version", func([]string, io.Writer, io.Writer) error { fmt.Println("imd", version); return nil }},
+		{"version", "print the version", runVersion},
 	}
 }
 
@@ -75,6 +75,18 @@ func run(args []string, stdout, stderr io.Writer) int {
 }
 
 var errUsage = errors.New("usage")
+
+func runVersion(args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("version", "Print the version of this binary.", stdout, stderr)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return errUsage
+	}
+	fmt.Fprintln(stdout, "imd", version)
+	return nil
+}
 
 // newFlagSet returns a flag set that prints its usage with a header.
 func newFlagSet(name, synopsis string, stdout, stderr io.Writer) *flag.FlagSet {

@@ -68,7 +68,7 @@ func Start(cfg config.Config, log *slog.Logger) (*Platform, error) {
 		return nil, fmt.Errorf("http: listen %s: %w", cfg.HTTP.Addr, err)
 	}
 	p.httpLn = ln
-	p.http = logic.NewHTTPServer(svc, logic.HTTPOptions{Gatherer: reg, Logger: log.With("tier", "http"), Ready: func() bool { return gw.Addr() != nil }})
+	p.http = logic.NewHTTPServer(svc, logic.HTTPOptions{Gatherer: reg, Logger: log.With("tier", "http"), Ready: func() bool { return gw.Addr() != nil && !gw.Draining() }})
 	go func() {
 		if err := gw.Serve(); err != nil && !errors.Is(err, gateway.ErrServerClosed) {
 			p.serveErr <- err
