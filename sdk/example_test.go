@@ -1,0 +1,77 @@
+package sdk_test
+
+import (
+	"context"
+	"fmt"
+	"log"
+	"time"
+
+	"github.com/imd-dev/imd/internal/config"
+	"github.com/imd-dev/imd/internal/platform"
+	"github.com/imd-dev/imd/logic"
+	"github.com/imd-dev/imd/schema/pb"
+	"github.com/imd-dev/imd/sdk"
+)
+
+// startDemo runs the whole platform in this process on random ports, the
+// way `imd all` does, with one appcode whose secret the example knows.
+func startDemo(secret string) *platform.Platform {
+	cfg := config.Default()
+	cfg.Gateway.Addr, cfg.HTTP.Addr = "127.0.0.1:0", "127.0.0.1:0"
+	cfg.Apps = []logic.App{{AppCode: 101, Name: "freight-android", Account: 1, Secrets: []string{secret}}}
+	p, err := platform.Start(cfg, nil)
+	if err != nil {
+		log.Fatal(err)
+	}
+	return p
+}
+
+// A driver's app connects, logs in with a token from its app-server, is
+// told when another phone takes over its session, and logs out.
+func Example() {
+	const secret = "example-secret-0123456789"
+	p := startDemo(secret)
+	defer p.Shutdown(context.Background())
+
+	kicked := make(chan *pb.Kickout, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	client, err := sdk.Dial(ctx, sdk.Options{
+		Addrs:     []string{p.GatewayAddr()}, // several gateways may be listed
+		DeviceID:  "phone-1",
+		OnMessage: func(m sdk.Message) { fmt.Println("message", m.Cmd) },
+		OnKickout: func(k *pb.Kickout) { kicked <- k },
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	// The app-server mints tokens; `imd token` does it from the shell.
+	token := logic.MintToken(secret, 101, 42, time.Now().Add(time.Hour))
+	info, err := client.Login(ctx, sdk.Credentials{AppCode: 101, UID: 42, Token: token})
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("state:", client.State(), "account:", info.Account)
+
+	// The same driver logs in on another phone: the first is kicked out.
+	other, err := sdk.Dial(ctx, sdk.Options{Addrs: []string{p.GatewayAddr()}, DeviceID: "phone-2"})
+	if err != nil {
+		log.Fatal(err)
+	}
+	if _, err := other.Login(ctx, sdk.Credentials{AppCode: 101, UID: 42, Token: token}); err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("kicked out:", (<-kicked).GetReason())
+	_ = client.Wait()
+	fmt.Println("first phone:", client.State())
+
+	if err := other.Logout(ctx); err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("second phone:", other.State())
+	// Output:
+	// state: online account: 1
+	// kicked out: KICK_REASON_LOGIN_ELSEWHERE
+	// first phone: closed
+	// second phone: closed
+}
