@@ -173,7 +173,6 @@ func TestSIGTERMDrains(t *testing.T) {
 	}
 	var goaway sync.WaitGroup
 	const n = 5
-	var clients []*sdk.Client
 	for i := range n {
 		goaway.Add(1)
 		var once sync.Once
@@ -192,7 +191,6 @@ func TestSIGTERMDrains(t *testing.T) {
 		if _, err := c.Login(context.Background(), sdk.Credentials{AppCode: 101, UID: uint64(i + 1), Token: p.token(t, 101, uint64(i+1))}); err != nil {
 			t.Fatalf("login: %v", err)
 		}
-		clients = append(clients, c)
 	}
 	began := time.Now()
 	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {

@@ -1,0 +1,114 @@
+package gateway
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/imd-dev/imd/logic"
+	"github.com/imd-dev/imd/router"
+	"github.com/imd-dev/imd/schema"
+	"github.com/imd-dev/imd/schema/pb"
+	"google.golang.org/protobuf/proto"
+)
+
+const fuzzSecret = "fuzz-secret-0123456789abcdef"
+
+func fuzzFrame(h schema.Header, m proto.Message) []byte {
+	var body []byte
+	if m != nil {
+		body, _ = proto.Marshal(m)
+	}
+	return schema.AppendFrame(nil, &h, body)
+}
+
+// fuzzSeeds are byte streams a client might send: a clean session, and
+// sessions with bad frames at different points.
+func fuzzSeeds() [][]byte {
+	login := fuzzFrame(schema.Header{Cmd: schema.CmdLogin, AppCode: 101, UID: 5, Seq: 1},
+		&pb.LoginRequest{Token: logic.MintToken(fuzzSecret, 101, 5, time.Now().Add(24*365*time.Hour)), DeviceId: "d"})
+	ka := fuzzFrame(schema.Header{Cmd: schema.CmdKeepalive, Seq: 2}, &pb.KeepaliveRequest{ClientTimeMs: 1})
+	logout := fuzzFrame(schema.Header{Cmd: schema.CmdLogout, Seq: 3}, &pb.LogoutRequest{})
+	unknown := fuzzFrame(schema.Header{Cmd: 0x7777, Seq: 4}, nil)
+	c2c := fuzzFrame(schema.Header{Cmd: schema.CmdC2CSend, Seq: 5}, &pb.C2CSendRequest{})
+	cat := func(parts ...[]byte) []byte { return bytes.Join(parts, nil) }
+	return [][]byte{
+		cat(login, ka, logout),
+		cat(login, ka, ka, unknown, c2c, ka),
+		cat(login, login),
+		cat(ka, login),
+		login[:len(login)-3],
+		cat(login, ka[:20]),
+		cat(login, []byte("GET / HTTP/1.1\r\n\r\n")),
+		{},
+	}
+}
+
+// FuzzConnInput feeds arbitrary bytes to a live gateway connection (backed
+// by the real logic service and in-memory router) and checks the gateway
+// answers only with well-formed frames, never panics, and lets go of the
+// connection once the peer leaves.
+func FuzzConnInput(f *testing.F) {
+	for _, s := range fuzzSeeds() {
+		f.Add(s)
+	}
+	svc, err := logic.New(logic.Options{
+		Apps:   []logic.App{{AppCode: 101, Account: 1, Secrets: []string{fuzzSecret}}},
+		Router: router.NewMemory(),
+	})
+	if err != nil {
+		f.Fatal(err)
+	}
+	s, err := New(Options{Addr: "127.0.0.1:0", LoginTimeout: time.Second, IdleTimeout: 2 * time.Second, WriteTimeout: time.Second}, svc)
+	if err != nil {
+		f.Fatal(err)
+	}
+	svc.AttachGate(s.ID(), s)
+	f.Fuzz(func(t *testing.T, data []byte) {
+		client, server := net.Pipe()
+		s.startConn(server)
+		read := make(chan error, 1)
+		go func() {
+			dec := schema.NewDecoder(client, 1<<20)
+			for {
+				var fr schema.Frame
+				err := dec.ReadFrame(&fr)
+				if err != nil {
+					if errors.Is(err, io.EOF) || errors.Is(err, io.ErrClosedPipe) {
+						err = nil
+					}
+					read <- err
+					return
+				}
+				if k := fr.Kind(); k != schema.KindResponse && k != schema.KindNotify {
+					read <- errors.New("gateway sent a frame of kind " + k.String())
+					return
+				}
+				if fr.Status != schema.StatusOK {
+					var e pb.Error
+					if err := proto.Unmarshal(fr.Body, &e); err != nil || e.Code != uint32(fr.Status) {
+						read <- errors.New("error response without a matching Error body")
+						return
+					}
+				}
+				fr.Release()
+			}
+		}()
+		_ = client.SetWriteDeadline(time.Now().Add(2 * time.Second))
+		_, _ = client.Write(data)
+		_ = client.Close()
+		if err := <-read; err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(3 * time.Second)
+		for s.Conns() != 0 {
+			if time.Now().After(deadline) {
+				t.Fatalf("gateway still holds %d connections after the peer left", s.Conns())
+			}
+			time.Sleep(time.Millisecond)
+		}
+	})
+}
