@@ -348,6 +348,11 @@ func (c *conn) failErr(req *schema.Header, err error) {
 // notify pushes a server notify.
 func (c *conn) notify(cmd schema.Cmd, msgtype uint32, m proto.Message) {
 	body, _ := proto.Marshal(m)
+	c.pushRaw(cmd, msgtype, body)
+}
+
+// pushRaw pushes a server notify with an encoded body.
+func (c *conn) pushRaw(cmd schema.Cmd, msgtype uint32, body []byte) {
 	sess, _ := c.session()
 	h := schema.Header{Cmd: cmd, MsgType: msgtype, UID: sess.UID, AppCode: sess.AppCode, LogID: c.srv.nextLog.Add(1)}
 	h.SetKind(schema.KindNotify)

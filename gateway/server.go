@@ -231,6 +231,19 @@ func (s *Server) Kick(_ context.Context, id uint64, k *pb.Kickout) error {
 	return nil
 }
 
+// Push implements logic.Gate: it queues a notify for the connection.
+func (s *Server) Push(_ context.Context, id uint64, cmd schema.Cmd, msgtype uint32, body []byte) error {
+	c := s.conn(id)
+	if c == nil {
+		return ErrUnknownConn
+	}
+	if c.state.Load() != stateLoggedIn {
+		return ErrUnknownConn
+	}
+	c.pushRaw(cmd, msgtype, body)
+	return nil
+}
+
 // Shutdown stops accepting, sends GoAway to every connection, waits for
 // in-flight requests and for clients to leave until ctx is done, then closes
 // what is left (their sessions are unregistered). It is idempotent; later

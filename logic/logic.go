@@ -8,6 +8,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/bwmarrin/snowflake"
+	"github.com/imd-dev/imd/das"
 	"log/slog"
 	"sync"
 	"sync/atomic"
@@ -41,6 +43,8 @@ type API interface {
 type Gate interface {
 	// Kick sends k to connection conn and then closes it.
 	Kick(ctx context.Context, conn uint64, k *pb.Kickout) error
+	// Push queues a notify with an encoded body for connection conn.
+	Push(ctx context.Context, conn uint64, cmd schema.Cmd, msgtype uint32, body []byte) error
 }
 
 // LoginInput is a login as the gateway saw it.
@@ -68,6 +72,12 @@ type Options struct {
 	Router   router.Router
 	Logger   *slog.Logger
 	Registry prometheus.Registerer // nil: metrics are not registered
+	// Store keeps c2c messages; nil serves no c2c (StatusUnavailable).
+	Store das.Store
+	// NodeID is this logic node's snowflake node id (0-1023), unique in
+	// the cluster, so msgids never collide.
+	NodeID int64
+	C2C    C2C
 }
 
 // Service implements API in-process.
@@ -82,8 +92,14 @@ type Service struct {
 	gatesMu sync.RWMutex
 	gates   map[string]Gate
 
+	store    das.Store
+	ids      *snowflake.Node
+	c2c      C2C
+	accounts map[uint32][]uint32 // account system -> its appcodes (the inbox terminals)
+
 	mLogins *prometheus.CounterVec
 	mKicks  prometheus.Counter
+	mC2C    *prometheus.CounterVec
 }
 
 var _ API = (*Service)(nil)
@@ -94,12 +110,21 @@ func New(opts Options) (*Service, error) {
 		return nil, errors.New("logic: Router is required")
 	}
 	s := &Service{
-		apps:   make(map[uint32]*App, len(opts.Apps)),
-		auth:   opts.Auth,
-		router: opts.Router,
-		log:    opts.Logger,
-		gates:  make(map[string]Gate),
+		apps:     make(map[uint32]*App, len(opts.Apps)),
+		auth:     opts.Auth,
+		router:   opts.Router,
+		log:      opts.Logger,
+		gates:    make(map[string]Gate),
+		store:    opts.Store,
+		c2c:      opts.C2C,
+		accounts: make(map[uint32][]uint32),
 	}
+	s.c2c.setDefaults()
+	ids, err := snowflake.NewNode(opts.NodeID)
+	if err != nil {
+		return nil, fmt.Errorf("logic: node id %d: %w", opts.NodeID, err)
+	}
+	s.ids = ids
 	if s.auth == nil {
 		s.auth = HMACAuth{}
 	}
@@ -118,6 +143,7 @@ func New(opts Options) (*Service, error) {
 			continue
 		}
 		s.apps[a.AppCode] = &a
+		s.accounts[a.Account] = append(s.accounts[a.Account], a.AppCode)
 	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, fmt.Errorf("logic: %w", err)
@@ -131,8 +157,12 @@ func New(opts Options) (*Service, error) {
 		Namespace: "imd", Subsystem: "logic", Name: "kickouts_total",
 		Help: "Sessions kicked because the same terminal logged in again.",
 	})
+	s.mC2C = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "imd", Subsystem: "logic", Name: "c2c_sends_total",
+		Help: "c2c send requests by result: stored, duplicate (a retry of a stored message), store_error.",
+	}, []string{"result"})
 	if opts.Registry != nil {
-		for _, c := range []prometheus.Collector{s.mLogins, s.mKicks} {
+		for _, c := range []prometheus.Collector{s.mLogins, s.mKicks, s.mC2C} {
 			if err := opts.Registry.Register(c); err != nil {
 				return nil, fmt.Errorf("logic: metrics: %w", err)
 			}
@@ -210,11 +240,18 @@ func (s *Service) login(ctx context.Context, in LoginInput) (LoginResult, error)
 		return LoginResult{}, schema.Errorf(schema.StatusUnavailable, "router: %v", err)
 	}
 	for _, old := range evicted {
-		s.kick(ctx, old, &pb.Kickout{
+		k := &pb.Kickout{
 			Reason:      pb.KickReason_KICK_REASON_LOGIN_ELSEWHERE,
 			Detail:      "the same account logged in again on this terminal",
 			NewDeviceId: in.DeviceID,
-		}, in.LogID)
+		}
+		if in.DeviceID != "" && old.DeviceID == in.DeviceID {
+			// The same device again: the old connection is stale (a
+			// reconnect overtook it, or the app restarted), not a rival.
+			k.Reason = pb.KickReason_KICK_REASON_REPLACED
+			k.Detail = "a newer connection of this device logged in"
+		}
+		s.kick(ctx, old, k, in.LogID)
 	}
 	return LoginResult{Session: sess, Evicted: len(evicted)}, nil
 }
@@ -244,9 +281,4 @@ func (s *Service) Disconnected(ctx context.Context, sess router.Session) {
 	if _, err := s.router.Unregister(ctx, sess); err != nil {
 		s.log.Warn("unregister on disconnect", "uid", sess.UID, "appcode", sess.AppCode, "err", err)
 	}
-}
-
-// Handle implements API.
-func (s *Service) Handle(_ context.Context, _ router.Session, h *schema.Header, _ []byte) ([]byte, error) {
-	return nil, schema.Errorf(schema.StatusUnknownCmd, "command %s is not served by this server", h.Cmd)
 }

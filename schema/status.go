@@ -36,10 +36,11 @@ const (
 	StatusLoginTimeout    Status = 3003 // no login within the login deadline; the connection is closed
 	StatusTooManyInFlight Status = 3004 // too many requests in flight on this connection
 
-	StatusBadRecipient Status = 4001 // the recipient address is unknown or malformed
-	StatusEmptyContent Status = 4002 // the message content is empty
-	StatusBadArgument  Status = 4003 // a field is out of range (page size, limit, ...)
-	StatusUnmappedType Status = 4004 // no route is configured for this (appcode, msgtype)
+	StatusBadRecipient    Status = 4001 // the recipient address is unknown or malformed
+	StatusEmptyContent    Status = 4002 // the message content is empty
+	StatusBadArgument     Status = 4003 // a field is out of range (page size, limit, ...)
+	StatusUnmappedType    Status = 4004 // no route is configured for this (appcode, msgtype)
+	StatusContentTooLarge Status = 4005 // the message content is over the configured maximum
 
 	StatusInternal     Status = 5001 // a bug or unexpected failure; retrying may help
 	StatusUnavailable  Status = 5002 // a dependency (store, bus) is down; retry with backoff
@@ -71,6 +72,7 @@ var statusNames = map[Status]string{
 	StatusEmptyContent:    "empty content",
 	StatusBadArgument:     "bad argument",
 	StatusUnmappedType:    "unmapped message type",
+	StatusContentTooLarge: "content too large",
 	StatusInternal:        "internal error",
 	StatusUnavailable:     "unavailable",
 	StatusTimeout:         "timeout",

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"net"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -63,11 +64,18 @@ type Options struct {
 	// Addrs are the gateways to use. The client starts with the first and
 	// on reconnect tries the last one that worked before the others.
 	Addrs []string
-	// DeviceID and Platform are sent at login.
+	// DeviceID is the stable id of the install, sent at login: a login
+	// with the same DeviceID silently replaces a stale connection of this
+	// device, while a different one kicks it out (OnKickout). Default: a
+	// random id per Client.
 	DeviceID string
+	// Platform ("android", "ios", "pc", ...) is sent at login.
 	Platform string
 	// DialTimeout bounds one TCP connect. Default 5s.
 	DialTimeout time.Duration
+	// Dialer, when set, opens the TCP connections instead of a net.Dialer
+	// (to pick a source address, or to go through a proxy).
+	Dialer func(ctx context.Context, network, addr string) (net.Conn, error)
 	// RequestTimeout applies to calls whose context has no deadline, and
 	// to keepalives. Default 10s.
 	RequestTimeout time.Duration
@@ -91,12 +99,39 @@ type Options struct {
 	// a reason (lost connection, refused login).
 	OnState func(State, error)
 
+	// OnC2C receives chat messages, one at a time: after every login first
+	// the messages that waited in this terminal's offline inbox (oldest
+	// first), then live ones. Each msgid is delivered once (duplicates
+	// from retries and reconnects are dropped, remembering the last
+	// DedupSize msgids) and acknowledged after OnC2C returns, which removes
+	// it from the inbox. When OnC2C is nil the client does not pull the
+	// inbox and c2c notifies go to OnMessage.
+	OnC2C func(*pb.C2CMessage)
+	// OnReceipt is called when a terminal of a recipient acknowledged a
+	// message this user sent (a delivered receipt). Receipts are not
+	// stored: a sender offline at that moment does not get one.
+	OnReceipt func(*pb.C2CReceipt)
+	// PageSize is the offline pull page size; 0 lets the server choose.
+	PageSize uint32
+	// DedupSize is how many recent msgids the receiver remembers. Default 16384.
+	DedupSize int
+	// AckDelay is how long acks wait to be batched. Default 20ms.
+	AckDelay time.Duration
+	// SendAttempts bounds the tries of SendC2C. Default 6.
+	SendAttempts int
+	// SendBackoffMin and SendBackoffMax bound SendC2C's backoff between
+	// tries (exponential with jitter). Defaults 100ms and 3s.
+	SendBackoffMin, SendBackoffMax time.Duration
+
 	Logger *slog.Logger
 }
 
 func (o *Options) setDefaults() error {
 	if len(o.Addrs) == 0 {
 		return errors.New("sdk: at least one gateway address is required")
+	}
+	if o.DeviceID == "" {
+		o.DeviceID = "sdk-" + NewClientMsgID()[:16]
 	}
 	if o.DialTimeout <= 0 {
 		o.DialTimeout = 5 * time.Second
@@ -112,6 +147,21 @@ func (o *Options) setDefaults() error {
 	}
 	if o.MaxBody == 0 {
 		o.MaxBody = 1 << 20
+	}
+	if o.DedupSize <= 0 {
+		o.DedupSize = 16384
+	}
+	if o.AckDelay <= 0 {
+		o.AckDelay = 20 * time.Millisecond
+	}
+	if o.SendAttempts <= 0 {
+		o.SendAttempts = 6
+	}
+	if o.SendBackoffMin <= 0 {
+		o.SendBackoffMin = 100 * time.Millisecond
+	}
+	if o.SendBackoffMax < o.SendBackoffMin {
+		o.SendBackoffMax = max(3*time.Second, o.SendBackoffMin)
 	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
@@ -129,23 +179,31 @@ type Credentials struct {
 	TokenFunc func(ctx context.Context) (string, error)
 }
 
+// maxReplaced is how many KICK_REASON_REPLACED kicks a minute a client
+// takes as stale connections of its own before it concludes that another
+// live client shares its DeviceID and gives up.
+const maxReplaced = 30
+
 // Client is a connection to the platform. Create it with Dial.
 type Client struct {
 	opts Options
 	log  *slog.Logger
 	seq  atomic.Uint32
 
-	mu        sync.Mutex
-	link      *link
-	up        chan struct{} // closed when link is usable; replaced when it is lost
-	state     State
-	cred      *Credentials // set after the first successful Login
-	login     *pb.LoginResponse
-	preferred int // index in Addrs of the last gateway that worked
-	closed    bool
-	closeErr  error
+	mu         sync.Mutex
+	link       *link
+	up         chan struct{} // closed when link is usable; replaced when it is lost
+	state      State
+	cred       *Credentials // set after the first successful Login
+	login      *pb.LoginResponse
+	preferred  int       // index in Addrs of the last gateway that worked
+	replacedAt time.Time // start of the minute counted by replaced
+	replaced   int       // KICK_REASON_REPLACED kicks in that minute
+	closed     bool
+	closeErr   error
 
 	msgs      chan Message
+	inbox     *inbox // nil without OnC2C
 	stop      chan struct{}
 	wg        sync.WaitGroup
 	reconnect chan struct{}
@@ -161,7 +219,7 @@ func Dial(ctx context.Context, opts Options) (*Client, error) {
 		opts:      opts,
 		log:       opts.Logger,
 		up:        make(chan struct{}),
-		msgs:      make(chan Message, 1024),
+		msgs:      make(chan Message, 64),
 		stop:      make(chan struct{}),
 		reconnect: make(chan struct{}, 1),
 		state:     StateConnecting,
@@ -176,6 +234,11 @@ func Dial(ctx context.Context, opts Options) (*Client, error) {
 	c.wg.Add(2)
 	go c.deliver()
 	go c.supervise()
+	if opts.OnC2C != nil {
+		c.inbox = newInbox(c)
+		c.wg.Add(1)
+		go c.inbox.loop()
+	}
 	return c, nil
 }
 
@@ -247,6 +310,9 @@ func (c *Client) loginOn(ctx context.Context, l *link, cred *Credentials) (*pb.L
 	}
 	h := schema.Header{Cmd: schema.CmdLogin, AppCode: cred.AppCode, UID: cred.UID}
 	var resp pb.LoginResponse
+	if c.inbox != nil {
+		c.inbox.beginLogin()
+	}
 	err := l.roundTrip(ctx, h, &pb.LoginRequest{Token: token, DeviceId: c.opts.DeviceID, Platform: c.opts.Platform, SdkVersion: Version}, &resp)
 	if err != nil {
 		return nil, err
@@ -269,6 +335,9 @@ func (c *Client) online(l *link, resp *pb.LoginResponse) {
 		close(c.up)
 	}
 	c.mu.Unlock()
+	if c.inbox != nil {
+		c.inbox.startSync(l)
+	}
 	c.setState(StateOnline, nil)
 	iv := c.opts.KeepaliveInterval
 	if iv <= 0 {
@@ -427,6 +496,24 @@ func (c *Client) notified(l *link, h schema.Header, body []byte) {
 	case schema.CmdKickout:
 		var k pb.Kickout
 		_ = proto.Unmarshal(body, &k)
+		if k.Reason == pb.KickReason_KICK_REASON_REPLACED {
+			// A stale connection of this device overtook our login (a slow
+			// login of a link we had already given up). Reconnecting
+			// evicts it, unless this keeps happening: then another live
+			// client uses our device id, and we yield to it.
+			c.mu.Lock()
+			if time.Since(c.replacedAt) > time.Minute {
+				c.replacedAt, c.replaced = time.Now(), 0
+			}
+			c.replaced++
+			again := c.replaced > maxReplaced
+			c.mu.Unlock()
+			if !again {
+				c.log.Info("sdk: connection replaced by a stale one of this device; reconnecting")
+				l.close(fmt.Errorf("%w: replaced by another connection of this device", ErrConnLost))
+				return
+			}
+		}
 		c.shutdown(fmt.Errorf("sdk: kicked out: %s", k.Reason))
 		if c.opts.OnKickout != nil {
 			c.opts.OnKickout(&k)
@@ -443,11 +530,30 @@ func (c *Client) notified(l *link, h schema.Header, body []byte) {
 			time.Sleep(time.Duration(g.ReconnectAfterMs) * time.Millisecond / 4)
 			l.close(fmt.Errorf("%w: server going away: %s", ErrConnLost, g.Reason))
 		}()
-	default:
-		select {
-		case c.msgs <- Message{Cmd: h.Cmd, MsgType: h.MsgType, LogID: h.LogID, Body: body}:
-		case <-c.stop:
+	case schema.CmdC2CNotify:
+		if c.inbox != nil {
+			c.inbox.notified(body)
+			return
 		}
+		c.queueMessage(h, body)
+	case schema.CmdC2CReceipt:
+		if c.opts.OnReceipt != nil {
+			var r pb.C2CReceipt
+			if err := proto.Unmarshal(body, &r); err == nil {
+				c.opts.OnReceipt(&r)
+			}
+			return
+		}
+		c.queueMessage(h, body)
+	default:
+		c.queueMessage(h, body)
+	}
+}
+
+func (c *Client) queueMessage(h schema.Header, body []byte) {
+	select {
+	case c.msgs <- Message{Cmd: h.Cmd, MsgType: h.MsgType, LogID: h.LogID, Body: body}:
+	case <-c.stop:
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log"
+	"os"
 	"time"
 
 	"github.com/imd-dev/imd/internal/config"
@@ -14,24 +15,30 @@ import (
 )
 
 // startDemo runs the whole platform in this process on random ports, the
-// way `imd all` does, with one appcode whose secret the example knows.
-func startDemo(secret string) *platform.Platform {
-	cfg := config.Default()
-	cfg.Gateway.Addr, cfg.HTTP.Addr = "127.0.0.1:0", "127.0.0.1:0"
-	cfg.Apps = []logic.App{{AppCode: 101, Name: "freight-android", Account: 1, Secrets: []string{secret}}}
-	p, err := platform.Start(cfg, nil)
+// way `imd all` does, with one appcode whose secret the example knows and
+// its store in a temporary directory (removed by stop).
+func startDemo(secret string) (p *platform.Platform, stop func()) {
+	dir, err := os.MkdirTemp("", "imd-example-")
 	if err != nil {
 		log.Fatal(err)
 	}
-	return p
+	cfg := config.Default()
+	cfg.DataDir = dir
+	cfg.Gateway.Addr, cfg.HTTP.Addr = "127.0.0.1:0", "127.0.0.1:0"
+	cfg.Apps = []logic.App{{AppCode: 101, Name: "freight-android", Account: 1, Secrets: []string{secret}}}
+	p, err = platform.Start(cfg, nil)
+	if err != nil {
+		log.Fatal(err)
+	}
+	return p, func() { _ = p.Shutdown(context.Background()); _ = os.RemoveAll(dir) }
 }
 
 // A driver's app connects, logs in with a token from its app-server, is
 // told when another phone takes over its session, and logs out.
 func Example() {
 	const secret = "example-secret-0123456789"
-	p := startDemo(secret)
-	defer p.Shutdown(context.Background())
+	p, stop := startDemo(secret)
+	defer stop()
 
 	kicked := make(chan *pb.Kickout, 1)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

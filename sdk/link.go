@@ -36,8 +36,13 @@ type result struct {
 }
 
 func dialLink(ctx context.Context, cl *Client, addr string) (*link, error) {
-	d := net.Dialer{Timeout: cl.opts.DialTimeout}
-	nc, err := d.DialContext(ctx, "tcp", addr)
+	ctx, cancel := context.WithTimeout(ctx, cl.opts.DialTimeout)
+	defer cancel()
+	dial := cl.opts.Dialer
+	if dial == nil {
+		dial = (&net.Dialer{}).DialContext
+	}
+	nc, err := dial(ctx, "tcp", addr)
 	if err != nil {
 		return nil, err
 	}
@@ -47,7 +52,7 @@ func dialLink(ctx context.Context, cl *Client, addr string) (*link, error) {
 }
 
 func (l *link) readLoop() {
-	dec := schema.NewDecoder(bufio.NewReaderSize(l.nc, 16<<10), l.cl.opts.MaxBody)
+	dec := schema.NewDecoder(bufio.NewReaderSize(l.nc, 4<<10), l.cl.opts.MaxBody)
 	var f schema.Frame
 	for {
 		if err := dec.ReadFrame(&f); err != nil {

@@ -29,6 +29,10 @@ type Config struct {
 	HTTP    HTTP    `yaml:"http"`
 	// ShutdownGrace bounds a graceful shutdown on SIGTERM.
 	ShutdownGrace time.Duration `yaml:"shutdown_grace"`
+	// NodeID is this node's snowflake id (0-1023), unique in the cluster.
+	NodeID int64     `yaml:"node_id"`
+	Store  Store     `yaml:"store"`
+	C2C    logic.C2C `yaml:"c2c"`
 	// Apps maps each appcode to its account system and secrets. When it is
 	// empty, imd runs the demo apps (DemoApps) with secrets generated once
 	// into <data_dir>/secrets.yaml.
@@ -56,6 +60,21 @@ type Gateway struct {
 	MaxQueueBytes     int           `yaml:"max_queue_bytes"`
 }
 
+// Store configures message storage.
+type Store struct {
+	// Engine is "embedded" (a local key-value store under data_dir/store)
+	// or "none" (no c2c). Default embedded.
+	Engine    string    `yaml:"engine"`
+	Retention Retention `yaml:"retention"`
+}
+
+// Retention bounds roaming history and idempotency keys.
+type Retention struct {
+	MaxAge         time.Duration `yaml:"max_age"`         // 0: keep forever
+	MaxCount       int           `yaml:"max_count"`       // per user; 0: no bound
+	IdempotencyTTL time.Duration `yaml:"idempotency_ttl"` // default 24h
+}
+
 // HTTP configures the HTTP API (health, metrics, s2c).
 type HTTP struct {
 	Addr string `yaml:"addr"`
@@ -69,6 +88,7 @@ func Default() Config {
 		Gateway:       Gateway{Addr: ":7070", LoginTimeout: 10 * time.Second, IdleTimeout: 90 * time.Second, MaxBody: 64 << 10},
 		HTTP:          HTTP{Addr: ":8080"},
 		ShutdownGrace: 15 * time.Second,
+		Store:         Store{Engine: "embedded", Retention: Retention{MaxAge: 30 * 24 * time.Hour, IdempotencyTTL: 24 * time.Hour}},
 	}
 }
 
@@ -111,6 +131,11 @@ func (c *Config) ServerFlags(fs *flag.FlagSet) {
 	fs.IntVar(&g.MaxInFlight, "max-in-flight", g.MaxInFlight, "concurrent requests per connection (default 64)")
 	fs.StringVar(&c.HTTP.Addr, "http-addr", c.HTTP.Addr, "HTTP API listen address (health, metrics, s2c)")
 	fs.DurationVar(&c.ShutdownGrace, "shutdown-grace", c.ShutdownGrace, "how long a graceful shutdown may take")
+	fs.Int64Var(&c.NodeID, "node-id", c.NodeID, "snowflake node id (0-1023) of this node, unique in the cluster")
+	fs.StringVar(&c.Store.Engine, "store", c.Store.Engine, "message store: embedded (under data-dir/store) or none")
+	fs.DurationVar(&c.Store.Retention.MaxAge, "history-max-age", c.Store.Retention.MaxAge, "drop roaming history older than this (0 keeps it)")
+	fs.IntVar(&c.Store.Retention.MaxCount, "history-max-count", c.Store.Retention.MaxCount, "keep at most this many history messages per user (0: no bound)")
+	fs.IntVar(&c.C2C.PageSize, "page-size", c.C2C.PageSize, "offline pull page size when a client asks for 0 (default 50)")
 }
 
 // Load completes c after fs has parsed args once: it reads the YAML file

@@ -8,8 +8,11 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"path/filepath"
 	"sync"
 
+	"github.com/imd-dev/imd/das"
+	"github.com/imd-dev/imd/das/embedded"
 	"github.com/imd-dev/imd/gateway"
 	"github.com/imd-dev/imd/internal/config"
 	"github.com/imd-dev/imd/logic"
@@ -25,6 +28,7 @@ type Platform struct {
 	Logic    *logic.Service
 	Gateway  *gateway.Server
 	Registry *prometheus.Registry
+	Store    das.Store // nil with store engine "none"
 
 	log      *slog.Logger
 	http     *fasthttp.Server
@@ -42,8 +46,17 @@ func Start(cfg config.Config, log *slog.Logger) (*Platform, error) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	p := &Platform{Router: router.NewMemory(), Registry: reg, log: log, serveErr: make(chan error, 2)}
-	svc, err := logic.New(logic.Options{Apps: cfg.Apps, Router: p.Router, Logger: log.With("tier", "logic"), Registry: reg})
+	store, err := openStore(cfg, log)
 	if err != nil {
+		return nil, err
+	}
+	p.Store = store
+	svc, err := logic.New(logic.Options{
+		Apps: cfg.Apps, Router: p.Router, Logger: log.With("tier", "logic"), Registry: reg,
+		Store: store, NodeID: cfg.NodeID, C2C: cfg.C2C,
+	})
+	if err != nil {
+		p.closeStore()
 		return nil, err
 	}
 	p.Logic = svc
@@ -55,16 +68,19 @@ func Start(cfg config.Config, log *slog.Logger) (*Platform, error) {
 		MaxQueueBytes: g.MaxQueueBytes, Logger: log.With("tier", "gateway"), Registry: reg,
 	}, svc)
 	if err != nil {
+		p.closeStore()
 		return nil, err
 	}
 	p.Gateway = gw
 	svc.AttachGate(gw.ID(), gw)
 	if err := gw.Listen(); err != nil {
+		p.closeStore()
 		return nil, err
 	}
 	ln, err := net.Listen("tcp", cfg.HTTP.Addr)
 	if err != nil {
 		_ = gw.Shutdown(context.Background())
+		p.closeStore()
 		return nil, fmt.Errorf("http: listen %s: %w", cfg.HTTP.Addr, err)
 	}
 	p.httpLn = ln
@@ -81,6 +97,37 @@ func Start(cfg config.Config, log *slog.Logger) (*Platform, error) {
 	}()
 	log.Info("platform started", "gateway", gw.Addr().String(), "http", ln.Addr().String(), "apps", len(cfg.Apps))
 	return p, nil
+}
+
+func openStore(cfg config.Config, log *slog.Logger) (das.Store, error) {
+	r := cfg.Store.Retention
+	switch cfg.Store.Engine {
+	case "none":
+		log.Warn("no message store: c2c, offline and history requests get status unavailable")
+		return nil, nil
+	case "embedded", "":
+		if cfg.DataDir == "" {
+			return nil, errors.New("store: the embedded store needs a data dir")
+		}
+		dir := filepath.Join(cfg.DataDir, "store")
+		st, err := embedded.Open(dir, embedded.Options{
+			Retention: das.Retention{MaxAge: r.MaxAge, MaxCount: r.MaxCount, IdempotencyTTL: r.IdempotencyTTL},
+			Logger:    log.With("tier", "das"),
+		})
+		if err != nil {
+			return nil, fmt.Errorf("store: open %s: %w", dir, err)
+		}
+		log.Info("embedded store open", "dir", dir)
+		return st, nil
+	}
+	return nil, fmt.Errorf("store: unknown engine %q (want embedded or none)", cfg.Store.Engine)
+}
+
+func (p *Platform) closeStore() error {
+	if p.Store == nil {
+		return nil
+	}
+	return p.Store.Close()
 }
 
 // GatewayAddr is the gateway's listen address.
@@ -101,6 +148,10 @@ func (p *Platform) Shutdown(ctx context.Context) error {
 		p.Logic.DetachGate(context.Background(), p.Gateway.ID())
 		if herr := p.http.ShutdownWithContext(ctx); herr != nil {
 			err = errors.Join(err, herr)
+		}
+		// Every request has finished with the gateway: the store can close.
+		if serr := p.closeStore(); serr != nil {
+			err = errors.Join(err, serr)
 		}
 	})
 	return err

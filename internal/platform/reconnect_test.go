@@ -3,6 +3,7 @@ package platform
 import (
 	"context"
 	"io"
+	"math/rand/v2"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -56,6 +57,21 @@ func (px *proxy) serve() {
 		go func() { _, _ = io.Copy(a, b); _ = a.Close() }()
 		go func() { _, _ = io.Copy(b, a); _ = b.Close() }()
 	}
+}
+
+// cutOne cuts one random live connection and reports whether there was one.
+func (px *proxy) cutOne(r *rand.Rand) bool {
+	px.mu.Lock()
+	defer px.mu.Unlock()
+	if len(px.conns) < 2 {
+		return false
+	}
+	i := r.IntN(len(px.conns)/2) * 2
+	a, b := px.conns[i], px.conns[i+1]
+	px.conns = append(px.conns[:i], px.conns[i+2:]...)
+	_ = a.Close()
+	_ = b.Close()
+	return true
 }
 
 func (px *proxy) cut() {

@@ -33,6 +33,10 @@ const (
 	KickReason_KICK_REASON_LOGIN_ELSEWHERE KickReason = 1 // same (appcode, uid) logged in on another connection
 	KickReason_KICK_REASON_ADMIN           KickReason = 2
 	KickReason_KICK_REASON_TOKEN_REVOKED   KickReason = 3
+	// A newer connection of the same device_id logged in on this terminal:
+	// this one is stale (a reconnect overtook it). The client may reconnect
+	// after a backoff; the SDK does.
+	KickReason_KICK_REASON_REPLACED KickReason = 4
 )
 
 // Enum value maps for KickReason.
@@ -42,12 +46,14 @@ var (
 		1: "KICK_REASON_LOGIN_ELSEWHERE",
 		2: "KICK_REASON_ADMIN",
 		3: "KICK_REASON_TOKEN_REVOKED",
+		4: "KICK_REASON_REPLACED",
 	}
 	KickReason_value = map[string]int32{
 		"KICK_REASON_UNSPECIFIED":     0,
 		"KICK_REASON_LOGIN_ELSEWHERE": 1,
 		"KICK_REASON_ADMIN":           2,
 		"KICK_REASON_TOKEN_REVOKED":   3,
+		"KICK_REASON_REPLACED":        4,
 	}
 )
 
@@ -468,7 +474,8 @@ func (x *KeepaliveResponse) GetServerTimeMs() int64 {
 }
 
 // Kickout is pushed before the server closes a connection on purpose.
-// A kicked client must not reconnect on its own.
+// A kicked client must not reconnect on its own, except after
+// KICK_REASON_REPLACED.
 type Kickout struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Reason        KickReason             `protobuf:"varint,1,opt,name=reason,proto3,enum=imd.v1.KickReason" json:"reason,omitempty"`
@@ -1733,13 +1740,14 @@ const file_imd_proto_rawDesc = "" +
 	"\x05limit\x18\x03 \x01(\rR\x05limit\"Y\n" +
 	"\x13HistorySyncResponse\x12.\n" +
 	"\bmessages\x18\x01 \x03(\v2\x12.imd.v1.C2CMessageR\bmessages\x12\x12\n" +
-	"\x04more\x18\x02 \x01(\bR\x04more*\x80\x01\n" +
+	"\x04more\x18\x02 \x01(\bR\x04more*\x9a\x01\n" +
 	"\n" +
 	"KickReason\x12\x1b\n" +
 	"\x17KICK_REASON_UNSPECIFIED\x10\x00\x12\x1f\n" +
 	"\x1bKICK_REASON_LOGIN_ELSEWHERE\x10\x01\x12\x15\n" +
 	"\x11KICK_REASON_ADMIN\x10\x02\x12\x1d\n" +
-	"\x19KICK_REASON_TOKEN_REVOKED\x10\x03B\"Z github.com/imd-dev/imd/schema/pbb\x06proto3"
+	"\x19KICK_REASON_TOKEN_REVOKED\x10\x03\x12\x18\n" +
+	"\x14KICK_REASON_REPLACED\x10\x04B\"Z github.com/imd-dev/imd/schema/pbb\x06proto3"
 
 var (
 	file_imd_proto_rawDescOnce sync.Once

@@ -1,0 +1,100 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/imd-dev/imd/bench"
+)
+
+// mib formats a byte count in MiB.
+func mib(b int64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }
+
+// signedMiB formats a byte delta in MiB with its sign.
+func signedMiB(b int64) string { return fmt.Sprintf("%+.1f MiB", float64(b)/(1<<20)) }
+
+func latencyRow(w io.Writer, name string, s bench.Summary) {
+	fmt.Fprintf(w, "  %s\t%d\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t\n",
+		name, s.Count, s.MinMs, s.P50Ms, s.P90Ms, s.P99Ms, s.P999Ms, s.MaxMs)
+}
+
+func writeConnsTable(out io.Writer, r *connsReport) {
+	status := "OK"
+	if !r.OK {
+		status = "NOT OK"
+	}
+	srv := r.Server
+	origin := "attached"
+	if srv.Started {
+		origin = "started by imbench: " + srv.Binary
+	}
+	fmt.Fprintf(out, "imbench conns  %s  %s\n", r.Time.Format("2006-01-02 15:04:05Z"), strings.Join(r.Command[2:], " "))
+	fmt.Fprintf(out, "server   pid %d, gateway %s, http %s (%s)\n", srv.PID, srv.Gateway, srv.HTTP, origin)
+	fmt.Fprintf(out, "clients  %s, %d process(es)%s, %d logins in flight, src addresses %d, uids %d..%d\n",
+		r.Clients.Kind, r.Clients.Processes, map[bool]string{true: " (in imbench)", false: " (workers)"}[r.Clients.InProcess],
+		r.Clients.Concurrency, max(r.Clients.SrcIPs, 1), r.Clients.UIDBase, r.Clients.UIDBase+uint64(r.Requested)-1)
+	fmt.Fprintf(out, "host     %d CPUs, %s, open files %d, loadavg %s -> %s\n\n",
+		r.Host.NumCPU, r.Host.GoVersion, r.Host.OpenFiles, r.Host.LoadBefore, r.Host.LoadAfter)
+
+	fmt.Fprintf(out, "connections  requested %d, opened %d, failed %d; held: clients %d, server %d (%s %d -> %d), sessions %d  %s\n",
+		r.Requested, r.Opened, r.Failed, r.HeldClient, r.HeldServer, mGatewayConns,
+		r.Before.GatewayConns, r.After.GatewayConns, r.Sessions, status)
+	if r.Aborted != "" {
+		fmt.Fprintf(out, "aborted      %s\n", r.Aborted)
+	}
+	for _, k := range sortedKeys(r.Errors) {
+		fmt.Fprintf(out, "error        %dx %s\n", r.Errors[k], k)
+	}
+	fmt.Fprintf(out, "logins       %d in %.2fs = %.0f logins/s\n\n", r.Opened, r.LoginSeconds, r.LoginRate)
+
+	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintf(tw, "  latency (ms)\tcount\tmin\tp50\tp90\tp99\tp99.9\tmax\t\n")
+	latencyRow(tw, "tcp connect", r.Dial)
+	latencyRow(tw, "login", r.Login)
+	_ = tw.Flush()
+	fmt.Fprintln(out)
+
+	b, a, pc := &r.Before, &r.After, &r.PerConn
+	tw = tabwriter.NewWriter(out, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintf(tw, "  server, after %.0fs settle\tbefore\tafter\tdelta\tper conn\t\n", r.SettleSeconds)
+	row := func(name string, before, after int64, per float64) {
+		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%.0f B\t\n", name, mib(before), mib(after), signedMiB(after-before), per)
+	}
+	row("RSS ("+a.RSSSource+")", b.RSSBytes, a.RSSBytes, pc.RSS)
+	row("Go heap in use", b.HeapInuse, a.HeapInuse, pc.HeapInuse)
+	row("Go stacks in use", b.StackInuse, a.StackInuse, pc.StackInuse)
+	row("Go heap + stacks", b.HeapInuse+b.StackInuse, a.HeapInuse+a.StackInuse, pc.HeapPlusStacks)
+	row("Go sys (from OS)", b.GoSys, a.GoSys, pc.GoSys)
+	fmt.Fprintf(tw, "  goroutines\t%d\t%d\t%+d\t%.2f\t\n", b.Goroutines, a.Goroutines, a.Goroutines-b.Goroutines, pc.Goroutines)
+	if a.Threads > 0 {
+		fmt.Fprintf(tw, "  OS threads\t%d\t%d\t%+d\t\t\n", b.Threads, a.Threads, a.Threads-b.Threads)
+	}
+	_ = tw.Flush()
+	fmt.Fprintf(out, "\nclient   RSS %s -> %s over %d process(es), %.0f B per held connection (%s client)\n",
+		mib(r.ClientRSSBefore), mib(r.ClientRSSBytes), r.Clients.Processes, r.ClientRSSPerConn, r.Clients.Kind)
+	fmt.Fprintf(out, "close    gateway back to %d connections %.2fs after the clients closed\n", r.ConnsAfterClose, r.CloseSeconds)
+	if r.ServerStopResult != "" {
+		fmt.Fprintf(out, "server stop: %s\n", r.ServerStopResult)
+	}
+}
+
+// writeJSON writes v as indented JSON to path; a bare file name goes into
+// dir. It returns the path written.
+func writeJSON(path, dir string, v any) (string, error) {
+	if filepath.Base(path) == path && dir != "" {
+		path = filepath.Join(dir, path)
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return "", err
+	}
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return "", err
+	}
+	return path, os.WriteFile(path, append(b, '\n'), 0o644)
+}

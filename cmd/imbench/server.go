@@ -1,0 +1,423 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/imd-dev/imd/bench"
+	"github.com/imd-dev/imd/internal/config"
+	"github.com/imd-dev/imd/logic"
+	"gopkg.in/yaml.v3"
+)
+
+// Metric names read from the server's /metrics.
+const (
+	mGatewayConns = "imd_gateway_connections"
+	mHeapInuse    = "go_memstats_heap_inuse_bytes"
+	mStackInuse   = "go_memstats_stack_inuse_bytes"
+	mGoSys        = "go_memstats_sys_bytes"
+	mGoroutines   = "go_goroutines"
+	mProcessRSS   = "process_resident_memory_bytes"
+)
+
+// benchAppCode is the appcode of the one app a started server runs.
+const benchAppCode = 101
+
+// serverFlags choose the server a scenario measures.
+type serverFlags struct {
+	imd          string
+	addr         string
+	http         string
+	pid          int
+	appcode      uint
+	secret       string
+	idleTimeout  time.Duration
+	startTimeout time.Duration
+	logLevel     string
+	imdArgs      stringsFlag
+}
+
+func (sf *serverFlags) bind(fs *flag.FlagSet) {
+	fs.StringVar(&sf.imd, "imd", "", "imd binary `path` to start (default: imd next to imbench, then in PATH)")
+	fs.StringVar(&sf.addr, "addr", "", "gateway host:port of a running server to measure instead of starting one (loopback only)")
+	fs.StringVar(&sf.http, "http", "", "with --addr: the server's HTTP API host:port (for /metrics)")
+	fs.IntVar(&sf.pid, "pid", 0, "with --addr: the server's pid, for VmRSS (default: process_resident_memory_bytes from /metrics)")
+	fs.UintVar(&sf.appcode, "appcode", benchAppCode, "with --addr: appcode to log in to")
+	fs.StringVar(&sf.secret, "secret", "", "with --addr: the appcode's token secret")
+	fs.DurationVar(&sf.idleTimeout, "idle-timeout", 10*time.Minute, "idle timeout of a started server (long, so idle connections survive)")
+	fs.DurationVar(&sf.startTimeout, "start-timeout", 30*time.Second, "how long a started server may take to become ready")
+	fs.StringVar(&sf.logLevel, "imd-log-level", "warn", "log level of a started server (its log goes to a file in its temp dir)")
+	fs.Var(&sf.imdArgs, "imd-arg", "extra `flag` for a started imd all (repeatable), e.g. --imd-arg=--max-in-flight=8")
+}
+
+// target is the server under measurement.
+type target struct {
+	Started     bool          `json:"started"` // imbench started it
+	Binary      string        `json:"binary,omitempty"`
+	PID         int           `json:"pid,omitempty"`
+	Gateway     string        `json:"gateway"`
+	HTTP        string        `json:"http"`
+	AppCode     uint32        `json:"appcode"`
+	IdleTimeout time.Duration `json:"idle_timeout_ns,omitempty"`
+	secret      string
+
+	http    *http.Client
+	cmd     *exec.Cmd
+	dir     string
+	logPath string
+	exited  chan struct{}
+	waitErr error
+
+	stopOnce sync.Once
+}
+
+// open starts a server or checks the one named by the flags.
+func (sf *serverFlags) open(ctx context.Context) (*target, error) {
+	if sf.addr != "" {
+		return sf.attach(ctx)
+	}
+	if sf.http != "" || sf.pid != 0 || sf.secret != "" {
+		return nil, errors.New("--http, --pid and --secret go with --addr")
+	}
+	return sf.start(ctx)
+}
+
+func (sf *serverFlags) attach(ctx context.Context) (*target, error) {
+	if sf.http == "" || sf.secret == "" {
+		return nil, errors.New("--addr needs --http (for /metrics) and --secret (to mint tokens for --appcode)")
+	}
+	for _, a := range []string{sf.addr, sf.http} {
+		if err := checkLoopback(a); err != nil {
+			return nil, err
+		}
+	}
+	t := &target{Gateway: sf.addr, HTTP: sf.http, PID: sf.pid, AppCode: uint32(sf.appcode), secret: sf.secret,
+		http: &http.Client{Timeout: 10 * time.Second}}
+	if err := t.ready(ctx); err != nil {
+		return nil, fmt.Errorf("server at %s / %s: %w", sf.addr, sf.http, err)
+	}
+	if t.PID != 0 {
+		if _, err := bench.ReadProcStatus(t.PID); err != nil {
+			return nil, fmt.Errorf("--pid %d: %w", t.PID, err)
+		}
+	}
+	return t, nil
+}
+
+// checkLoopback refuses addresses off this machine: imbench loads what it
+// targets hard and must never be pointed at a shared server by mistake.
+func checkLoopback(hostport string) error {
+	host, _, err := net.SplitHostPort(hostport)
+	if err != nil {
+		return err
+	}
+	if host == "localhost" {
+		return nil
+	}
+	ip := net.ParseIP(host)
+	if ip == nil || !ip.IsLoopback() {
+		return fmt.Errorf("%s is not a loopback address; imbench only measures on this machine", hostport)
+	}
+	return nil
+}
+
+// findIMD resolves the imd binary: the flag, then next to imbench, then PATH.
+func findIMD(flagVal string) (string, error) {
+	if flagVal != "" {
+		p, err := exec.LookPath(flagVal)
+		if err != nil {
+			return "", fmt.Errorf("--imd: %w", err)
+		}
+		return filepath.Abs(p)
+	}
+	if exe, err := os.Executable(); err == nil {
+		p := filepath.Join(filepath.Dir(exe), "imd")
+		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() && st.Mode()&0o111 != 0 {
+			return p, nil
+		}
+	}
+	if p, err := exec.LookPath("imd"); err == nil {
+		return filepath.Abs(p)
+	}
+	return "", errors.New("no imd binary next to imbench or in PATH: build one (go build -o bin/imd ./cmd/imd) and pass --imd bin/imd")
+}
+
+func freeLoopbackAddr() (string, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	addr := ln.Addr().String()
+	return addr, ln.Close()
+}
+
+func (sf *serverFlags) start(ctx context.Context) (t *target, err error) {
+	bin, err := findIMD(sf.imd)
+	if err != nil {
+		return nil, err
+	}
+	dir, err := os.MkdirTemp("", "imbench-imd-")
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			_ = os.RemoveAll(dir)
+		}
+	}()
+	raw := make([]byte, 32)
+	_, _ = rand.Read(raw)
+	t = &target{Started: true, Binary: bin, AppCode: benchAppCode, IdleTimeout: sf.idleTimeout,
+		secret: hex.EncodeToString(raw), http: &http.Client{Timeout: 10 * time.Second}, dir: dir,
+		logPath: filepath.Join(dir, "imd.log"), exited: make(chan struct{})}
+	if t.Gateway, err = freeLoopbackAddr(); err != nil {
+		return nil, err
+	}
+	if t.HTTP, err = freeLoopbackAddr(); err != nil {
+		return nil, err
+	}
+
+	cfg := config.Default()
+	cfg.DataDir = filepath.Join(dir, "data")
+	cfg.Log = config.Log{Level: sf.logLevel, Format: "text"}
+	cfg.Gateway.Addr = t.Gateway
+	cfg.Gateway.IdleTimeout = sf.idleTimeout
+	cfg.HTTP.Addr = t.HTTP
+	cfg.ShutdownGrace = 10 * time.Second
+	cfg.Apps = []logic.App{{AppCode: benchAppCode, Name: "imbench", Account: 1, Secrets: []string{t.secret}}}
+	y, err := yaml.Marshal(&cfg)
+	if err != nil {
+		return nil, err
+	}
+	cfgPath := filepath.Join(dir, "imd.yaml")
+	if err := os.WriteFile(cfgPath, y, 0o600); err != nil {
+		return nil, err
+	}
+	logf, err := os.Create(t.logPath)
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close() // the child holds its own descriptor
+
+	cmd := exec.Command(bin, append([]string{"all", "--config", cfgPath}, sf.imdArgs...)...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.Env = serverEnv(os.Environ())
+	cmd.SysProcAttr = childAttr()
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", bin, err)
+	}
+	t.cmd, t.PID = cmd, cmd.Process.Pid
+	go func() { t.waitErr = cmd.Wait(); close(t.exited) }()
+
+	rctx, cancel := context.WithTimeout(ctx, sf.startTimeout)
+	defer cancel()
+	if err := t.ready(rctx); err != nil {
+		_ = t.stop()
+		return nil, fmt.Errorf("imd did not become ready: %w\n%s", err, t.logTail())
+	}
+	return t, nil
+}
+
+// serverEnv drops IMD_* variables, which would override the config file
+// imbench writes (GOGC, GOMAXPROCS and the like pass through).
+func serverEnv(env []string) []string {
+	out := env[:0:0]
+	for _, kv := range env {
+		if !strings.HasPrefix(kv, "IMD_") {
+			out = append(out, kv)
+		}
+	}
+	return out
+}
+
+// ready waits until /readyz answers 200 and the gateway accepts.
+func (t *target) ready(ctx context.Context) error {
+	var last error
+	for {
+		if t.exited != nil {
+			select {
+			case <-t.exited:
+				return fmt.Errorf("imd exited: %v", t.waitErr)
+			default:
+			}
+		}
+		if last = t.probe(ctx); last == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w (last: %v)", ctx.Err(), last)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+func (t *target) probe(ctx context.Context) error {
+	if _, err := t.sessions(ctx); err != nil {
+		return err
+	}
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp", t.Gateway)
+	if err != nil {
+		return err
+	}
+	return c.Close()
+}
+
+// sessions returns the router's session count from /readyz.
+func (t *target) sessions(ctx context.Context) (int64, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+t.HTTP+"/readyz", nil)
+	if err != nil {
+		return 0, err
+	}
+	resp, err := t.http.Do(req)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return 0, fmt.Errorf("readyz: %s", resp.Status)
+	}
+	var r struct {
+		Sessions *int64 `json:"sessions"`
+	}
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&r); err != nil {
+		return 0, fmt.Errorf("readyz: %w", err)
+	}
+	if r.Sessions == nil {
+		return -1, nil
+	}
+	return *r.Sessions, nil
+}
+
+func (t *target) logTail() string {
+	if t.logPath == "" {
+		return ""
+	}
+	b, err := os.ReadFile(t.logPath)
+	if err != nil {
+		return ""
+	}
+	if len(b) > 4<<10 {
+		b = b[len(b)-4<<10:]
+	}
+	return "imd log (tail):\n" + string(bytes.TrimSpace(b))
+}
+
+// stop ends a started server with SIGTERM (SIGKILL if it lingers) and
+// removes its temp dir. It leaves an attached server alone. Only the first
+// call does anything and reports an error.
+func (t *target) stop() error {
+	if t.cmd == nil {
+		return nil
+	}
+	err := errAlreadyStopped
+	t.stopOnce.Do(func() { err = t.terminate() })
+	if err == errAlreadyStopped {
+		return nil
+	}
+	return err
+}
+
+var errAlreadyStopped = errors.New("already stopped")
+
+func (t *target) terminate() error {
+	defer os.RemoveAll(t.dir)
+	_ = t.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-t.exited:
+	case <-time.After(20 * time.Second):
+		_ = t.cmd.Process.Kill()
+		<-t.exited
+		return errors.New("imd did not stop within 20s of SIGTERM; killed")
+	}
+	if t.waitErr != nil {
+		return fmt.Errorf("imd: %w\n%s", t.waitErr, t.logTail())
+	}
+	return nil
+}
+
+// snapshot is the server's state at one moment.
+type snapshot struct {
+	At           time.Time `json:"at"`
+	RSSBytes     int64     `json:"rss_bytes"`
+	RSSSource    string    `json:"rss_source"`
+	HWMBytes     int64     `json:"hwm_bytes,omitempty"`
+	Threads      int       `json:"threads,omitempty"`
+	HeapInuse    int64     `json:"go_heap_inuse_bytes"`
+	StackInuse   int64     `json:"go_stack_inuse_bytes"`
+	GoSys        int64     `json:"go_sys_bytes"`
+	Goroutines   int64     `json:"go_goroutines"`
+	GatewayConns int64     `json:"gateway_connections"`
+	Sessions     int64     `json:"router_sessions"` // -1 when /readyz does not say
+}
+
+func (t *target) scrape(ctx context.Context) (bench.Metrics, error) {
+	return bench.Scrape(ctx, t.http, "http://"+t.HTTP+"/metrics")
+}
+
+// gatewayConns reads the gateway's connection gauge.
+func (t *target) gatewayConns(ctx context.Context) (int64, error) {
+	m, err := t.scrape(ctx)
+	if err != nil {
+		return 0, err
+	}
+	v, ok := m.Get(mGatewayConns)
+	if !ok {
+		return 0, fmt.Errorf("/metrics has no %s", mGatewayConns)
+	}
+	return int64(v), nil
+}
+
+func (t *target) snapshot(ctx context.Context) (snapshot, error) {
+	s := snapshot{At: time.Now()}
+	m, err := t.scrape(ctx)
+	if err != nil {
+		return s, err
+	}
+	var missing []string
+	get := func(name string) int64 {
+		v, ok := m.Get(name)
+		if !ok {
+			missing = append(missing, name)
+		}
+		return int64(v)
+	}
+	s.GatewayConns = get(mGatewayConns)
+	s.HeapInuse = get(mHeapInuse)
+	s.StackInuse = get(mStackInuse)
+	s.GoSys = get(mGoSys)
+	s.Goroutines = get(mGoroutines)
+	if t.PID != 0 {
+		st, err := bench.ReadProcStatus(t.PID)
+		if err != nil {
+			return s, err
+		}
+		s.RSSBytes, s.HWMBytes, s.Threads, s.RSSSource = st.VmRSS, st.VmHWM, st.Threads, "VmRSS"
+	} else {
+		s.RSSBytes, s.RSSSource = get(mProcessRSS), mProcessRSS
+	}
+	if len(missing) > 0 {
+		return s, fmt.Errorf("/metrics lacks %s", strings.Join(missing, ", "))
+	}
+	if s.Sessions, err = t.sessions(ctx); err != nil {
+		return s, err
+	}
+	return s, nil
+}

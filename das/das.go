@@ -1,0 +1,94 @@
+// Package das is data access: the only code that talks to storage. One
+// interface, Store, has two engines: an embedded key-value store for one
+// machine (das/embedded) and Apache Cassandra for clusters. The conformance
+// suite in das/dastest runs against both.
+//
+// Layout (the same logical tables in both engines):
+//   - inbox: per recipient terminal (account, uid, appcode), clustered by
+//     msgid: what that terminal has not acknowledged yet;
+//   - timeline: per user (account, uid), clustered by msgid: both sides of
+//     every conversation, for roaming history, bounded by retention;
+//   - idempotency keys: per sender terminal and client message id, mapping
+//     to the msgid first stored, kept for IdempotencyTTL.
+//
+// Groups will add group messages (by group and time bucket) and per-member
+// cursors; the interface leaves room for them beside the c2c methods.
+package das
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/imd-dev/imd/schema/pb"
+)
+
+// User is a person in one account system.
+type User struct {
+	Account uint32
+	UID     uint64
+}
+
+// Terminal is one appcode of a user: the unit that owns an offline inbox.
+type Terminal struct {
+	Account uint32
+	UID     uint64
+	AppCode uint32
+}
+
+// User returns the user the terminal belongs to.
+func (t Terminal) User() User { return User{Account: t.Account, UID: t.UID} }
+
+// ErrUnavailable wraps engine failures that a retry may cure (store down,
+// timeout). Logic maps it to a retryable status.
+var ErrUnavailable = errors.New("das: store unavailable")
+
+// ErrClosed is returned by calls on a closed store.
+var ErrClosed = errors.New("das: store closed")
+
+// Store is the storage of c2c messages. Every method is safe for concurrent
+// use. A nil error from a write means the write is durable.
+type Store interface {
+	// PutC2C stores m (whose Msgid the caller has assigned) on the
+	// timelines of sender and recipient and in the inbox of each recipient
+	// terminal in inbox, unless the sender terminal (m.From, m.FromAppcode)
+	// already stored a message with the same m.ClientMsgId within the
+	// idempotency window: then nothing is written and the stored message's
+	// msgid is returned with dup = true. All or nothing: after an error,
+	// either every row was written or none is visible.
+	PutC2C(ctx context.Context, m *pb.C2CMessage, inbox []uint32) (msgid uint64, dup bool, err error)
+
+	// InboxCount returns how many messages t has not acknowledged, and
+	// the oldest one's msgid (0 when empty).
+	InboxCount(ctx context.Context, t Terminal) (n int, oldest uint64, err error)
+
+	// InboxPage returns up to limit messages of t's inbox with msgid >
+	// after, oldest first, and whether more follow.
+	InboxPage(ctx context.Context, t Terminal, after uint64, limit int) (msgs []*pb.C2CMessage, more bool, err error)
+
+	// Ack removes exactly the given msgids from t's inbox. It returns the
+	// messages it removed (so logic can send delivered receipts to their
+	// senders) and the msgids that were not there (never delivered to t,
+	// or already acked).
+	Ack(ctx context.Context, t Terminal, msgids []uint64) (acked []*pb.C2CMessage, missing []uint64, err error)
+
+	// History returns up to limit messages of u's timeline with msgid >
+	// since, oldest first: every conversation, or only the one with peer
+	// when peer is not nil. more says whether more follow.
+	History(ctx context.Context, u User, peer *User, since uint64, limit int) (msgs []*pb.C2CMessage, more bool, err error)
+
+	// Close flushes and releases the store.
+	Close() error
+}
+
+// Retention bounds the timelines (roaming history) and the idempotency keys.
+type Retention struct {
+	// MaxAge drops timeline messages older than this. 0 keeps them forever.
+	MaxAge time.Duration
+	// MaxCount keeps at most this many messages per user timeline (the
+	// newest). 0 means no bound.
+	MaxCount int
+	// IdempotencyTTL is how long a client message id is remembered.
+	// Default 24h.
+	IdempotencyTTL time.Duration
+}

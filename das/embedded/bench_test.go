@@ -1,0 +1,150 @@
+package embedded
+
+import (
+	"fmt"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/imd-dev/imd/das"
+	"github.com/imd-dev/imd/schema/pb"
+)
+
+var benchContent = make([]byte, 200)
+
+func benchMsg(id uint64, from, to das.User) *pb.C2CMessage {
+	return &pb.C2CMessage{
+		Msgid:       id,
+		From:        &pb.User{Account: from.Account, Uid: from.UID},
+		FromAppcode: 101,
+		To:          &pb.User{Account: to.Account, Uid: to.UID},
+		Msgtype:     1,
+		Content:     benchContent,
+		SentAtMs:    time.Now().UnixMilli(),
+		ClientMsgId: fmt.Sprint("cm-", id),
+	}
+}
+
+// reportWrites adds writes/s and WAL fsyncs per write.
+func reportWrites(b *testing.B, s *Store, syncsBefore uint64, start time.Time) {
+	el := time.Since(start)
+	b.ReportMetric(float64(b.N)/el.Seconds(), "writes/s")
+	b.ReportMetric(float64(walSyncs(b, s)-syncsBefore)/float64(b.N), "fsyncs/op")
+}
+
+// BenchmarkPutC2C stores 200-byte messages with a client id into two
+// inboxes and two timelines, each a synced batch. serial is one writer;
+// parallel runs 8 writers per core (each its own sender), whose commits
+// share fsyncs.
+func BenchmarkPutC2C(b *testing.B) {
+	b.Run("serial", func(b *testing.B) {
+		s := openTest(b, Options{JanitorInterval: -1})
+		from, to := user(1), user(2)
+		b.SetBytes(int64(len(benchContent)))
+		b.ReportAllocs()
+		syncs, start := walSyncs(b, s), time.Now()
+		b.ResetTimer()
+		for i := range b.N {
+			if _, _, err := s.PutC2C(ctx, benchMsg(uint64(i+1), from, to), []uint32{101, 102}); err != nil {
+				b.Fatal(err)
+			}
+		}
+		b.StopTimer()
+		reportWrites(b, s, syncs, start)
+	})
+	b.Run("parallel", func(b *testing.B) {
+		s := openTest(b, Options{JanitorInterval: -1})
+		var next, sender atomic.Uint64
+		b.SetBytes(int64(len(benchContent)))
+		b.SetParallelism(8)
+		b.ReportAllocs()
+		syncs, start := walSyncs(b, s), time.Now()
+		b.ResetTimer()
+		b.RunParallel(func(pb *testing.PB) {
+			from := user(100 + sender.Add(1))
+			to := user(2)
+			for pb.Next() {
+				if _, _, err := s.PutC2C(ctx, benchMsg(next.Add(1), from, to), []uint32{101, 102}); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		})
+		b.StopTimer()
+		reportWrites(b, s, syncs, start)
+	})
+}
+
+// fill stores n messages to to's terminal 101 without syncing each one.
+func fill(b testing.TB, s *Store, to das.User, n int) {
+	b.Helper()
+	from := user(1)
+	batch := s.db.NewBatch()
+	for i := range n {
+		m := benchMsg(uint64(i+1), from, to)
+		body, err := marshal(m)
+		if err != nil {
+			b.Fatal(err)
+		}
+		s.addMessage(batch, m, []uint32{101}, body)
+		if batch.Count() > 10000 || i == n-1 {
+			if err := batch.Commit(pebble.NoSync); err != nil {
+				b.Fatal(err)
+			}
+			batch.Close()
+			batch = s.db.NewBatch()
+		}
+	}
+	batch.Close()
+	if err := s.db.Flush(); err != nil {
+		b.Fatal(err)
+	}
+}
+
+// BenchmarkInboxPage reads the first page of 100 of an inbox of 10,000.
+func BenchmarkInboxPage(b *testing.B) {
+	s := openTest(b, Options{JanitorInterval: -1})
+	to := user(2)
+	fill(b, s, to, 10000)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for b.Loop() {
+		msgs, more, err := s.InboxPage(ctx, term(to, 101), 0, 100)
+		if err != nil || len(msgs) != 100 || !more {
+			b.Fatalf("%d messages, more %v, %v", len(msgs), more, err)
+		}
+	}
+	b.ReportMetric(float64(b.N*100)/b.Elapsed().Seconds(), "msgs/s")
+}
+
+// BenchmarkAck acknowledges one message per call (one synced batch), and
+// a page of 100 per call.
+func BenchmarkAck(b *testing.B) {
+	for _, per := range []int{1, 100} {
+		b.Run(fmt.Sprint("msgids=", per), func(b *testing.B) {
+			s := openTest(b, Options{JanitorInterval: -1})
+			to := user(2)
+			fill(b, s, to, b.N*per)
+			ids := make([]uint64, per)
+			b.ReportAllocs()
+			syncs, start := walSyncs(b, s), time.Now()
+			b.ResetTimer()
+			for i := range b.N {
+				for j := range ids {
+					ids[j] = uint64(i*per + j + 1)
+				}
+				acked, missing, err := s.Ack(ctx, term(to, 101), ids)
+				if err != nil || len(missing) != 0 || len(acked) != per {
+					b.Fatalf("acked %d, missing %v, %v", len(acked), missing, err)
+				}
+			}
+			b.StopTimer()
+			reportWrites(b, s, syncs, start)
+		})
+	}
+}
+
+func marshal(m *pb.C2CMessage) ([]byte, error) { return proto.Marshal(m) }

@@ -1,0 +1,306 @@
+package embedded
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+
+	"github.com/cockroachdb/pebble/v2"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/imd-dev/imd/das"
+	"github.com/imd-dev/imd/schema/pb"
+)
+
+func userOf(u *pb.User) das.User { return das.User{Account: u.GetAccount(), UID: u.GetUid()} }
+
+func validateMessage(m *pb.C2CMessage) error {
+	switch {
+	case m == nil:
+		return fmt.Errorf("%w: nil message", ErrInvalid)
+	case m.Msgid == 0:
+		return fmt.Errorf("%w: msgid 0", ErrInvalid)
+	case m.From == nil || m.To == nil:
+		return fmt.Errorf("%w: message %d without sender or recipient", ErrInvalid, m.Msgid)
+	}
+	return nil
+}
+
+// PutC2C implements das.Store. The message, its index rows and its
+// idempotency key are one batch committed with a WAL sync. The
+// idempotency check and the commit run under a lock striped by the
+// idempotency key (sender terminal + client_msg_id), so concurrent retries
+// of one client_msg_id store one message while different ids, even of one
+// terminal, commit concurrently and share fsyncs;
+// an empty ClientMsgId skips the check and the lock. Duplicate appcodes in
+// inbox are stored once. A key older than IdempotencyTTL that the janitor
+// has not removed yet counts as absent.
+func (s *Store) PutC2C(ctx context.Context, m *pb.C2CMessage, inbox []uint32) (uint64, bool, error) {
+	if err := s.enter(ctx); err != nil {
+		return 0, false, err
+	}
+	defer s.exit()
+	if err := validateMessage(m); err != nil {
+		return 0, false, err
+	}
+	body, err := proto.Marshal(m)
+	if err != nil {
+		return 0, false, fmt.Errorf("%w: marshal message %d: %w", ErrInvalid, m.Msgid, err)
+	}
+	appcodes := slices.Clone(inbox)
+	slices.Sort(appcodes)
+	appcodes = slices.Compact(appcodes)
+
+	b := s.db.NewBatch()
+	defer b.Close()
+	s.addMessage(b, m, appcodes, body)
+
+	if m.ClientMsgId == "" {
+		if err := b.Commit(pebble.Sync); err != nil {
+			return 0, false, unavailable("put", err)
+		}
+		s.markDirty(m)
+		return m.Msgid, false, nil
+	}
+
+	sender := das.Terminal{Account: m.From.GetAccount(), UID: m.From.GetUid(), AppCode: m.FromAppcode}
+	ik := idemKey(sender, m.ClientMsgId)
+	mu := &s.idemLocks[s.stripe(ik)]
+	mu.Lock()
+	defer mu.Unlock()
+
+	now := s.nowMs()
+	v, closer, err := s.db.Get(ik)
+	switch {
+	case err == nil:
+		msgid, stored, ok := decodeIdemValue(v)
+		_ = closer.Close()
+		if ok && !s.idemExpired(stored, now) {
+			return msgid, true, nil
+		}
+		if ok {
+			// Expired but not collected yet: its queue row goes with it.
+			_ = b.Delete(idemQueueKey(stored, ik), nil)
+		}
+	case !errors.Is(err, pebble.ErrNotFound):
+		return 0, false, unavailable("put: idempotency lookup", err)
+	}
+	_ = b.Set(ik, encodeIdemValue(m.Msgid, now), nil)
+	_ = b.Set(idemQueueKey(now, ik), nil, nil)
+	if err := b.Commit(pebble.Sync); err != nil {
+		return 0, false, unavailable("put", err)
+	}
+	s.markDirty(m)
+	return m.Msgid, false, nil
+}
+
+// addMessage adds the message row and its index rows to b. Batch.Set
+// fails only on a closed or read-only batch, neither of which can happen
+// here.
+func (s *Store) addMessage(b *pebble.Batch, m *pb.C2CMessage, appcodes []uint32, body []byte) {
+	from, to := userOf(m.From), userOf(m.To)
+	_ = b.Set(msgKey(m.Msgid), encodeMessageValue(appcodes, body), nil)
+	for _, a := range appcodes {
+		_ = b.Set(inboxKey(das.Terminal{Account: to.Account, UID: to.UID, AppCode: a}, m.Msgid), nil, nil)
+	}
+	_ = b.Set(timelineKey(from, m.Msgid), encodePeer(to), nil)
+	_ = b.Set(convKey(from, to, m.Msgid), nil, nil)
+	if to != from {
+		_ = b.Set(timelineKey(to, m.Msgid), encodePeer(from), nil)
+		_ = b.Set(convKey(to, from, m.Msgid), nil, nil)
+	}
+}
+
+func (s *Store) idemExpired(storedMs, nowMs uint64) bool {
+	ttl := uint64(s.opts.Retention.IdempotencyTTL.Milliseconds())
+	return storedMs+ttl <= nowMs
+}
+
+// InboxCount implements das.Store. It counts the terminal's index rows,
+// so it costs O(n); offline inboxes are expected to stay small because
+// pulling acknowledges.
+func (s *Store) InboxCount(ctx context.Context, t das.Terminal) (int, uint64, error) {
+	if err := s.enter(ctx); err != nil {
+		return 0, 0, err
+	}
+	defer s.exit()
+	p := inboxPrefix(t)
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: p, UpperBound: prefixEnd(p)})
+	if err != nil {
+		return 0, 0, unavailable("inbox count", err)
+	}
+	n, oldest := 0, uint64(0)
+	for ok := it.First(); ok; ok = it.Next() {
+		if n == 0 {
+			oldest = lastMsgid(it.Key())
+		}
+		n++
+	}
+	if err := closeIter(it); err != nil {
+		return 0, 0, unavailable("inbox count", err)
+	}
+	return n, oldest, nil
+}
+
+// InboxPage implements das.Store. limit <= 0 is ErrInvalid; a limit
+// above Options.MaxPage is served as MaxPage.
+func (s *Store) InboxPage(ctx context.Context, t das.Terminal, after uint64, limit int) ([]*pb.C2CMessage, bool, error) {
+	if err := s.enter(ctx); err != nil {
+		return nil, false, err
+	}
+	defer s.exit()
+	return s.page(inboxPrefix(t), after, limit, "inbox page")
+}
+
+// History implements das.Store. With peer == nil it reads u's timeline
+// (every conversation); otherwise the conversation index of (u, peer).
+// limit <= 0 is ErrInvalid; a limit above Options.MaxPage is served as
+// MaxPage.
+func (s *Store) History(ctx context.Context, u das.User, peer *das.User, since uint64, limit int) ([]*pb.C2CMessage, bool, error) {
+	if err := s.enter(ctx); err != nil {
+		return nil, false, err
+	}
+	defer s.exit()
+	p := timelinePrefix(u)
+	if peer != nil {
+		p = convPrefix(u, *peer)
+	}
+	return s.page(p, since, limit, "history")
+}
+
+// page reads up to limit messages whose index keys have prefix p and end
+// in a msgid > after. The index and the messages are read from one
+// snapshot, so a message cannot be collected between the two.
+func (s *Store) page(p []byte, after uint64, limit int, op string) ([]*pb.C2CMessage, bool, error) {
+	if limit <= 0 {
+		return nil, false, fmt.Errorf("%w: %s limit %d", ErrInvalid, op, limit)
+	}
+	limit = min(limit, s.opts.MaxPage)
+	lower, ok := afterBound(p, after)
+	if !ok {
+		return nil, false, nil
+	}
+	snap := s.db.NewSnapshot()
+	defer snap.Close()
+	it, err := snap.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: prefixEnd(p)})
+	if err != nil {
+		return nil, false, unavailable(op, err)
+	}
+	ids := make([]uint64, 0, min(limit, 64))
+	more := false
+	for valid := it.First(); valid; valid = it.Next() {
+		if len(ids) == limit {
+			more = true
+			break
+		}
+		ids = append(ids, lastMsgid(it.Key()))
+	}
+	if err := closeIter(it); err != nil {
+		return nil, false, unavailable(op, err)
+	}
+	msgs := make([]*pb.C2CMessage, 0, len(ids))
+	for _, id := range ids {
+		m, err := s.readMessage(snap, id)
+		if err != nil {
+			return nil, false, fmt.Errorf("%s: %w", op, err)
+		}
+		if m == nil {
+			// An index row without its message breaks an invariant
+			// (both are one batch, and collection checks the
+			// rows); skip it rather than make the inbox unreadable.
+			s.log.Error("index row without message", "op", op, "msgid", id)
+			continue
+		}
+		msgs = append(msgs, m)
+	}
+	return msgs, more, nil
+}
+
+// readMessage returns the message msgid, or nil if there is none.
+func (s *Store) readMessage(r pebble.Reader, msgid uint64) (*pb.C2CMessage, error) {
+	v, closer, err := r.Get(msgKey(msgid))
+	if errors.Is(err, pebble.ErrNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, unavailable("read message", err)
+	}
+	defer closer.Close()
+	_, body, ok := decodeMessageValue(v)
+	if !ok {
+		return nil, fmt.Errorf("das/embedded: corrupt message value %d", msgid)
+	}
+	m := new(pb.C2CMessage)
+	if err := proto.Unmarshal(body, m); err != nil {
+		return nil, fmt.Errorf("das/embedded: corrupt message %d: %w", msgid, err)
+	}
+	return m, nil
+}
+
+// Ack implements das.Store. It deletes each listed inbox row that exists,
+// one point delete per msgid, in one synced batch, and returns the removed
+// messages in the order listed and the other msgids as missing. A msgid
+// listed twice counts once. Acks of one terminal are serialised (striped
+// lock), so of two concurrent acks of one msgid exactly one removes it and
+// the other reports it missing.
+func (s *Store) Ack(ctx context.Context, t das.Terminal, msgids []uint64) ([]*pb.C2CMessage, []uint64, error) {
+	if err := s.enter(ctx); err != nil {
+		return nil, nil, err
+	}
+	defer s.exit()
+	if len(msgids) == 0 {
+		return nil, nil, nil
+	}
+	mu := &s.ackLocks[s.terminalStripe(t)]
+	mu.Lock()
+	defer mu.Unlock()
+
+	// Rows of t change only under mu, and a message is collected only
+	// after its last row is gone, so reading from the db directly is
+	// consistent here.
+	b := s.db.NewBatch()
+	defer b.Close()
+	var (
+		acked   []*pb.C2CMessage
+		missing []uint64
+	)
+	seen := make(map[uint64]struct{}, len(msgids))
+	for _, id := range msgids {
+		if _, dup := seen[id]; dup {
+			continue
+		}
+		seen[id] = struct{}{}
+		k := inboxKey(t, id)
+		_, closer, err := s.db.Get(k)
+		if errors.Is(err, pebble.ErrNotFound) {
+			missing = append(missing, id)
+			continue
+		}
+		if err != nil {
+			return nil, nil, unavailable("ack", err)
+		}
+		_ = closer.Close()
+		m, err := s.readMessage(s.db, id)
+		if err != nil {
+			return nil, nil, fmt.Errorf("ack: %w", err)
+		}
+		if m == nil {
+			s.log.Error("inbox row without message", "op", "ack", "msgid", id)
+			m = &pb.C2CMessage{Msgid: id}
+		}
+		acked = append(acked, m)
+		_ = b.Delete(k, nil)
+		_ = b.Set(gcKey(id, s.gcEvent.Add(1)), nil, nil)
+	}
+	if b.Empty() {
+		return nil, missing, nil
+	}
+	if err := b.Commit(pebble.Sync); err != nil {
+		return nil, nil, unavailable("ack", err)
+	}
+	return acked, missing, nil
+}
+
+// closeIter closes it and returns the first error it met.
+func closeIter(it *pebble.Iterator) error { return it.Close() }

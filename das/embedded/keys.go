@@ -1,0 +1,215 @@
+package embedded
+
+import (
+	"encoding/binary"
+	"math"
+
+	"github.com/imd-dev/imd/das"
+)
+
+// Key layout. Every key starts with a one-byte table tag; integers are
+// big-endian so that Pebble's bytewise order is numeric order and a prefix
+// scan of an index returns msgids oldest first (snowflake ids grow with
+// time). The tables mirror the Cassandra ones (partition key, then the
+// clustering msgid):
+//
+//	m | msgid                                   -> header + pb.C2CMessage   (message, stored once)
+//	i | account | uid | appcode | msgid         -> ""                       (inbox of one terminal)
+//	t | account | uid | msgid                   -> peer account | peer uid  (timeline of one user)
+//	c | account | uid | peer acct | peer uid | msgid -> ""                  (conversation index)
+//	k | account | uid | appcode | client_msg_id -> msgid | stored ms        (idempotency key)
+//	x | stored ms | k-key                       -> ""                       (idempotency expiry queue)
+//	g | msgid | event                           -> ""                       (collection candidate)
+//
+// The message body is stored once, in the m table, and every index row
+// points to it by msgid. A message to a user with two terminals would
+// otherwise be written five times (two timelines, three inboxes... ) and
+// every copy goes through the WAL, the memtable and each compaction level;
+// with one copy the index rows stay a few dozen bytes. The price is one
+// point lookup per message on reads (the index and the message are read
+// from one snapshot, so they are consistent) and a collector: an Ack or a
+// retention delete cannot know cheaply whether it removed the last
+// reference, so it drops a g row and the janitor deletes the message once
+// nothing points to it (see janitor.go).
+//
+// History(peer) reads the c table, a second index per conversation, rather
+// than filtering the timeline by the peer stored in its value: a support
+// agent or merchant talks to thousands of peers, and filtering would scan
+// the whole timeline to fill one page of one conversation. The c rows cost
+// about 40 bytes per participant per message and are written in the same
+// batch, so both indexes are always equal.
+const (
+	tagMessage   = 'm'
+	tagInbox     = 'i'
+	tagTimeline  = 't'
+	tagConv      = 'c'
+	tagIdem      = 'k'
+	tagIdemQueue = 'x'
+	tagGC        = 'g'
+)
+
+const (
+	userLen     = 4 + 8
+	terminalLen = userLen + 4
+	inboxKeyLen = 1 + terminalLen + 8
+	tlKeyLen    = 1 + userLen + 8
+	convKeyLen  = 1 + userLen + userLen + 8
+	msgKeyLen   = 1 + 8
+	gcKeyLen    = 1 + 8 + 8
+)
+
+func appendUser(b []byte, u das.User) []byte {
+	b = binary.BigEndian.AppendUint32(b, u.Account)
+	return binary.BigEndian.AppendUint64(b, u.UID)
+}
+
+func appendTerminal(b []byte, t das.Terminal) []byte {
+	b = appendUser(b, t.User())
+	return binary.BigEndian.AppendUint32(b, t.AppCode)
+}
+
+func msgKey(msgid uint64) []byte {
+	b := make([]byte, 0, msgKeyLen)
+	b = append(b, tagMessage)
+	return binary.BigEndian.AppendUint64(b, msgid)
+}
+
+// inboxPrefix is the key prefix of t's inbox.
+func inboxPrefix(t das.Terminal) []byte {
+	b := make([]byte, 0, inboxKeyLen)
+	b = append(b, tagInbox)
+	return appendTerminal(b, t)
+}
+
+func inboxKey(t das.Terminal, msgid uint64) []byte {
+	return binary.BigEndian.AppendUint64(inboxPrefix(t), msgid)
+}
+
+func timelinePrefix(u das.User) []byte {
+	b := make([]byte, 0, tlKeyLen)
+	b = append(b, tagTimeline)
+	return appendUser(b, u)
+}
+
+func timelineKey(u das.User, msgid uint64) []byte {
+	return binary.BigEndian.AppendUint64(timelinePrefix(u), msgid)
+}
+
+func convPrefix(u, peer das.User) []byte {
+	b := make([]byte, 0, convKeyLen)
+	b = append(b, tagConv)
+	b = appendUser(b, u)
+	return appendUser(b, peer)
+}
+
+func convKey(u, peer das.User, msgid uint64) []byte {
+	return binary.BigEndian.AppendUint64(convPrefix(u, peer), msgid)
+}
+
+// idemKey is the idempotency key of a sender terminal and client message
+// id. The id is last, so its variable length needs no separator.
+func idemKey(t das.Terminal, clientMsgID string) []byte {
+	b := make([]byte, 0, 1+terminalLen+len(clientMsgID))
+	b = append(b, tagIdem)
+	b = appendTerminal(b, t)
+	return append(b, clientMsgID...)
+}
+
+// idemQueueKey orders idempotency keys by the time they were stored, so
+// the janitor expires them with one bounded scan instead of reading every
+// key.
+func idemQueueKey(storedMs uint64, ik []byte) []byte {
+	b := make([]byte, 0, 1+8+len(ik))
+	b = append(b, tagIdemQueue)
+	b = binary.BigEndian.AppendUint64(b, storedMs)
+	return append(b, ik...)
+}
+
+// gcKey marks msgid as possibly unreferenced. The event suffix makes every
+// mark a distinct key, so the collector deletes exactly the marks it read
+// and never one that a concurrent Ack added after its reference check.
+func gcKey(msgid, event uint64) []byte {
+	b := make([]byte, 0, gcKeyLen)
+	b = append(b, tagGC)
+	b = binary.BigEndian.AppendUint64(b, msgid)
+	return binary.BigEndian.AppendUint64(b, event)
+}
+
+func encodeIdemValue(msgid, storedMs uint64) []byte {
+	b := make([]byte, 0, 16)
+	b = binary.BigEndian.AppendUint64(b, msgid)
+	return binary.BigEndian.AppendUint64(b, storedMs)
+}
+
+func decodeIdemValue(v []byte) (msgid, storedMs uint64, ok bool) {
+	if len(v) != 16 {
+		return 0, 0, false
+	}
+	return binary.BigEndian.Uint64(v), binary.BigEndian.Uint64(v[8:]), true
+}
+
+func encodePeer(p das.User) []byte { return appendUser(make([]byte, 0, userLen), p) }
+
+func decodeUser(b []byte) das.User {
+	return das.User{Account: binary.BigEndian.Uint32(b), UID: binary.BigEndian.Uint64(b[4:])}
+}
+
+// lastMsgid reads the msgid at the end of an index key.
+func lastMsgid(key []byte) uint64 { return binary.BigEndian.Uint64(key[len(key)-8:]) }
+
+// prefixEnd returns the smallest key greater than every key with prefix p.
+// Every prefix here starts with a tag byte below 0xff, so one exists.
+func prefixEnd(p []byte) []byte {
+	end := append([]byte(nil), p...)
+	for i := len(end) - 1; i >= 0; i-- {
+		if end[i] < 0xff {
+			end[i]++
+			return end[:i+1]
+		}
+	}
+	panic("das/embedded: no prefix end")
+}
+
+// afterBound returns the lower bound for msgids strictly greater than
+// after within prefix p, and false when none can exist.
+func afterBound(p []byte, after uint64) ([]byte, bool) {
+	if after == math.MaxUint64 {
+		return nil, false
+	}
+	return binary.BigEndian.AppendUint64(append([]byte(nil), p...), after+1), true
+}
+
+// Message values carry, before the marshalled pb.C2CMessage, the appcodes
+// whose inboxes received the message, so that the collector can find every
+// row that may point to it without a scan:
+//
+//	version (1) | uvarint n | n × appcode (4) | pb.C2CMessage
+const msgValueVersion = 1
+
+func encodeMessageValue(appcodes []uint32, body []byte) []byte {
+	b := make([]byte, 0, 1+binary.MaxVarintLen32+4*len(appcodes)+len(body))
+	b = append(b, msgValueVersion)
+	b = binary.AppendUvarint(b, uint64(len(appcodes)))
+	for _, a := range appcodes {
+		b = binary.BigEndian.AppendUint32(b, a)
+	}
+	return append(b, body...)
+}
+
+// decodeMessageValue splits a message value into its inbox appcodes and
+// the marshalled message. appcodes aliases v.
+func decodeMessageValue(v []byte) (appcodes []byte, body []byte, ok bool) {
+	if len(v) < 2 || v[0] != msgValueVersion {
+		return nil, nil, false
+	}
+	n, w := binary.Uvarint(v[1:])
+	if w <= 0 || n > uint64(len(v)) {
+		return nil, nil, false
+	}
+	start := 1 + w
+	end := start + 4*int(n)
+	if end > len(v) {
+		return nil, nil, false
+	}
+	return v[start:end], v[end:], true
+}

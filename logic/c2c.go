@@ -1,0 +1,281 @@
+package logic
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/imd-dev/imd/das"
+	"github.com/imd-dev/imd/router"
+	"github.com/imd-dev/imd/schema"
+	"github.com/imd-dev/imd/schema/pb"
+	"google.golang.org/protobuf/proto"
+)
+
+// C2C configures client-to-client messaging.
+type C2C struct {
+	// MaxContent bounds a message's content. Default 16 KiB.
+	MaxContent int `yaml:"max_content"`
+	// PageSize is the offline page size when a client asks for 0. Default 50.
+	PageSize int `yaml:"page_size"`
+	// MaxPage bounds offline pages and history syncs. Default 500.
+	MaxPage int `yaml:"max_page"`
+	// MaxClientMsgID bounds the client message id. Default 64 bytes.
+	MaxClientMsgID int `yaml:"max_client_msg_id"`
+}
+
+func (c *C2C) setDefaults() {
+	if c.MaxContent <= 0 {
+		c.MaxContent = 16 << 10
+	}
+	if c.PageSize <= 0 {
+		c.PageSize = 50
+	}
+	if c.MaxPage <= 0 {
+		c.MaxPage = 500
+	}
+	if c.PageSize > c.MaxPage {
+		c.PageSize = c.MaxPage
+	}
+	if c.MaxClientMsgID <= 0 {
+		c.MaxClientMsgID = 64
+	}
+}
+
+func terminalOf(s router.Session) das.Terminal {
+	return das.Terminal{Account: s.Account, UID: s.UID, AppCode: s.AppCode}
+}
+
+func userOf(u *pb.User) das.User { return das.User{Account: u.GetAccount(), UID: u.GetUid()} }
+
+func badBody(cmd schema.Cmd, err error) error {
+	return schema.Errorf(schema.StatusBadBody, "%s body: %v", cmd, err)
+}
+
+// storeErr maps a storage failure to a status: retryable unless it is the
+// caller's fault.
+func storeErr(op string, err error) error {
+	var se *schema.Error
+	if errors.As(err, &se) {
+		return err
+	}
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+		return schema.Errorf(schema.StatusTimeout, "store: %s: %v", op, err)
+	}
+	return schema.Errorf(schema.StatusUnavailable, "store: %s: %v", op, err)
+}
+
+func (s *Service) needStore() error {
+	if s.store == nil {
+		return schema.Errorf(schema.StatusUnavailable, "this server has no message store")
+	}
+	return nil
+}
+
+// c2cSend stores a message, then notifies the recipient's online sessions.
+// The response means "stored": PutC2C is durable before it returns.
+func (s *Service) c2cSend(ctx context.Context, sess router.Session, h *schema.Header, body []byte) ([]byte, error) {
+	if err := s.needStore(); err != nil {
+		return nil, err
+	}
+	var req pb.C2CSendRequest
+	if err := proto.Unmarshal(body, &req); err != nil {
+		return nil, badBody(h.Cmd, err)
+	}
+	to := req.GetTo()
+	switch {
+	case to == nil || to.Uid == 0 || to.Account == 0:
+		return nil, schema.Errorf(schema.StatusBadRecipient, "recipient needs an account and a uid > 0")
+	case len(s.accounts[to.Account]) == 0:
+		return nil, schema.Errorf(schema.StatusBadRecipient, "account system %d is not configured", to.Account)
+	case req.GroupId != 0:
+		return nil, schema.Errorf(schema.StatusBadArgument, "group messages are not supported yet")
+	case len(req.Content) == 0:
+		return nil, schema.Errorf(schema.StatusEmptyContent, "message content is empty")
+	case len(req.Content) > s.c2c.MaxContent:
+		return nil, schema.Errorf(schema.StatusContentTooLarge, "content is %d bytes, over the maximum of %d", len(req.Content), s.c2c.MaxContent)
+	case len(req.ClientMsgId) > s.c2c.MaxClientMsgID:
+		return nil, schema.Errorf(schema.StatusBadArgument, "client_msg_id is over %d bytes", s.c2c.MaxClientMsgID)
+	}
+	now := time.Now()
+	m := &pb.C2CMessage{
+		Msgid:       uint64(s.ids.Generate().Int64()),
+		From:        &pb.User{Account: sess.Account, Uid: sess.UID},
+		FromAppcode: sess.AppCode,
+		To:          &pb.User{Account: to.Account, Uid: to.Uid},
+		Msgtype:     h.MsgType,
+		Content:     req.Content,
+		SentAtMs:    now.UnixMilli(),
+		ClientMsgId: req.ClientMsgId,
+	}
+	msgid, dup, err := s.store.PutC2C(ctx, m, s.accounts[to.Account])
+	if err != nil {
+		s.mC2C.WithLabelValues("store_error").Inc()
+		return nil, storeErr("put", err)
+	}
+	if dup {
+		s.mC2C.WithLabelValues("duplicate").Inc()
+		// The first attempt stored it and notified; the message waits in
+		// the inbox of any terminal that missed the notify.
+		return proto.Marshal(&pb.C2CSendResponse{Msgid: msgid, Duplicate: true})
+	}
+	s.mC2C.WithLabelValues("stored").Inc()
+	// Notify before answering: a sender that sends its next message only
+	// after this response cannot overtake this notify on any connection.
+	nb, _ := proto.Marshal(&pb.C2CNotify{Messages: []*pb.C2CMessage{m}})
+	s.pushUser(ctx, userOf(to), schema.CmdC2CNotify, h.MsgType, nb, h.LogID)
+	return proto.Marshal(&pb.C2CSendResponse{Msgid: msgid, StoredAtMs: now.UnixMilli()})
+}
+
+// pushUser sends a notify to every online session of u.
+func (s *Service) pushUser(ctx context.Context, u das.User, cmd schema.Cmd, msgtype uint32, body []byte, logid uint64) int {
+	sessions, err := s.router.Lookup(ctx, router.User{Account: u.Account, UID: u.UID})
+	if err != nil {
+		s.log.Warn("push: router lookup", "account", u.Account, "uid", u.UID, "err", err, "logid", logid)
+		return 0
+	}
+	n := 0
+	for _, ss := range sessions {
+		g := s.gate(ss.Gate)
+		if g == nil {
+			continue
+		}
+		if err := g.Push(ctx, ss.Conn, cmd, msgtype, body); err != nil {
+			s.log.Debug("push", "gate", ss.Gate, "conn", ss.Conn, "err", err, "logid", logid)
+			continue
+		}
+		n++
+	}
+	return n
+}
+
+// ack removes acknowledged messages from the terminal's inbox and sends a
+// delivered receipt to each sender.
+func (s *Service) ack(ctx context.Context, sess router.Session, msgids []uint64, logid uint64) (int, error) {
+	if len(msgids) == 0 {
+		return 0, nil
+	}
+	if len(msgids) > s.c2c.MaxPage {
+		return 0, schema.Errorf(schema.StatusBadArgument, "at most %d msgids per ack", s.c2c.MaxPage)
+	}
+	acked, missing, err := s.store.Ack(ctx, terminalOf(sess), msgids)
+	if err != nil {
+		return 0, storeErr("ack", err)
+	}
+	if len(missing) > 0 {
+		s.log.Debug("ack of msgids not in the inbox", "uid", sess.UID, "appcode", sess.AppCode, "missing", len(missing), "logid", logid)
+	}
+	now := time.Now().UnixMilli()
+	for _, m := range acked {
+		rb, _ := proto.Marshal(&pb.C2CReceipt{Msgid: m.Msgid, By: &pb.User{Account: sess.Account, Uid: sess.UID}, ByAppcode: sess.AppCode, AtMs: now})
+		s.pushUser(ctx, userOf(m.From), schema.CmdC2CReceipt, 0, rb, logid)
+	}
+	return len(acked), nil
+}
+
+func (s *Service) c2cAck(ctx context.Context, sess router.Session, h *schema.Header, body []byte) ([]byte, error) {
+	if err := s.needStore(); err != nil {
+		return nil, err
+	}
+	var req pb.C2CAckRequest
+	if err := proto.Unmarshal(body, &req); err != nil {
+		return nil, badBody(h.Cmd, err)
+	}
+	n, err := s.ack(ctx, sess, req.Msgids, h.LogID)
+	if err != nil {
+		return nil, err
+	}
+	return proto.Marshal(&pb.C2CAckResponse{Acked: uint32(n)})
+}
+
+func (s *Service) offlineCount(ctx context.Context, sess router.Session, h *schema.Header, body []byte) ([]byte, error) {
+	if err := s.needStore(); err != nil {
+		return nil, err
+	}
+	var req pb.OfflineCountRequest
+	if err := proto.Unmarshal(body, &req); err != nil {
+		return nil, badBody(h.Cmd, err)
+	}
+	n, oldest, err := s.store.InboxCount(ctx, terminalOf(sess))
+	if err != nil {
+		return nil, storeErr("count", err)
+	}
+	return proto.Marshal(&pb.OfflineCountResponse{Count: uint64(n), OldestMsgid: oldest})
+}
+
+func (s *Service) pageSize(n uint32, what string) (int, error) {
+	switch {
+	case n == 0:
+		return s.c2c.PageSize, nil
+	case int64(n) > int64(s.c2c.MaxPage):
+		return 0, schema.Errorf(schema.StatusBadArgument, "%s %d is over the maximum of %d", what, n, s.c2c.MaxPage)
+	}
+	return int(n), nil
+}
+
+// offlinePull acknowledges the previous page, then returns the next one.
+func (s *Service) offlinePull(ctx context.Context, sess router.Session, h *schema.Header, body []byte) ([]byte, error) {
+	if err := s.needStore(); err != nil {
+		return nil, err
+	}
+	var req pb.OfflinePullRequest
+	if err := proto.Unmarshal(body, &req); err != nil {
+		return nil, badBody(h.Cmd, err)
+	}
+	size, err := s.pageSize(req.PageSize, "page size")
+	if err != nil {
+		return nil, err
+	}
+	if _, err := s.ack(ctx, sess, req.AckMsgids, h.LogID); err != nil {
+		return nil, err
+	}
+	msgs, more, err := s.store.InboxPage(ctx, terminalOf(sess), req.AfterMsgid, size)
+	if err != nil {
+		return nil, storeErr("page", err)
+	}
+	return proto.Marshal(&pb.OfflinePullResponse{Messages: msgs, More: more})
+}
+
+func (s *Service) historySync(ctx context.Context, sess router.Session, h *schema.Header, body []byte) ([]byte, error) {
+	if err := s.needStore(); err != nil {
+		return nil, err
+	}
+	var req pb.HistorySyncRequest
+	if err := proto.Unmarshal(body, &req); err != nil {
+		return nil, badBody(h.Cmd, err)
+	}
+	limit, err := s.pageSize(req.Limit, "limit")
+	if err != nil {
+		return nil, err
+	}
+	var peer *das.User
+	if p := req.GetPeer(); p != nil {
+		if p.Uid == 0 || p.Account == 0 {
+			return nil, schema.Errorf(schema.StatusBadRecipient, "peer needs an account and a uid > 0")
+		}
+		u := userOf(p)
+		peer = &u
+	}
+	msgs, more, err := s.store.History(ctx, das.User{Account: sess.Account, UID: sess.UID}, peer, req.SinceMsgid, limit)
+	if err != nil {
+		return nil, storeErr("history", err)
+	}
+	return proto.Marshal(&pb.HistorySyncResponse{Messages: msgs, More: more})
+}
+
+// Handle implements API.
+func (s *Service) Handle(ctx context.Context, sess router.Session, h *schema.Header, body []byte) ([]byte, error) {
+	switch h.Cmd {
+	case schema.CmdC2CSend:
+		return s.c2cSend(ctx, sess, h, body)
+	case schema.CmdC2CAck:
+		return s.c2cAck(ctx, sess, h, body)
+	case schema.CmdOfflineCount:
+		return s.offlineCount(ctx, sess, h, body)
+	case schema.CmdOfflinePull:
+		return s.offlinePull(ctx, sess, h, body)
+	case schema.CmdHistorySync:
+		return s.historySync(ctx, sess, h, body)
+	}
+	return nil, schema.Errorf(schema.StatusUnknownCmd, "command %s is not served by this server", h.Cmd)
+}
