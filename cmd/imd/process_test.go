@@ -72,8 +72,14 @@ type proc struct {
 // an open-file limit when nofile > 0, and waits until it listens.
 func startImd(t *testing.T, nofile int, args ...string) *proc {
 	t.Helper()
+	return startImdIn(t, t.TempDir(), nofile, args...)
+}
+
+// startImdIn is startImd on a given data directory.
+func startImdIn(t *testing.T, dataDir string, nofile int, args ...string) *proc {
+	t.Helper()
 	bin := imdBinary(t)
-	p := &proc{dataDir: t.TempDir(), exited: make(chan struct{})}
+	p := &proc{dataDir: dataDir, exited: make(chan struct{})}
 	full := append([]string{"all", "--data-dir", p.dataDir, "--gateway-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--log-format", "json"}, args...)
 	if nofile > 0 {
 		script := fmt.Sprintf(`ulimit -n %d && exec "$0" "$@"`, nofile)
