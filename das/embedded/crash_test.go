@@ -24,14 +24,20 @@ var crashFrom, crashTo = das.User{Account: 7, UID: 1}, das.User{Account: 7, UID:
 
 func crashContent(id uint64) string { return "body of " + strconv.FormatUint(id, 10) }
 
-// TestCrashChild is the writer that TestCrashSafety runs in a child
-// process and kills: four goroutines store messages as fast as they can
-// and print "ok <msgid>" after each PutC2C that returned nil.
-func TestCrashChild(t *testing.T) {
-	dir := os.Getenv(crashEnv)
-	if dir == "" {
-		t.Skip("run by TestCrashSafety")
+// TestMain turns the test binary into the crash writer when TestCrashSafety
+// runs it as a child (crashEnv set); otherwise it runs the tests.
+func TestMain(m *testing.M) {
+	if dir := os.Getenv(crashEnv); dir != "" {
+		crashChild(dir)
+		return
 	}
+	os.Exit(m.Run())
+}
+
+// crashChild is the writer that TestCrashSafety runs in a child process and
+// kills: four goroutines store messages as fast as they can and print
+// "ok <msgid>" after each PutC2C that returned nil.
+func crashChild(dir string) {
 	s, err := Open(dir, Options{JanitorInterval: time.Millisecond})
 	if err != nil {
 		fmt.Println("open:", err)
@@ -82,7 +88,7 @@ func TestCrashSafety(t *testing.T) {
 	dir := t.TempDir()
 	acked := map[uint64]bool{}
 	for round := range 3 {
-		cmd := exec.Command(os.Args[0], "-test.run=^TestCrashChild$", "-test.v")
+		cmd := exec.Command(os.Args[0])
 		cmd.Env = append(os.Environ(), crashEnv+"="+dir)
 		stdout, err := cmd.StdoutPipe()
 		if err != nil {
