@@ -22,8 +22,8 @@ test: test-go fuzz-short ## the test suite CI runs: race-enabled tests, then sho
 
 test-go:
 	$(GO) test -race -count=1 -timeout 30m ./...
-	@echo "soak and crash tests at full size, without the race detector:"
-	$(GO) test -count=1 -timeout 20m -run 'Soak|Crash' -v ./internal/platform/ ./das/...
+	@echo "without the race detector: soak and crash tests at full size, allocation and pool tests:"
+	$(GO) test -count=1 -timeout 20m -run 'Soak|Crash|Allocs|NoShare|Reuse' -v ./internal/platform/ ./das/... ./schema/ ./cmd/imd/
 
 fuzz-short: ## run every fuzz target briefly from its seed corpus
 	@set -e; for t in $(FUZZ_TARGETS); do \
