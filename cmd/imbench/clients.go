@@ -35,7 +35,7 @@ type plan struct {
 	First        int           `json:"first"` // global index of its first connection
 	UIDBase      uint64        `json:"uid_base"`
 	Concurrency  int           `json:"concurrency"`
-	SrcIPs       int           `json:"src_ips"` // raw: connection i binds 127.0.0.(1 + i%SrcIPs); 0 lets the kernel choose
+	SrcIPs       int           `json:"src_ips"` // connection i binds 127.0.0.(1 + i%SrcIPs); 0 lets the kernel choose
 	DialTimeout  time.Duration `json:"dial_timeout"`
 	LoginTimeout time.Duration `json:"login_timeout"`
 	TokenTTL     time.Duration `json:"token_ttl"`
@@ -231,6 +231,16 @@ func (o *opener) open(ctx context.Context, idx int) (io.Closer, time.Duration, t
 	return o.openSDK(ctx, idx)
 }
 
+// dialer binds connection idx to its source address when SrcIPs is set.
+func (o *opener) dialer(idx int) *net.Dialer {
+	d := &net.Dialer{Timeout: o.p.DialTimeout}
+	if o.p.SrcIPs > 0 {
+		d.LocalAddr = &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(1+idx%o.p.SrcIPs))}
+		d.Control = bindNoPort
+	}
+	return d
+}
+
 func (o *opener) openSDK(ctx context.Context, idx int) (io.Closer, time.Duration, time.Duration, error) {
 	uid := o.p.UIDBase + uint64(idx)
 	var up atomic.Bool
@@ -239,6 +249,7 @@ func (o *opener) openSDK(ctx context.Context, idx int) (io.Closer, time.Duration
 		DeviceID:       "imbench-" + strconv.FormatUint(uid, 10),
 		Platform:       "imbench",
 		DialTimeout:    o.p.DialTimeout,
+		Dialer:         o.dialer(idx).DialContext,
 		RequestTimeout: o.p.LoginTimeout,
 		NoReconnect:    true, // a drop must show as a drop, not as a second login
 		OnState: func(s sdk.State, _ error) {
@@ -279,11 +290,7 @@ func (c *rawConn) Close() error { return c.nc.Close() }
 
 func (o *opener) openRaw(ctx context.Context, idx int) (io.Closer, time.Duration, time.Duration, error) {
 	uid := o.p.UIDBase + uint64(idx)
-	d := net.Dialer{Timeout: o.p.DialTimeout}
-	if o.p.SrcIPs > 0 {
-		d.LocalAddr = &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(1+idx%o.p.SrcIPs))}
-		d.Control = bindNoPort
-	}
+	d := o.dialer(idx)
 	t0 := time.Now()
 	nc, err := d.DialContext(ctx, "tcp", o.p.Addr)
 	if err != nil {

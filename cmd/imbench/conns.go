@@ -64,9 +64,6 @@ func (f *connsFlags) validate() error {
 	if f.srcIPs < 0 || f.srcIPs > 254 {
 		errs = append(errs, errors.New("--src-ips must be in [0, 254]"))
 	}
-	if f.srcIPs > 0 && f.client != clientRaw {
-		errs = append(errs, errors.New("--src-ips needs --client raw: the SDK cannot choose a source address"))
-	}
 	if f.workers < 0 || f.workers > f.n {
 		errs = append(errs, errors.New("--workers must be in [0, n]"))
 	}
@@ -85,8 +82,8 @@ func runConns(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	f.server.bind(fs)
 	fs.IntVar(&f.n, "n", 10000, "connections to open and hold")
 	fs.IntVar(&f.c, "c", 200, "logins in flight at once, over all client processes")
-	fs.StringVar(&f.client, "client", clientSDK, "client: sdk (the Go SDK) or raw (imbench's own, can spread over --src-ips)")
-	fs.IntVar(&f.srcIPs, "src-ips", 0, "raw client: spread over source addresses 127.0.0.1..127.0.0.K (0: as few as -n needs)")
+	fs.StringVar(&f.client, "client", clientSDK, "client: sdk (the Go SDK) or raw (imbench's minimal login client)")
+	fs.IntVar(&f.srcIPs, "src-ips", 0, "spread over source addresses 127.0.0.1..127.0.0.K (0: as few as -n needs)")
 	fs.IntVar(&f.workers, "workers", 0, "client worker processes (0: none if this process may hold -n connections, else as many as needed)")
 	fs.Uint64Var(&f.uidBase, "uid-base", 1, "connection i logs in as uid uid-base+i")
 	fs.DurationVar(&f.settle, "settle", 15*time.Second, "wait between the last login and the measurement (no GC is forced)")
@@ -210,11 +207,7 @@ func conns(ctx context.Context, f *connsFlags, command []string, stdout, stderr 
 	// Plan the clients before starting anything.
 	usablePorts := ports * 9 / 10
 	srcIPs := f.srcIPs
-	if f.client == clientSDK && f.n > usablePorts {
-		return fmt.Errorf("-n %d exceeds the ~%d ephemeral ports of one source address; the SDK cannot choose its "+
-			"source address (sdk.Options has no dialer), so use --client raw", f.n, usablePorts)
-	}
-	if f.client == clientRaw && srcIPs == 0 {
+	if srcIPs == 0 {
 		srcIPs = (f.n + usablePorts - 1) / usablePorts
 	}
 	if srcIPs > 0 && f.n > srcIPs*usablePorts {

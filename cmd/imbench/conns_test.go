@@ -159,6 +159,15 @@ func TestConnsRawClientInWorkers(t *testing.T) {
 	}
 }
 
+func TestConnsSDKOverSourceAddresses(t *testing.T) {
+	const n = 90
+	rep, _ := runConnsJSON(t, 0, "-n", "90", "-c", "10", "--client", "sdk", "--src-ips", "3")
+	checkSane(t, rep, n)
+	if rep.Clients.SrcIPs != 3 || rep.Clients.Kind != "sdk" {
+		t.Errorf("clients %+v, want the sdk over 3 source addresses", rep.Clients)
+	}
+}
+
 func TestConnsFailsWhenServerRefuses(t *testing.T) {
 	// A server that holds at most 50 connections cannot pass a 100 run.
 	rep, table := runConnsJSON(t, 1, "-n", "100", "-c", "10", "--max-errors", "5", "--imd-arg=--max-conns=50")
@@ -237,7 +246,7 @@ func TestUsageAndUnknownScenario(t *testing.T) {
 	if code := run(context.Background(), []string{"conns", "-n", "0"}, &stdout, &stderr); code != 2 {
 		t.Fatalf("-n 0: exit %d, want 2", code)
 	}
-	if code := run(context.Background(), []string{"conns", "--src-ips", "2"}, &stdout, &stderr); code != 2 {
-		t.Fatalf("--src-ips with the sdk client: exit %d, want 2", code)
+	if code := run(context.Background(), []string{"conns", "--src-ips", "300"}, &stdout, &stderr); code != 2 {
+		t.Fatalf("--src-ips 300: exit %d, want 2", code)
 	}
 }
