@@ -58,6 +58,12 @@ type Store interface {
 	// either every row was written or none is visible.
 	PutC2C(ctx context.Context, m *pb.C2CMessage, inbox []uint32) (msgid uint64, dup bool, err error)
 
+	// PutInbox stores m (from an app-server: an s2c message kept for
+	// recipients who were offline) in the inbox of each terminal, and on
+	// no timeline, with no idempotency key. m.From and m.To may be zero
+	// users. All or nothing, durable when it returns nil.
+	PutInbox(ctx context.Context, m *pb.C2CMessage, terminals []Terminal) error
+
 	// InboxCount returns how many messages t has not acknowledged, and
 	// the oldest one's msgid (0 when empty).
 	InboxCount(ctx context.Context, t Terminal) (n int, oldest uint64, err error)

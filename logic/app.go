@@ -18,6 +18,10 @@ type App struct {
 	// MaxSessions is how many connections one uid may hold on this appcode
 	// at once; the oldest is kicked beyond it. 0 means 1.
 	MaxSessions int `yaml:"max_sessions" json:"max_sessions"`
+	// APIKeys authenticate the app's servers on the HTTP API (s2c push,
+	// presence) as this appcode: `Authorization: Bearer <key>`. Empty: the
+	// app has no HTTP access.
+	APIKeys []string `yaml:"api_keys" json:"-"`
 }
 
 // Validate reports what is wrong with a.
@@ -35,6 +39,12 @@ func (a *App) Validate() error {
 	for _, s := range a.Secrets {
 		if len(s) < 16 {
 			errs = append(errs, fmt.Errorf("appcode %d: secrets must be at least 16 bytes", a.AppCode))
+			break
+		}
+	}
+	for _, k := range a.APIKeys {
+		if len(k) < 16 {
+			errs = append(errs, fmt.Errorf("appcode %d: api keys must be at least 16 bytes", a.AppCode))
 			break
 		}
 	}

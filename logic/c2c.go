@@ -167,6 +167,13 @@ func (s *Service) ack(ctx context.Context, sess router.Session, msgids []uint64,
 	}
 	now := time.Now().UnixMilli()
 	for _, m := range acked {
+		if m.From.GetAccount() == 0 && m.From.GetUid() == 0 {
+			// an s2c push kept in the inbox: count the arrival
+			if s.stats.acked(m.Msgid) {
+				s.mPushAcks.Inc()
+			}
+			continue
+		}
 		rb, _ := proto.Marshal(&pb.C2CReceipt{Msgid: m.Msgid, By: &pb.User{Account: sess.Account, Uid: sess.UID}, ByAppcode: sess.AppCode, AtMs: now})
 		s.pushUser(ctx, userOf(m.From), schema.CmdC2CReceipt, 0, rb, logid)
 	}
@@ -276,6 +283,8 @@ func (s *Service) Handle(ctx context.Context, sess router.Session, h *schema.Hea
 		return s.offlinePull(ctx, sess, h, body)
 	case schema.CmdHistorySync:
 		return s.historySync(ctx, sess, h, body)
+	case schema.CmdS2CAck:
+		return s.s2cAck(ctx, sess, h, body)
 	}
 	return nil, schema.Errorf(schema.StatusUnknownCmd, "command %s is not served by this server", h.Cmd)
 }

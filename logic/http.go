@@ -1,9 +1,16 @@
 package logic
 
 import (
+	"bytes"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"log/slog"
+	"strconv"
+	"strings"
+	"time"
 
+	"github.com/imd-dev/imd/schema"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/valyala/fasthttp"
@@ -19,42 +26,221 @@ type HTTPOptions struct {
 	Logger *slog.Logger
 }
 
-// NewHTTPServer returns the fasthttp server of the HTTP API: /healthz,
-// /readyz and /metrics for operators. Bodies larger than 1 MiB are refused.
+// NewHTTPServer returns the fasthttp server of the HTTP API:
+//
+//   - /healthz, /readyz and /metrics for operators;
+//   - the app-server API (schema/openapi.yaml), authenticated per app with
+//     `Authorization: Bearer <api key>`: POST /v1/push, GET /v1/push/{id},
+//     GET /v1/presence?uid=N.
+//
+// Bodies larger than S2C.MaxBody are refused with 413.
 func NewHTTPServer(svc *Service, o HTTPOptions) *fasthttp.Server {
+	log := o.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
 	var metrics fasthttp.RequestHandler
 	if o.Gatherer != nil {
 		metrics = fasthttpadaptor.NewFastHTTPHandler(promhttp.HandlerFor(o.Gatherer, promhttp.HandlerOpts{}))
 	}
 	h := func(ctx *fasthttp.RequestCtx) {
-		switch string(ctx.Path()) {
-		case "/healthz":
+		path := string(ctx.Path())
+		switch {
+		case path == "/healthz":
 			writeJSON(ctx, fasthttp.StatusOK, map[string]any{"status": "ok"})
-		case "/readyz":
+		case path == "/readyz":
 			if o.Ready != nil && !o.Ready() {
 				writeJSON(ctx, fasthttp.StatusServiceUnavailable, map[string]any{"status": "not ready"})
 				return
 			}
 			st, _ := svc.router.Stats(ctx)
 			writeJSON(ctx, fasthttp.StatusOK, map[string]any{"status": "ready", "users_online": st.Users, "sessions": st.Sessions})
-		case "/metrics":
+		case path == "/metrics":
 			if metrics == nil {
-				ctx.Error("metrics disabled", fasthttp.StatusNotFound)
+				writeError(ctx, fasthttp.StatusNotFound, 0, "metrics are disabled")
 				return
 			}
 			metrics(ctx)
+		case path == "/v1/push":
+			if !ctx.IsPost() {
+				writeError(ctx, fasthttp.StatusMethodNotAllowed, 0, "use POST")
+				return
+			}
+			if app := authApp(svc, ctx); app != nil {
+				handlePush(svc, app, ctx, log)
+			}
+		case strings.HasPrefix(path, "/v1/push/"):
+			if !ctx.IsGet() {
+				writeError(ctx, fasthttp.StatusMethodNotAllowed, 0, "use GET")
+				return
+			}
+			if app := authApp(svc, ctx); app != nil {
+				handlePushStats(svc, app, ctx, strings.TrimPrefix(path, "/v1/push/"))
+			}
+		case path == "/v1/presence":
+			if !ctx.IsGet() {
+				writeError(ctx, fasthttp.StatusMethodNotAllowed, 0, "use GET")
+				return
+			}
+			if app := authApp(svc, ctx); app != nil {
+				handlePresence(svc, app, ctx)
+			}
 		default:
-			writeJSON(ctx, fasthttp.StatusNotFound, map[string]any{"error": "no such endpoint", "path": string(ctx.Path())})
+			writeError(ctx, fasthttp.StatusNotFound, 0, "no such endpoint: "+path)
 		}
 	}
 	return &fasthttp.Server{
 		Handler:            h,
 		Name:               "imd",
-		MaxRequestBodySize: 1 << 20,
-		ReadTimeout:        30e9,
-		WriteTimeout:       30e9,
-		IdleTimeout:        120e9,
+		MaxRequestBodySize: svc.s2c.MaxBody,
+		ReadTimeout:        30 * time.Second,
+		WriteTimeout:       30 * time.Second,
+		IdleTimeout:        120 * time.Second,
+		Logger:             printfLogger{log},
+		ErrorHandler: func(ctx *fasthttp.RequestCtx, err error) {
+			if errors.Is(err, fasthttp.ErrBodyTooLarge) {
+				writeError(ctx, fasthttp.StatusRequestEntityTooLarge, 0, fmt.Sprintf("request body over %d bytes", svc.s2c.MaxBody))
+				return
+			}
+			writeError(ctx, fasthttp.StatusBadRequest, 0, "bad request: "+err.Error())
+		},
 	}
+}
+
+// printfLogger gives fasthttp's own messages to slog.
+type printfLogger struct{ log *slog.Logger }
+
+func (l printfLogger) Printf(format string, args ...any) {
+	l.log.Debug("fasthttp: " + fmt.Sprintf(format, args...))
+}
+
+// authApp returns the app of the request's API key, or answers 401.
+func authApp(svc *Service, ctx *fasthttp.RequestCtx) *App {
+	auth := string(ctx.Request.Header.Peek("Authorization"))
+	key, ok := strings.CutPrefix(auth, "Bearer ")
+	if !ok || key == "" {
+		ctx.Response.Header.Set("WWW-Authenticate", `Bearer realm="imd"`)
+		writeError(ctx, fasthttp.StatusUnauthorized, 0, "missing `Authorization: Bearer <api key>`")
+		return nil
+	}
+	app := svc.AppByKey(key)
+	if app == nil {
+		writeError(ctx, fasthttp.StatusUnauthorized, 0, "unknown api key")
+	}
+	return app
+}
+
+// pushBody is the JSON of POST /v1/push.
+type pushBody struct {
+	To           []Recipient `json:"to"`
+	MsgType      uint32      `json:"msgtype"`
+	Content      []byte      `json:"content"` // base64
+	Text         *string     `json:"text"`    // or plain text
+	StoreOffline bool        `json:"store_offline"`
+}
+
+func handlePush(svc *Service, app *App, ctx *fasthttp.RequestCtx, log *slog.Logger) {
+	var b pushBody
+	dec := json.NewDecoder(bytes.NewReader(ctx.PostBody()))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&b); err != nil {
+		writeError(ctx, fasthttp.StatusBadRequest, schema.StatusBadBody, "bad JSON: "+err.Error())
+		return
+	}
+	if dec.More() {
+		writeError(ctx, fasthttp.StatusBadRequest, schema.StatusBadBody, "bad JSON: more than one value")
+		return
+	}
+	if b.Text != nil {
+		if len(b.Content) > 0 {
+			writeError(ctx, fasthttp.StatusBadRequest, schema.StatusBadArgument, "give content (base64) or text, not both")
+			return
+		}
+		b.Content = []byte(*b.Text)
+	}
+	res, err := svc.Push(ctx, app, &PushRequest{To: b.To, MsgType: b.MsgType, Content: b.Content, StoreOffline: b.StoreOffline})
+	if err != nil {
+		writeStatusError(ctx, err)
+		log.Info("push refused", "appcode", app.AppCode, "err", err)
+		return
+	}
+	writeJSON(ctx, fasthttp.StatusOK, res)
+}
+
+func handlePushStats(svc *Service, app *App, ctx *fasthttp.RequestCtx, idText string) {
+	id, err := strconv.ParseUint(idText, 10, 64)
+	if err != nil {
+		writeError(ctx, fasthttp.StatusBadRequest, schema.StatusBadArgument, "push id must be a decimal number")
+		return
+	}
+	st, ok := svc.PushStats(app, id)
+	if !ok {
+		writeError(ctx, fasthttp.StatusNotFound, 0, fmt.Sprintf("push %d is unknown, expired (kept %s) or not yours", id, svc.s2c.StatsTTL))
+		return
+	}
+	writeJSON(ctx, fasthttp.StatusOK, st)
+}
+
+// presenceSession is one session in GET /v1/presence.
+type presenceSession struct {
+	AppCode  uint32 `json:"appcode"`
+	Terminal string `json:"terminal"`
+	DeviceID string `json:"device_id"`
+	Gate     string `json:"gate"`
+	LoginMS  int64  `json:"login_ms"`
+}
+
+func handlePresence(svc *Service, app *App, ctx *fasthttp.RequestCtx) {
+	uid, err := strconv.ParseUint(string(ctx.QueryArgs().Peek("uid")), 10, 64)
+	if err != nil || uid == 0 {
+		writeError(ctx, fasthttp.StatusBadRequest, schema.StatusBadRecipient, "query parameter uid must be a number > 0")
+		return
+	}
+	ss, err := svc.Presence(ctx, app, uid)
+	if err != nil {
+		writeStatusError(ctx, err)
+		return
+	}
+	out := make([]presenceSession, 0, len(ss))
+	for _, s := range ss {
+		name := ""
+		if a := svc.apps[s.AppCode]; a != nil {
+			name = a.Name
+		}
+		out = append(out, presenceSession{AppCode: s.AppCode, Terminal: name, DeviceID: s.DeviceID, Gate: s.Gate, LoginMS: s.LoginMS})
+	}
+	writeJSON(ctx, fasthttp.StatusOK, map[string]any{"account": app.Account, "uid": strconv.FormatUint(uid, 10), "online": len(out) > 0, "sessions": out})
+}
+
+// writeStatusError answers a *schema.Error with the HTTP status that fits.
+func writeStatusError(ctx *fasthttp.RequestCtx, err error) {
+	var se *schema.Error
+	if !errors.As(err, &se) {
+		writeError(ctx, fasthttp.StatusInternalServerError, schema.StatusInternal, err.Error())
+		return
+	}
+	code := fasthttp.StatusBadRequest
+	switch {
+	case se.Status == schema.StatusContentTooLarge:
+		code = fasthttp.StatusRequestEntityTooLarge
+	case se.Status == schema.StatusTimeout:
+		code = fasthttp.StatusGatewayTimeout
+	case se.Status.Retryable():
+		code = fasthttp.StatusServiceUnavailable
+	}
+	writeError(ctx, code, se.Status, se.Message)
+}
+
+// writeError answers {"error": {...}}; status is the platform status code
+// (0 where none applies).
+func writeError(ctx *fasthttp.RequestCtx, code int, status schema.Status, msg string) {
+	e := map[string]any{"message": msg}
+	if status != 0 {
+		e["code"] = uint16(status)
+		e["status"] = status.String()
+		e["retryable"] = status.Retryable()
+	}
+	writeJSON(ctx, code, map[string]any{"error": e})
 }
 
 func writeJSON(ctx *fasthttp.RequestCtx, status int, v any) {

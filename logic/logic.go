@@ -78,6 +78,7 @@ type Options struct {
 	// the cluster, so msgids never collide.
 	NodeID int64
 	C2C    C2C
+	S2C    S2C
 }
 
 // Service implements API in-process.
@@ -95,11 +96,15 @@ type Service struct {
 	store    das.Store
 	ids      *snowflake.Node
 	c2c      C2C
+	s2c      S2C
+	stats    pushStats
 	accounts map[uint32][]uint32 // account system -> its appcodes (the inbox terminals)
 
-	mLogins *prometheus.CounterVec
-	mKicks  prometheus.Counter
-	mC2C    *prometheus.CounterVec
+	mLogins   *prometheus.CounterVec
+	mKicks    prometheus.Counter
+	mC2C      *prometheus.CounterVec
+	mPush     *prometheus.CounterVec
+	mPushAcks prometheus.Counter
 }
 
 var _ API = (*Service)(nil)
@@ -117,9 +122,11 @@ func New(opts Options) (*Service, error) {
 		gates:    make(map[string]Gate),
 		store:    opts.Store,
 		c2c:      opts.C2C,
+		s2c:      opts.S2C,
 		accounts: make(map[uint32][]uint32),
 	}
 	s.c2c.setDefaults()
+	s.s2c.setDefaults()
 	ids, err := snowflake.NewNode(opts.NodeID)
 	if err != nil {
 		return nil, fmt.Errorf("logic: node id %d: %w", opts.NodeID, err)
@@ -161,8 +168,16 @@ func New(opts Options) (*Service, error) {
 		Namespace: "imd", Subsystem: "logic", Name: "c2c_sends_total",
 		Help: "c2c send requests by result: stored, duplicate (a retry of a stored message), store_error.",
 	}, []string{"result"})
+	s.mPush = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "imd", Subsystem: "logic", Name: "s2c_recipients_total",
+		Help: "s2c push recipients by outcome: online (pushed), stored (offline, kept), dropped (offline).",
+	}, []string{"outcome"})
+	s.mPushAcks = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "imd", Subsystem: "logic", Name: "s2c_acks_total",
+		Help: "s2c pushes acknowledged by a recipient terminal (live or from its inbox).",
+	})
 	if opts.Registry != nil {
-		for _, c := range []prometheus.Collector{s.mLogins, s.mKicks, s.mC2C} {
+		for _, c := range []prometheus.Collector{s.mLogins, s.mKicks, s.mC2C, s.mPush, s.mPushAcks} {
 			if err := opts.Registry.Register(c); err != nil {
 				return nil, fmt.Errorf("logic: metrics: %w", err)
 			}

@@ -98,32 +98,52 @@ func (c *Client) OfflineCount(ctx context.Context) (*pb.OfflineCountResponse, er
 
 // ---- receiving ----
 
-// inbox orders, deduplicates and acknowledges the c2c messages the client
-// receives. After every login it pulls the terminal's offline inbox page by
+// inbox orders, deduplicates and acknowledges what the client receives:
+// chat messages (c2c) and app-server pushes (s2c), live or kept in the
+// terminal's offline inbox. After every login it pulls the inbox page by
 // page while live notifies wait in a buffer, then hands the buffer over, so
 // the app sees offline messages first and no message twice.
+//
+// A message of a kind the app has no callback for (OnC2C or OnS2C nil) is
+// neither delivered nor acknowledged: it stays in the inbox.
 type inbox struct {
 	c *Client
 
 	mu       sync.Mutex
 	gen      uint64 // login generation: a sync of an older one stops
 	syncing  bool
-	buffered []*pb.C2CMessage
+	buffered []qitem
 	queue    []qitem
 	wake     chan struct{}
 
-	// dedup: the last DedupSize msgids delivered
+	// dedup: the last DedupSize msgids (and push ids) delivered
 	seen map[uint64]struct{}
 	ring []uint64
 	next int
 
-	ackMu   sync.Mutex
-	pending []uint64 // delivered, not yet acknowledged
+	ackMu      sync.Mutex
+	pending    []uint64 // delivered from the inbox or a c2c notify, not yet acknowledged
+	pendingS2C []uint64 // live pushes delivered, not yet acknowledged
 }
 
 type qitem struct {
-	m       *pb.C2CMessage
-	barrier chan struct{}
+	m        *pb.C2CMessage // an s2c push has a zero From (see isPush)
+	live     bool           // a live s2c notify: acked with S2CAck, not from the inbox
+	fromPull bool           // an offline page: the next pull acks it
+	barrier  chan struct{}
+}
+
+// isPush reports whether m is an app-server push (stored with no sender).
+func isPush(m *pb.C2CMessage) bool {
+	return m.GetFrom().GetAccount() == 0 && m.GetFrom().GetUid() == 0
+}
+
+// handles reports whether the app has a callback for m's kind.
+func (in *inbox) handles(m *pb.C2CMessage) bool {
+	if isPush(m) {
+		return in.c.opts.OnS2C != nil
+	}
+	return in.c.opts.OnC2C != nil
 }
 
 func newInbox(c *Client) *inbox {
@@ -138,6 +158,17 @@ func (in *inbox) push(items ...qitem) {
 	}
 }
 
+// take queues live items, or buffers them while the inbox is pulled.
+func (in *inbox) take(items ...qitem) {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if in.syncing {
+		in.buffered = append(in.buffered, items...)
+		return
+	}
+	in.push(items...)
+}
+
 // notified takes a C2CNotify from the connection.
 func (in *inbox) notified(body []byte) {
 	var n pb.C2CNotify
@@ -145,18 +176,26 @@ func (in *inbox) notified(body []byte) {
 		in.c.log.Warn("sdk: bad c2c notify", "err", err)
 		return
 	}
-	in.mu.Lock()
-	defer in.mu.Unlock()
-	if in.syncing {
-		in.buffered = append(in.buffered, n.Messages...)
-		return
+	items := make([]qitem, len(n.Messages))
+	for i, m := range n.Messages {
+		items[i] = qitem{m: m}
 	}
-	for _, m := range n.Messages {
-		in.push(qitem{m: m})
-	}
+	in.take(items...)
 }
 
-// loop delivers queued messages to OnC2C one at a time and acknowledges them.
+// pushed takes an S2CNotify from the connection.
+func (in *inbox) pushed(body []byte) {
+	var n pb.S2CNotify
+	if err := proto.Unmarshal(body, &n); err != nil || n.PushId == 0 {
+		in.c.log.Warn("sdk: bad s2c notify", "err", err)
+		return
+	}
+	m := &pb.C2CMessage{Msgid: n.PushId, From: &pb.User{}, To: &pb.User{}, Msgtype: n.Msgtype, Content: n.Content, SentAtMs: n.SentAtMs}
+	in.take(qitem{m: m, live: n.NeedAck})
+}
+
+// loop delivers queued messages to the app one at a time and acknowledges
+// them.
 func (in *inbox) loop() {
 	defer in.c.wg.Done()
 	tick := time.NewTicker(in.c.opts.AckDelay)
@@ -171,14 +210,28 @@ func (in *inbox) loop() {
 				close(it.barrier)
 				continue
 			}
+			if !in.handles(it.m) {
+				continue
+			}
 			if in.firstTime(it.m.Msgid) {
-				in.c.opts.OnC2C(it.m)
+				if isPush(it.m) {
+					in.c.opts.OnS2C(&pb.S2CNotify{PushId: it.m.Msgid, Msgtype: it.m.Msgtype, Content: it.m.Content, SentAtMs: it.m.SentAtMs})
+				} else {
+					in.c.opts.OnC2C(it.m)
+				}
+			}
+			if it.fromPull {
+				continue // the next pull acknowledges the page
 			}
 			// Ack duplicates too: a message shown before and delivered
 			// again is still in the inbox because its ack was lost.
 			in.ackMu.Lock()
-			in.pending = append(in.pending, it.m.Msgid)
-			n := len(in.pending)
+			if it.live {
+				in.pendingS2C = append(in.pendingS2C, it.m.Msgid)
+			} else if !isPush(it.m) {
+				in.pending = append(in.pending, it.m.Msgid)
+			}
+			n := len(in.pending) + len(in.pendingS2C)
 			in.ackMu.Unlock()
 			if n >= 200 {
 				in.flushAcks()
@@ -213,10 +266,10 @@ func (in *inbox) firstTime(id uint64) bool {
 // login, are recognised as duplicates (within DedupSize) and acked then.
 func (in *inbox) flushAcks() {
 	in.ackMu.Lock()
-	ids := in.pending
-	in.pending = nil
+	ids, pushes := in.pending, in.pendingS2C
+	in.pending, in.pendingS2C = nil, nil
 	in.ackMu.Unlock()
-	if len(ids) == 0 {
+	if len(ids) == 0 && len(pushes) == 0 {
 		return
 	}
 	c := in.c
@@ -226,6 +279,10 @@ func (in *inbox) flushAcks() {
 	sent := 0
 	select {
 	case <-up:
+		// Push acks are statistics: one notify, no retry.
+		if len(pushes) > 0 {
+			_ = l.send(schema.Header{Cmd: schema.CmdS2CAck}, &pb.S2CAck{PushIds: pushes})
+		}
 		for sent < len(ids) {
 			n := min(len(ids)-sent, 500)
 			ctx, cancel := context.WithTimeout(context.Background(), c.opts.RequestTimeout)
@@ -251,7 +308,7 @@ func (in *inbox) deliverAndWait(msgs []*pb.C2CMessage) bool {
 	b := make(chan struct{})
 	in.mu.Lock()
 	for _, m := range msgs {
-		in.push(qitem{m: m})
+		in.push(qitem{m: m, fromPull: true})
 	}
 	in.push(qitem{barrier: b})
 	in.mu.Unlock()
@@ -314,7 +371,9 @@ func (in *inbox) sync(l *link, gen uint64) {
 		}
 		ack = ack[:0]
 		for _, m := range resp.Messages {
-			ack = append(ack, m.Msgid)
+			if in.handles(m) {
+				ack = append(ack, m.Msgid)
+			}
 			after = max(after, m.Msgid)
 		}
 		if !resp.More {
@@ -331,18 +390,16 @@ func (in *inbox) sync(l *link, gen uint64) {
 	if in.gen != gen {
 		return // a newer login owns the sync now
 	}
-	slices.SortFunc(in.buffered, func(a, b *pb.C2CMessage) int {
+	slices.SortStableFunc(in.buffered, func(a, b qitem) int {
 		switch {
-		case a.Msgid < b.Msgid:
+		case a.m.Msgid < b.m.Msgid:
 			return -1
-		case a.Msgid > b.Msgid:
+		case a.m.Msgid > b.m.Msgid:
 			return 1
 		}
 		return 0
 	})
-	for _, m := range in.buffered {
-		in.push(qitem{m: m})
-	}
+	in.push(in.buffered...)
 	in.buffered = nil
 	in.syncing = false
 }

@@ -104,9 +104,16 @@ type Options struct {
 	// first), then live ones. Each msgid is delivered once (duplicates
 	// from retries and reconnects are dropped, remembering the last
 	// DedupSize msgids) and acknowledged after OnC2C returns, which removes
-	// it from the inbox. When OnC2C is nil the client does not pull the
-	// inbox and c2c notifies go to OnMessage.
+	// it from the inbox. When OnC2C is nil, c2c notifies go to OnMessage
+	// and chat messages kept in the inbox stay there.
 	OnC2C func(*pb.C2CMessage)
+	// OnS2C receives pushes from app-servers (the HTTP push API), live or,
+	// when the app-server asked to keep them for offline recipients, from
+	// the inbox after a login. Each push id is delivered once and
+	// acknowledged after OnS2C returns (the app-server sees the arrival
+	// count). When OnS2C is nil, s2c notifies go to OnMessage and stored
+	// pushes stay in the inbox.
+	OnS2C func(*pb.S2CNotify)
 	// OnReceipt is called when a terminal of a recipient acknowledged a
 	// message this user sent (a delivered receipt). Receipts are not
 	// stored: a sender offline at that moment does not get one.
@@ -234,7 +241,7 @@ func Dial(ctx context.Context, opts Options) (*Client, error) {
 	c.wg.Add(2)
 	go c.deliver()
 	go c.supervise()
-	if opts.OnC2C != nil {
+	if opts.OnC2C != nil || opts.OnS2C != nil {
 		c.inbox = newInbox(c)
 		c.wg.Add(1)
 		go c.inbox.loop()
@@ -531,8 +538,14 @@ func (c *Client) notified(l *link, h schema.Header, body []byte) {
 			l.close(fmt.Errorf("%w: server going away: %s", ErrConnLost, g.Reason))
 		}()
 	case schema.CmdC2CNotify:
-		if c.inbox != nil {
+		if c.inbox != nil && c.opts.OnC2C != nil {
 			c.inbox.notified(body)
+			return
+		}
+		c.queueMessage(h, body)
+	case schema.CmdS2C:
+		if c.inbox != nil && c.opts.OnS2C != nil {
+			c.inbox.pushed(body)
 			return
 		}
 		c.queueMessage(h, body)

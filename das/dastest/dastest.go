@@ -40,6 +40,7 @@ func Run(t *testing.T, open func(t *testing.T) das.Store) {
 		{"CanceledContext", testCanceledContext},
 		{"ConcurrentWriters", testConcurrentWriters},
 		{"Closed", testClosed},
+		{"PutInboxManyTerminals", testPutInbox},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) { tc.fn(t, newFixture(t, open)) })
@@ -631,4 +632,39 @@ func testClosed(t *testing.T, f *fixture) {
 	check("Ack", err)
 	_, _, err = f.s.History(f.ctx, a, nil, 0, 10)
 	check("History", err)
+}
+
+// testPutInbox: an app-server message stored for terminals of several
+// users is in each inbox, on no timeline, and each ack removes it from that
+// terminal only.
+func testPutInbox(t *testing.T, f *fixture) {
+	a, b := f.user(), f.user()
+	ts := []das.Terminal{term(a, 101), term(a, 102), term(b, 101)}
+	m := &pb.C2CMessage{Msgid: NewMsgid(), From: &pb.User{}, FromAppcode: 101, To: &pb.User{}, Msgtype: 9, Content: []byte("new order")}
+	if err := f.s.PutInbox(f.ctx, m, ts); err != nil {
+		t.Fatal(err)
+	}
+	for _, tm := range ts {
+		got := f.inbox(tm, 10)
+		if len(got) != 1 || got[0].Msgid != m.Msgid || string(got[0].Content) != "new order" || got[0].Msgtype != 9 {
+			t.Fatalf("inbox of %v: %v", tm, got)
+		}
+	}
+	f.wantCount(term(b, 102), 0)
+	if h := f.timeline(a, nil, 10); len(h) != 0 {
+		t.Fatalf("an inbox-only message is on a timeline: %v", h)
+	}
+	acked, missing := f.ack(ts[0], m.Msgid)
+	if len(acked) != 1 || len(missing) != 0 {
+		t.Fatalf("ack: %v %v", acked, missing)
+	}
+	f.wantCount(ts[0], 0)
+	for _, tm := range ts[1:] {
+		if got := f.inbox(tm, 10); len(got) != 1 || string(got[0].Content) != "new order" {
+			t.Fatalf("after another terminal's ack, inbox of %v: %v", tm, got)
+		}
+	}
+	if err := f.s.PutInbox(f.ctx, m, nil); err == nil {
+		t.Fatal("PutInbox with no terminals succeeded")
+	}
 }

@@ -95,6 +95,37 @@ func (s *Store) PutC2C(ctx context.Context, m *pb.C2CMessage, inbox []uint32) (u
 	return m.Msgid, false, nil
 }
 
+// PutInbox implements das.Store: the message row and one inbox row per
+// terminal, in one synced batch. The message row lists the terminals (they
+// may belong to many users), so the collector deletes it only once every
+// one of them has acknowledged it.
+func (s *Store) PutInbox(ctx context.Context, m *pb.C2CMessage, terminals []das.Terminal) error {
+	if err := s.enter(ctx); err != nil {
+		return err
+	}
+	defer s.exit()
+	if err := validateMessage(m); err != nil {
+		return err
+	}
+	if len(terminals) == 0 {
+		return fmt.Errorf("%w: no terminals for message %d", ErrInvalid, m.Msgid)
+	}
+	body, err := proto.Marshal(m)
+	if err != nil {
+		return fmt.Errorf("%w: marshal message %d: %w", ErrInvalid, m.Msgid, err)
+	}
+	b := s.db.NewBatch()
+	defer b.Close()
+	_ = b.Set(msgKey(m.Msgid), encodeInboxMessageValue(terminals, body), nil)
+	for _, t := range terminals {
+		_ = b.Set(inboxKey(t, m.Msgid), nil, nil)
+	}
+	if err := b.Commit(pebble.Sync); err != nil {
+		return unavailable("put inbox", err)
+	}
+	return nil
+}
+
 // addMessage adds the message row and its index rows to b. Batch.Set
 // fails only on a closed or read-only batch, neither of which can happen
 // here.

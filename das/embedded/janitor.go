@@ -444,6 +444,18 @@ func (s *Store) unreferenced(id uint64) (bool, error) {
 	if err != nil {
 		return false, unavailable("sweep", err)
 	}
+	if ts, ok := decodeInboxTerminals(v); ok {
+		_ = closer.Close()
+		for _, t := range ts {
+			if _, c, err := s.db.Get(inboxKey(t, id)); err == nil {
+				_ = c.Close()
+				return false, nil
+			} else if !errors.Is(err, pebble.ErrNotFound) {
+				return false, unavailable("sweep", err)
+			}
+		}
+		return true, nil
+	}
 	appcodes, body, ok := decodeMessageValue(v)
 	m := new(pb.C2CMessage)
 	if ok {

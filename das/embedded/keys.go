@@ -196,9 +196,56 @@ func encodeMessageValue(appcodes []uint32, body []byte) []byte {
 	return append(b, body...)
 }
 
+// msgValueInbox marks the value of a message stored by PutInbox: it lists
+// its terminals (account, uid, appcode: 16 bytes each) instead of the
+// appcodes of one recipient, and it is on no timeline.
+const msgValueInbox = 2
+
+func encodeInboxMessageValue(ts []das.Terminal, body []byte) []byte {
+	b := make([]byte, 0, 1+binary.MaxVarintLen32+terminalLen*len(ts)+len(body))
+	b = append(b, msgValueInbox)
+	b = binary.AppendUvarint(b, uint64(len(ts)))
+	for _, t := range ts {
+		b = binary.BigEndian.AppendUint32(b, t.Account)
+		b = binary.BigEndian.AppendUint64(b, t.UID)
+		b = binary.BigEndian.AppendUint32(b, t.AppCode)
+	}
+	return append(b, body...)
+}
+
+// decodeInboxTerminals returns the terminals of a PutInbox message value.
+func decodeInboxTerminals(v []byte) ([]das.Terminal, bool) {
+	if len(v) < 2 || v[0] != msgValueInbox {
+		return nil, false
+	}
+	n, w := binary.Uvarint(v[1:])
+	if w <= 0 || n == 0 || n > uint64(len(v)) || 1+w+terminalLen*int(n) > len(v) {
+		return nil, false
+	}
+	ts := make([]das.Terminal, n)
+	p := v[1+w:]
+	for i := range ts {
+		ts[i] = das.Terminal{
+			Account: binary.BigEndian.Uint32(p),
+			UID:     binary.BigEndian.Uint64(p[4:]),
+			AppCode: binary.BigEndian.Uint32(p[12:]),
+		}
+		p = p[terminalLen:]
+	}
+	return ts, true
+}
+
 // decodeMessageValue splits a message value into its inbox appcodes and
-// the marshalled message. appcodes aliases v.
+// the marshalled message. appcodes aliases v. For a PutInbox value
+// appcodes is nil (see decodeInboxTerminals).
 func decodeMessageValue(v []byte) (appcodes []byte, body []byte, ok bool) {
+	if len(v) >= 2 && v[0] == msgValueInbox {
+		n, w := binary.Uvarint(v[1:])
+		if w <= 0 || n == 0 || n > uint64(len(v)) || 1+w+terminalLen*int(n) > len(v) {
+			return nil, nil, false
+		}
+		return nil, v[1+w+terminalLen*int(n):], true
+	}
 	if len(v) < 2 || v[0] != msgValueVersion {
 		return nil, nil, false
 	}

@@ -521,3 +521,31 @@ func TestGroupCommit(t *testing.T) {
 		t.Fatalf("concurrent puts did not share fsyncs: %d for %d puts", parallel, writers*each)
 	}
 }
+
+// TestPutInboxCollectedAfterLastAck: the collector keeps an inbox-only
+// message while any of its terminals still holds it, and removes it after
+// the last ack.
+func TestPutInboxCollectedAfterLastAck(t *testing.T) {
+	s := openTest(t, Options{JanitorInterval: -1})
+	a := das.Terminal{Account: 1, UID: 10, AppCode: 101}
+	b := das.Terminal{Account: 1, UID: 11, AppCode: 102}
+	m := &pb.C2CMessage{Msgid: MsgidAt(time.Now()), From: &pb.User{}, To: &pb.User{}, Content: []byte("x")}
+	if err := s.PutInbox(ctx, m, []das.Terminal{a, b}); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := s.Ack(ctx, a, []uint64{m.Msgid}); err != nil {
+		t.Fatal(err)
+	}
+	sweep(t, s)
+	got, _, err := s.InboxPage(ctx, b, 0, 10)
+	if err != nil || len(got) != 1 || string(got[0].Content) != "x" {
+		t.Fatalf("b's inbox after a's ack and a sweep: %v %v", got, err)
+	}
+	if _, _, err := s.Ack(ctx, b, []uint64{m.Msgid}); err != nil {
+		t.Fatal(err)
+	}
+	sweep(t, s)
+	if n := countTag(t, s, tagMessage); n != 0 {
+		t.Fatalf("%d message rows left after every terminal acked", n)
+	}
+}

@@ -18,7 +18,11 @@ import (
 	"google.golang.org/protobuf/proto"
 )
 
-const testSecret = "test-secret-0123456789abcdef"
+const (
+	testSecret  = "test-secret-0123456789abcdef"
+	testAPIKey  = "test-api-key-account-1-0123456789"
+	testAPIKey2 = "test-api-key-account-2-0123456789"
+)
 
 // testConfig is a config on random loopback ports with three appcodes:
 // 101 and 102 are two terminals of account 1, 301 allows two sessions.
@@ -28,9 +32,9 @@ func testConfig() config.Config {
 	cfg.Gateway.Addr = "127.0.0.1:0"
 	cfg.HTTP.Addr = "127.0.0.1:0"
 	cfg.Apps = []logic.App{
-		{AppCode: 101, Name: "freight-android", Account: 1, Secrets: []string{testSecret}},
+		{AppCode: 101, Name: "freight-android", Account: 1, Secrets: []string{testSecret}, APIKeys: []string{testAPIKey}},
 		{AppCode: 102, Name: "freight-pc", Account: 1, Secrets: []string{testSecret}},
-		{AppCode: 201, Name: "support-web", Account: 2, Secrets: []string{testSecret}},
+		{AppCode: 201, Name: "support-web", Account: 2, Secrets: []string{testSecret}, APIKeys: []string{testAPIKey2}},
 		{AppCode: 301, Name: "multi", Account: 3, Secrets: []string{testSecret}, MaxSessions: 2},
 	}
 	return cfg

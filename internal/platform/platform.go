@@ -53,7 +53,7 @@ func Start(cfg config.Config, log *slog.Logger) (*Platform, error) {
 	p.Store = store
 	svc, err := logic.New(logic.Options{
 		Apps: cfg.Apps, Router: p.Router, Logger: log.With("tier", "logic"), Registry: reg,
-		Store: store, NodeID: cfg.NodeID, C2C: cfg.C2C,
+		Store: store, NodeID: cfg.NodeID, C2C: cfg.C2C, S2C: cfg.S2C,
 	})
 	if err != nil {
 		p.closeStore()

@@ -1,0 +1,283 @@
+package logic
+
+import (
+	"context"
+	"crypto/subtle"
+	"sync"
+	"time"
+
+	"github.com/imd-dev/imd/das"
+	"github.com/imd-dev/imd/router"
+	"github.com/imd-dev/imd/schema"
+	"github.com/imd-dev/imd/schema/pb"
+	"google.golang.org/protobuf/proto"
+)
+
+// S2C configures server-to-client pushes through the HTTP API.
+type S2C struct {
+	// MaxRecipients bounds the recipients of one push. Default 1000.
+	MaxRecipients int `yaml:"max_recipients"`
+	// MaxContent bounds a push's content. Default 16 KiB.
+	MaxContent int `yaml:"max_content"`
+	// MaxBody bounds an HTTP request body. Default 1 MiB.
+	MaxBody int `yaml:"max_body"`
+	// StatsTTL is how long a push's delivery statistics can be asked
+	// for. Default 1h.
+	StatsTTL time.Duration `yaml:"stats_ttl"`
+}
+
+func (c *S2C) setDefaults() {
+	if c.MaxRecipients <= 0 {
+		c.MaxRecipients = 1000
+	}
+	if c.MaxContent <= 0 {
+		c.MaxContent = 16 << 10
+	}
+	if c.MaxBody <= 0 {
+		c.MaxBody = 1 << 20
+	}
+	if c.StatsTTL <= 0 {
+		c.StatsTTL = time.Hour
+	}
+}
+
+// Recipient is one (appcode, uid) session address of a push.
+type Recipient struct {
+	AppCode uint32 `json:"appcode"`
+	UID     uint64 `json:"uid"`
+}
+
+// PushRequest is one s2c push: the same content to many recipients.
+type PushRequest struct {
+	To      []Recipient `json:"to"`
+	MsgType uint32      `json:"msgtype"`
+	Content []byte      `json:"content"` // JSON: base64 (content_text is the plain-text alternative)
+	// StoreOffline keeps the message in the inbox of recipients who are
+	// offline, for their next login; otherwise they miss it.
+	StoreOffline bool `json:"store_offline"`
+}
+
+// RecipientResult says what happened for one recipient.
+type RecipientResult struct {
+	AppCode  uint32 `json:"appcode"`
+	UID      uint64 `json:"uid"`
+	Online   bool   `json:"online"`   // had a session on that appcode
+	Pushed   int    `json:"pushed"`   // sessions the notify was queued for
+	Stored   bool   `json:"stored"`   // kept in the offline inbox
+	Dropped  bool   `json:"dropped"`  // offline and not stored
+	Terminal string `json:"terminal"` // the appcode's name
+}
+
+// PushResult is the answer to a push.
+type PushResult struct {
+	PushID  uint64            `json:"push_id,string"`
+	Results []RecipientResult `json:"results"`
+	Online  int               `json:"online"`
+	Stored  int               `json:"stored"`
+	Dropped int               `json:"dropped"`
+}
+
+// PushStats is what is known of a push's delivery so far.
+type PushStats struct {
+	PushID     uint64 `json:"push_id,string"`
+	AppCode    uint32 `json:"appcode"`
+	CreatedMS  int64  `json:"created_ms"`
+	Recipients int    `json:"recipients"`
+	Online     int    `json:"online"`
+	Stored     int    `json:"stored"`
+	Dropped    int    `json:"dropped"`
+	// Acked counts recipients' terminals that acknowledged (live or from
+	// their inbox); Acked / (Online + Stored) is the arrival rate.
+	Acked int `json:"acked"`
+}
+
+// pushStats keeps PushStats for StatsTTL, in memory on the node that took
+// the push.
+type pushStats struct {
+	mu    sync.Mutex
+	m     map[uint64]*PushStats
+	order []uint64 // creation order, for expiry
+}
+
+func (p *pushStats) add(st *PushStats, ttl time.Duration) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.m == nil {
+		p.m = make(map[uint64]*PushStats)
+	}
+	cut := time.Now().Add(-ttl).UnixMilli()
+	i := 0
+	for ; i < len(p.order); i++ {
+		if old := p.m[p.order[i]]; old != nil && old.CreatedMS > cut {
+			break
+		}
+		delete(p.m, p.order[i])
+	}
+	p.order = append(p.order[i:], st.PushID)
+	p.m[st.PushID] = st
+}
+
+func (p *pushStats) update(id uint64, fn func(*PushStats)) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if st := p.m[id]; st != nil {
+		fn(st)
+	}
+}
+
+func (p *pushStats) acked(id uint64) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	st := p.m[id]
+	if st == nil {
+		return false
+	}
+	st.Acked++
+	return true
+}
+
+func (p *pushStats) get(id uint64) (PushStats, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	st := p.m[id]
+	if st == nil {
+		return PushStats{}, false
+	}
+	return *st, true
+}
+
+// AppByKey returns the app that owns API key key, or nil.
+func (s *Service) AppByKey(key string) *App {
+	if key == "" {
+		return nil
+	}
+	for _, a := range s.apps {
+		for _, k := range a.APIKeys {
+			if subtle.ConstantTimeCompare([]byte(k), []byte(key)) == 1 {
+				return a
+			}
+		}
+	}
+	return nil
+}
+
+// Push delivers req for app caller: a notify to every online session of
+// each recipient and, with StoreOffline, one inbox entry per offline
+// recipient (stored once for all of them).
+func (s *Service) Push(ctx context.Context, caller *App, req *PushRequest) (*PushResult, error) {
+	switch {
+	case len(req.To) == 0:
+		return nil, schema.Errorf(schema.StatusBadRecipient, "no recipients")
+	case len(req.To) > s.s2c.MaxRecipients:
+		return nil, schema.Errorf(schema.StatusBadArgument, "%d recipients, over the maximum of %d", len(req.To), s.s2c.MaxRecipients)
+	case len(req.Content) == 0:
+		return nil, schema.Errorf(schema.StatusEmptyContent, "content is empty")
+	case len(req.Content) > s.s2c.MaxContent:
+		return nil, schema.Errorf(schema.StatusContentTooLarge, "content is %d bytes, over the maximum of %d", len(req.Content), s.s2c.MaxContent)
+	}
+	users := make([]router.User, len(req.To))
+	apps := make([]*App, len(req.To))
+	for i, r := range req.To {
+		a := s.apps[r.AppCode]
+		switch {
+		case a == nil:
+			return nil, schema.Errorf(schema.StatusUnknownAppCode, "recipient %d: appcode %d is not configured", i, r.AppCode)
+		case a.Account != caller.Account:
+			return nil, schema.Errorf(schema.StatusBadRecipient, "recipient %d: appcode %d belongs to another account system", i, r.AppCode)
+		case r.UID == 0:
+			return nil, schema.Errorf(schema.StatusBadRecipient, "recipient %d: uid must be > 0", i)
+		}
+		apps[i] = a
+		users[i] = router.User{Account: a.Account, UID: r.UID}
+	}
+	if req.StoreOffline && s.store == nil {
+		return nil, schema.Errorf(schema.StatusUnavailable, "this server has no message store to keep offline pushes")
+	}
+	sessions, err := s.router.LookupMany(ctx, users)
+	if err != nil {
+		return nil, schema.Errorf(schema.StatusUnavailable, "router: %v", err)
+	}
+	now := time.Now()
+	id := uint64(s.ids.Generate().Int64())
+	// Register the push before the first notify leaves: a fast client may
+	// acknowledge it before this call returns.
+	s.stats.add(&PushStats{PushID: id, AppCode: caller.AppCode, CreatedMS: now.UnixMilli(), Recipients: len(req.To)}, s.s2c.StatsTTL)
+	body, _ := proto.Marshal(&pb.S2CNotify{PushId: id, Msgtype: req.MsgType, Content: req.Content, SentAtMs: now.UnixMilli(), NeedAck: true})
+	res := &PushResult{PushID: id, Results: make([]RecipientResult, len(req.To))}
+	var offline []das.Terminal
+	var offlineIdx []int
+	for i, r := range req.To {
+		rr := RecipientResult{AppCode: r.AppCode, UID: r.UID, Terminal: apps[i].Name}
+		for _, ss := range sessions[i] {
+			if ss.AppCode != r.AppCode {
+				continue
+			}
+			rr.Online = true
+			if g := s.gate(ss.Gate); g != nil && g.Push(ctx, ss.Conn, schema.CmdS2C, req.MsgType, body) == nil {
+				rr.Pushed++
+			}
+		}
+		if rr.Online {
+			res.Online++
+		} else if req.StoreOffline {
+			offline = append(offline, das.Terminal{Account: apps[i].Account, UID: r.UID, AppCode: r.AppCode})
+			offlineIdx = append(offlineIdx, i)
+		} else {
+			rr.Dropped = true
+			res.Dropped++
+		}
+		res.Results[i] = rr
+	}
+	if len(offline) > 0 {
+		m := &pb.C2CMessage{Msgid: id, From: &pb.User{}, FromAppcode: caller.AppCode, To: &pb.User{}, Msgtype: req.MsgType, Content: req.Content, SentAtMs: now.UnixMilli()}
+		if err := s.store.PutInbox(ctx, m, offline); err != nil {
+			// The online recipients have it already; say what failed.
+			return nil, storeErr("put inbox", err)
+		}
+		for _, i := range offlineIdx {
+			res.Results[i].Stored = true
+		}
+		res.Stored = len(offline)
+	}
+	s.stats.update(id, func(st *PushStats) { st.Online, st.Stored, st.Dropped = res.Online, res.Stored, res.Dropped })
+	s.mPush.WithLabelValues("online").Add(float64(res.Online))
+	s.mPush.WithLabelValues("stored").Add(float64(res.Stored))
+	s.mPush.WithLabelValues("dropped").Add(float64(res.Dropped))
+	return res, nil
+}
+
+// PushStats returns the delivery statistics of push id, if caller made it
+// and they are still kept.
+func (s *Service) PushStats(caller *App, id uint64) (PushStats, bool) {
+	st, ok := s.stats.get(id)
+	if !ok || s.apps[st.AppCode] == nil || s.apps[st.AppCode].Account != caller.Account {
+		return PushStats{}, false
+	}
+	return st, true
+}
+
+// Presence returns the sessions of uid in caller's account system.
+func (s *Service) Presence(ctx context.Context, caller *App, uid uint64) ([]router.Session, error) {
+	if uid == 0 {
+		return nil, schema.Errorf(schema.StatusBadRecipient, "uid must be > 0")
+	}
+	ss, err := s.router.Lookup(ctx, router.User{Account: caller.Account, UID: uid})
+	if err != nil {
+		return nil, schema.Errorf(schema.StatusUnavailable, "router: %v", err)
+	}
+	return ss, nil
+}
+
+// s2cAck records acks of live pushes (a client notify).
+func (s *Service) s2cAck(_ context.Context, _ router.Session, h *schema.Header, body []byte) ([]byte, error) {
+	var req pb.S2CAck
+	if err := proto.Unmarshal(body, &req); err != nil {
+		return nil, badBody(h.Cmd, err)
+	}
+	for _, id := range req.PushIds {
+		if s.stats.acked(id) {
+			s.mPushAcks.Inc()
+		}
+	}
+	return nil, nil
+}
