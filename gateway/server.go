@@ -41,12 +41,14 @@ type Server struct {
 	ln    net.Listener
 	ready chan struct{}
 
+	eng      engine
 	nextConn atomic.Uint64
 	nextLog  atomic.Uint64
 	nconns   atomic.Int64
+	admitMu  sync.RWMutex // draining is set under the write lock, new connections are tracked under the read lock
 	draining atomic.Bool
 	shards   [connShards]connShard
-	wg       sync.WaitGroup // one per connection goroutine and per in-flight request
+	wg       sync.WaitGroup // one per connection, flush, request and logic-call goroutine
 
 	shutdownOnce sync.Once
 }
@@ -78,6 +80,8 @@ func New(opts Options, api logic.API) (*Server, error) {
 	now := uint64(time.Now().UnixNano())
 	s.nextConn.Store(now &^ (1<<20 - 1)) // ids stay unique across restarts within one gate id
 	s.nextLog.Store(now)
+	s.eng = newEngine(s)
+	s.opts.Engine = s.eng.name()
 	return s, nil
 }
 
@@ -115,34 +119,41 @@ func (s *Server) Addr() net.Addr {
 // of file descriptors: it logs, backs off and goes on.
 func (s *Server) Serve() error {
 	<-s.ready
-	s.log.Info("gateway serving", "addr", s.ln.Addr().String(), "max_conns", s.opts.MaxConns)
-	var backoff time.Duration
-	for {
-		nc, err := s.ln.Accept()
-		if err != nil {
-			if s.draining.Load() || errors.Is(err, net.ErrClosed) {
-				return ErrServerClosed
-			}
-			// EMFILE, ENFILE, ECONNABORTED and the like: the listener is
-			// fine, the moment is not. Back off as net/http does.
-			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			s.m.acceptErrors.Inc()
-			s.log.Warn("accept failed; backing off", "err", err, "backoff", backoff)
-			time.Sleep(backoff)
-			continue
-		}
-		backoff = 0
-		s.m.accepted.Inc()
-		if s.draining.Load() {
-			s.reject(nc, schema.StatusShuttingDown, "gateway is shutting down")
-			continue
-		}
-		if s.nconns.Load() >= int64(s.opts.MaxConns) {
-			s.reject(nc, schema.StatusTooManyConns, "gateway is at its connection limit")
-			continue
-		}
-		s.startConn(nc)
+	s.log.Info("gateway serving", "addr", s.ln.Addr().String(), "engine", s.eng.name(), "max_conns", s.opts.MaxConns)
+	return s.eng.serve(s.ln)
+}
+
+// acceptFailed counts and logs a transient accept error (EMFILE, ENFILE,
+// ECONNABORTED and the like: the listener is fine, the moment is not) and
+// backs off as net/http does.
+func (s *Server) acceptFailed(err error, backoff *time.Duration) {
+	*backoff = min(max(2**backoff, 5*time.Millisecond), time.Second)
+	s.m.acceptErrors.Inc()
+	s.log.Warn("accept failed; backing off", "err", err, "backoff", *backoff)
+	time.Sleep(*backoff)
+}
+
+// admission returns StatusOK when a newly accepted connection may be held,
+// else the status to refuse it with.
+func (s *Server) admission() schema.Status {
+	switch {
+	case s.draining.Load():
+		return schema.StatusShuttingDown
+	case s.nconns.Load() >= int64(s.opts.MaxConns):
+		return schema.StatusTooManyConns
 	}
+	return schema.StatusOK
+}
+
+// rejectFrame counts a refused connection and returns the error frame it
+// gets.
+func (s *Server) rejectFrame(st schema.Status) []byte {
+	s.m.rejected.WithLabelValues(st.String()).Inc()
+	msg := "gateway is at its connection limit"
+	if st == schema.StatusShuttingDown {
+		msg = "gateway is shutting down"
+	}
+	return errorFrame(nil, &schema.Header{}, st, msg)
 }
 
 // ListenAndServe is Listen followed by Serve.
@@ -153,30 +164,23 @@ func (s *Server) ListenAndServe() error {
 	return s.Serve()
 }
 
-// reject answers a connection that cannot be held with one error frame and
-// closes it, without blocking the accept loop for long.
-func (s *Server) reject(nc net.Conn, st schema.Status, msg string) {
-	s.m.rejected.WithLabelValues(st.String()).Inc()
-	frame := errorFrame(nil, &schema.Header{}, st, msg)
-	_ = nc.SetWriteDeadline(time.Now().Add(50 * time.Millisecond))
-	_, _ = nc.Write(frame)
-	_ = nc.Close()
-}
-
-func (s *Server) startConn(nc net.Conn) {
-	if tc, ok := nc.(*net.TCPConn); ok {
-		_ = tc.SetNoDelay(true)
-		_ = tc.SetKeepAlive(false) // application keepalive does this job
+// track registers a new connection and calls start (which hands it to its
+// engine) unless Shutdown has begun; then it reports false and the caller
+// closes the socket.
+func (s *Server) track(c *conn, start func()) bool {
+	s.admitMu.RLock()
+	defer s.admitMu.RUnlock()
+	if s.draining.Load() {
+		return false
 	}
-	c := newConn(s, nc, s.nextConn.Add(1))
 	sh := &s.shards[c.id%connShards]
 	sh.mu.Lock()
 	sh.m[c.id] = c
 	sh.mu.Unlock()
 	s.nconns.Add(1)
 	s.m.conns.Inc()
-	s.wg.Add(1)
-	go c.serve()
+	start()
+	return true
 }
 
 func (s *Server) removeConn(c *conn) {
@@ -254,11 +258,14 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	if !first {
 		return nil
 	}
+	s.admitMu.Lock()
 	s.draining.Store(true)
+	s.admitMu.Unlock()
 	s.lnMu.Lock()
 	if s.ln != nil {
 		_ = s.ln.Close()
 	}
+	s.eng.closeListener()
 	s.lnMu.Unlock()
 	n := s.Conns()
 	s.log.Info("gateway draining", "conns", n)
@@ -279,6 +286,9 @@ wait:
 	}
 	left := s.Conns()
 	s.each(func(c *conn) { c.close("server shutdown") })
+	// Every connection is closed; the engine's own goroutines (event loops)
+	// stop before the wait below, so none of them starts another goroutine.
+	s.eng.stop()
 	done := make(chan struct{})
 	go func() { s.wg.Wait(); close(done) }()
 	select {

@@ -48,6 +48,10 @@ type Log struct {
 
 // Gateway mirrors gateway.Options.
 type Gateway struct {
+	// Engine is the connection engine: epoll (event loops, ~1.2 KB per
+	// idle connection; the default on Linux) or goroutine (a reader
+	// goroutine per connection, ~7 KB).
+	Engine            string        `yaml:"engine"`
 	Addr              string        `yaml:"addr"`
 	ID                string        `yaml:"id"`
 	MaxConns          int           `yaml:"max_conns"`
@@ -117,6 +121,7 @@ func (c *Config) Flags(fs *flag.FlagSet) *string {
 func (c *Config) ServerFlags(fs *flag.FlagSet) {
 	g := &c.Gateway
 	fs.StringVar(&g.Addr, "gateway-addr", g.Addr, "gateway TCP listen address")
+	fs.StringVar(&g.Engine, "gateway-engine", g.Engine, "gateway connection engine: epoll or goroutine (default epoll on Linux)")
 	fs.StringVar(&g.ID, "gateway-id", g.ID, "gateway id, unique among live gateways (default hostname/boot nonce)")
 	fs.IntVar(&g.MaxConns, "max-conns", g.MaxConns, "most connections held at once (default: open-file limit less a reserve)")
 	fs.Func("max-body", "largest frame body in bytes (default 65536)", func(s string) error {

@@ -29,6 +29,8 @@ const (
 func testConfig() config.Config {
 	cfg := config.Default()
 	cfg.DataDir = ""
+	// `IMD_GATEWAY_ENGINE=goroutine go test` runs the suite on the other engine.
+	cfg.Gateway.Engine = os.Getenv("IMD_GATEWAY_ENGINE")
 	cfg.Gateway.Addr = "127.0.0.1:0"
 	cfg.HTTP.Addr = "127.0.0.1:0"
 	cfg.Apps = []logic.App{

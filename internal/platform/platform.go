@@ -62,7 +62,7 @@ func Start(cfg config.Config, log *slog.Logger) (*Platform, error) {
 	p.Logic = svc
 	g := cfg.Gateway
 	gw, err := gateway.New(gateway.Options{
-		Addr: g.Addr, ID: g.ID, MaxConns: g.MaxConns, MaxBody: g.MaxBody,
+		Engine: g.Engine, Addr: g.Addr, ID: g.ID, MaxConns: g.MaxConns, MaxBody: g.MaxBody,
 		LoginTimeout: g.LoginTimeout, IdleTimeout: g.IdleTimeout, KeepaliveInterval: g.KeepaliveInterval,
 		RequestTimeout: g.RequestTimeout, WriteTimeout: g.WriteTimeout, MaxInFlight: g.MaxInFlight,
 		MaxQueueBytes: g.MaxQueueBytes, Logger: log.With("tier", "gateway"), Registry: reg,
