@@ -1,4 +1,6 @@
 # imd: build, run, test, bench, lint. `make help` lists the targets.
+SHELL       := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 GO          ?= go
 BIN         ?= bin
 STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
@@ -6,11 +8,15 @@ STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # -fuzztime with a duration can overrun on a loaded machine).
 FUZZ_N      ?= 3000
 FUZZ_TARGETS = ./schema:FuzzDecoder ./schema:FuzzBodies ./gateway:FuzzConnInput
+SERVICES    = bash scripts/services.sh
+# Exports IMD_TEST_CASSANDRA, IMD_TEST_KAFKA and IMD_TEST_REDIS for the
+# real-server suites.
+WITH_SERVICES = eval "$$($(SERVICES) env)" &&
 
-.PHONY: help build run test test-go fuzz-short fuzz bench lint proto clean
+.PHONY: help build run test test-quick test-go test-real fuzz-short fuzz bench lint proto clean services-up services-down
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-11s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
 
 build: ## build imd and imbench into ./bin
 	$(GO) build -o $(BIN)/ ./cmd/...
@@ -18,14 +24,31 @@ build: ## build imd and imbench into ./bin
 run: ## run the whole platform in one process (imd all)
 	$(GO) run ./cmd/imd all
 
-test: test-go fuzz-short ## the test suite CI runs: race-enabled tests, then short fuzzing
+test: services-up test-go test-real fuzz-short ## everything CI runs: starts Cassandra and Kafka (scripts/services.sh), then every suite
+
+test-quick: test-go fuzz-short ## every suite that needs no outside server
+
+services-up: ## start real Redis, Cassandra and Kafka on 127.0.0.1 (first run fetches jars)
+	$(SERVICES) up
+
+services-down: ## stop them
+	$(SERVICES) down
+
+# Every package but das/cassandra, whose tests need a server (test-real).
+LOCAL_PKGS = $$($(GO) list ./... | grep -v /das/cassandra)
 
 test-go:
-	$(GO) test -race -count=1 -timeout 30m ./...
-	@echo "the end-to-end suite again on the goroutine gateway engine (the default is epoll):"
+	$(GO) test -race -count=1 -timeout 30m $(LOCAL_PKGS)
+	@echo "== the end-to-end suite again on the goroutine gateway engine (the default is epoll):"
 	IMD_GATEWAY_ENGINE=goroutine $(GO) test -race -count=1 -timeout 20m ./internal/platform/ ./cmd/imd/
-	@echo "without the race detector: soak and crash tests at full size, allocation and pool tests:"
-	$(GO) test -count=1 -timeout 20m -run 'Soak|Crash|Allocs|NoShare|Reuse' -v ./internal/platform/ ./das/... ./schema/ ./cmd/imd/
+	@echo "== without the race detector: soak and crash tests at full size, allocation and pool tests:"
+	$(GO) test -count=1 -timeout 20m -run 'Soak|Crash|Allocs|NoShare|Reuse' -v ./internal/platform/ ./das/embedded/ ./schema/ ./cmd/imd/
+
+test-real: ## the suites that run on real Cassandra and Kafka (services-up first)
+	@echo "== das conformance and engine tests on Cassandra, bus tests on Kafka:"
+	$(WITH_SERVICES) CI=true $(GO) test -race -count=1 -timeout 20m ./das/cassandra/ ./schema/cql/ ./bus/
+	@echo "== c2c, s2c and the 20,000-message soak end to end with --store cassandra:"
+	$(WITH_SERVICES) IMD_TEST_STORE=cassandra $(GO) test -count=1 -timeout 20m -run 'C2C|History|S2C|OpenAPI' -v ./internal/platform/ | grep -E '^(---|ok|FAIL|PASS|panic)|soak_test'
 
 fuzz-short: ## run every fuzz target briefly from its seed corpus
 	@set -e; for t in $(FUZZ_TARGETS); do \
@@ -38,7 +61,8 @@ fuzz: ## fuzz one target for long: make fuzz T=./schema:FuzzDecoder TIME=10m
 	$(GO) test -run '^$$' -fuzz "^$(word 2,$(subst :, ,$(T)))\$$" -fuzztime $(or $(TIME),5m) $(word 1,$(subst :, ,$(T)))
 
 bench: build ## micro-benchmarks, then the imbench scenarios (short profile)
-	$(GO) test -run '^$$' -bench . -benchmem ./schema/
+	$(GO) test -run '^$$' -bench . -benchmem ./schema/ ./das/embedded/
+	$(GO) test -run '^$$' -bench C2CEndToEnd -benchtime 5000x ./internal/platform/
 	$(BIN)/imbench conns -n 2000 --imd $(BIN)/imd --json results/conns.json
 
 lint: ## gofmt, go vet and staticcheck must be clean

@@ -43,6 +43,10 @@ func (t Terminal) User() User { return User{Account: t.Account, UID: t.UID} }
 // timeout). Logic maps it to a retryable status.
 var ErrUnavailable = errors.New("das: store unavailable")
 
+// ErrInvalid wraps errors of the caller's making (a limit <= 0, a message
+// without sender, one too large for the engine): retrying cannot help.
+var ErrInvalid = errors.New("das: invalid argument")
+
 // ErrClosed is returned by calls on a closed store.
 var ErrClosed = errors.New("das: store closed")
 

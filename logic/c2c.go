@@ -59,6 +59,9 @@ func storeErr(op string, err error) error {
 	if errors.As(err, &se) {
 		return err
 	}
+	if errors.Is(err, das.ErrInvalid) {
+		return schema.Errorf(schema.StatusBadArgument, "store: %s: %v", op, err)
+	}
 	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
 		return schema.Errorf(schema.StatusTimeout, "store: %s: %v", op, err)
 	}
@@ -115,16 +118,18 @@ func (s *Service) c2cSend(ctx context.Context, sess router.Session, h *schema.He
 	}
 	if dup {
 		s.mC2C.WithLabelValues("duplicate").Inc()
-		// The first attempt stored it and notified; the message waits in
-		// the inbox of any terminal that missed the notify.
-		return proto.Marshal(&pb.C2CSendResponse{Msgid: msgid, Duplicate: true})
+		// The first attempt may have died between storing and notifying
+		// (with Cassandra a retry can even complete its write): notify
+		// again. Receivers drop what they have seen.
+		m.Msgid = msgid
+	} else {
+		s.mC2C.WithLabelValues("stored").Inc()
 	}
-	s.mC2C.WithLabelValues("stored").Inc()
 	// Notify before answering: a sender that sends its next message only
 	// after this response cannot overtake this notify on any connection.
 	nb, _ := proto.Marshal(&pb.C2CNotify{Messages: []*pb.C2CMessage{m}})
 	s.pushUser(ctx, userOf(to), schema.CmdC2CNotify, h.MsgType, nb, h.LogID)
-	return proto.Marshal(&pb.C2CSendResponse{Msgid: msgid, StoredAtMs: now.UnixMilli()})
+	return proto.Marshal(&pb.C2CSendResponse{Msgid: msgid, StoredAtMs: now.UnixMilli(), Duplicate: dup})
 }
 
 // pushUser sends a notify to every online session of u.

@@ -423,6 +423,11 @@ write_request_timeout: 10000ms
 counter_write_request_timeout: 10000ms
 truncate_request_timeout: 60000ms
 request_timeout: 20000ms
+# one c2c message is one logged batch holding its body once per inbox and
+# twice for the timelines: allow 64 KiB bodies (imd's max_batch_bytes must
+# stay below this)
+batch_size_warn_threshold: 256KiB
+batch_size_fail_threshold: 640KiB
 EOF
 	cat >"$d/conf/logback.xml" <<'EOF'
 <configuration scan="false">

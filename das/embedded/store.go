@@ -16,7 +16,6 @@ package embedded
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"hash/maphash"
 	"log/slog"
@@ -36,7 +35,7 @@ var _ das.Store = (*Store)(nil)
 // ErrInvalid is returned (wrapped) for bad arguments: a nil message, msgid
 // 0, a missing sender or recipient, or a page limit <= 0. A retry cannot
 // cure it.
-var ErrInvalid = errors.New("das: invalid argument")
+var ErrInvalid = das.ErrInvalid
 
 // Defaults of Options.
 const (

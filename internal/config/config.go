@@ -67,10 +67,31 @@ type Gateway struct {
 
 // Store configures message storage.
 type Store struct {
-	// Engine is "embedded" (a local key-value store under data_dir/store)
-	// or "none" (no c2c). Default embedded.
+	// Engine is "embedded" (a local key-value store under data_dir/store),
+	// "cassandra" (a cluster; run `imd migrate` first) or "none" (no
+	// c2c). Default embedded.
 	Engine    string    `yaml:"engine"`
 	Retention Retention `yaml:"retention"`
+	Cassandra Cassandra `yaml:"cassandra"`
+}
+
+// Cassandra configures the Cassandra store (das/cassandra.Config).
+type Cassandra struct {
+	Hosts             []string      `yaml:"hosts"`    // contact points, host or host:port
+	Keyspace          string        `yaml:"keyspace"` // default imd
+	LocalDC           string        `yaml:"local_dc"` // default: the first contact point's
+	Consistency       string        `yaml:"consistency"`
+	SerialConsistency string        `yaml:"serial_consistency"`
+	Timeout           time.Duration `yaml:"timeout"`
+	ConnectTimeout    time.Duration `yaml:"connect_timeout"`
+	NumConns          int           `yaml:"num_conns"`
+	Username          string        `yaml:"username"`
+	Password          string        `yaml:"password"` // better from IMD_CASSANDRA_PASSWORD
+	InboxLag          time.Duration `yaml:"inbox_lag"`
+	MaxBatchBytes     int           `yaml:"max_batch_bytes"`
+	// Replication is used by `imd migrate` to create the keyspace:
+	// "dc1:3,dc2:3" (NetworkTopologyStrategy).
+	Replication string `yaml:"replication"`
 }
 
 // Retention bounds roaming history and idempotency keys.
@@ -138,10 +159,30 @@ func (c *Config) ServerFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.HTTP.Addr, "http-addr", c.HTTP.Addr, "HTTP API listen address (health, metrics, s2c)")
 	fs.DurationVar(&c.ShutdownGrace, "shutdown-grace", c.ShutdownGrace, "how long a graceful shutdown may take")
 	fs.Int64Var(&c.NodeID, "node-id", c.NodeID, "snowflake node id (0-1023) of this node, unique in the cluster")
-	fs.StringVar(&c.Store.Engine, "store", c.Store.Engine, "message store: embedded (under data-dir/store) or none")
+	fs.StringVar(&c.Store.Engine, "store", c.Store.Engine, "message store: embedded (under data-dir/store), cassandra or none")
+	c.CassandraFlags(fs)
 	fs.DurationVar(&c.Store.Retention.MaxAge, "history-max-age", c.Store.Retention.MaxAge, "drop roaming history older than this (0 keeps it)")
 	fs.IntVar(&c.Store.Retention.MaxCount, "history-max-count", c.Store.Retention.MaxCount, "keep at most this many history messages per user (0: no bound)")
 	fs.IntVar(&c.C2C.PageSize, "page-size", c.C2C.PageSize, "offline pull page size when a client asks for 0 (default 50)")
+}
+
+// CassandraFlags binds the flags that reach a Cassandra cluster.
+func (c *Config) CassandraFlags(fs *flag.FlagSet) {
+	k := &c.Store.Cassandra
+	fs.Func("cassandra-hosts", "Cassandra contact points, comma-separated host[:port] (default 127.0.0.1:9042)", func(v string) error {
+		k.Hosts = nil
+		for _, h := range strings.Split(v, ",") {
+			if h = strings.TrimSpace(h); h != "" {
+				k.Hosts = append(k.Hosts, h)
+			}
+		}
+		return nil
+	})
+	fs.StringVar(&k.Keyspace, "cassandra-keyspace", k.Keyspace, "Cassandra keyspace (default imd)")
+	fs.StringVar(&k.LocalDC, "cassandra-dc", k.LocalDC, "this node's Cassandra data center (default: the first contact point's)")
+	fs.StringVar(&k.Consistency, "cassandra-consistency", k.Consistency, "read and write consistency (default LOCAL_QUORUM)")
+	fs.StringVar(&k.Username, "cassandra-username", k.Username, "Cassandra user, if the cluster authenticates")
+	fs.StringVar(&k.Password, "cassandra-password", k.Password, "Cassandra password (prefer IMD_CASSANDRA_PASSWORD)")
 }
 
 // Load completes c after fs has parsed args once: it reads the YAML file

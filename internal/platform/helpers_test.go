@@ -53,7 +53,7 @@ func testLogger(t testing.TB) *slog.Logger {
 func start(t testing.TB, mod func(*config.Config)) *Platform {
 	t.Helper()
 	cfg := testConfig()
-	cfg.DataDir = t.TempDir()
+	useTestStore(t, &cfg)
 	if mod != nil {
 		mod(&cfg)
 	}

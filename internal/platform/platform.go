@@ -10,8 +10,10 @@ import (
 	"net"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"github.com/imd-dev/imd/das"
+	"github.com/imd-dev/imd/das/cassandra"
 	"github.com/imd-dev/imd/das/embedded"
 	"github.com/imd-dev/imd/gateway"
 	"github.com/imd-dev/imd/internal/config"
@@ -119,8 +121,33 @@ func openStore(cfg config.Config, log *slog.Logger) (das.Store, error) {
 		}
 		log.Info("embedded store open", "dir", dir)
 		return st, nil
+	case "cassandra":
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		cc := CassandraConfig(cfg, log)
+		st, err := cassandra.Open(ctx, cc)
+		if err != nil {
+			return nil, fmt.Errorf("store: cassandra %v keyspace %q: %w (has `imd migrate` run?)", cc.Hosts, cc.Keyspace, err)
+		}
+		log.Info("cassandra store open", "hosts", cc.Hosts, "keyspace", cc.Keyspace)
+		return st, nil
 	}
-	return nil, fmt.Errorf("store: unknown engine %q (want embedded or none)", cfg.Store.Engine)
+	return nil, fmt.Errorf("store: unknown engine %q (want embedded, cassandra or none)", cfg.Store.Engine)
+}
+
+// CassandraConfig is the das/cassandra configuration of cfg.
+func CassandraConfig(cfg config.Config, log *slog.Logger) cassandra.Config {
+	k := cfg.Store.Cassandra
+	r := cfg.Store.Retention
+	return cassandra.Config{
+		Hosts: k.Hosts, Keyspace: k.Keyspace, LocalDC: k.LocalDC,
+		Consistency: k.Consistency, SerialConsistency: k.SerialConsistency,
+		Timeout: k.Timeout, ConnectTimeout: k.ConnectTimeout, NumConns: k.NumConns,
+		Username: k.Username, Password: k.Password,
+		InboxLag: k.InboxLag, MaxBatchBytes: k.MaxBatchBytes,
+		Retention: das.Retention{MaxAge: r.MaxAge, MaxCount: r.MaxCount, IdempotencyTTL: r.IdempotencyTTL},
+		Logger:    log.With("tier", "das"),
+	}
 }
 
 func (p *Platform) closeStore() error {
