@@ -47,6 +47,8 @@ test-go:
 test-real: ## the suites that run on real Cassandra and Kafka (services-up first)
 	@echo "== das conformance and engine tests on Cassandra, bus tests on Kafka:"
 	$(WITH_SERVICES) CI=true $(GO) test -race -count=1 -timeout 20m ./das/cassandra/ ./schema/cql/ ./bus/
+	@echo "== c2s end to end into the real Kafka:"
+	$(WITH_SERVICES) IMD_TEST_BUS=kafka $(GO) test -race -count=1 -timeout 10m -run 'C2S' ./internal/platform/
 	@echo "== c2c, s2c and the 20,000-message soak end to end with --store cassandra:"
 	$(WITH_SERVICES) IMD_TEST_STORE=cassandra $(GO) test -count=1 -timeout 20m -run 'C2C|History|S2C|OpenAPI' -v ./internal/platform/ | grep -E '^(---|ok|FAIL|PASS|panic)|soak_test'
 

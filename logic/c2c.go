@@ -290,6 +290,8 @@ func (s *Service) Handle(ctx context.Context, sess router.Session, h *schema.Hea
 		return s.historySync(ctx, sess, h, body)
 	case schema.CmdS2CAck:
 		return s.s2cAck(ctx, sess, h, body)
+	case schema.CmdC2S:
+		return s.c2s(ctx, sess, h, body)
 	}
 	return nil, schema.Errorf(schema.StatusUnknownCmd, "command %s is not served by this server", h.Cmd)
 }

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"github.com/bwmarrin/snowflake"
+	"github.com/imd-dev/imd/bus"
 	"github.com/imd-dev/imd/das"
 	"log/slog"
 	"sync"
@@ -79,6 +80,9 @@ type Options struct {
 	NodeID int64
 	C2C    C2C
 	S2C    S2C
+	// Bus carries c2s messages to app-servers; nil serves no c2s.
+	Bus bus.Producer
+	C2S C2S
 }
 
 // Service implements API in-process.
@@ -98,6 +102,9 @@ type Service struct {
 	c2c      C2C
 	s2c      S2C
 	stats    pushStats
+	bus      bus.Producer
+	routes   map[routeKey]string
+	c2sMax   int
 	accounts map[uint32][]uint32 // account system -> its appcodes (the inbox terminals)
 
 	mLogins   *prometheus.CounterVec
@@ -105,6 +112,7 @@ type Service struct {
 	mC2C      *prometheus.CounterVec
 	mPush     *prometheus.CounterVec
 	mPushAcks prometheus.Counter
+	mC2S      *prometheus.CounterVec
 }
 
 var _ API = (*Service)(nil)
@@ -127,6 +135,13 @@ func New(opts Options) (*Service, error) {
 	}
 	s.c2c.setDefaults()
 	s.s2c.setDefaults()
+	s.bus = opts.Bus
+	c2s := opts.C2S
+	routes, err := c2s.compile()
+	if err != nil {
+		return nil, fmt.Errorf("logic: %w", err)
+	}
+	s.routes, s.c2sMax = routes, c2s.MaxContent
 	ids, err := snowflake.NewNode(opts.NodeID)
 	if err != nil {
 		return nil, fmt.Errorf("logic: node id %d: %w", opts.NodeID, err)
@@ -176,8 +191,12 @@ func New(opts Options) (*Service, error) {
 		Namespace: "imd", Subsystem: "logic", Name: "s2c_acks_total",
 		Help: "s2c pushes acknowledged by a recipient terminal (live or from its inbox).",
 	})
+	s.mC2S = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "imd", Subsystem: "logic", Name: "c2s_messages_total",
+		Help: "c2s messages by result: stored (acknowledged by the bus) or error.",
+	}, []string{"result"})
 	if opts.Registry != nil {
-		for _, c := range []prometheus.Collector{s.mLogins, s.mKicks, s.mC2C, s.mPush, s.mPushAcks} {
+		for _, c := range []prometheus.Collector{s.mLogins, s.mKicks, s.mC2C, s.mPush, s.mPushAcks, s.mC2S} {
 			if err := opts.Registry.Register(c); err != nil {
 				return nil, fmt.Errorf("logic: metrics: %w", err)
 			}

@@ -45,30 +45,41 @@ func (c *Client) SendC2C(ctx context.Context, to *pb.User, msgtype uint32, conte
 // SendC2CWithID is SendC2C with a client message id chosen by the app.
 func (c *Client) SendC2CWithID(ctx context.Context, to *pb.User, msgtype uint32, clientMsgID string, content []byte) (*pb.C2CSendResponse, error) {
 	req := &pb.C2CSendRequest{To: to, ClientMsgId: clientMsgID, Content: content}
+	var resp pb.C2CSendResponse
+	if err := c.retry(ctx, func(actx context.Context) error {
+		return c.Request(actx, schema.CmdC2CSend, msgtype, req, &resp)
+	}); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+// retry calls try until it succeeds, fails for good, or SendAttempts are
+// used up, with exponential backoff and jitter between tries. Each try gets
+// RequestTimeout.
+func (c *Client) retry(ctx context.Context, try func(context.Context) error) error {
 	backoff := c.opts.SendBackoffMin
-	var err error
 	for attempt := 1; ; attempt++ {
-		var resp pb.C2CSendResponse
 		actx, cancel := context.WithTimeout(ctx, c.opts.RequestTimeout)
-		err = c.Request(actx, schema.CmdC2CSend, msgtype, req, &resp)
+		err := try(actx)
 		cancel()
 		if err == nil {
-			return &resp, nil
+			return nil
 		}
 		if !IsRetryable(err) || errors.Is(err, ErrClosed) || ctx.Err() != nil {
-			return nil, err
+			return err
 		}
 		if attempt >= c.opts.SendAttempts {
-			return nil, fmt.Errorf("%w after %d attempts: %w", ErrSendFailed, attempt, err)
+			return fmt.Errorf("%w after %d attempts: %w", ErrSendFailed, attempt, err)
 		}
 		d := backoff/2 + time.Duration(rand.Int64N(int64(backoff/2)+1))
-		c.log.Debug("sdk: c2c send failed; retrying", "attempt", attempt, "in", d, "err", err)
+		c.log.Debug("sdk: send failed; retrying", "attempt", attempt, "in", d, "err", err)
 		select {
 		case <-time.After(d):
 		case <-ctx.Done():
-			return nil, fmt.Errorf("%w: %w (last error: %v)", ErrSendFailed, ctx.Err(), err)
+			return fmt.Errorf("%w: %w (last error: %v)", ErrSendFailed, ctx.Err(), err)
 		case <-c.stop:
-			return nil, ErrClosed
+			return ErrClosed
 		}
 		backoff = min(2*backoff, c.opts.SendBackoffMax)
 	}
@@ -402,4 +413,20 @@ func (in *inbox) sync(l *link, gen uint64) {
 	in.push(in.buffered...)
 	in.buffered = nil
 	in.syncing = false
+}
+
+// SendC2S sends content to the app-servers of msgtype (the platform maps
+// (appcode, msgtype) to a Kafka topic) and returns once the bus stored it.
+// Failures are retried like SendC2C's, with the same client message id in
+// the record headers (imd-client-msg-id): a retry after a lost response can
+// store the record twice, and consumers drop the copy by that id.
+func (c *Client) SendC2S(ctx context.Context, msgtype uint32, content []byte) (*pb.C2SResponse, error) {
+	req := &pb.C2SRequest{Content: content, ClientMsgId: NewClientMsgID()}
+	var resp pb.C2SResponse
+	if err := c.retry(ctx, func(actx context.Context) error {
+		return c.Request(actx, schema.CmdC2S, msgtype, req, &resp)
+	}); err != nil {
+		return nil, err
+	}
+	return &resp, nil
 }

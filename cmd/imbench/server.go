@@ -199,6 +199,7 @@ func (sf *serverFlags) start(ctx context.Context) (t *target, err error) {
 	cfg.Gateway.Addr = t.Gateway
 	cfg.Gateway.IdleTimeout = sf.idleTimeout
 	cfg.HTTP.Addr = t.HTTP
+	cfg.Bus.Embedded.Addr = "127.0.0.1:0" // clear of a Kafka on 9092
 	cfg.ShutdownGrace = 10 * time.Second
 	cfg.Apps = []logic.App{{AppCode: benchAppCode, Name: "imbench", Account: 1, Secrets: []string{t.secret}}}
 	y, err := yaml.Marshal(&cfg)

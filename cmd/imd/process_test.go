@@ -62,6 +62,7 @@ type proc struct {
 	dataDir string
 	gateway string
 	http    string
+	kafka   []string // the embedded broker
 	mu      sync.Mutex
 	lines   []map[string]any
 	exited  chan struct{}
@@ -80,7 +81,7 @@ func startImdIn(t *testing.T, dataDir string, nofile int, args ...string) *proc 
 	t.Helper()
 	bin := imdBinary(t)
 	p := &proc{dataDir: dataDir, exited: make(chan struct{})}
-	full := append([]string{"all", "--data-dir", p.dataDir, "--gateway-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--log-format", "json"}, args...)
+	full := append([]string{"all", "--data-dir", p.dataDir, "--gateway-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--kafka-addr", "127.0.0.1:0", "--log-format", "json"}, args...)
 	if nofile > 0 {
 		script := fmt.Sprintf(`ulimit -n %d && exec "$0" "$@"`, nofile)
 		p.cmd = exec.Command("bash", append([]string{"-c", script, bin}, full...)...)
@@ -105,6 +106,13 @@ func startImdIn(t *testing.T, dataDir string, nofile int, args ...string) *proc 
 			}
 			p.mu.Lock()
 			p.lines = append(p.lines, m)
+			if m["msg"] == "embedded kafka broker started" {
+				if as, ok := m["addr"].([]any); ok {
+					for _, a := range as {
+						p.kafka = append(p.kafka, fmt.Sprint(a))
+					}
+				}
+			}
 			if m["msg"] == "platform started" {
 				p.gateway, _ = m["gateway"].(string)
 				p.http, _ = m["http"].(string)

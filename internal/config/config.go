@@ -34,6 +34,8 @@ type Config struct {
 	Store  Store     `yaml:"store"`
 	C2C    logic.C2C `yaml:"c2c"`
 	S2C    logic.S2C `yaml:"s2c"`
+	C2S    logic.C2S `yaml:"c2s"`
+	Bus    Bus       `yaml:"bus"`
 	// Apps maps each appcode to its account system and secrets. When it is
 	// empty, imd runs the demo apps (DemoApps) with secrets generated once
 	// into <data_dir>/secrets.yaml.
@@ -73,6 +75,22 @@ type Store struct {
 	Engine    string    `yaml:"engine"`
 	Retention Retention `yaml:"retention"`
 	Cassandra Cassandra `yaml:"cassandra"`
+}
+
+// Bus configures the c2s message bus (Kafka).
+type Bus struct {
+	// Brokers of a Kafka cluster. Empty: imd runs its embedded
+	// Kafka-protocol broker (Embedded), persisted under data_dir/kafka.
+	Brokers  []string `yaml:"brokers"`
+	Embedded struct {
+		Addr       string `yaml:"addr"`       // default 127.0.0.1:9092
+		Partitions int    `yaml:"partitions"` // per topic, default 1
+	} `yaml:"embedded"`
+	Linger          time.Duration `yaml:"linger"`           // default 5ms
+	DeliveryTimeout time.Duration `yaml:"delivery_timeout"` // default 10s
+	// AutoCreateTopics lets the producer create unknown topics (the
+	// embedded broker always does).
+	AutoCreateTopics bool `yaml:"auto_create_topics"`
 }
 
 // Cassandra configures the Cassandra store (das/cassandra.Config).
@@ -163,6 +181,11 @@ func (c *Config) ServerFlags(fs *flag.FlagSet) {
 	c.CassandraFlags(fs)
 	fs.DurationVar(&c.Store.Retention.MaxAge, "history-max-age", c.Store.Retention.MaxAge, "drop roaming history older than this (0 keeps it)")
 	fs.IntVar(&c.Store.Retention.MaxCount, "history-max-count", c.Store.Retention.MaxCount, "keep at most this many history messages per user (0: no bound)")
+	fs.Func("kafka-brokers", "Kafka brokers for c2s, comma-separated host:port (default: the embedded broker)", func(v string) error {
+		c.Bus.Brokers = splitList(v)
+		return nil
+	})
+	fs.StringVar(&c.Bus.Embedded.Addr, "kafka-addr", c.Bus.Embedded.Addr, "listen address of the embedded Kafka broker (default 127.0.0.1:9092)")
 	fs.IntVar(&c.C2C.PageSize, "page-size", c.C2C.PageSize, "offline pull page size when a client asks for 0 (default 50)")
 }
 
@@ -170,12 +193,7 @@ func (c *Config) ServerFlags(fs *flag.FlagSet) {
 func (c *Config) CassandraFlags(fs *flag.FlagSet) {
 	k := &c.Store.Cassandra
 	fs.Func("cassandra-hosts", "Cassandra contact points, comma-separated host[:port] (default 127.0.0.1:9042)", func(v string) error {
-		k.Hosts = nil
-		for _, h := range strings.Split(v, ",") {
-			if h = strings.TrimSpace(h); h != "" {
-				k.Hosts = append(k.Hosts, h)
-			}
-		}
+		k.Hosts = splitList(v)
 		return nil
 	})
 	fs.StringVar(&k.Keyspace, "cassandra-keyspace", k.Keyspace, "Cassandra keyspace (default imd)")
@@ -183,6 +201,16 @@ func (c *Config) CassandraFlags(fs *flag.FlagSet) {
 	fs.StringVar(&k.Consistency, "cassandra-consistency", k.Consistency, "read and write consistency (default LOCAL_QUORUM)")
 	fs.StringVar(&k.Username, "cassandra-username", k.Username, "Cassandra user, if the cluster authenticates")
 	fs.StringVar(&k.Password, "cassandra-password", k.Password, "Cassandra password (prefer IMD_CASSANDRA_PASSWORD)")
+}
+
+func splitList(v string) []string {
+	var out []string
+	for _, h := range strings.Split(v, ",") {
+		if h = strings.TrimSpace(h); h != "" {
+			out = append(out, h)
+		}
+	}
+	return out
 }
 
 // Load completes c after fs has parsed args once: it reads the YAML file

@@ -33,6 +33,12 @@ func testConfig() config.Config {
 	cfg.Gateway.Engine = os.Getenv("IMD_GATEWAY_ENGINE")
 	cfg.Gateway.Addr = "127.0.0.1:0"
 	cfg.HTTP.Addr = "127.0.0.1:0"
+	cfg.Bus.Embedded.Addr = "127.0.0.1:0"
+	cfg.C2S.Routes = []logic.Route{
+		{AppCode: 101, MsgType: 1, Topic: "freight.gps"},
+		{AppCode: 101, MsgType: 2, Topic: "freight.events"},
+		{AppCode: 102, MsgType: 1, Topic: "freight.gps"},
+	}
 	cfg.Apps = []logic.App{
 		{AppCode: 101, Name: "freight-android", Account: 1, Secrets: []string{testSecret}, APIKeys: []string{testAPIKey}},
 		{AppCode: 102, Name: "freight-pc", Account: 1, Secrets: []string{testSecret}},

@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/imd-dev/imd/bus"
 	"github.com/imd-dev/imd/das"
 	"github.com/imd-dev/imd/das/cassandra"
 	"github.com/imd-dev/imd/das/embedded"
@@ -30,7 +31,11 @@ type Platform struct {
 	Logic    *logic.Service
 	Gateway  *gateway.Server
 	Registry *prometheus.Registry
-	Store    das.Store // nil with store engine "none"
+	Store    das.Store   // nil with store engine "none"
+	Broker   *bus.Broker // the embedded Kafka broker; nil with external brokers
+	producer *bus.KafkaProducer
+	kafka    []string
+	busOnce  sync.Once
 
 	log      *slog.Logger
 	http     *fasthttp.Server
@@ -53,9 +58,13 @@ func Start(cfg config.Config, log *slog.Logger) (*Platform, error) {
 		return nil, err
 	}
 	p.Store = store
+	if err := p.openBus(cfg, log, reg); err != nil {
+		p.closeStore()
+		return nil, err
+	}
 	svc, err := logic.New(logic.Options{
 		Apps: cfg.Apps, Router: p.Router, Logger: log.With("tier", "logic"), Registry: reg,
-		Store: store, NodeID: cfg.NodeID, C2C: cfg.C2C, S2C: cfg.S2C,
+		Store: store, NodeID: cfg.NodeID, C2C: cfg.C2C, S2C: cfg.S2C, C2S: cfg.C2S, Bus: p.producer,
 	})
 	if err != nil {
 		p.closeStore()
@@ -150,7 +159,59 @@ func CassandraConfig(cfg config.Config, log *slog.Logger) cassandra.Config {
 	}
 }
 
+// openBus starts the embedded Kafka broker unless brokers are configured,
+// and the c2s producer.
+func (p *Platform) openBus(cfg config.Config, log *slog.Logger, reg prometheus.Registerer) error {
+	b := cfg.Bus
+	brokers := b.Brokers
+	if len(brokers) == 0 {
+		dir := ""
+		if cfg.DataDir != "" {
+			dir = filepath.Join(cfg.DataDir, "kafka")
+		}
+		br, err := bus.StartBroker(bus.BrokerConfig{
+			Addr: b.Embedded.Addr, DataDir: dir, Partitions: b.Embedded.Partitions,
+			Topics: cfg.C2S.Topics(), Logger: log.With("tier", "bus"),
+		})
+		if err != nil {
+			return fmt.Errorf("embedded kafka broker: %w", err)
+		}
+		p.Broker = br
+		brokers = br.Addrs()
+		log.Info("embedded kafka broker started", "addr", brokers, "dir", dir)
+	}
+	pr, err := bus.NewKafkaProducer(bus.ProducerConfig{
+		Brokers: brokers, Linger: b.Linger, DeliveryTimeout: b.DeliveryTimeout,
+		AutoCreateTopics: b.AutoCreateTopics || p.Broker != nil,
+		Logger:           log.With("tier", "bus"), Registry: reg,
+	})
+	if err != nil {
+		p.closeBus(context.Background())
+		return fmt.Errorf("kafka producer: %w", err)
+	}
+	p.producer, p.kafka = pr, brokers
+	return nil
+}
+
+// KafkaAddrs are the brokers c2s goes to.
+func (p *Platform) KafkaAddrs() []string { return p.kafka }
+
+// closeBus flushes the producer, then stops the embedded broker. Once.
+func (p *Platform) closeBus(ctx context.Context) error {
+	var err error
+	p.busOnce.Do(func() {
+		if p.producer != nil {
+			err = p.producer.Close(ctx)
+		}
+		if p.Broker != nil {
+			p.Broker.Close()
+		}
+	})
+	return err
+}
+
 func (p *Platform) closeStore() error {
+	p.closeBus(context.Background())
 	if p.Store == nil {
 		return nil
 	}
@@ -176,7 +237,11 @@ func (p *Platform) Shutdown(ctx context.Context) error {
 		if herr := p.http.ShutdownWithContext(ctx); herr != nil {
 			err = errors.Join(err, herr)
 		}
-		// Every request has finished with the gateway: the store can close.
+		// Every request has finished with the gateway: the bus and the
+		// store can close.
+		if berr := p.closeBus(ctx); berr != nil {
+			err = errors.Join(err, berr)
+		}
 		if serr := p.closeStore(); serr != nil {
 			err = errors.Join(err, serr)
 		}
