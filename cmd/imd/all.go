@@ -30,7 +30,7 @@ func runAll(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	if demo {
-		log.Warn("no apps configured: running the demo appcodes 101, 102 (account 1) and 201 (account 2) with a secret generated in the data dir; mint tokens with `imd token`",
+		log.Warn("no apps configured: running the demo appcodes 101, 102 (account 1) and 201 (account 2) with a secret and an API key generated in the data dir (`imd token --uid N`, `imd token --api-key`); c2s msgtype 1 goes to topic freight.gps",
 			"secrets", cfg.DataDir+"/secrets.yaml")
 	}
 	p, err := platform.Start(cfg, log)

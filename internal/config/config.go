@@ -147,6 +147,15 @@ func DemoApps() []logic.App {
 	}
 }
 
+// DemoRoutes send the demo apps' c2s GPS reports (msgtype 1) to the topic
+// freight.gps.
+func DemoRoutes() []logic.Route {
+	return []logic.Route{
+		{AppCode: 101, MsgType: 1, Topic: "freight.gps"},
+		{AppCode: 102, MsgType: 1, Topic: "freight.gps"},
+	}
+}
+
 // Flags binds the common flags to c on fs. Call Load after fs.Parse.
 func (c *Config) Flags(fs *flag.FlagSet) *string {
 	path := fs.String("config", "", "YAML config file (env IMD_CONFIG)")
@@ -261,8 +270,9 @@ func EnvName(flagName string) string {
 	return "IMD_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
 }
 
-// ResolveApps fills in the demo apps and their generated secret and API
-// key when no apps are configured. It reports whether the demo apps are in
+// ResolveApps fills in the demo apps, their generated secret and API key,
+// and (unless routes are configured) the demo c2s routes when no apps are
+// configured. It reports whether the demo apps are in
 // use.
 func (c *Config) ResolveApps() (demo bool, err error) {
 	if len(c.Apps) > 0 {
@@ -273,6 +283,9 @@ func (c *Config) ResolveApps() (demo bool, err error) {
 		return true, err
 	}
 	c.Apps = DemoApps()
+	if len(c.C2S.Routes) == 0 {
+		c.C2S.Routes = DemoRoutes()
+	}
 	for i := range c.Apps {
 		c.Apps[i].Secrets = []string{f.DemoSecret}
 		c.Apps[i].APIKeys = []string{f.DemoAPIKey}

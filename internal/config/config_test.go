@@ -118,7 +118,8 @@ func TestExampleConfig(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(c.Apps) != 3 || c.Gateway.ID != "gate-a" || c.Gateway.KeepaliveInterval != 30*time.Second || c.Gateway.MaxQueueBytes != 4<<20 {
+	if len(c.Apps) != 3 || c.Gateway.ID != "gate-a" || c.Gateway.KeepaliveInterval != 30*time.Second || c.Gateway.MaxQueueBytes != 4<<20 ||
+		len(c.C2S.Routes) != 2 || c.Bus.Linger != 5*time.Millisecond || c.Store.Cassandra.Keyspace != "imd" || len(c.Apps[0].APIKeys) != 1 {
 		t.Fatalf("example config loaded as %+v", c)
 	}
 	for _, a := range c.Apps {
