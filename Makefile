@@ -51,6 +51,9 @@ test-real: ## the suites that run on real Cassandra and Kafka (services-up first
 	$(WITH_SERVICES) IMD_TEST_BUS=kafka $(GO) test -race -count=1 -timeout 10m -run 'C2S' ./internal/platform/
 	@echo "== c2c, s2c and the 20,000-message soak end to end with --store cassandra:"
 	$(WITH_SERVICES) IMD_TEST_STORE=cassandra $(GO) test -count=1 -timeout 20m -run 'C2C|History|S2C|OpenAPI' -v ./internal/platform/ | grep -E '^(---|ok|FAIL|PASS|panic)|soak_test'
+	@echo "== fault tests: Cassandra, then Kafka, stopped and restarted under load:"
+	$(WITH_SERVICES) CI=true IMD_TEST_CASSANDRA_FAULT=1 $(GO) test -count=1 -timeout 10m -run 'Fault' -v ./das/cassandra/ | grep -E '^(---|ok|FAIL|PASS|panic)|fault_test'
+	$(WITH_SERVICES) CI=true IMD_TEST_KAFKA_FAULT=1 $(GO) test -count=1 -timeout 10m -run 'Restart' -v ./bus/ | grep -E '^(---|ok|FAIL|PASS|panic)|restart_test'
 
 fuzz-short: ## run every fuzz target briefly from its seed corpus
 	@set -e; for t in $(FUZZ_TARGETS); do \

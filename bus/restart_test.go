@@ -329,13 +329,18 @@ func TestRestart(t *testing.T) {
 	}
 }
 
-// TestBrokerChild is the embedded broker in a child process for TestCrash;
-// it runs only there.
-func TestBrokerChild(t *testing.T) {
-	dir := os.Getenv("IMD_BUS_CHILD_DIR")
-	if dir == "" {
-		t.Skip("the broker process of TestCrash")
+// TestMain runs the embedded broker of TestCrash when the test binary is
+// started as its child process, and the tests otherwise.
+func TestMain(m *testing.M) {
+	if dir := os.Getenv("IMD_BUS_CHILD_DIR"); dir != "" {
+		brokerChild(dir)
+		return
 	}
+	os.Exit(m.Run())
+}
+
+// brokerChild is the embedded broker in a child process for TestCrash.
+func brokerChild(dir string) {
 	b, err := StartBroker(BrokerConfig{Addr: os.Getenv("IMD_BUS_CHILD_ADDR"), DataDir: dir, Topics: []string{"c2s.pre"}})
 	if err != nil {
 		fmt.Println("ERR", err)
@@ -345,11 +350,11 @@ func TestBrokerChild(t *testing.T) {
 	time.Sleep(time.Hour) // until the parent kills us
 }
 
-// startChild starts TestBrokerChild and returns its address.
+// startChild starts brokerChild and returns its address.
 func startChild(t *testing.T, dir, addr string) (*exec.Cmd, string) {
 	t.Helper()
 	for try := 0; ; try++ {
-		cmd := exec.Command(os.Args[0], "-test.run=^TestBrokerChild$", "-test.count=1")
+		cmd := exec.Command(os.Args[0])
 		cmd.Env = append(os.Environ(), "IMD_BUS_CHILD_DIR="+dir, "IMD_BUS_CHILD_ADDR="+addr)
 		var stderr bytes.Buffer
 		cmd.Stderr = &stderr

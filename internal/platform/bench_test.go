@@ -1,14 +1,22 @@
 package platform
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
+	"encoding/json"
+	"io"
+	"net/http"
+	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/imd-dev/imd/bench"
+	"github.com/imd-dev/imd/internal/config"
+	"github.com/imd-dev/imd/logic"
 	"github.com/imd-dev/imd/schema/pb"
 	"github.com/imd-dev/imd/sdk"
 )
@@ -70,6 +78,126 @@ func BenchmarkC2CEndToEnd(b *testing.B) {
 	el := time.Since(began)
 	b.StopTimer()
 	b.ReportMetric(float64(b.N)/el.Seconds(), "msgs/s")
+	b.ReportMetric(float64(hist.Quantile(0.50))/1e6, "p50-ms")
+	b.ReportMetric(float64(hist.Quantile(0.99))/1e6, "p99-ms")
+}
+
+// BenchmarkC2SEndToEnd: GPS-sized c2s reports from 64 connected drivers
+// through the gateway to the embedded Kafka broker (or the real one with
+// IMD_TEST_BUS=kafka), each driver waiting for "stored in Kafka" before
+// its next report. Reports msgs/s and send->ack p50/p99.
+//
+//	go test -run '^$' -bench C2SEndToEnd -benchtime 20000x ./internal/platform/
+func BenchmarkC2SEndToEnd(b *testing.B) {
+	const drivers = 64
+	p := start(b, func(c *config.Config) {
+		c.C2S.Routes = []logic.Route{{AppCode: 101, MsgType: 1, Topic: "bench.gps"}}
+		if testBus == "kafka" {
+			c.Bus.Brokers = []string{os.Getenv("IMD_TEST_KAFKA")}
+			c.Bus.AutoCreateTopics = true
+		}
+	})
+	clients := make([]*sdk.Client, drivers)
+	for i := range drivers {
+		clients[i] = login(b, p, 101, uint64(1+i), nil)
+	}
+	report := []byte(`{"lat":31.2304,"lng":121.4737,"speed":42.5,"heading":270,"ts":1795000000000}`)
+	var mu sync.Mutex
+	var hist bench.Histogram
+	var next atomic.Int64
+	b.ResetTimer()
+	began := time.Now()
+	var wg sync.WaitGroup
+	for i := range drivers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for next.Add(1) <= int64(b.N) {
+				t0 := time.Now()
+				if _, err := clients[i].SendC2S(context.Background(), 1, report); err != nil {
+					b.Error(err)
+					return
+				}
+				d := time.Since(t0)
+				mu.Lock()
+				hist.Record(d)
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	el := time.Since(began)
+	b.StopTimer()
+	b.ReportMetric(float64(b.N)/el.Seconds(), "msgs/s")
+	b.ReportMetric(float64(hist.Quantile(0.50))/1e6, "p50-ms")
+	b.ReportMetric(float64(hist.Quantile(0.99))/1e6, "p99-ms")
+}
+
+// BenchmarkS2CFanOut: one HTTP push of a 100-byte order to 500 online
+// drivers per op, 4 pushers at once; reports deliveries/s (notifies that
+// reached an SDK callback) and push->delivery p50/p99.
+//
+//	go test -run '^$' -bench S2CFanOut -benchtime 200x ./internal/platform/
+func BenchmarkS2CFanOut(b *testing.B) {
+	const drivers, pushers = 500, 4
+	p := start(b, nil)
+	var mu sync.Mutex
+	var hist bench.Histogram
+	var delivered atomic.Int64
+	for i := range drivers {
+		login(b, p, 101, uint64(1+i), func(o *sdk.Options) {
+			o.OnS2C = func(m *pb.S2CNotify) {
+				d := time.Since(time.UnixMilli(m.SentAtMs))
+				mu.Lock()
+				hist.Record(d)
+				mu.Unlock()
+				delivered.Add(1)
+			}
+		})
+	}
+	to := make([]map[string]any, drivers)
+	for i := range to {
+		to[i] = map[string]any{"appcode": 101, "uid": 1 + i}
+	}
+	body, _ := json.Marshal(map[string]any{"to": to, "msgtype": 2, "text": strings.Repeat("o", 100)})
+	url := "http://" + p.HTTPAddr() + "/v1/push"
+	var next atomic.Int64
+	b.ResetTimer()
+	began := time.Now()
+	var wg sync.WaitGroup
+	for range pushers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for next.Add(1) <= int64(b.N) {
+				req, _ := http.NewRequest("POST", url, bytes.NewReader(body))
+				req.Header.Set("Authorization", "Bearer "+testAPIKey)
+				resp, err := http.DefaultClient.Do(req)
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				_, _ = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != 200 {
+					b.Errorf("push: HTTP %d", resp.StatusCode)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	want := int64(b.N) * drivers
+	deadline := time.Now().Add(60 * time.Second)
+	for delivered.Load() < want && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	el := time.Since(began)
+	b.StopTimer()
+	if delivered.Load() < want {
+		b.Fatalf("%d of %d deliveries", delivered.Load(), want)
+	}
+	b.ReportMetric(float64(want)/el.Seconds(), "deliveries/s")
 	b.ReportMetric(float64(hist.Quantile(0.50))/1e6, "p50-ms")
 	b.ReportMetric(float64(hist.Quantile(0.99))/1e6, "p99-ms")
 }
