@@ -154,6 +154,7 @@ func New(opts Options) (*Service, error) {
 		s.log = slog.New(slog.DiscardHandler)
 	}
 	var errs []error
+	keys := map[string]uint32{}
 	for i := range opts.Apps {
 		a := opts.Apps[i]
 		if err := a.Validate(); err != nil {
@@ -165,6 +166,12 @@ func New(opts Options) (*Service, error) {
 			continue
 		}
 		s.apps[a.AppCode] = &a
+		for _, k := range a.APIKeys {
+			if other, dup := keys[k]; dup {
+				errs = append(errs, fmt.Errorf("appcodes %d and %d share an api key: a key must name one app", other, a.AppCode))
+			}
+			keys[k] = a.AppCode
+		}
 		s.accounts[a.Account] = append(s.accounts[a.Account], a.AppCode)
 	}
 	if err := errors.Join(errs...); err != nil {

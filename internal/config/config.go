@@ -13,6 +13,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -288,7 +289,8 @@ func (c *Config) ResolveApps() (demo bool, err error) {
 	}
 	for i := range c.Apps {
 		c.Apps[i].Secrets = []string{f.DemoSecret}
-		c.Apps[i].APIKeys = []string{f.DemoAPIKey}
+		// one key per appcode: a key names the app that pushes
+		c.Apps[i].APIKeys = []string{f.DemoAPIKey + "-" + strconv.FormatUint(uint64(c.Apps[i].AppCode), 10)}
 	}
 	return true, nil
 }
