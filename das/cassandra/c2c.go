@@ -15,18 +15,6 @@ import (
 	"github.com/imd-dev/imd/schema/pb"
 )
 
-func validateMessage(m *pb.C2CMessage) error {
-	switch {
-	case m == nil:
-		return fmt.Errorf("%w: nil message", ErrInvalid)
-	case m.Msgid == 0 || m.Msgid > maxMsgid:
-		return fmt.Errorf("%w: msgid %d", ErrInvalid, m.Msgid)
-	case m.From == nil || m.To == nil:
-		return fmt.Errorf("%w: message %d without sender or recipient", ErrInvalid, m.Msgid)
-	}
-	return nil
-}
-
 // PutC2C implements das.Store.
 //
 // Rows: one logged batch holds every row of the message (the inbox row of
@@ -58,7 +46,7 @@ func (s *Store) PutC2C(ctx context.Context, m *pb.C2CMessage, inbox []uint32) (u
 		return 0, false, err
 	}
 	defer s.exit()
-	if err := validateMessage(m); err != nil {
+	if err := das.ValidateMessage(m); err != nil {
 		return 0, false, err
 	}
 	body, err := proto.Marshal(m)
@@ -168,7 +156,7 @@ func decodeClaim(row map[string]any) (claimed, error) {
 	var c claimed
 	c.msg = new(pb.C2CMessage)
 	if err := proto.Unmarshal(body, c.msg); err != nil || msgid == 0 || uint64(msgid) != c.msg.Msgid || ts == 0 ||
-		validateMessage(c.msg) != nil {
+		das.ValidateMessage(c.msg) != nil {
 		return claimed{}, fmt.Errorf("das/cassandra: corrupt idempotency record (msgid %d, %d bytes, ts %d): %v",
 			msgid, len(body), ts, err)
 	}
@@ -193,7 +181,7 @@ func decodeClaim(row map[string]any) (claimed, error) {
 // message: its msgid's time. Deriving it from the msgid makes every
 // re-write of a message identical to the first, so re-writes are
 // idempotent, and a deletion (Ack, at a later timestamp) always wins.
-func writeTime(msgid uint64) int64 { return msgTime(msgid).UnixMicro() }
+func writeTime(msgid uint64) int64 { return das.MsgTime(msgid).UnixMicro() }
 
 // writeMessage writes the rows of m in one logged batch with timestamp ts.
 // It decides here, just before the write, whether the inbox rows are late
@@ -211,7 +199,7 @@ func (s *Store) writeMessage(ctx context.Context, m *pb.C2CMessage, body []byte,
 	}
 	maxAge := s.cfg.Retention.MaxAge
 	bucket := bucketOf(m.Msgid)
-	if ttl := ttlSeconds(maxAge, msgTime(m.Msgid), now); ttl >= 0 {
+	if ttl := ttlSeconds(maxAge, das.MsgTime(m.Msgid), now); ttl >= 0 {
 		bttl := max(ttlSeconds(maxAge, bucketEnd(bucket), now), 0)
 		sides := [][2]*pb.User{{from, to}, {to, from}}
 		if from.GetAccount() == to.GetAccount() && from.GetUid() == to.GetUid() {
@@ -236,7 +224,7 @@ func (s *Store) writeMessage(ctx context.Context, m *pb.C2CMessage, body []byte,
 // below a low watermark that has already passed it (README.md): its msgid
 // time is more than InboxLag/2 in the past.
 func (s *Store) isLate(msgid uint64, now time.Time) bool {
-	return msgTime(msgid).Before(now.Add(-s.cfg.InboxLag / 2))
+	return das.MsgTime(msgid).Before(now.Add(-s.cfg.InboxLag / 2))
 }
 
 // add appends an idempotent statement to b.
@@ -267,12 +255,12 @@ func (s *Store) History(ctx context.Context, u das.User, peer *das.User, since u
 		return nil, false, fmt.Errorf("%w: history limit %d", ErrInvalid, limit)
 	}
 	limit = min(limit, s.cfg.MaxPage)
-	if since >= maxMsgid {
+	if since >= das.MaxMsgid {
 		return nil, false, nil
 	}
 	from := since + 1
 	if maxAge := s.cfg.Retention.MaxAge; maxAge > 0 {
-		from = max(from, msgidAt(s.now().Add(-maxAge)))
+		from = max(from, das.MsgidAt(s.now().Add(-maxAge)))
 	}
 	var (
 		msgs []*pb.C2CMessage

@@ -164,15 +164,15 @@ func TestConfig(t *testing.T) {
 // TestLayout: bucket and TTL arithmetic.
 func TestLayout(t *testing.T) {
 	now := time.Now()
-	id := msgidAt(now)
-	if d := msgTime(id).Sub(now); d > time.Millisecond || d < -time.Millisecond {
-		t.Fatalf("msgTime(msgidAt(now)) off by %v", d)
+	id := das.MsgidAt(now)
+	if d := das.MsgTime(id).Sub(now); d > time.Millisecond || d < -time.Millisecond {
+		t.Fatalf("das.MsgTime(das.MsgidAt(now)) off by %v", d)
 	}
 	b := bucketOf(id)
 	if end := bucketEnd(b); !end.After(now) || end.Sub(now) > bucketWidth {
 		t.Fatalf("bucket %d ends %v, now %v", b, end, now)
 	}
-	if bucketOf(msgidAt(bucketEnd(b))) != b+1 || bucketOf(msgidAt(bucketEnd(b))-1) != b {
+	if bucketOf(das.MsgidAt(bucketEnd(b))) != b+1 || bucketOf(das.MsgidAt(bucketEnd(b))-1) != b {
 		t.Fatal("bucket boundary")
 	}
 	if got := ttlSeconds(0, now, now); got != 0 {
@@ -184,7 +184,7 @@ func TestLayout(t *testing.T) {
 	if got := ttlSeconds(time.Hour, now.Add(-30*time.Minute), now); got < 1799 || got > 1801 {
 		t.Fatalf("half an hour left: ttl %d", got)
 	}
-	if writeTime(id) != msgTime(id).UnixMicro() {
+	if writeTime(id) != das.MsgTime(id).UnixMicro() {
 		t.Fatal("writeTime")
 	}
 }

@@ -72,7 +72,7 @@ func (s *Store) InboxPage(ctx context.Context, t das.Terminal, after uint64, lim
 		return nil, false, fmt.Errorf("%w: inbox page limit %d", ErrInvalid, limit)
 	}
 	limit = min(limit, s.cfg.MaxPage)
-	if after >= maxMsgid {
+	if after >= das.MaxMsgid {
 		return nil, false, nil
 	}
 	im, err := s.meta(ctx, t)
@@ -179,7 +179,7 @@ func (s *Store) Ack(ctx context.Context, t das.Terminal, msgids []uint64) ([]*pb
 	for chunk := range slices.Chunk(ids, ackChunk) {
 		in := make([]int64, 0, len(chunk))
 		for _, id := range chunk {
-			if id != 0 && id <= maxMsgid {
+			if id != 0 && id <= das.MaxMsgid {
 				in = append(in, i64(id))
 			}
 		}
@@ -256,9 +256,9 @@ func (s *Store) Ack(ctx context.Context, t das.Terminal, msgids []uint64) ([]*pb
 // than InboxLag/2 (so most acks of an online terminal skip it). A PutC2C
 // decides at time w that its rows are not late only if their msgid time is
 // after w - InboxLag/2, and finishes by w + InboxLag/4; a floor computed
-// at time r is at most msgidAt(r - InboxLag) and at most the first row
+// at time r is at most das.MsgidAt(r - InboxLag) and at most the first row
 // visible then. A row that is not late and not yet visible at r has its
-// decision after r - InboxLag/4, so its msgid is above msgidAt(r -
+// decision after r - InboxLag/4, so its msgid is above das.MsgidAt(r -
 // 3·InboxLag/4), above the floor: the floor never passes a row that reads
 // cannot reach. Late rows are listed in inbox_meta and read from there.
 //
@@ -267,7 +267,7 @@ func (s *Store) Ack(ctx context.Context, t das.Terminal, msgids []uint64) ([]*pb
 // more: older than IdempotencyTTL + InboxLag.
 func (s *Store) raiseFloor(ctx context.Context, t das.Terminal, im inboxMeta, now time.Time) error {
 	lag := s.cfg.InboxLag
-	if im.late != 0 && im.late < msgidAt(now.Add(-s.cfg.Retention.IdempotencyTTL-lag)) {
+	if im.late != 0 && im.late < das.MsgidAt(now.Add(-s.cfg.Retention.IdempotencyTTL-lag)) {
 		var id int64
 		err := s.q(stmtInboxOne, i32(t.Account), i64(t.UID), i32(t.AppCode), i64(im.late)).ScanContext(ctx, &id)
 		switch {
@@ -281,8 +281,8 @@ func (s *Store) raiseFloor(ctx context.Context, t das.Terminal, im inboxMeta, no
 			return err
 		}
 	}
-	ceiling := msgidAt(now.Add(-lag))
-	if im.floor >= msgidAt(now.Add(-lag-lag/2)) || im.floor >= ceiling {
+	ceiling := das.MsgidAt(now.Add(-lag))
+	if im.floor >= das.MsgidAt(now.Add(-lag-lag/2)) || im.floor >= ceiling {
 		return nil
 	}
 	next := ceiling
@@ -313,7 +313,7 @@ func (s *Store) PutInbox(ctx context.Context, m *pb.C2CMessage, terminals []das.
 		return err
 	}
 	defer s.exit()
-	if err := validateMessage(m); err != nil {
+	if err := das.ValidateMessage(m); err != nil {
 		return err
 	}
 	if len(terminals) == 0 {

@@ -1,6 +1,7 @@
 package cassandra
 
 import (
+	"github.com/imd-dev/imd/das"
 	"math"
 	"time"
 )
@@ -13,28 +14,6 @@ import (
 func i32(v uint32) int32 { return int32(v) }
 func i64(v uint64) int64 { return int64(v) }
 
-// snowflakeEpoch is bwmarrin/snowflake's default epoch in Unix
-// milliseconds; a msgid carries the milliseconds since it above bit 22.
-const (
-	snowflakeEpoch     = 1288834974657
-	snowflakeTimeShift = 22
-	maxMsgid           = math.MaxInt64
-)
-
-// msgTime returns the time a snowflake msgid was made.
-func msgTime(msgid uint64) time.Time {
-	return time.UnixMilli(int64(msgid>>snowflakeTimeShift) + snowflakeEpoch)
-}
-
-// msgidAt returns the smallest msgid made at t (0 before the epoch).
-func msgidAt(t time.Time) uint64 {
-	ms := t.UnixMilli() - snowflakeEpoch
-	if ms <= 0 {
-		return 0
-	}
-	return uint64(ms) << snowflakeTimeShift
-}
-
 // bucketWidth is the time span of one timeline partition. A busy user's
 // week is tens of thousands of small rows, far below the partition sizes
 // Cassandra handles well; a quiet user's history spans few buckets, and
@@ -45,12 +24,12 @@ const bucketWidth = 7 * 24 * time.Hour
 // bucketOf returns the timeline bucket of a msgid: weeks since the
 // snowflake epoch.
 func bucketOf(msgid uint64) int32 {
-	return int32((msgid >> snowflakeTimeShift) / uint64(bucketWidth.Milliseconds()))
+	return int32((das.MsgTime(msgid).UnixMilli() - das.SnowflakeEpoch) / bucketWidth.Milliseconds())
 }
 
 // bucketEnd returns the time after the last msgid of bucket b.
 func bucketEnd(b int32) time.Time {
-	return time.UnixMilli(snowflakeEpoch + (int64(b)+1)*bucketWidth.Milliseconds())
+	return time.UnixMilli(das.SnowflakeEpoch + (int64(b)+1)*bucketWidth.Milliseconds())
 }
 
 // ttlSeconds returns the TTL that makes a row expire at expiry, seen at

@@ -41,7 +41,7 @@ var lastID atomic.Uint64
 
 // msgidAround returns a fresh msgid made at about t: distinct from every
 // other one this binary makes.
-func msgidAround(t time.Time) uint64 { return msgidAt(t) + lastID.Add(1)%(1<<22) }
+func msgidAround(t time.Time) uint64 { return das.MsgidAt(t) + lastID.Add(1)%(1<<22) }
 
 func newMsg(id uint64, from, to das.User, cmid string) *pb.C2CMessage {
 	return &pb.C2CMessage{
@@ -51,7 +51,7 @@ func newMsg(id uint64, from, to das.User, cmid string) *pb.C2CMessage {
 		To:          &pb.User{Account: to.Account, Uid: to.UID},
 		Msgtype:     3,
 		Content:     fmt.Appendf(nil, "content of %d", id),
-		SentAtMs:    msgTime(id).UnixMilli(),
+		SentAtMs:    das.MsgTime(id).UnixMilli(),
 		ClientMsgId: cmid,
 	}
 }
@@ -123,8 +123,8 @@ func TestWatermark(t *testing.T) {
 	if _, _, err := s.Ack(ctx, rcpt, []uint64{sent[0].Msgid}); err != nil {
 		t.Fatal(err)
 	}
-	if im := metaOf(t, s, rcpt); im.floor > msgidAt(real.Add(-s.cfg.InboxLag)) || im.floor > sent[1].Msgid {
-		t.Fatalf("floor %d passed now - lag (%d) or the first row", im.floor, msgidAt(real.Add(-s.cfg.InboxLag)))
+	if im := metaOf(t, s, rcpt); im.floor > das.MsgidAt(real.Add(-s.cfg.InboxLag)) || im.floor > sent[1].Msgid {
+		t.Fatalf("floor %d passed now - lag (%d) or the first row", im.floor, das.MsgidAt(real.Add(-s.cfg.InboxLag)))
 	}
 	// An hour later: the watermark moves up to the first unacked row.
 	clock = real.Add(time.Hour)
@@ -177,7 +177,7 @@ func TestWatermark(t *testing.T) {
 		t.Fatal(err)
 	}
 	im := metaOf(t, s, rcpt)
-	if im.late != 0 || im.floor != msgidAt(clock.Add(-s.cfg.InboxLag)) {
+	if im.late != 0 || im.floor != das.MsgidAt(clock.Add(-s.cfg.InboxLag)) {
 		t.Fatalf("meta after the last ack, a day later: %+v", im)
 	}
 	// New messages after that are above the floor.
@@ -237,7 +237,7 @@ func TestHistoryBuckets(t *testing.T) {
 		newMsg(msgidAround(now), d, e, "r2"),
 	} {
 		mustPut(t, rs, m, 101)
-		if msgTime(m.Msgid).After(now.Add(-20 * 24 * time.Hour)) {
+		if das.MsgTime(m.Msgid).After(now.Add(-20 * 24 * time.Hour)) {
 			kept = append(kept, m.Msgid)
 		}
 	}
@@ -255,7 +255,7 @@ func TestHistoryBuckets(t *testing.T) {
 		i32(d.Account), i64(d.UID), bucketOf(kept[0]), i64(kept[0])).Scan(&ttl); err != nil {
 		t.Fatal(err)
 	}
-	if want := time.Until(msgTime(kept[0]).Add(rcfg.Retention.MaxAge)).Seconds(); float64(ttl) > want+5 || float64(ttl) < want-60 {
+	if want := time.Until(das.MsgTime(kept[0]).Add(rcfg.Retention.MaxAge)).Seconds(); float64(ttl) > want+5 || float64(ttl) < want-60 {
 		t.Fatalf("TTL %d s, want about %.0f", ttl, want)
 	}
 }

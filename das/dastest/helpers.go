@@ -15,15 +15,12 @@ import (
 	"github.com/imd-dev/imd/schema/pb"
 )
 
-// snowflakeEpoch is bwmarrin/snowflake's default epoch (Unix ms).
-const snowflakeEpoch = 1288834974657
-
 // lastID makes msgids shaped like snowflake ids (time since the epoch in
 // the high bits) and strictly increasing within the test binary.
 var lastID atomic.Uint64
 
 func init() {
-	lastID.Store(uint64(time.Now().UnixMilli()-snowflakeEpoch) << 22)
+	lastID.Store(uint64(time.Now().UnixMilli()-das.SnowflakeEpoch) << 22)
 }
 
 // NewMsgid returns a fresh msgid: unique in the process, increasing, and

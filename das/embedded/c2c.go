@@ -15,18 +15,6 @@ import (
 
 func userOf(u *pb.User) das.User { return das.User{Account: u.GetAccount(), UID: u.GetUid()} }
 
-func validateMessage(m *pb.C2CMessage) error {
-	switch {
-	case m == nil:
-		return fmt.Errorf("%w: nil message", ErrInvalid)
-	case m.Msgid == 0:
-		return fmt.Errorf("%w: msgid 0", ErrInvalid)
-	case m.From == nil || m.To == nil:
-		return fmt.Errorf("%w: message %d without sender or recipient", ErrInvalid, m.Msgid)
-	}
-	return nil
-}
-
 // PutC2C implements das.Store. The message, its index rows and its
 // idempotency key are one batch committed with a WAL sync. The
 // idempotency check and the commit run under a lock striped by the
@@ -41,7 +29,7 @@ func (s *Store) PutC2C(ctx context.Context, m *pb.C2CMessage, inbox []uint32) (u
 		return 0, false, err
 	}
 	defer s.exit()
-	if err := validateMessage(m); err != nil {
+	if err := das.ValidateMessage(m); err != nil {
 		return 0, false, err
 	}
 	body, err := proto.Marshal(m)
@@ -104,7 +92,7 @@ func (s *Store) PutInbox(ctx context.Context, m *pb.C2CMessage, terminals []das.
 		return err
 	}
 	defer s.exit()
-	if err := validateMessage(m); err != nil {
+	if err := das.ValidateMessage(m); err != nil {
 		return err
 	}
 	if len(terminals) == 0 {

@@ -185,7 +185,7 @@ func (s *Store) deleteTimelineRow(w *batcher, k, peer []byte) error {
 func (s *Store) trimTimelines(ctx context.Context, st *SweepStats) error {
 	r := s.opts.Retention
 	if r.MaxAge > 0 {
-		if err := s.trimByAge(ctx, MsgidAt(s.now().Add(-r.MaxAge)), st); err != nil {
+		if err := s.trimByAge(ctx, das.MsgidAt(s.now().Add(-r.MaxAge)), st); err != nil {
 			return err
 		}
 	}

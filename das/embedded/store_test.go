@@ -130,17 +130,17 @@ func equalIDs(a []uint64, b ...uint64) bool {
 
 func TestMsgTime(t *testing.T) {
 	now := time.UnixMilli(time.Now().UnixMilli())
-	id := MsgidAt(now) | 12345 // node and sequence bits
-	if got := MsgTime(id); !got.Equal(now) {
-		t.Fatalf("MsgTime(MsgidAt(%v)) = %v", now, got)
+	id := das.MsgidAt(now) | 12345 // node and sequence bits
+	if got := das.MsgTime(id); !got.Equal(now) {
+		t.Fatalf("das.MsgTime(das.MsgidAt(%v)) = %v", now, got)
 	}
-	if MsgidAt(time.UnixMilli(SnowflakeEpoch-1)) != 0 {
+	if das.MsgidAt(time.UnixMilli(das.SnowflakeEpoch-1)) != 0 {
 		t.Fatal("MsgidAt before the epoch is not 0")
 	}
 	// A real bwmarrin/snowflake id (node 1, 2024-01-01T00:00:00Z).
 	const ms = 1704067200000
-	sf := uint64(ms-SnowflakeEpoch)<<22 | 1<<12 | 7
-	if got := MsgTime(sf).UnixMilli(); got != ms {
+	sf := uint64(ms-das.SnowflakeEpoch)<<22 | 1<<12 | 7
+	if got := das.MsgTime(sf).UnixMilli(); got != ms {
 		t.Fatalf("MsgTime = %d, want %d", got, ms)
 	}
 }
@@ -220,8 +220,8 @@ func TestRetentionMaxAge(t *testing.T) {
 	now := time.Now()
 	s.now = func() time.Time { return now }
 	a, b := user(1), user(2)
-	old := MsgidAt(now.Add(-2 * time.Hour))
-	fresh := MsgidAt(now.Add(-time.Minute))
+	old := das.MsgidAt(now.Add(-2 * time.Hour))
+	fresh := das.MsgidAt(now.Add(-time.Minute))
 	mustPut(t, s, msgAt(old+1, a, b, "o1"), 101)
 	mustPut(t, s, msgAt(old+2, b, a, "o2"), 101)
 	mustPut(t, s, msgAt(fresh+1, a, b, "f1"), 101)
@@ -529,7 +529,7 @@ func TestPutInboxCollectedAfterLastAck(t *testing.T) {
 	s := openTest(t, Options{JanitorInterval: -1})
 	a := das.Terminal{Account: 1, UID: 10, AppCode: 101}
 	b := das.Terminal{Account: 1, UID: 11, AppCode: 102}
-	m := &pb.C2CMessage{Msgid: MsgidAt(time.Now()), From: &pb.User{}, To: &pb.User{}, Content: []byte("x")}
+	m := &pb.C2CMessage{Msgid: das.MsgidAt(time.Now()), From: &pb.User{}, To: &pb.User{}, Content: []byte("x")}
 	if err := s.PutInbox(ctx, m, []das.Terminal{a, b}); err != nil {
 		t.Fatal(err)
 	}

@@ -1,6 +1,12 @@
-package embedded
+package das
 
-import "time"
+import (
+	"fmt"
+	"math"
+	"time"
+
+	"github.com/imd-dev/imd/schema/pb"
+)
 
 // SnowflakeEpoch is the epoch of bwmarrin/snowflake's default node, in Unix
 // milliseconds. msgids are snowflake ids: the time in milliseconds since
@@ -8,6 +14,9 @@ import "time"
 const SnowflakeEpoch = 1288834974657
 
 const snowflakeTimeShift = 22
+
+// MaxMsgid is the largest msgid (snowflake ids are positive int64s).
+const MaxMsgid = math.MaxInt64
 
 // MsgTime returns the time encoded in a snowflake msgid.
 func MsgTime(msgid uint64) time.Time {
@@ -22,4 +31,17 @@ func MsgidAt(t time.Time) uint64 {
 		return 0
 	}
 	return uint64(ms) << snowflakeTimeShift
+}
+
+// ValidateMessage reports, wrapped in ErrInvalid, what makes m unstorable.
+func ValidateMessage(m *pb.C2CMessage) error {
+	switch {
+	case m == nil:
+		return fmt.Errorf("%w: nil message", ErrInvalid)
+	case m.Msgid == 0 || m.Msgid > MaxMsgid:
+		return fmt.Errorf("%w: msgid %d", ErrInvalid, m.Msgid)
+	case m.From == nil || m.To == nil:
+		return fmt.Errorf("%w: message %d without sender or recipient", ErrInvalid, m.Msgid)
+	}
+	return nil
 }
