@@ -158,7 +158,9 @@ func (in *inbox) handles(m *pb.C2CMessage) bool {
 }
 
 func newInbox(c *Client) *inbox {
-	return &inbox{c: c, wake: make(chan struct{}, 1), seen: make(map[uint64]struct{}, c.opts.DedupSize), ring: make([]uint64, c.opts.DedupSize)}
+	// The dedup set grows with use up to DedupSize: an idle client (most
+	// of a fleet) does not pay for 16k slots.
+	return &inbox{c: c, wake: make(chan struct{}, 1), seen: make(map[uint64]struct{})}
 }
 
 func (in *inbox) push(items ...qitem) {
@@ -262,11 +264,13 @@ func (in *inbox) firstTime(id uint64) bool {
 	if _, ok := in.seen[id]; ok {
 		return false
 	}
-	if old := in.ring[in.next]; old != 0 {
-		delete(in.seen, old)
+	if len(in.ring) < in.c.opts.DedupSize {
+		in.ring = append(in.ring, id)
+	} else {
+		delete(in.seen, in.ring[in.next])
+		in.ring[in.next] = id
+		in.next = (in.next + 1) % len(in.ring)
 	}
-	in.ring[in.next] = id
-	in.next = (in.next + 1) % len(in.ring)
 	in.seen[id] = struct{}{}
 	return true
 }
