@@ -13,7 +13,7 @@ SERVICES    = bash scripts/services.sh
 # real-server suites.
 WITH_SERVICES = eval "$$($(SERVICES) env)" &&
 
-.PHONY: help build run test test-quick test-go test-real fuzz-short fuzz bench lint proto clean services-up services-down
+.PHONY: help build run test test-quick test-go test-real fuzz-short fuzz bench bench-go lint proto clean services-up services-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -65,10 +65,21 @@ fuzz-short: ## run every fuzz target briefly from its seed corpus
 fuzz: ## fuzz one target for long: make fuzz T=./schema:FuzzDecoder TIME=10m
 	$(GO) test -run '^$$' -fuzz "^$(word 2,$(subst :, ,$(T)))\$$" -fuzztime $(or $(TIME),5m) $(word 1,$(subst :, ,$(T)))
 
-bench: build ## micro-benchmarks, then the imbench scenarios (short profile)
+RESULTS      ?= results
+IMBENCH       = $(BIN)/imbench
+IMBENCH_ARGS  = --imd $(BIN)/imd --results-dir $(RESULTS)
+
+bench: build ## short profile of every imbench scenario (~2-3 min on 2 cores): JSON + SVG charts into results/
+	$(IMBENCH) conns   $(IMBENCH_ARGS) --json conns.json   --steps 1000,5000,10000 --settle 5s
+	$(IMBENCH) c2c     $(IMBENCH_ARGS) --json c2c.json     --rates 1000,2000,4000 --duration 2s --repeat 3
+	$(IMBENCH) s2c     $(IMBENCH_ARGS) --json s2c.json     --rates 10,20,40 --duration 2s --repeat 3
+	$(IMBENCH) c2s     $(IMBENCH_ARGS) --json c2s.json     --rates 2000,4000,8000 --duration 2s --repeat 3
+	$(IMBENCH) offline $(IMBENCH_ARGS) --json offline.json -n 20000 --page-size 500 --repeat 3
+
+bench-go: ## Go micro-benchmarks (codec, store) and the in-process end-to-end ones
 	$(GO) test -run '^$$' -bench . -benchmem ./schema/ ./das/embedded/
-	$(GO) test -run '^$$' -bench C2CEndToEnd -benchtime 5000x ./internal/platform/
-	$(BIN)/imbench conns -n 2000 --imd $(BIN)/imd --json results/conns.json
+	$(GO) test -run '^$$' -bench 'C2CEndToEnd|C2SEndToEnd' -benchtime 5000x ./internal/platform/
+	$(GO) test -run '^$$' -bench S2CFanOut -benchtime 100x ./internal/platform/
 
 lint: ## gofmt, go vet and staticcheck must be clean
 	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -48,6 +49,8 @@ type connsFlags struct {
 	timeout      time.Duration
 	jsonPath     string
 	resultsDir   string
+	steps        intList
+	chartPath    string
 }
 
 func (f *connsFlags) validate() error {
@@ -63,6 +66,9 @@ func (f *connsFlags) validate() error {
 	}
 	if f.srcIPs < 0 || f.srcIPs > 254 {
 		errs = append(errs, errors.New("--src-ips must be in [0, 254]"))
+	}
+	if len(f.steps) > 0 {
+		f.n = slices.Min(f.steps) // the checks below hold for every step
 	}
 	if f.workers < 0 || f.workers > f.n {
 		errs = append(errs, errors.New("--workers must be in [0, n]"))
@@ -93,7 +99,9 @@ func runConns(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&f.maxErrors, "max-errors", 100, "stop opening connections after this many failed (0: never)")
 	fs.DurationVar(&f.timeout, "timeout", 10*time.Minute, "bound on the whole run")
 	fs.StringVar(&f.jsonPath, "json", "", "also write the report as JSON to `FILE` (a bare file name goes into --results-dir)")
-	fs.StringVar(&f.resultsDir, "results-dir", "results", "folder for --json files given without a directory")
+	fs.StringVar(&f.resultsDir, "results-dir", "results", "folder for --json and --chart files given without a directory")
+	fs.Var(&f.steps, "steps", "comma-separated connection counts, e.g. 1000,5000,10000: one measurement (own server) per count instead of -n, and a chart of memory per connection against connections")
+	fs.StringVar(&f.chartPath, "chart", "", "with --steps: the SVG chart `FILE` (default: --json with .svg, else conns-memory.svg in --results-dir)")
 	if err := parseFlags(fs, args, os.LookupEnv); err != nil {
 		return err
 	}
@@ -101,7 +109,127 @@ func runConns(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		fmt.Fprintf(stderr, "imbench conns: %v\n", err)
 		return errUsage
 	}
-	return conns(ctx, &f, append([]string{"imbench", "conns"}, args...), stdout, stderr)
+	command := append([]string{"imbench", "conns"}, args...)
+	if len(f.steps) > 0 {
+		return connsSteps(ctx, &f, command, stdout, stderr)
+	}
+	return conns(ctx, &f, command, stdout, stderr)
+}
+
+// conns measures -n connections once.
+func conns(ctx context.Context, f *connsFlags, command []string, stdout, stderr io.Writer) error {
+	rep, err := measureConns(ctx, f, command, stderr)
+	if err != nil {
+		return err
+	}
+	writeConnsTable(stdout, rep)
+	if f.jsonPath != "" {
+		path, err := writeJSON(f.jsonPath, f.resultsDir, rep)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(stderr, "imbench conns: report written to %s\n", path)
+	}
+	if !rep.OK {
+		return connsNotOK(rep)
+	}
+	return nil
+}
+
+func connsNotOK(rep *connsReport) error {
+	return fmt.Errorf("held %d connections by the clients' count and %d by the server's, of %d requested",
+		rep.HeldClient, rep.HeldServer, rep.Requested)
+}
+
+// connsStepsReport is the JSON document of a --steps run.
+type connsStepsReport struct {
+	Scenario string         `json:"scenario"`
+	Time     time.Time      `json:"time"`
+	Command  []string       `json:"command"`
+	Steps    []int          `json:"steps"`
+	Runs     []*connsReport `json:"runs"` // one per step, each on its own server
+	Chart    string         `json:"chart,omitempty"`
+	OK       bool           `json:"ok"`
+}
+
+// connsSteps measures each step's connection count on a server of its own
+// and charts memory per connection against connections.
+func connsSteps(ctx context.Context, f *connsFlags, command []string, stdout, stderr io.Writer) error {
+	doc := &connsStepsReport{Scenario: "conns", Time: time.Now().UTC(), Command: command, Steps: f.steps, OK: true}
+	var failed error
+	for i, n := range f.steps {
+		g := *f
+		g.n = n
+		fmt.Fprintf(stderr, "imbench conns: step %d/%d: %d connections\n", i+1, len(f.steps), n)
+		rep, err := measureConns(ctx, &g, command, stderr)
+		if err != nil {
+			failed = fmt.Errorf("step %d connections: %w", n, err)
+			doc.OK = false
+			break
+		}
+		if i > 0 {
+			fmt.Fprintln(stdout)
+		}
+		writeConnsTable(stdout, rep)
+		doc.Runs = append(doc.Runs, rep)
+		if !rep.OK {
+			doc.OK = false
+			failed = fmt.Errorf("step %d: %w", n, connsNotOK(rep))
+		}
+	}
+	if len(doc.Runs) > 0 {
+		writeConnsStepsTable(stdout, doc)
+		chart := memoryChart(doc)
+		path := chartFile(f.chartPath, f.jsonPath, f.resultsDir, "conns-memory.svg")
+		if err := chart.WriteFile(path); err != nil {
+			return err
+		}
+		doc.Chart = path
+		fmt.Fprintf(stderr, "imbench conns: chart written to %s\n", path)
+	}
+	if f.jsonPath != "" {
+		path, err := writeJSON(f.jsonPath, f.resultsDir, doc)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(stderr, "imbench conns: report written to %s\n", path)
+	}
+	return failed
+}
+
+// goalBytesPerConn is the issue's goal for an idle connection's gateway
+// user-space memory.
+const goalBytesPerConn = 2048
+
+// memoryChart plots the server's memory per held connection against the
+// connections held, one point per step.
+func memoryChart(doc *connsStepsReport) *bench.Chart {
+	var rss, heap, sys []bench.Point
+	var maxN float64
+	for _, r := range doc.Runs {
+		x := float64(r.HeldServer)
+		maxN = max(maxN, x)
+		rss = append(rss, bench.Point{X: x, Y: r.PerConn.RSS})
+		heap = append(heap, bench.Point{X: x, Y: r.PerConn.HeapPlusStacks})
+		sys = append(sys, bench.Point{X: x, Y: r.PerConn.GoSys})
+	}
+	sub := ""
+	if len(doc.Runs) > 0 {
+		r := doc.Runs[0]
+		sub = fmt.Sprintf("%s, %d CPUs, %s client, %.0fs settle, no forced GC", r.Host.Hostname, r.Host.NumCPU, r.Clients.Kind, r.SettleSeconds)
+	}
+	return &bench.Chart{
+		Title:    "imd gateway: memory per idle logged-in connection",
+		Subtitle: sub,
+		XLabel:   "connections held",
+		YLabel:   "bytes per connection",
+		Series: []bench.Series{
+			{Name: "RSS / conn", Points: rss},
+			{Name: "Go heap+stacks / conn", Points: heap},
+			{Name: "Go sys / conn", Points: sys},
+			{Name: "goal 2 KiB", Points: []bench.Point{{X: 0, Y: goalBytesPerConn}, {X: maxN, Y: goalBytesPerConn}}, Dashed: true},
+		},
+	}
 }
 
 // connsReport is the scenario's result; the JSON document is this struct.
@@ -123,10 +251,14 @@ type connsReport struct {
 	Sessions   int64          `json:"held_sessions"`
 	OK         bool           `json:"ok"` // every requested connection is held by both sides
 
-	LoginSeconds float64       `json:"login_seconds"` // first dial to last login
-	LoginRate    float64       `json:"logins_per_second"`
-	Dial         bench.Summary `json:"dial_latency"`
-	Login        bench.Summary `json:"login_latency"`
+	LoginSeconds float64 `json:"login_seconds"` // first dial to last login
+	LoginRate    float64 `json:"logins_per_second"`
+	// LoginServerCPU is the server's CPU time while the connections were
+	// opened (process_cpu_seconds_total), and per login.
+	LoginServerCPU      float64       `json:"login_server_cpu_seconds"`
+	LoginServerCPUPerUs float64       `json:"login_server_cpu_us_per_login"`
+	Dial                bench.Summary `json:"dial_latency"`
+	Login               bench.Summary `json:"login_latency"`
 
 	SettleSeconds float64  `json:"settle_seconds"`
 	Before        snapshot `json:"before"`
@@ -184,7 +316,10 @@ func loadavg() string {
 	return strings.Join(f[:3], " ")
 }
 
-func conns(ctx context.Context, f *connsFlags, command []string, stdout, stderr io.Writer) (err error) {
+// measureConns runs one conns measurement and returns its report. An error
+// means no measurement was made; a report that is not OK is returned
+// without one.
+func measureConns(ctx context.Context, f *connsFlags, command []string, stderr io.Writer) (_ *connsReport, err error) {
 	ctx, cancel := context.WithTimeout(ctx, f.timeout)
 	defer cancel()
 	rep := &connsReport{Scenario: "conns", Time: time.Now().UTC(), Command: command, Requested: f.n}
@@ -211,7 +346,7 @@ func conns(ctx context.Context, f *connsFlags, command []string, stdout, stderr 
 		srcIPs = (f.n + usablePorts - 1) / usablePorts
 	}
 	if srcIPs > 0 && f.n > srcIPs*usablePorts {
-		return fmt.Errorf("-n %d needs more than --src-ips %d source addresses (~%d ports each)", f.n, srcIPs, usablePorts)
+		return nil, fmt.Errorf("-n %d needs more than --src-ips %d source addresses (~%d ports each)", f.n, srcIPs, usablePorts)
 	}
 	perProc := int(soft) - fdReserve
 	if soft == 0 || ferr != nil {
@@ -222,7 +357,7 @@ func conns(ctx context.Context, f *connsFlags, command []string, stdout, stderr 
 		workers = (f.n + perProc - 1) / perProc
 	}
 	if workers > 0 && (f.n+workers-1)/workers > perProc {
-		return fmt.Errorf("--workers %d: %d connections per process exceed the open-file limit %d", workers, (f.n+workers-1)/workers, soft)
+		return nil, fmt.Errorf("--workers %d: %d connections per process exceed the open-file limit %d", workers, (f.n+workers-1)/workers, soft)
 	}
 	rep.Clients = clientInfo{Kind: f.client, Processes: max(workers, 1), InProcess: workers == 0,
 		Concurrency: f.c, SrcIPs: srcIPs, UIDBase: f.uidBase}
@@ -230,9 +365,9 @@ func conns(ctx context.Context, f *connsFlags, command []string, stdout, stderr 
 	if f.server.addr == "" {
 		fmt.Fprintf(stderr, "imbench conns: starting server\n")
 	}
-	t, err := f.server.open(ctx)
+	t, err := f.server.open(ctx, nil)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	rep.Server = t
 	defer func() {
@@ -249,10 +384,10 @@ func conns(ctx context.Context, f *connsFlags, command []string, stdout, stderr 
 	}
 
 	if err := sleepCtx(ctx, f.baselineWait); err != nil {
-		return err
+		return nil, err
 	}
 	if rep.Before, err = t.snapshot(ctx); err != nil {
-		return fmt.Errorf("baseline: %w", err)
+		return nil, fmt.Errorf("baseline: %w", err)
 	}
 
 	base := plan{Addr: t.Gateway, AppCode: t.AppCode, Secret: t.secret, Client: f.client, N: f.n, UIDBase: f.uidBase,
@@ -264,7 +399,7 @@ func conns(ctx context.Context, f *connsFlags, command []string, stdout, stderr 
 	} else {
 		wf, err := startWorkers(splitPlan(base, workers), stderr)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		fl = wf
 	}
@@ -280,6 +415,7 @@ func conns(ctx context.Context, f *connsFlags, command []string, stdout, stderr 
 	}
 	defer closeFleet()
 
+	cpu0, cpuErr := t.cpuSeconds(ctx)
 	fmt.Fprintf(stderr, "imbench conns: opening %d connections (%s client, %d process(es), %d in flight)\n",
 		f.n, f.client, rep.Clients.Processes, f.c)
 	start := time.Now()
@@ -295,6 +431,9 @@ func conns(ctx context.Context, f *connsFlags, command []string, stdout, stderr 
 			now.Sub(start).Seconds(), p.Opened, f.n, p.Failed, rate, inst)
 	})
 	res, err := fl.wait(ctx)
+	if cpu1, err := t.cpuSeconds(ctx); err == nil && cpuErr == nil {
+		rep.LoginServerCPU = cpu1 - cpu0
+	}
 	stopWatch()
 	if err == nil {
 		err = ctx.Err()
@@ -307,7 +446,7 @@ func conns(ctx context.Context, f *connsFlags, command []string, stdout, stderr 
 				err = fmt.Errorf("%w\n  %dx %s", err, res.Errors[k], k)
 			}
 		}
-		return err
+		return nil, err
 	}
 	rep.Opened, rep.Failed, rep.Errors, rep.Aborted = res.Opened, res.Failed, res.Errors, res.Aborted
 	rep.LoginSeconds = res.End.Sub(res.Start).Seconds()
@@ -315,6 +454,9 @@ func conns(ctx context.Context, f *connsFlags, command []string, stdout, stderr 
 		rep.LoginRate = float64(res.Opened) / rep.LoginSeconds
 	}
 	rep.Dial, rep.Login = res.Dial.Summary(), res.Login.Summary()
+	if res.Opened > 0 {
+		rep.LoginServerCPUPerUs = rep.LoginServerCPU / float64(res.Opened) * 1e6
+	}
 	fmt.Fprintf(stderr, "imbench conns: %d opened, %d failed in %.2fs (%.0f logins/s); settling %s\n",
 		res.Opened, res.Failed, rep.LoginSeconds, rep.LoginRate, f.settle)
 
@@ -333,11 +475,11 @@ func conns(ctx context.Context, f *connsFlags, command []string, stdout, stderr 
 	err = sleepCtx(ctx, f.settle)
 	stopWatch()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	rep.SettleSeconds = time.Since(settleStart).Seconds()
 	if rep.After, err = t.snapshot(ctx); err != nil {
-		return fmt.Errorf("measurement: %w", err)
+		return nil, fmt.Errorf("measurement: %w", err)
 	}
 	p := fl.progress()
 	rep.HeldClient = p.Opened - p.Dropped
@@ -386,19 +528,7 @@ func conns(ctx context.Context, f *connsFlags, command []string, stdout, stderr 
 	}
 	rep.Host.LoadAfter = loadavg()
 
-	writeConnsTable(stdout, rep)
-	if f.jsonPath != "" {
-		path, err := writeJSON(f.jsonPath, f.resultsDir, rep)
-		if err != nil {
-			return err
-		}
-		fmt.Fprintf(stderr, "imbench conns: report written to %s\n", path)
-	}
-	if !rep.OK {
-		return fmt.Errorf("held %d connections by the clients' count and %d by the server's, of %d requested",
-			rep.HeldClient, rep.HeldServer, f.n)
-	}
-	return nil
+	return rep, nil
 }
 
 // splitPlan cuts base into n worker plans with consecutive connection

@@ -1,8 +1,9 @@
 // Command imbench measures the platform for capacity planners. Each
-// scenario is a subcommand (`imbench conns`); by default a scenario starts
-// its own `imd all` on loopback with a throw-away data dir, drives it with
-// clients on the same machine, prints a table and can save a JSON document.
-// Run `imbench help`.
+// scenario is a subcommand (`imbench conns`, `c2c`, `s2c`, `c2s`,
+// `offline`); by default a scenario starts its own `imd all` on loopback
+// with a throw-away data dir, drives it with clients on the same machine,
+// prints a table and can save a JSON document; sweeps (`--rates`,
+// `conns --steps`) also write an SVG chart. Run `imbench help`.
 package main
 
 import (
@@ -11,9 +12,11 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"os/signal"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -29,6 +32,10 @@ type command struct {
 func commands() []command {
 	return []command{
 		{name: "conns", summary: "cost of idle logged-in connections in the gateway, and login rate", run: runConns},
+		{name: "c2c", summary: "durable chat messages end to end at an offered rate: msgs/s and latency", run: runC2C},
+		{name: "s2c", summary: "HTTP pushes fanned out to online clients at an offered rate: deliveries/s and latency", run: runS2C},
+		{name: "c2s", summary: "client reports into the Kafka bus at an offered rate: acks/s and latency, topic verified", run: runC2S},
+		{name: "offline", summary: "store messages for offline users, then time their pull at login", run: runOffline},
 		{name: "worker", summary: "client worker process (started by the scenarios)", hidden: true, run: runWorker},
 	}
 }
@@ -44,7 +51,10 @@ func usage(w io.Writer) {
 		"the environment (-n is IMBENCH_N, --settle is IMBENCH_SETTLE); flags win.\n"+
 		"By default a scenario starts its own server from an `imd` binary found next\n"+
 		"to imbench or in PATH (--imd to choose one), on loopback ports, and stops it\n"+
-		"at the end; --addr/--http/--pid target a server that is already running.\n")
+		"at the end; --addr/--http/--pid target a server that is already running.\n"+
+		"The load scenarios (c2c, s2c, c2s) are open loop at --rate; --rates 1000,2000\n"+
+		"runs one rate after another and charts latency against throughput; conns\n"+
+		"--steps 1000,5000 charts memory per connection against connections.\n")
 }
 
 func main() {
@@ -166,4 +176,52 @@ func sortedKeys[V any](m map[string]V) []string {
 	}
 	sort.Strings(keys)
 	return keys
+}
+
+// intList is a comma-separated list of positive integers (--steps).
+type intList []int
+
+func (l *intList) String() string {
+	s := make([]string, len(*l))
+	for i, v := range *l {
+		s[i] = strconv.Itoa(v)
+	}
+	return strings.Join(s, ",")
+}
+
+func (l *intList) Set(v string) error {
+	var out intList
+	for _, f := range strings.Split(v, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 {
+			return fmt.Errorf("%q is not a positive integer", f)
+		}
+		out = append(out, n)
+	}
+	*l = out
+	return nil
+}
+
+// floatList is a comma-separated list of positive numbers (--rates).
+type floatList []float64
+
+func (l *floatList) String() string {
+	s := make([]string, len(*l))
+	for i, v := range *l {
+		s[i] = strconv.FormatFloat(v, 'g', -1, 64)
+	}
+	return strings.Join(s, ",")
+}
+
+func (l *floatList) Set(v string) error {
+	var out floatList
+	for _, f := range strings.Split(v, ",") {
+		n, err := strconv.ParseFloat(strings.TrimSpace(f), 64)
+		if err != nil || !(n > 0) || math.IsInf(n, 0) {
+			return fmt.Errorf("%q is not a positive number", f)
+		}
+		out = append(out, n)
+	}
+	*l = out
+	return nil
 }

@@ -50,7 +50,8 @@ func writeConnsTable(out io.Writer, r *connsReport) {
 	for _, k := range sortedKeys(r.Errors) {
 		fmt.Fprintf(out, "error        %dx %s\n", r.Errors[k], k)
 	}
-	fmt.Fprintf(out, "logins       %d in %.2fs = %.0f logins/s\n\n", r.Opened, r.LoginSeconds, r.LoginRate)
+	fmt.Fprintf(out, "logins       %d in %.2fs = %.0f logins/s; server CPU %.2fs, %.0f us per login\n\n",
+		r.Opened, r.LoginSeconds, r.LoginRate, r.LoginServerCPU, r.LoginServerCPUPerUs)
 
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintf(tw, "  latency (ms)\tcount\tmin\tp50\tp90\tp99\tp99.9\tmax\t\n")
@@ -97,4 +98,110 @@ func writeJSON(path, dir string, v any) (string, error) {
 		return "", err
 	}
 	return path, os.WriteFile(path, append(b, '\n'), 0o644)
+}
+
+// writeConnsStepsTable sums up a --steps run: one line per step.
+func writeConnsStepsTable(out io.Writer, doc *connsStepsReport) {
+	fmt.Fprintf(out, "\nimbench conns --steps  memory per held connection (server; no forced GC)\n")
+	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintf(tw, "  connections\theld\tlogins/s\tsrv us/login\tRSS/conn\theap+stacks/conn\tGo sys/conn\tgoroutines/conn\tclient RSS/conn\t\n")
+	for _, r := range doc.Runs {
+		fmt.Fprintf(tw, "  %d\t%d\t%.0f\t%.0f\t%.0f B\t%.0f B\t%.0f B\t%.2f\t%.0f B\t\n", r.Requested, r.HeldServer, r.LoginRate, r.LoginServerCPUPerUs,
+			r.PerConn.RSS, r.PerConn.HeapPlusStacks, r.PerConn.GoSys, r.PerConn.Goroutines, r.ClientRSSPerConn)
+	}
+	_ = tw.Flush()
+}
+
+// chartFile picks a chart's path: the --chart flag, else the --json path
+// with .svg in place of its extension, else def in dir.
+func chartFile(flagVal, jsonPath, dir, def string) string {
+	switch {
+	case flagVal != "":
+		if filepath.Base(flagVal) == flagVal && dir != "" {
+			return filepath.Join(dir, flagVal)
+		}
+		return flagVal
+	case jsonPath != "":
+		p := strings.TrimSuffix(jsonPath, filepath.Ext(jsonPath)) + ".svg"
+		if filepath.Base(p) == p && dir != "" {
+			p = filepath.Join(dir, p)
+		}
+		return p
+	}
+	return filepath.Join(dir, def)
+}
+
+// writeLoadTable prints a load scenario's report: one line per run, then
+// min/median/max per rate when a rate ran more than once.
+func writeLoadTable(out io.Writer, r *loadReport) {
+	srv := r.Server
+	origin := "attached"
+	if srv.Started {
+		origin = "started by imbench: " + srv.Binary
+	}
+	fmt.Fprintf(out, "imbench %s  %s  %s\n", r.Scenario, r.Time.Format("2006-01-02 15:04:05Z"), strings.Join(r.Command[2:], " "))
+	fmt.Fprintf(out, "server   pid %d, gateway %s, http %s (%s)\n", srv.PID, srv.Gateway, srv.HTTP, origin)
+	if setup, err := json.Marshal(r.Setup); err == nil {
+		fmt.Fprintf(out, "setup    %s\n", setup)
+	}
+	fmt.Fprintf(out, "host     %s, %d CPUs, %s, loadavg %s -> %s\n", r.Host.Hostname, r.Host.NumCPU, r.Host.GoVersion, r.Host.LoadBefore, r.Host.LoadAfter)
+	fmt.Fprintf(out, "latency  from the scheduled send time (open loop); svc: from the real send call; ack: send call to its response\n\n")
+
+	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintf(tw, "  offered %s/s\tissued/s\t%s/s\tfailed\tmissing\tp50 ms\tp90\tp99\tp99.9\tmax\tsvc p99\tack p99\tsrv cores\tsrv us/%s\tclient cores\t\n",
+		r.OpUnit, r.DeliveryUnit, singular(r.DeliveryUnit))
+	for _, run := range r.Runs {
+		status := ""
+		if !run.OK {
+			status = "  NOT OK"
+		}
+		if run.Saturated {
+			status += "  saturated"
+		}
+		if run.Unsent > 0 {
+			status += fmt.Sprintf(" (%d unsent)", run.Unsent)
+		}
+		l := run.Latency
+		fmt.Fprintf(tw, "  %.0f\t%.0f\t%.0f\t%d\t%d\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.1f\t%.2f\t%s\n",
+			run.Rate, run.IssueRate, run.Throughput, run.Failed, run.Missing, l.P50Ms, l.P90Ms, l.P99Ms, l.P999Ms, l.MaxMs,
+			run.Service.P99Ms, run.Ack.P99Ms, run.ServerCores, run.ServerUsPerDeliv, run.ClientCores, status)
+	}
+	_ = tw.Flush()
+	if len(r.Rates) < len(r.Runs) {
+		fmt.Fprintf(out, "\n  per rate, min / median / max over its runs:\n")
+		tw = tabwriter.NewWriter(out, 0, 0, 2, ' ', tabwriter.AlignRight)
+		fmt.Fprintf(tw, "  offered/s\truns\t%s/s\tp50 ms\tp99 ms\tp99.9 ms\t\n", r.DeliveryUnit)
+		mmm := func(v [3]float64, prec int) string {
+			return fmt.Sprintf("%.*f / %.*f / %.*f", prec, v[0], prec, v[1], prec, v[2])
+		}
+		for _, s := range r.Rates {
+			fmt.Fprintf(tw, "  %.0f\t%d\t%s\t%s\t%s\t%s\t\n", s.Rate, s.Runs, mmm(s.Throughput, 0), mmm(s.P50Ms, 2), mmm(s.P99Ms, 2), mmm(s.P999Ms, 2))
+		}
+		_ = tw.Flush()
+	}
+	for _, run := range r.Runs {
+		for _, k := range sortedKeys(run.Errors) {
+			fmt.Fprintf(out, "  at %.0f/s: %dx %s\n", run.Rate, run.Errors[k], k)
+		}
+		if run.Duplicates > 0 || run.Stray > 0 {
+			fmt.Fprintf(out, "  at %.0f/s: %d duplicate and %d stray deliveries\n", run.Rate, run.Duplicates, run.Stray)
+		}
+	}
+	for _, n := range r.Notes {
+		fmt.Fprintf(out, "  %s\n", n)
+	}
+	if r.Chart != "" {
+		fmt.Fprintf(out, "\nchart    %s\n", r.Chart)
+	}
+	if r.ServerStopResult != "" {
+		fmt.Fprintf(out, "server stop: %s\n", r.ServerStopResult)
+	}
+}
+
+// singular turns a unit of the reports into its singular.
+func singular(unit string) string {
+	if u, ok := strings.CutSuffix(unit, "ies"); ok {
+		return u + "y"
+	}
+	return strings.TrimSuffix(unit, "s")
 }

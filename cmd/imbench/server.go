@@ -34,6 +34,7 @@ const (
 	mGoSys        = "go_memstats_sys_bytes"
 	mGoroutines   = "go_goroutines"
 	mProcessRSS   = "process_resident_memory_bytes"
+	mProcessCPU   = "process_cpu_seconds_total"
 )
 
 // benchAppCode is the appcode of the one app a started server runs.
@@ -47,6 +48,7 @@ type serverFlags struct {
 	pid          int
 	appcode      uint
 	secret       string
+	apiKey       string
 	idleTimeout  time.Duration
 	startTimeout time.Duration
 	logLevel     string
@@ -60,6 +62,7 @@ func (sf *serverFlags) bind(fs *flag.FlagSet) {
 	fs.IntVar(&sf.pid, "pid", 0, "with --addr: the server's pid, for VmRSS (default: process_resident_memory_bytes from /metrics)")
 	fs.UintVar(&sf.appcode, "appcode", benchAppCode, "with --addr: appcode to log in to")
 	fs.StringVar(&sf.secret, "secret", "", "with --addr: the appcode's token secret")
+	fs.StringVar(&sf.apiKey, "api-key", "", "with --addr: an HTTP API key of the appcode (s2c pushes)")
 	fs.DurationVar(&sf.idleTimeout, "idle-timeout", 10*time.Minute, "idle timeout of a started server (long, so idle connections survive)")
 	fs.DurationVar(&sf.startTimeout, "start-timeout", 30*time.Second, "how long a started server may take to become ready")
 	fs.StringVar(&sf.logLevel, "imd-log-level", "warn", "log level of a started server (its log goes to a file in its temp dir)")
@@ -75,7 +78,9 @@ type target struct {
 	HTTP        string        `json:"http"`
 	AppCode     uint32        `json:"appcode"`
 	IdleTimeout time.Duration `json:"idle_timeout_ns,omitempty"`
+	Kafka       []string      `json:"kafka,omitempty"` // c2s: the brokers imd produces to
 	secret      string
+	apiKey      string
 
 	http    *http.Client
 	cmd     *exec.Cmd
@@ -87,15 +92,17 @@ type target struct {
 	stopOnce sync.Once
 }
 
-// open starts a server or checks the one named by the flags.
-func (sf *serverFlags) open(ctx context.Context) (*target, error) {
+// open starts a server or checks the one named by the flags. tweak, when
+// not nil, adjusts the configuration of a server imbench starts (a
+// scenario's routes or limits); an attached server is used as it is.
+func (sf *serverFlags) open(ctx context.Context, tweak func(*config.Config) error) (*target, error) {
 	if sf.addr != "" {
 		return sf.attach(ctx)
 	}
-	if sf.http != "" || sf.pid != 0 || sf.secret != "" {
-		return nil, errors.New("--http, --pid and --secret go with --addr")
+	if sf.http != "" || sf.pid != 0 || sf.secret != "" || sf.apiKey != "" {
+		return nil, errors.New("--http, --pid, --secret and --api-key go with --addr")
 	}
-	return sf.start(ctx)
+	return sf.start(ctx, tweak)
 }
 
 func (sf *serverFlags) attach(ctx context.Context) (*target, error) {
@@ -108,7 +115,7 @@ func (sf *serverFlags) attach(ctx context.Context) (*target, error) {
 		}
 	}
 	t := &target{Gateway: sf.addr, HTTP: sf.http, PID: sf.pid, AppCode: uint32(sf.appcode), secret: sf.secret,
-		http: &http.Client{Timeout: 10 * time.Second}}
+		apiKey: sf.apiKey, http: &http.Client{Timeout: 10 * time.Second}}
 	if err := t.ready(ctx); err != nil {
 		return nil, fmt.Errorf("server at %s / %s: %w", sf.addr, sf.http, err)
 	}
@@ -167,7 +174,7 @@ func freeLoopbackAddr() (string, error) {
 	return addr, ln.Close()
 }
 
-func (sf *serverFlags) start(ctx context.Context) (t *target, err error) {
+func (sf *serverFlags) start(ctx context.Context, tweak func(*config.Config) error) (t *target, err error) {
 	bin, err := findIMD(sf.imd)
 	if err != nil {
 		return nil, err
@@ -181,10 +188,11 @@ func (sf *serverFlags) start(ctx context.Context) (t *target, err error) {
 			_ = os.RemoveAll(dir)
 		}
 	}()
-	raw := make([]byte, 32)
+	raw := make([]byte, 48)
 	_, _ = rand.Read(raw)
 	t = &target{Started: true, Binary: bin, AppCode: benchAppCode, IdleTimeout: sf.idleTimeout,
-		secret: hex.EncodeToString(raw), http: &http.Client{Timeout: 10 * time.Second}, dir: dir,
+		secret: hex.EncodeToString(raw[:32]), apiKey: "imbench-" + hex.EncodeToString(raw[32:]),
+		http: &http.Client{Timeout: 10 * time.Second}, dir: dir,
 		logPath: filepath.Join(dir, "imd.log"), exited: make(chan struct{})}
 	if t.Gateway, err = freeLoopbackAddr(); err != nil {
 		return nil, err
@@ -201,7 +209,17 @@ func (sf *serverFlags) start(ctx context.Context) (t *target, err error) {
 	cfg.HTTP.Addr = t.HTTP
 	cfg.Bus.Embedded.Addr = "127.0.0.1:0" // clear of a Kafka on 9092
 	cfg.ShutdownGrace = 10 * time.Second
-	cfg.Apps = []logic.App{{AppCode: benchAppCode, Name: "imbench", Account: 1, Secrets: []string{t.secret}}}
+	cfg.Apps = []logic.App{{AppCode: benchAppCode, Name: "imbench", Account: 1, Secrets: []string{t.secret},
+		APIKeys: []string{t.apiKey}}}
+	if tweak != nil {
+		if err := tweak(&cfg); err != nil {
+			return nil, err
+		}
+	}
+	t.Kafka = cfg.Bus.Brokers
+	if len(t.Kafka) == 0 && cfg.Bus.Embedded.Addr != "127.0.0.1:0" {
+		t.Kafka = []string{cfg.Bus.Embedded.Addr}
+	}
 	y, err := yaml.Marshal(&cfg)
 	if err != nil {
 		return nil, err

@@ -1,6 +1,9 @@
 package main
 
-import "syscall"
+import (
+	"syscall"
+	"time"
+)
 
 // ipBindAddressNoPort is IP_BIND_ADDRESS_NO_PORT (linux/in.h): a socket
 // bound to a source address gets its port at connect time, so the port
@@ -23,4 +26,13 @@ func bindNoPort(_, _ string, c syscall.RawConn) error {
 // interrupted run leaves nothing behind.
 func childAttr() *syscall.SysProcAttr {
 	return &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+}
+
+// selfCPU is the CPU time (user + system) this process used so far.
+func selfCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

@@ -2,8 +2,13 @@
 
 package main
 
-import "syscall"
+import (
+	"syscall"
+	"time"
+)
 
 func bindNoPort(_, _ string, _ syscall.RawConn) error { return nil }
 
 func childAttr() *syscall.SysProcAttr { return nil }
+
+func selfCPU() time.Duration { return 0 }

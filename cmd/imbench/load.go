@@ -1,0 +1,809 @@
+package main
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/imd-dev/imd/bench"
+	"github.com/imd-dev/imd/internal/config"
+	"github.com/imd-dev/imd/logic"
+	"github.com/imd-dev/imd/sdk"
+)
+
+// The load scenarios (c2c, s2c, c2s) share one open-loop driver: every
+// operation has a send time fixed in advance by the offered rate (operation
+// g of a run is due at start + g/rate), whatever became of the earlier
+// ones, and latencies are measured from that scheduled time. A server that
+// stalls therefore shows its stall in the latency of every operation that
+// was due meanwhile instead of quietly slowing the clients down
+// (coordinated omission). The same latency measured from the moment the
+// call was really made is reported next to it as "service" latency: the gap
+// between the two is time spent waiting in imbench for a free slot (the
+// per-connection in-flight bound) or for a CPU.
+
+// loadFlags are the flags every load scenario has.
+type loadFlags struct {
+	server     serverFlags
+	rate       float64
+	rates      floatList
+	duration   time.Duration
+	n          int64
+	repeat     int
+	warmup     time.Duration
+	settle     time.Duration
+	pause      time.Duration
+	drain      time.Duration
+	timeout    time.Duration
+	size       int
+	inflight   int
+	loginConc  int
+	uidBase    uint64
+	jsonPath   string
+	chartPath  string
+	resultsDir string
+}
+
+// bind adds the shared flags; unit names what --rate counts.
+func (f *loadFlags) bind(fs *flag.FlagSet, unit string, rate float64, size int) {
+	f.server.bind(fs)
+	fs.Float64Var(&f.rate, "rate", rate, "offered load in "+unit+"/s over all senders (open loop)")
+	fs.Var(&f.rates, "rates", "comma-separated offered rates, e.g. 1000,2000,4000: one run per rate on the same server and clients, and a chart of latency against achieved throughput")
+	fs.DurationVar(&f.duration, "duration", 5*time.Second, "length of the send schedule of one run (-n wins)")
+	fs.Int64Var(&f.n, "n", 0, unit+" per run (0: rate x duration)")
+	fs.IntVar(&f.repeat, "repeat", 1, "runs per rate (the table gives min/median/max over them)")
+	fs.DurationVar(&f.warmup, "warmup", time.Second, "an unrecorded run at the first rate before measuring")
+	fs.DurationVar(&f.settle, "settle", time.Second, "wait after the clients logged in, before the first run")
+	fs.DurationVar(&f.pause, "pause", time.Second, "wait between runs")
+	fs.DurationVar(&f.drain, "drain", 15*time.Second, "after the schedule ends, how long a run waits for outstanding sends and deliveries")
+	fs.DurationVar(&f.timeout, "timeout", 10*time.Minute, "bound on the whole scenario")
+	fs.IntVar(&f.size, "size", size, "content bytes per message")
+	fs.IntVar(&f.loginConc, "login-c", 100, "logins in flight while the clients connect")
+	fs.Uint64Var(&f.uidBase, "uid-base", 1, "first uid the scenario's clients log in as")
+	fs.StringVar(&f.jsonPath, "json", "", "also write the report as JSON to `FILE` (a bare file name goes into --results-dir)")
+	fs.StringVar(&f.chartPath, "chart", "", "with --rates: the SVG chart `FILE` (default: --json with .svg, else <scenario>-latency.svg in --results-dir)")
+	fs.StringVar(&f.resultsDir, "results-dir", "results", "folder for --json and --chart files given without a directory")
+}
+
+func (f *loadFlags) validate(minSize int) []error {
+	var errs []error
+	if len(f.rates) == 0 {
+		if !(f.rate > 0) || math.IsInf(f.rate, 0) {
+			errs = append(errs, errors.New("--rate must be > 0"))
+		}
+		f.rates = floatList{f.rate}
+	}
+	if f.n < 0 || (f.n == 0 && f.duration <= 0) {
+		errs = append(errs, errors.New("give -n > 0 or --duration > 0"))
+	}
+	if f.repeat < 1 {
+		errs = append(errs, errors.New("--repeat must be >= 1"))
+	}
+	if f.warmup < 0 || f.settle < 0 || f.pause < 0 || f.drain <= 0 || f.timeout <= 0 {
+		errs = append(errs, errors.New("durations must not be negative (--drain and --timeout > 0)"))
+	}
+	if f.size < minSize || f.size > 16<<10 {
+		errs = append(errs, fmt.Errorf("--size must be in [%d, 16384]", minSize))
+	}
+	if f.loginConc < 1 {
+		errs = append(errs, errors.New("--login-c must be >= 1"))
+	}
+	if f.uidBase < 1 {
+		errs = append(errs, errors.New("--uid-base must be >= 1"))
+	}
+	return errs
+}
+
+// ops returns the operations of one run at rate.
+func (f *loadFlags) ops(rate float64) int64 {
+	if f.n > 0 {
+		return f.n
+	}
+	return max(1, int64(math.Round(rate*f.duration.Seconds())))
+}
+
+// monoBase anchors mono: every timestamp imbench puts in a message is
+// nanoseconds since this process started, on the monotonic clock, so a
+// latency is a difference of two readings of one clock.
+var monoBase = time.Now()
+
+func mono() int64 { return int64(time.Since(monoBase)) }
+
+// Messages of the c2c, s2c and offline scenarios start with a header:
+// run id, index (the message's or push's number in its run), scheduled
+// send time and real send time (mono ns). The rest is padding.
+const msgHeader = 28
+
+func putHeader(b []byte, run uint32, idx int64, at, sent int64) {
+	binary.BigEndian.PutUint32(b[0:], run)
+	binary.BigEndian.PutUint64(b[4:], uint64(idx))
+	binary.BigEndian.PutUint64(b[12:], uint64(at))
+	binary.BigEndian.PutUint64(b[20:], uint64(sent))
+}
+
+func getHeader(b []byte) (run uint32, idx int64, at, sent int64, ok bool) {
+	if len(b) < msgHeader {
+		return 0, 0, 0, 0, false
+	}
+	return binary.BigEndian.Uint32(b[0:]), int64(binary.BigEndian.Uint64(b[4:])),
+		int64(binary.BigEndian.Uint64(b[12:])), int64(binary.BigEndian.Uint64(b[20:])), true
+}
+
+// newContent returns size bytes: room for the header, then readable padding.
+func newContent(size int) []byte {
+	b := make([]byte, size)
+	for i := msgHeader; i < size; i++ {
+		b[i] = 'a' + byte(i%26)
+	}
+	return b
+}
+
+// shardedHist is a histogram that many goroutines record into at once;
+// each records into the shard of its own number.
+type shardedHist struct {
+	shards [16]struct {
+		mu sync.Mutex
+		h  bench.Histogram
+		_  [40]byte // keep shards off each other's cache lines
+	}
+}
+
+func (s *shardedHist) record(shard int, d time.Duration) {
+	sh := &s.shards[uint(shard)%uint(len(s.shards))]
+	sh.mu.Lock()
+	sh.h.Record(d)
+	sh.mu.Unlock()
+}
+
+func (s *shardedHist) merged() *bench.Histogram {
+	var h bench.Histogram
+	for i := range s.shards {
+		sh := &s.shards[i]
+		sh.mu.Lock()
+		h.Merge(&sh.h)
+		sh.mu.Unlock()
+	}
+	return &h
+}
+
+// runState is one run's bookkeeping, shared by the driver, the operations
+// and the receiving callbacks.
+type runState struct {
+	id     uint32
+	rate   float64 // operations per second
+	n      int64   // operations scheduled
+	slots  int64   // possible deliveries: n x deliveries per operation
+	start  time.Time
+	startM int64 // start in mono ns
+	warmup bool
+
+	issued, ok, failed atomic.Int64
+	expected           atomic.Int64 // deliveries the successful operations call for
+	delivered, dups    atomic.Int64
+	stray              atomic.Int64 // deliveries that name no slot of the run
+	firstIssue         atomic.Int64 // mono ns
+	lastIssue          atomic.Int64
+	lastDelivery       atomic.Int64
+	maxBehind          atomic.Int64 // ns the driver issued an operation after its scheduled time
+	issuing            atomic.Bool  // false once the driver stopped issuing
+
+	seen          []atomic.Uint64 // a bit per slot: delivered
+	lat, svc, ack shardedHist
+
+	errMu sync.Mutex
+	errs  map[string]int
+}
+
+var runIDs atomic.Uint32
+
+func newRunState(rate float64, n, perOp int64, warmup bool) *runState {
+	rs := &runState{id: runIDs.Add(1), rate: rate, n: n, slots: n * perOp, warmup: warmup}
+	rs.seen = make([]atomic.Uint64, (rs.slots+63)/64)
+	return rs
+}
+
+// deliver records the arrival of slot idx (a message at a recipient, or an
+// acknowledgement) that was scheduled at at and sent at sent (mono ns). It
+// reports whether this was the slot's first arrival.
+func (rs *runState) deliver(shard int, idx, at, sent int64) bool {
+	now := mono()
+	if idx < 0 || idx >= rs.slots {
+		rs.stray.Add(1)
+		return false
+	}
+	mask := uint64(1) << (idx % 64)
+	if rs.seen[idx/64].Or(mask)&mask != 0 {
+		rs.dups.Add(1)
+		return false
+	}
+	rs.lat.record(shard, time.Duration(now-at))
+	rs.svc.record(shard, time.Duration(now-sent))
+	rs.delivered.Add(1)
+	for {
+		last := rs.lastDelivery.Load()
+		if now <= last || rs.lastDelivery.CompareAndSwap(last, now) {
+			return true
+		}
+	}
+}
+
+func (rs *runState) isDelivered(idx int64) bool {
+	return idx >= 0 && idx < rs.slots && rs.seen[idx/64].Load()&(uint64(1)<<(idx%64)) != 0
+}
+
+// fail counts a failed operation by its error text.
+func (rs *runState) fail(err error) {
+	rs.failed.Add(1)
+	rs.note(err.Error())
+}
+
+// note counts a problem that is not a failed operation.
+func (rs *runState) note(msg string) {
+	rs.errMu.Lock()
+	defer rs.errMu.Unlock()
+	if rs.errs == nil {
+		rs.errs = map[string]int{}
+	}
+	if _, ok := rs.errs[msg]; ok || len(rs.errs) < maxDistinctErrors {
+		rs.errs[msg]++
+	} else {
+		rs.errs["(other errors)"]++
+	}
+}
+
+// opFunc performs operation g for sender, scheduled at at (mono ns), and
+// returns once its response came. It records its deliveries in rs (or
+// rs.expected, for deliveries that arrive elsewhere).
+type opFunc func(ctx context.Context, rs *runState, sender int, g int64, at int64) error
+
+// drive issues rs.n operations at rs.rate from senders goroutines, each
+// keeping at most inflight of its operations outstanding, and returns when
+// every issued operation returned. Operation g belongs to sender g %
+// senders. A sender that has inflight operations outstanding waits for one
+// to return, and then issues what is due at once. It stops issuing when
+// ctx ends; what was not issued by then counts as unsent.
+func drive(ctx context.Context, rs *runState, senders, inflight int, op opFunc) {
+	var ops, ss sync.WaitGroup
+	interval := 1e9 / rs.rate
+	rs.issuing.Store(true)
+	for s := range senders {
+		ss.Go(func() {
+			sem := make(chan struct{}, inflight)
+			for g := int64(s); g < rs.n; g += int64(senders) {
+				at := rs.startM + int64(float64(g)*interval)
+				if d := time.Duration(at - mono()); d > 0 {
+					if sleepCtx(ctx, d) != nil {
+						return
+					}
+				}
+				select {
+				case sem <- struct{}{}:
+				case <-ctx.Done():
+					return
+				}
+				now := mono()
+				rs.firstIssue.CompareAndSwap(0, now)
+				for behind := now - at; ; {
+					if old := rs.maxBehind.Load(); behind <= old || rs.maxBehind.CompareAndSwap(old, behind) {
+						break
+					}
+				}
+				rs.issued.Add(1)
+				ops.Go(func() {
+					defer func() { <-sem }()
+					t0 := mono()
+					err := op(ctx, rs, s, g, at)
+					t1 := mono()
+					if err != nil {
+						rs.fail(err)
+					} else {
+						rs.ok.Add(1)
+						rs.ack.record(s, time.Duration(t1-t0))
+					}
+				})
+			}
+		})
+	}
+	ss.Wait()
+	rs.lastIssue.Store(mono())
+	rs.issuing.Store(false)
+	ops.Wait()
+}
+
+// loadRun is the result of one run.
+type loadRun struct {
+	Rate       float64 `json:"offered_rate"` // operations per second
+	Repeat     int     `json:"repeat"`       // 1-based, within the rate
+	Scheduled  int64   `json:"scheduled"`
+	Issued     int64   `json:"issued"`
+	Unsent     int64   `json:"unsent"` // scheduled but not issued before the run's deadline
+	OKOps      int64   `json:"ok_ops"`
+	Failed     int64   `json:"failed"`
+	Expected   int64   `json:"expected_deliveries"`
+	Delivered  int64   `json:"delivered"`
+	Missing    int64   `json:"missing"` // expected but not delivered within --drain
+	Duplicates int64   `json:"duplicates"`
+	Stray      int64   `json:"stray,omitempty"`
+
+	Errors map[string]int `json:"errors,omitempty"`
+
+	OfferedDeliveries float64 `json:"offered_deliveries_per_second"`
+	IssueSeconds      float64 `json:"issue_seconds"` // first to last operation issued
+	IssueRate         float64 `json:"issued_per_second"`
+	Seconds           float64 `json:"seconds"` // schedule start to last delivery
+	Throughput        float64 `json:"throughput"`
+	MaxBehindMs       float64 `json:"max_behind_schedule_ms"`
+
+	Latency bench.Summary `json:"latency"`         // scheduled send -> delivered: what a user waits
+	Service bench.Summary `json:"service_latency"` // real send -> delivered
+	Ack     bench.Summary `json:"ack_latency"`     // real send -> the send's response
+
+	ServerCPUSeconds float64 `json:"server_cpu_seconds"` // process_cpu_seconds_total over the run
+	ServerCores      float64 `json:"server_cores"`       // ... divided by Seconds
+	ServerUsPerDeliv float64 `json:"server_cpu_us_per_delivery"`
+	ClientCPUSeconds float64 `json:"client_cpu_seconds"` // imbench itself
+	ClientCores      float64 `json:"client_cores"`
+
+	Saturated bool `json:"saturated"` // behind the offered rate: unsent, or throughput < 90% of offered
+	OK        bool `json:"ok"`        // nothing failed and nothing went missing
+}
+
+// loadReport is the JSON document of a load scenario.
+type loadReport struct {
+	Scenario     string      `json:"scenario"`
+	Time         time.Time   `json:"time"`
+	Command      []string    `json:"command"`
+	Host         hostInfo    `json:"host"`
+	Server       *target     `json:"server"`
+	Setup        any         `json:"setup"`
+	OpUnit       string      `json:"op_unit"`       // what --rate counts
+	DeliveryUnit string      `json:"delivery_unit"` // what throughput counts
+	Warmup       *loadRun    `json:"warmup,omitempty"`
+	Runs         []loadRun   `json:"runs"`
+	Rates        []rateStats `json:"rates"`
+	Chart        string      `json:"chart,omitempty"`
+	Extra        any         `json:"extra,omitempty"` // scenario-specific results (c2s: verification)
+	Notes        []string    `json:"notes,omitempty"` // printed under the table
+	OK           bool        `json:"ok"`
+
+	ServerStopResult string `json:"server_stop_result,omitempty"`
+}
+
+// rateStats sums up the runs of one rate: min, median and max over them.
+type rateStats struct {
+	Rate       float64    `json:"offered_rate"`
+	Runs       int        `json:"runs"`
+	Saturated  int        `json:"saturated_runs"`
+	Throughput [3]float64 `json:"throughput_min_median_max"`
+	P50Ms      [3]float64 `json:"p50_ms_min_median_max"`
+	P99Ms      [3]float64 `json:"p99_ms_min_median_max"`
+	P999Ms     [3]float64 `json:"p999_ms_min_median_max"`
+}
+
+func minMedMax(v []float64) [3]float64 {
+	if len(v) == 0 {
+		return [3]float64{}
+	}
+	s := slices.Clone(v)
+	slices.Sort(s)
+	med := s[len(s)/2]
+	if len(s)%2 == 0 {
+		med = (s[len(s)/2-1] + s[len(s)/2]) / 2
+	}
+	return [3]float64{s[0], med, s[len(s)-1]}
+}
+
+func summarizeRates(runs []loadRun) []rateStats {
+	var out []rateStats
+	for _, r := range runs {
+		if len(out) == 0 || out[len(out)-1].Rate != r.Rate {
+			out = append(out, rateStats{Rate: r.Rate})
+		}
+	}
+	for i := range out {
+		var tp, p50, p99, p999 []float64
+		for _, r := range runs {
+			if r.Rate == out[i].Rate {
+				tp = append(tp, r.Throughput)
+				p50 = append(p50, r.Latency.P50Ms)
+				p99 = append(p99, r.Latency.P99Ms)
+				p999 = append(p999, r.Latency.P999Ms)
+				if r.Saturated {
+					out[i].Saturated++
+				}
+			}
+		}
+		out[i].Runs = len(tp)
+		out[i].Throughput, out[i].P50Ms, out[i].P99Ms, out[i].P999Ms = minMedMax(tp), minMedMax(p50), minMedMax(p99), minMedMax(p999)
+	}
+	return out
+}
+
+// loadScenario is what a load scenario plugs into runLoad.
+type loadScenario struct {
+	name         string
+	opUnit       string // "msgs", "pushes"
+	deliveryUnit string // "msgs", "deliveries", "acks"
+	senders      int
+	inflight     int
+	perOp        int64 // deliveries per operation
+	setup        any   // goes into the report
+	// tweak adjusts the config of a server imbench starts.
+	tweak func(*config.Config) error
+	// prepare connects the clients once the server is up.
+	prepare func(ctx context.Context, t *target, stderr io.Writer) error
+	// begin makes rs the current run (receivers match it by id).
+	begin func(rs *runState)
+	op    opFunc
+	// finish runs after the last run, before the server stops; its result
+	// goes into the report's extra, its error fails the scenario.
+	finish func(ctx context.Context, rep *loadReport) (any, error)
+	// close closes the clients.
+	close func()
+}
+
+// runLoad starts (or attaches to) the server, prepares the scenario, runs
+// it once per rate and repeat, then writes the table, the JSON and, for a
+// sweep, the chart.
+func runLoad(ctx context.Context, sc *loadScenario, f *loadFlags, command []string, stdout, stderr io.Writer) (err error) {
+	ctx, cancel := context.WithTimeout(ctx, f.timeout)
+	defer cancel()
+	logf := func(format string, args ...any) { fmt.Fprintf(stderr, "imbench "+sc.name+": "+format+"\n", args...) }
+	rep := &loadReport{Scenario: sc.name, Time: time.Now().UTC(), Command: command, Setup: sc.setup,
+		OpUnit: sc.opUnit, DeliveryUnit: sc.deliveryUnit, OK: true}
+	rep.Host = hostInfo{NumCPU: runtime.NumCPU(), GoVersion: runtime.Version(), LoadBefore: loadavg()}
+	rep.Host.Hostname, _ = os.Hostname()
+	soft, _, ferr := bench.RaiseFileLimit()
+	if ferr != nil {
+		logf("%v", ferr)
+	}
+	rep.Host.OpenFiles = soft
+	if lo, hi, err := bench.EphemeralPortRange(); err == nil {
+		rep.Host.PortRange = fmt.Sprintf("%d-%d", lo, hi)
+	}
+
+	if f.server.addr == "" {
+		logf("starting server")
+	}
+	t, err := f.server.open(ctx, sc.tweak)
+	if err != nil {
+		return err
+	}
+	rep.Server = t
+	defer func() {
+		if serr := t.stop(); serr != nil {
+			rep.ServerStopResult = serr.Error()
+			logf("%v", serr)
+		}
+	}()
+	if t.Started {
+		logf("%s pid %d, gateway %s, http %s", t.Binary, t.PID, t.Gateway, t.HTTP)
+	}
+	defer func() {
+		if sc.close != nil {
+			sc.close()
+		}
+	}()
+	if err := sc.prepare(ctx, t, stderr); err != nil {
+		return err
+	}
+	if err := sleepCtx(ctx, f.settle); err != nil {
+		return err
+	}
+
+	if f.warmup > 0 {
+		rate := f.rates[0]
+		n := max(1, int64(rate*f.warmup.Seconds()))
+		logf("warm-up: %d %s at %.0f/s (not recorded)", n, sc.opUnit, rate)
+		w := runOnce(ctx, sc, f, t, rate, n, 0, stderr)
+		rep.Warmup = &w
+		if err := sleepCtx(ctx, f.pause); err != nil {
+			return err
+		}
+	}
+	for i, rate := range f.rates {
+		for r := 1; r <= f.repeat; r++ {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if i > 0 || r > 1 {
+				if err := sleepCtx(ctx, f.pause); err != nil {
+					return err
+				}
+			}
+			n := f.ops(rate)
+			logf("run at %.0f %s/s: %d %s (%.0f %s/s offered)", rate, sc.opUnit, n, sc.opUnit, rate*float64(sc.perOp), sc.deliveryUnit)
+			run := runOnce(ctx, sc, f, t, rate, n, r, stderr)
+			rep.Runs = append(rep.Runs, run)
+			rep.OK = rep.OK && run.OK
+		}
+	}
+	rep.Rates = summarizeRates(rep.Runs)
+	var finishErr error
+	if sc.finish != nil {
+		rep.Extra, finishErr = sc.finish(ctx, rep)
+		if finishErr != nil {
+			rep.OK = false
+		}
+	}
+	if sc.close != nil {
+		sc.close()
+		sc.close = nil
+	}
+	if serr := t.stop(); serr != nil {
+		rep.ServerStopResult = serr.Error()
+	}
+	rep.Host.LoadAfter = loadavg()
+
+	if len(f.rates) > 1 || f.chartPath != "" {
+		path := chartFile(f.chartPath, f.jsonPath, f.resultsDir, sc.name+"-latency.svg")
+		if err := latencyChart(rep).WriteFile(path); err != nil {
+			return err
+		}
+		rep.Chart = path
+		logf("chart written to %s", path)
+	}
+	writeLoadTable(stdout, rep)
+	if f.jsonPath != "" {
+		path, err := writeJSON(f.jsonPath, f.resultsDir, rep)
+		if err != nil {
+			return err
+		}
+		logf("report written to %s", path)
+	}
+	if finishErr != nil {
+		return finishErr
+	}
+	if !rep.OK {
+		return errors.New("some sends failed or deliveries went missing (see the table)")
+	}
+	return nil
+}
+
+// runOnce runs n operations at rate and waits for their deliveries.
+func runOnce(ctx context.Context, sc *loadScenario, f *loadFlags, t *target, rate float64, n int64, repeat int, stderr io.Writer) loadRun {
+	rs := newRunState(rate, n, sc.perOp, repeat == 0)
+	sc.begin(rs)
+	cpu0, cpuErr := t.cpuSeconds(ctx)
+	self0 := selfCPU()
+
+	schedule := time.Duration(float64(n) / rate * 1e9)
+	rs.start = time.Now().Add(20 * time.Millisecond) // time to get every sender going
+	rs.startM = int64(rs.start.Sub(monoBase))
+	deadline := rs.start.Add(schedule + f.drain)
+	rctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
+
+	var lastIssued, lastDelivered int64
+	lastAt := time.Now()
+	stopWatch := watch(stderr, time.Second, func() string {
+		now := time.Now()
+		is, dl := rs.issued.Load(), rs.delivered.Load()
+		dt := now.Sub(lastAt).Seconds()
+		// How late the next operation to issue is against its schedule.
+		behind := time.Duration(0)
+		if is < n {
+			behind = time.Duration(max(0, mono()-(rs.startM+int64(float64(is)/rate*1e9))))
+		}
+		line := fmt.Sprintf("  %5.1fs  issued %d/%d %s (%.0f/s)  delivered %d %s (%.0f/s)  failed %d  behind schedule %s",
+			now.Sub(rs.start).Seconds(), is, n, sc.opUnit, float64(is-lastIssued)/dt,
+			dl, sc.deliveryUnit, float64(dl-lastDelivered)/dt, rs.failed.Load(), behind.Round(time.Millisecond))
+		lastIssued, lastDelivered, lastAt = is, dl, now
+		return line
+	})
+	drive(rctx, rs, sc.senders, sc.inflight, sc.op)
+	// Wait for the deliveries the successful operations call for.
+	for rs.delivered.Load() < rs.expected.Load() && rctx.Err() == nil {
+		time.Sleep(2 * time.Millisecond)
+	}
+	stopWatch()
+
+	run := loadRun{Rate: rate, Repeat: repeat, Scheduled: n, Issued: rs.issued.Load(), OKOps: rs.ok.Load(),
+		Failed: rs.failed.Load(), Expected: rs.expected.Load(), Delivered: rs.delivered.Load(),
+		Duplicates: rs.dups.Load(), Stray: rs.stray.Load(), OfferedDeliveries: rate * float64(sc.perOp)}
+	run.Unsent = run.Scheduled - run.Issued
+	run.Missing = max(0, run.Expected-run.Delivered)
+	rs.errMu.Lock()
+	run.Errors = rs.errs
+	rs.errMu.Unlock()
+	if first := rs.firstIssue.Load(); first > 0 {
+		run.IssueSeconds = float64(rs.lastIssue.Load()-first) / 1e9
+		if run.IssueSeconds > 0 {
+			run.IssueRate = float64(run.Issued-1) / run.IssueSeconds
+		}
+	}
+	if last := rs.lastDelivery.Load(); last > rs.startM {
+		run.Seconds = float64(last-rs.startM) / 1e9
+		run.Throughput = float64(run.Delivered) / run.Seconds
+	}
+	run.MaxBehindMs = float64(rs.maxBehind.Load()) / 1e6
+	run.Latency, run.Service, run.Ack = rs.lat.merged().Summary(), rs.svc.merged().Summary(), rs.ack.merged().Summary()
+	wall := time.Since(rs.start).Seconds()
+	if cpu1, err := t.cpuSeconds(ctx); err == nil && cpuErr == nil {
+		run.ServerCPUSeconds = cpu1 - cpu0
+		run.ServerCores = run.ServerCPUSeconds / wall
+		if run.Delivered > 0 {
+			run.ServerUsPerDeliv = run.ServerCPUSeconds / float64(run.Delivered) * 1e6
+		}
+	}
+	run.ClientCPUSeconds = (selfCPU() - self0).Seconds()
+	run.ClientCores = run.ClientCPUSeconds / wall
+	run.Saturated = run.Unsent > 0 || run.Throughput < 0.9*run.OfferedDeliveries
+	run.OK = run.Failed == 0 && run.Missing == 0 && run.Duplicates == 0 && run.Stray == 0
+
+	status := "ok"
+	if !run.OK {
+		status = "NOT OK"
+	}
+	if run.Saturated {
+		status += ", saturated"
+	}
+	fmt.Fprintf(stderr, "  done: %d/%d %s in %.2fs = %.0f %s/s, p50 %.2f ms, p99 %.2f ms, failed %d, missing %d (%s)\n",
+		run.Delivered, run.Expected, sc.deliveryUnit, run.Seconds, run.Throughput, sc.deliveryUnit,
+		run.Latency.P50Ms, run.Latency.P99Ms, run.Failed, run.Missing, status)
+	return run
+}
+
+// cpuSeconds reads the server's process_cpu_seconds_total.
+func (t *target) cpuSeconds(ctx context.Context) (float64, error) {
+	m, err := t.scrape(ctx)
+	if err != nil {
+		return 0, err
+	}
+	v, ok := m.Get(mProcessCPU)
+	if !ok {
+		return 0, fmt.Errorf("/metrics has no %s", mProcessCPU)
+	}
+	return v, nil
+}
+
+// latencyChart plots each rate's median p50, p99 and p99.9 (from the
+// scheduled send time) against the median achieved throughput.
+func latencyChart(rep *loadReport) *bench.Chart {
+	var p50, p99, p999 []bench.Point
+	lo, hi := math.Inf(1), 0.0
+	for _, r := range rep.Rates {
+		x := r.Throughput[1]
+		p50 = append(p50, bench.Point{X: x, Y: r.P50Ms[1]})
+		p99 = append(p99, bench.Point{X: x, Y: r.P99Ms[1]})
+		p999 = append(p999, bench.Point{X: x, Y: r.P999Ms[1]})
+		if r.P50Ms[1] > 0 {
+			lo = min(lo, r.P50Ms[1])
+		}
+		hi = max(hi, r.P999Ms[1])
+	}
+	offered := make([]string, len(rep.Rates))
+	var saturated []string
+	for i, r := range rep.Rates {
+		offered[i] = fmt.Sprintf("%.0f", r.Rate)
+		if r.Saturated > 0 {
+			saturated = append(saturated, offered[i])
+		}
+	}
+	sat := ""
+	if len(saturated) > 0 {
+		sat = "; saturated at " + strings.Join(saturated, ", ")
+	}
+	return &bench.Chart{
+		Title: fmt.Sprintf("imd %s: latency against throughput (open loop)", rep.Scenario),
+		Subtitle: fmt.Sprintf("%s, %d CPUs; offered %s %s/s%s; latency from the scheduled send; median of %d run(s) per rate",
+			rep.Host.Hostname, rep.Host.NumCPU, strings.Join(offered, ", "), rep.OpUnit, sat, max(1, rep.Rates[0].Runs)),
+		XLabel: "achieved throughput (" + rep.DeliveryUnit + "/s)",
+		YLabel: "latency (ms)",
+		LogY:   lo > 0 && hi/lo > 30,
+		Series: []bench.Series{{Name: "p50", Points: p50}, {Name: "p99", Points: p99}, {Name: "p99.9", Points: p999}},
+	}
+}
+
+// loginClients dials and logs in one SDK client per uid, conc at a time;
+// opts returns client i's options (Addrs and credentials are filled in).
+func loginClients(ctx context.Context, t *target, uids []uint64, conc int, opts func(i int) sdk.Options, stderr io.Writer, what string) ([]*sdk.Client, error) {
+	clients := make([]*sdk.Client, len(uids))
+	var next, done atomic.Int64
+	var errMu sync.Mutex
+	var firstErr error
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stop := watch(stderr, time.Second, func() string {
+		return fmt.Sprintf("  logging in %s: %d/%d", what, done.Load(), len(uids))
+	})
+	var wg sync.WaitGroup
+	for range min(conc, len(uids)) {
+		wg.Go(func() {
+			for ctx.Err() == nil {
+				i := int(next.Add(1) - 1)
+				if i >= len(uids) {
+					return
+				}
+				o := sdk.Options{}
+				if opts != nil {
+					o = opts(i)
+				}
+				o.Addrs = []string{t.Gateway}
+				if o.DeviceID == "" {
+					o.DeviceID = fmt.Sprintf("imbench-%d", uids[i])
+				}
+				if o.Platform == "" {
+					o.Platform = "imbench"
+				}
+				c, err := loginOne(ctx, t, uids[i], o)
+				if err != nil {
+					errMu.Lock()
+					if firstErr == nil {
+						firstErr = fmt.Errorf("log in uid %d: %w", uids[i], err)
+					}
+					errMu.Unlock()
+					cancel()
+					return
+				}
+				clients[i] = c
+				done.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	stop()
+	if firstErr == nil && ctx.Err() != nil {
+		firstErr = ctx.Err()
+	}
+	if firstErr != nil {
+		for _, c := range clients {
+			if c != nil {
+				_ = c.Close()
+			}
+		}
+		return nil, firstErr
+	}
+	return clients, nil
+}
+
+func loginOne(ctx context.Context, t *target, uid uint64, o sdk.Options) (*sdk.Client, error) {
+	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	c, err := sdk.Dial(dctx, o)
+	if err != nil {
+		return nil, err
+	}
+	tok := logic.MintToken(t.secret, t.AppCode, uid, time.Now().Add(24*time.Hour))
+	if _, err := c.Login(dctx, sdk.Credentials{AppCode: t.AppCode, UID: uid, Token: tok}); err != nil {
+		_ = c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// closeClients closes clients several at a time.
+func closeClients(clients []*sdk.Client) {
+	var wg sync.WaitGroup
+	const parts = 8
+	for p := range parts {
+		wg.Go(func() {
+			for i := p; i < len(clients); i += parts {
+				if clients[i] != nil {
+					_ = clients[i].Close()
+				}
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// uidRange returns n consecutive uids from first.
+func uidRange(first uint64, n int) []uint64 {
+	u := make([]uint64, n)
+	for i := range u {
+		u[i] = first + uint64(i)
+	}
+	return u
+}
