@@ -3,9 +3,11 @@ package das
 import (
 	"fmt"
 	"math"
+	"slices"
 	"time"
 
 	"github.com/imd-dev/imd/schema/pb"
+	"google.golang.org/protobuf/proto"
 )
 
 // SnowflakeEpoch is the epoch of bwmarrin/snowflake's default node, in Unix
@@ -31,6 +33,39 @@ func MsgidAt(t time.Time) uint64 {
 		return 0
 	}
 	return uint64(ms) << snowflakeTimeShift
+}
+
+// EncodeC2C validates and marshals m, and returns the inbox appcodes
+// sorted, each once: what every engine's PutC2C starts with.
+func EncodeC2C(m *pb.C2CMessage, inbox []uint32) (body []byte, appcodes []uint32, err error) {
+	if body, err = encode(m); err != nil {
+		return nil, nil, err
+	}
+	appcodes = slices.Clone(inbox)
+	slices.Sort(appcodes)
+	return body, slices.Compact(appcodes), nil
+}
+
+// EncodeInbox validates and marshals m for PutInbox to terminals.
+func EncodeInbox(m *pb.C2CMessage, terminals []Terminal) ([]byte, error) {
+	if err := ValidateMessage(m); err != nil {
+		return nil, err
+	}
+	if len(terminals) == 0 {
+		return nil, fmt.Errorf("%w: no terminals for message %d", ErrInvalid, m.Msgid)
+	}
+	return encode(m)
+}
+
+func encode(m *pb.C2CMessage) ([]byte, error) {
+	if err := ValidateMessage(m); err != nil {
+		return nil, err
+	}
+	body, err := proto.Marshal(m)
+	if err != nil {
+		return nil, fmt.Errorf("%w: marshal message %d: %w", ErrInvalid, m.Msgid, err)
+	}
+	return body, nil
 }
 
 // ValidateMessage reports, wrapped in ErrInvalid, what makes m unstorable.

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
-	"slices"
 	"time"
 
 	gocql "github.com/apache/cassandra-gocql-driver/v2"
@@ -42,20 +41,14 @@ import (
 // success is only ever returned after the batch was written at
 // Consistency.
 func (s *Store) PutC2C(ctx context.Context, m *pb.C2CMessage, inbox []uint32) (uint64, bool, error) {
-	if err := s.enter(ctx); err != nil {
+	if err := s.gate.Enter(ctx); err != nil {
 		return 0, false, err
 	}
-	defer s.exit()
-	if err := das.ValidateMessage(m); err != nil {
-		return 0, false, err
-	}
-	body, err := proto.Marshal(m)
+	defer s.gate.Exit()
+	body, appcodes, err := das.EncodeC2C(m, inbox)
 	if err != nil {
-		return 0, false, fmt.Errorf("%w: marshal message %d: %w", ErrInvalid, m.Msgid, err)
+		return 0, false, err
 	}
-	appcodes := slices.Clone(inbox)
-	slices.Sort(appcodes)
-	appcodes = slices.Compact(appcodes)
 	if n := batchBytes(len(body), len(appcodes)); n > s.cfg.MaxBatchBytes {
 		return 0, false, fmt.Errorf("%w: message %d: its batch would be about %d bytes, more than MaxBatchBytes %d",
 			ErrInvalid, m.Msgid, n, s.cfg.MaxBatchBytes)
@@ -247,10 +240,10 @@ func addInboxRow(b *gocql.Batch, t das.Terminal, id int64, body []byte, late boo
 // retention horizon, so rows expired by TTL are not scanned. limit <= 0 is
 // ErrInvalid; a limit above Config.MaxPage is served as MaxPage.
 func (s *Store) History(ctx context.Context, u das.User, peer *das.User, since uint64, limit int) ([]*pb.C2CMessage, bool, error) {
-	if err := s.enter(ctx); err != nil {
+	if err := s.gate.Enter(ctx); err != nil {
 		return nil, false, err
 	}
-	defer s.exit()
+	defer s.gate.Exit()
 	if limit <= 0 {
 		return nil, false, fmt.Errorf("%w: history limit %d", ErrInvalid, limit)
 	}

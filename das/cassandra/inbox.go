@@ -43,10 +43,10 @@ func (s *Store) meta(ctx context.Context, t das.Terminal) (inboxMeta, error) {
 // InboxCount implements das.Store. It counts the rows from the terminal's
 // read start on, so tombstones of acknowledged rows below it are not read.
 func (s *Store) InboxCount(ctx context.Context, t das.Terminal) (int, uint64, error) {
-	if err := s.enter(ctx); err != nil {
+	if err := s.gate.Enter(ctx); err != nil {
 		return 0, 0, err
 	}
-	defer s.exit()
+	defer s.gate.Exit()
 	im, err := s.meta(ctx, t)
 	if err != nil {
 		return 0, 0, storeErr("inbox count", err)
@@ -64,10 +64,10 @@ func (s *Store) InboxCount(ctx context.Context, t das.Terminal) (int, uint64, er
 // > after, from the read start on), so it is one request however large the
 // inbox and needs no driver paging state between pulls.
 func (s *Store) InboxPage(ctx context.Context, t das.Terminal, after uint64, limit int) ([]*pb.C2CMessage, bool, error) {
-	if err := s.enter(ctx); err != nil {
+	if err := s.gate.Enter(ctx); err != nil {
 		return nil, false, err
 	}
-	defer s.exit()
+	defer s.gate.Exit()
 	if limit <= 0 {
 		return nil, false, fmt.Errorf("%w: inbox page limit %d", ErrInvalid, limit)
 	}
@@ -138,10 +138,10 @@ const ackChunk = 100
 // than InboxLag/2 behind (README.md); a failure there is logged, not
 // returned, since the acknowledgement itself is done.
 func (s *Store) Ack(ctx context.Context, t das.Terminal, msgids []uint64) ([]*pb.C2CMessage, []uint64, error) {
-	if err := s.enter(ctx); err != nil {
+	if err := s.gate.Enter(ctx); err != nil {
 		return nil, nil, err
 	}
-	defer s.exit()
+	defer s.gate.Exit()
 	if len(msgids) == 0 {
 		return nil, nil, nil
 	}
@@ -309,19 +309,13 @@ func (s *Store) raiseFloor(ctx context.Context, t das.Terminal, im inboxMeta, no
 // calling PutInbox again with the same message writes the same cells again
 // without reviving rows acknowledged in between.
 func (s *Store) PutInbox(ctx context.Context, m *pb.C2CMessage, terminals []das.Terminal) error {
-	if err := s.enter(ctx); err != nil {
+	if err := s.gate.Enter(ctx); err != nil {
 		return err
 	}
-	defer s.exit()
-	if err := das.ValidateMessage(m); err != nil {
-		return err
-	}
-	if len(terminals) == 0 {
-		return fmt.Errorf("%w: no terminals for message %d", ErrInvalid, m.Msgid)
-	}
-	body, err := proto.Marshal(m)
+	defer s.gate.Exit()
+	body, err := das.EncodeInbox(m, terminals)
 	if err != nil {
-		return fmt.Errorf("%w: marshal message %d: %w", ErrInvalid, m.Msgid, err)
+		return err
 	}
 	ts := slices.Clone(terminals)
 	slices.SortFunc(ts, compareTerminals)

@@ -220,10 +220,7 @@ type Store struct {
 
 	cons, serial gocql.Consistency
 
-	// mu is held shared by every call for its whole duration and
-	// exclusively by Close, so Close waits for calls in flight.
-	mu        sync.RWMutex
-	closed    bool
+	gate      das.Gate // Close waits for calls in flight
 	closeOnce sync.Once
 
 	seed     maphash.Seed
@@ -349,30 +346,11 @@ func (s *Store) checkSchema(ctx context.Context) error {
 	return nil
 }
 
-// enter admits a call: it fails after Close and for a done ctx. On success
-// the caller must call s.exit.
-func (s *Store) enter(ctx context.Context) error {
-	s.mu.RLock()
-	if s.closed {
-		s.mu.RUnlock()
-		return das.ErrClosed
-	}
-	if err := ctx.Err(); err != nil {
-		s.mu.RUnlock()
-		return err
-	}
-	return nil
-}
-
-func (s *Store) exit() { s.mu.RUnlock() }
-
 // Close waits for calls in flight and closes the connections. Later calls
 // return das.ErrClosed; Close itself may be called again and returns nil.
 func (s *Store) Close() error {
 	s.closeOnce.Do(func() {
-		s.mu.Lock()
-		s.closed = true
-		s.mu.Unlock()
+		s.gate.Shut()
 		s.s.Close()
 	})
 	return nil

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"slices"
 
 	"github.com/cockroachdb/pebble/v2"
 	"google.golang.org/protobuf/proto"
@@ -25,20 +24,14 @@ func userOf(u *pb.User) das.User { return das.User{Account: u.GetAccount(), UID:
 // inbox are stored once. A key older than IdempotencyTTL that the janitor
 // has not removed yet counts as absent.
 func (s *Store) PutC2C(ctx context.Context, m *pb.C2CMessage, inbox []uint32) (uint64, bool, error) {
-	if err := s.enter(ctx); err != nil {
+	if err := s.gate.Enter(ctx); err != nil {
 		return 0, false, err
 	}
-	defer s.exit()
-	if err := das.ValidateMessage(m); err != nil {
-		return 0, false, err
-	}
-	body, err := proto.Marshal(m)
+	defer s.gate.Exit()
+	body, appcodes, err := das.EncodeC2C(m, inbox)
 	if err != nil {
-		return 0, false, fmt.Errorf("%w: marshal message %d: %w", ErrInvalid, m.Msgid, err)
+		return 0, false, err
 	}
-	appcodes := slices.Clone(inbox)
-	slices.Sort(appcodes)
-	appcodes = slices.Compact(appcodes)
 
 	b := s.db.NewBatch()
 	defer b.Close()
@@ -88,19 +81,13 @@ func (s *Store) PutC2C(ctx context.Context, m *pb.C2CMessage, inbox []uint32) (u
 // may belong to many users), so the collector deletes it only once every
 // one of them has acknowledged it.
 func (s *Store) PutInbox(ctx context.Context, m *pb.C2CMessage, terminals []das.Terminal) error {
-	if err := s.enter(ctx); err != nil {
+	if err := s.gate.Enter(ctx); err != nil {
 		return err
 	}
-	defer s.exit()
-	if err := das.ValidateMessage(m); err != nil {
-		return err
-	}
-	if len(terminals) == 0 {
-		return fmt.Errorf("%w: no terminals for message %d", ErrInvalid, m.Msgid)
-	}
-	body, err := proto.Marshal(m)
+	defer s.gate.Exit()
+	body, err := das.EncodeInbox(m, terminals)
 	if err != nil {
-		return fmt.Errorf("%w: marshal message %d: %w", ErrInvalid, m.Msgid, err)
+		return err
 	}
 	b := s.db.NewBatch()
 	defer b.Close()
@@ -140,10 +127,10 @@ func (s *Store) idemExpired(storedMs, nowMs uint64) bool {
 // so it costs O(n); offline inboxes are expected to stay small because
 // pulling acknowledges.
 func (s *Store) InboxCount(ctx context.Context, t das.Terminal) (int, uint64, error) {
-	if err := s.enter(ctx); err != nil {
+	if err := s.gate.Enter(ctx); err != nil {
 		return 0, 0, err
 	}
-	defer s.exit()
+	defer s.gate.Exit()
 	p := inboxPrefix(t)
 	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: p, UpperBound: prefixEnd(p)})
 	if err != nil {
@@ -165,10 +152,10 @@ func (s *Store) InboxCount(ctx context.Context, t das.Terminal) (int, uint64, er
 // InboxPage implements das.Store. limit <= 0 is ErrInvalid; a limit
 // above Options.MaxPage is served as MaxPage.
 func (s *Store) InboxPage(ctx context.Context, t das.Terminal, after uint64, limit int) ([]*pb.C2CMessage, bool, error) {
-	if err := s.enter(ctx); err != nil {
+	if err := s.gate.Enter(ctx); err != nil {
 		return nil, false, err
 	}
-	defer s.exit()
+	defer s.gate.Exit()
 	return s.page(inboxPrefix(t), after, limit, "inbox page")
 }
 
@@ -177,10 +164,10 @@ func (s *Store) InboxPage(ctx context.Context, t das.Terminal, after uint64, lim
 // limit <= 0 is ErrInvalid; a limit above Options.MaxPage is served as
 // MaxPage.
 func (s *Store) History(ctx context.Context, u das.User, peer *das.User, since uint64, limit int) ([]*pb.C2CMessage, bool, error) {
-	if err := s.enter(ctx); err != nil {
+	if err := s.gate.Enter(ctx); err != nil {
 		return nil, false, err
 	}
-	defer s.exit()
+	defer s.gate.Exit()
 	p := timelinePrefix(u)
 	if peer != nil {
 		p = convPrefix(u, *peer)
@@ -264,10 +251,10 @@ func (s *Store) readMessage(r pebble.Reader, msgid uint64) (*pb.C2CMessage, erro
 // lock), so of two concurrent acks of one msgid exactly one removes it and
 // the other reports it missing.
 func (s *Store) Ack(ctx context.Context, t das.Terminal, msgids []uint64) ([]*pb.C2CMessage, []uint64, error) {
-	if err := s.enter(ctx); err != nil {
+	if err := s.gate.Enter(ctx); err != nil {
 		return nil, nil, err
 	}
-	defer s.exit()
+	defer s.gate.Exit()
 	if len(msgids) == 0 {
 		return nil, nil, nil
 	}

@@ -108,10 +108,10 @@ func (s *Store) runJanitor(interval time.Duration) {
 // that no inbox or timeline row points to. Inbox rows are never removed.
 // Close interrupts a running sweep.
 func (s *Store) Sweep(ctx context.Context) (SweepStats, error) {
-	if err := s.enter(ctx); err != nil {
+	if err := s.gate.Enter(ctx); err != nil {
 		return SweepStats{}, err
 	}
-	defer s.exit()
+	defer s.gate.Exit()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	defer context.AfterFunc(s.life, cancel)()

@@ -104,11 +104,7 @@ type Store struct {
 	log  *slog.Logger
 	now  func() time.Time // replaced in tests
 
-	// mu is held shared by every call for its whole duration and
-	// exclusively by Close, so Close waits for calls in flight and no
-	// call touches a closed db.
-	mu     sync.RWMutex
-	closed bool
+	gate das.Gate // Close waits for calls in flight: no call touches a closed db
 
 	closeOnce sync.Once
 	closeErr  error
@@ -171,23 +167,6 @@ func Open(dir string, opts Options) (*Store, error) {
 	return s, nil
 }
 
-// enter admits a call: it fails after Close and for a done ctx. On success
-// the caller must call s.exit.
-func (s *Store) enter(ctx context.Context) error {
-	s.mu.RLock()
-	if s.closed {
-		s.mu.RUnlock()
-		return das.ErrClosed
-	}
-	if err := ctx.Err(); err != nil {
-		s.mu.RUnlock()
-		return err
-	}
-	return nil
-}
-
-func (s *Store) exit() { s.mu.RUnlock() }
-
 // Close stops the janitor, waits for calls in flight and closes the
 // database. Later calls return das.ErrClosed; Close itself may be called
 // again and then returns nil.
@@ -197,9 +176,7 @@ func (s *Store) Close() error {
 		first = true
 		s.endLife()
 		s.janitor.Wait()
-		s.mu.Lock()
-		s.closed = true
-		s.mu.Unlock()
+		s.gate.Shut()
 		if err := s.db.Close(); err != nil {
 			s.closeErr = fmt.Errorf("%w: close: %w", das.ErrUnavailable, err)
 		}

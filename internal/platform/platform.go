@@ -59,7 +59,7 @@ func Start(cfg config.Config, log *slog.Logger) (*Platform, error) {
 	}
 	p.Store = store
 	if err := p.openBus(cfg, log, reg); err != nil {
-		p.closeStore()
+		p.closeBackends(context.Background())
 		return nil, err
 	}
 	svc, err := logic.New(logic.Options{
@@ -67,7 +67,7 @@ func Start(cfg config.Config, log *slog.Logger) (*Platform, error) {
 		Store: store, NodeID: cfg.NodeID, C2C: cfg.C2C, S2C: cfg.S2C, C2S: cfg.C2S, Bus: p.producer,
 	})
 	if err != nil {
-		p.closeStore()
+		p.closeBackends(context.Background())
 		return nil, err
 	}
 	p.Logic = svc
@@ -79,19 +79,19 @@ func Start(cfg config.Config, log *slog.Logger) (*Platform, error) {
 		MaxQueueBytes: g.MaxQueueBytes, Logger: log.With("tier", "gateway"), Registry: reg,
 	}, svc)
 	if err != nil {
-		p.closeStore()
+		p.closeBackends(context.Background())
 		return nil, err
 	}
 	p.Gateway = gw
 	svc.AttachGate(gw.ID(), gw)
 	if err := gw.Listen(); err != nil {
-		p.closeStore()
+		p.closeBackends(context.Background())
 		return nil, err
 	}
 	ln, err := net.Listen("tcp", cfg.HTTP.Addr)
 	if err != nil {
 		_ = gw.Shutdown(context.Background())
-		p.closeStore()
+		p.closeBackends(context.Background())
 		return nil, fmt.Errorf("http: listen %s: %w", cfg.HTTP.Addr, err)
 	}
 	p.httpLn = ln
@@ -185,8 +185,7 @@ func (p *Platform) openBus(cfg config.Config, log *slog.Logger, reg prometheus.R
 		AutoCreateTopics: b.AutoCreateTopics || p.Broker != nil,
 		Logger:           log.With("tier", "bus"), Registry: reg,
 	})
-	if err != nil {
-		p.closeBus(context.Background())
+	if err != nil { // Start's undo stops the broker
 		return fmt.Errorf("kafka producer: %w", err)
 	}
 	p.producer, p.kafka = pr, brokers
@@ -210,12 +209,14 @@ func (p *Platform) closeBus(ctx context.Context) error {
 	return err
 }
 
-func (p *Platform) closeStore() error {
-	p.closeBus(context.Background())
-	if p.Store == nil {
-		return nil
+// closeBackends flushes and stops the bus, then closes the store: the
+// last step of Shutdown, and the undo of a Start that failed half way.
+func (p *Platform) closeBackends(ctx context.Context) error {
+	err := p.closeBus(ctx)
+	if p.Store != nil {
+		err = errors.Join(err, p.Store.Close())
 	}
-	return p.Store.Close()
+	return err
 }
 
 // GatewayAddr is the gateway's listen address.
@@ -239,12 +240,7 @@ func (p *Platform) Shutdown(ctx context.Context) error {
 		}
 		// Every request has finished with the gateway: the bus and the
 		// store can close.
-		if berr := p.closeBus(ctx); berr != nil {
-			err = errors.Join(err, berr)
-		}
-		if serr := p.closeStore(); serr != nil {
-			err = errors.Join(err, serr)
-		}
+		err = errors.Join(err, p.closeBackends(ctx))
 	})
 	return err
 }
