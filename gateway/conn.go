@@ -378,11 +378,12 @@ func (c *conn) notify(cmd schema.Cmd, msgtype uint32, m proto.Message) {
 }
 
 // pushRaw pushes a server notify with an encoded body.
-func (c *conn) pushRaw(cmd schema.Cmd, msgtype uint32, body []byte) {
+// pushRaw queues a notify and reports whether it was queued.
+func (c *conn) pushRaw(cmd schema.Cmd, msgtype uint32, body []byte) bool {
 	sess, _ := c.session()
 	h := schema.Header{Cmd: cmd, MsgType: msgtype, UID: sess.UID, AppCode: sess.AppCode, LogID: c.srv.nextLog.Add(1)}
 	h.SetKind(schema.KindNotify)
-	c.enqueue(&h, body)
+	return c.enqueue(&h, body)
 }
 
 func (c *conn) notifyAndClose(cmd schema.Cmd, m proto.Message, reason string) {
@@ -392,13 +393,14 @@ func (c *conn) notifyAndClose(cmd schema.Cmd, m proto.Message, reason string) {
 	c.closeAfterFlush()
 }
 
-// enqueue encodes a frame into a pooled buffer and queues it.
-func (c *conn) enqueue(h *schema.Header, body []byte) {
+// enqueue encodes a frame into a pooled buffer and queues it; false means
+// the connection is closing or was just closed as a slow consumer.
+func (c *conn) enqueue(h *schema.Header, body []byte) bool {
 	bp := schema.GetBuf(schema.HeaderLen + len(body))
 	h.BodyLen = uint32(len(body))
 	h.Put(*bp)
 	copy((*bp)[schema.HeaderLen:], body)
-	c.enqueueBuf(bp)
+	return c.enqueueBuf(bp)
 }
 
 // enqueueBuf queues an encoded frame and asks the engine to write it unless
@@ -406,13 +408,13 @@ func (c *conn) enqueue(h *schema.Header, body []byte) {
 // same writev). A connection whose unsent bytes outgrow MaxQueueBytes is a
 // slow consumer and is closed: the frames it could not take are dropped
 // with it, and the platform's acks (not the socket) decide what is
-// redelivered.
-func (c *conn) enqueueBuf(bp *[]byte) {
+// redelivered. It reports whether the frame was queued.
+func (c *conn) enqueueBuf(bp *[]byte) bool {
 	c.mu.Lock()
 	if c.closed || c.closing {
 		c.mu.Unlock()
 		schema.PutBuf(bp)
-		return
+		return false
 	}
 	c.out = append(c.out, bp)
 	c.outBytes += len(*bp)
@@ -420,7 +422,7 @@ func (c *conn) enqueueBuf(bp *[]byte) {
 		c.mu.Unlock()
 		c.srv.m.closed.WithLabelValues("slow_consumer").Inc()
 		c.close("slow consumer")
-		return
+		return false
 	}
 	start := !c.flushing
 	c.flushing = true
@@ -428,6 +430,7 @@ func (c *conn) enqueueBuf(bp *[]byte) {
 	if start {
 		c.io.startFlush()
 	}
+	return true
 }
 
 // maxIdleQueueCap bounds the queue slice an idle connection keeps for its

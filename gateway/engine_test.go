@@ -233,10 +233,19 @@ func dialSmallBuffer(t *testing.T, s *Server) *client {
 	return &client{t: t, nc: nc, dec: schema.NewDecoder(nc, 1<<20)}
 }
 
+// push queues frame i of size bytes on connection id; ErrUnknownConn means
+// the connection did not take it.
 func push(t *testing.T, s *Server, id uint64, i int, size int) error {
 	body := make([]byte, size)
 	binary.BigEndian.PutUint32(body, uint32(i))
-	return s.Push(context.Background(), id, schema.CmdS2C, uint32(i), body)
+	var queued [1]bool
+	if err := s.Push(context.Background(), []uint64{id}, schema.CmdS2C, uint32(i), body, queued[:]); err != nil {
+		t.Fatal(err)
+	}
+	if !queued[0] {
+		return ErrUnknownConn
+	}
+	return nil
 }
 
 // TestStalledWriteResumes: a client that stops reading fills its socket

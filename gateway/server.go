@@ -235,16 +235,13 @@ func (s *Server) Kick(_ context.Context, id uint64, k *pb.Kickout) error {
 	return nil
 }
 
-// Push implements logic.Gate: it queues a notify for the connection.
-func (s *Server) Push(_ context.Context, id uint64, cmd schema.Cmd, msgtype uint32, body []byte) error {
-	c := s.conn(id)
-	if c == nil {
-		return ErrUnknownConn
+// Push implements logic.Gate: it queues the notify on each logged-in
+// connection in ids.
+func (s *Server) Push(_ context.Context, ids []uint64, cmd schema.Cmd, msgtype uint32, body []byte, queued []bool) error {
+	for i, id := range ids {
+		c := s.conn(id)
+		queued[i] = c != nil && c.state.Load() == stateLoggedIn && c.pushRaw(cmd, msgtype, body)
 	}
-	if c.state.Load() != stateLoggedIn {
-		return ErrUnknownConn
-	}
-	c.pushRaw(cmd, msgtype, body)
 	return nil
 }
 

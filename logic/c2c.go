@@ -132,26 +132,65 @@ func (s *Service) c2cSend(ctx context.Context, sess router.Session, h *schema.He
 	return proto.Marshal(&pb.C2CSendResponse{Msgid: msgid, StoredAtMs: now.UnixMilli(), Duplicate: dup})
 }
 
-// pushUser sends a notify to every online session of u.
+// pushUser sends a notify to every online session of u and returns how
+// many took it.
 func (s *Service) pushUser(ctx context.Context, u das.User, cmd schema.Cmd, msgtype uint32, body []byte, logid uint64) int {
 	sessions, err := s.router.Lookup(ctx, router.User{Account: u.Account, UID: u.UID})
 	if err != nil {
 		s.log.Warn("push: router lookup", "account", u.Account, "uid", u.UID, "err", err, "logid", logid)
 		return 0
 	}
+	queued := make([]bool, len(sessions))
+	s.pushSessions(ctx, sessions, cmd, msgtype, body, queued, logid)
 	n := 0
-	for _, ss := range sessions {
-		g := s.gate(ss.Gate)
-		if g == nil {
-			continue
+	for _, q := range queued {
+		if q {
+			n++
 		}
-		if err := g.Push(ctx, ss.Conn, cmd, msgtype, body); err != nil {
-			s.log.Debug("push", "gate", ss.Gate, "conn", ss.Conn, "err", err, "logid", logid)
-			continue
-		}
-		n++
 	}
 	return n
+}
+
+// pushSessions queues one notify on every session in ss with one Gate.Push
+// per gateway, and sets queued[i] for ss[i].
+func (s *Service) pushSessions(ctx context.Context, ss []router.Session, cmd schema.Cmd, msgtype uint32, body []byte, queued []bool, logid uint64) {
+	if len(ss) == 0 {
+		return
+	}
+	// Most fan-outs touch few gateways: group by a linear scan of the
+	// gateways seen so far instead of a map.
+	type group struct {
+		gate  string
+		idx   []int
+		conns []uint64
+	}
+	var groups []group
+	for i := range ss {
+		j := 0
+		for j < len(groups) && groups[j].gate != ss[i].Gate {
+			j++
+		}
+		if j == len(groups) {
+			groups = append(groups, group{gate: ss[i].Gate})
+		}
+		groups[j].idx = append(groups[j].idx, i)
+		groups[j].conns = append(groups[j].conns, ss[i].Conn)
+	}
+	for _, gr := range groups {
+		g := s.gate(gr.gate)
+		if g == nil {
+			s.log.Debug("push: gate unknown", "gate", gr.gate, "sessions", len(gr.conns), "logid", logid)
+			continue
+		}
+		q := make([]bool, len(gr.conns))
+		if err := g.Push(ctx, gr.conns, cmd, msgtype, body, q); err != nil {
+			s.log.Warn("push", "gate", gr.gate, "sessions", len(gr.conns), "err", err, "logid", logid)
+			continue
+		}
+		for k, i := range gr.idx {
+			queued[i] = q[k]
+		}
+	}
 }
 
 // ack removes acknowledged messages from the terminal's inbox and sends a

@@ -33,8 +33,13 @@ type HTTPOptions struct {
 //     `Authorization: Bearer <api key>`: POST /v1/push, GET /v1/push/{id},
 //     GET /v1/presence?uid=N.
 //
-// Bodies larger than S2C.MaxBody are refused with 413.
+// Bodies larger than S2C.MaxBody are refused with 413. With a nil svc (a
+// gateway-only node) it serves the operator endpoints only.
 func NewHTTPServer(svc *Service, o HTTPOptions) *fasthttp.Server {
+	maxBody := 4 << 10
+	if svc != nil {
+		maxBody = svc.s2c.MaxBody
+	}
 	log := o.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -53,6 +58,10 @@ func NewHTTPServer(svc *Service, o HTTPOptions) *fasthttp.Server {
 				writeJSON(ctx, fasthttp.StatusServiceUnavailable, map[string]any{"status": "not ready"})
 				return
 			}
+			if svc == nil {
+				writeJSON(ctx, fasthttp.StatusOK, map[string]any{"status": "ready"})
+				return
+			}
 			st, _ := svc.router.Stats(ctx)
 			writeJSON(ctx, fasthttp.StatusOK, map[string]any{"status": "ready", "users_online": st.Users, "sessions": st.Sessions})
 		case path == "/metrics":
@@ -61,6 +70,8 @@ func NewHTTPServer(svc *Service, o HTTPOptions) *fasthttp.Server {
 				return
 			}
 			metrics(ctx)
+		case svc == nil:
+			writeError(ctx, fasthttp.StatusNotFound, 0, "this node is a gateway: the app-server API is served by logic nodes")
 		case path == "/v1/push":
 			if !ctx.IsPost() {
 				writeError(ctx, fasthttp.StatusMethodNotAllowed, 0, "use POST")
@@ -92,14 +103,14 @@ func NewHTTPServer(svc *Service, o HTTPOptions) *fasthttp.Server {
 	return &fasthttp.Server{
 		Handler:            h,
 		Name:               "imd",
-		MaxRequestBodySize: svc.s2c.MaxBody,
+		MaxRequestBodySize: maxBody,
 		ReadTimeout:        30 * time.Second,
 		WriteTimeout:       30 * time.Second,
 		IdleTimeout:        120 * time.Second,
 		Logger:             printfLogger{log},
 		ErrorHandler: func(ctx *fasthttp.RequestCtx, err error) {
 			if errors.Is(err, fasthttp.ErrBodyTooLarge) {
-				writeError(ctx, fasthttp.StatusRequestEntityTooLarge, 0, fmt.Sprintf("request body over %d bytes", svc.s2c.MaxBody))
+				writeError(ctx, fasthttp.StatusRequestEntityTooLarge, 0, fmt.Sprintf("request body over %d bytes", maxBody))
 				return
 			}
 			writeError(ctx, fasthttp.StatusBadRequest, 0, "bad request: "+err.Error())

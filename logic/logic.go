@@ -44,8 +44,12 @@ type API interface {
 type Gate interface {
 	// Kick sends k to connection conn and then closes it.
 	Kick(ctx context.Context, conn uint64, k *pb.Kickout) error
-	// Push queues a notify with an encoded body for connection conn.
-	Push(ctx context.Context, conn uint64, cmd schema.Cmd, msgtype uint32, body []byte) error
+	// Push queues one notify with an encoded body for each connection in
+	// conns and sets queued[i] (len(queued) == len(conns)) when conns[i]
+	// took it; a connection that is gone or too slow is false. A fan-out
+	// to many connections of one gateway is one call (one internal frame
+	// across processes). An error means the gateway itself is unreachable.
+	Push(ctx context.Context, conns []uint64, cmd schema.Cmd, msgtype uint32, body []byte, queued []bool) error
 }
 
 // LoginInput is a login as the gateway saw it.
@@ -232,6 +236,28 @@ func (s *Service) DetachGate(ctx context.Context, id string) {
 	} else if n > 0 {
 		s.log.Info("purged gate sessions", "gate", id, "sessions", n)
 	}
+}
+
+// ReleaseGate forgets gateway id if it is still reached through g, and
+// keeps its sessions: a link to a gateway that broke does not mean the
+// gateway stopped (membership decides that, and then DetachGate purges).
+func (s *Service) ReleaseGate(id string, g Gate) {
+	s.gatesMu.Lock()
+	if s.gates[id] == g {
+		delete(s.gates, id)
+	}
+	s.gatesMu.Unlock()
+}
+
+// Gates returns the ids of the gateways this node reaches.
+func (s *Service) Gates() []string {
+	s.gatesMu.RLock()
+	defer s.gatesMu.RUnlock()
+	ids := make([]string, 0, len(s.gates))
+	for id := range s.gates {
+		ids = append(ids, id)
+	}
+	return ids
 }
 
 func (s *Service) gate(id string) Gate {

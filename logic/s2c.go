@@ -204,19 +204,30 @@ func (s *Service) Push(ctx context.Context, caller *App, req *PushRequest) (*Pus
 	s.stats.add(&PushStats{PushID: id, AppCode: caller.AppCode, CreatedMS: now.UnixMilli(), Recipients: len(req.To)}, s.s2c.StatsTTL)
 	body, _ := proto.Marshal(&pb.S2CNotify{PushId: id, Msgtype: req.MsgType, Content: req.Content, SentAtMs: now.UnixMilli(), NeedAck: true})
 	res := &PushResult{PushID: id, Results: make([]RecipientResult, len(req.To))}
+	// One Gate.Push per gateway for the whole fan-out.
+	var targets []router.Session
+	var owner []int // owner[k]: the recipient index of targets[k]
+	for i, r := range req.To {
+		for _, ss := range sessions[i] {
+			if ss.AppCode == r.AppCode {
+				targets = append(targets, ss)
+				owner = append(owner, i)
+			}
+		}
+	}
+	queued := make([]bool, len(targets))
+	s.pushSessions(ctx, targets, schema.CmdS2C, req.MsgType, body, queued, id)
+	for k, i := range owner {
+		res.Results[i].Online = true
+		if queued[k] {
+			res.Results[i].Pushed++
+		}
+	}
 	var offline []das.Terminal
 	var offlineIdx []int
 	for i, r := range req.To {
-		rr := RecipientResult{AppCode: r.AppCode, UID: r.UID, Terminal: apps[i].Name}
-		for _, ss := range sessions[i] {
-			if ss.AppCode != r.AppCode {
-				continue
-			}
-			rr.Online = true
-			if g := s.gate(ss.Gate); g != nil && g.Push(ctx, ss.Conn, schema.CmdS2C, req.MsgType, body) == nil {
-				rr.Pushed++
-			}
-		}
+		rr := res.Results[i]
+		rr.AppCode, rr.UID, rr.Terminal = r.AppCode, r.UID, apps[i].Name
 		if rr.Online {
 			res.Online++
 		} else if req.StoreOffline {

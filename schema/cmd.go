@@ -60,6 +60,9 @@ func (c Cmd) String() string {
 	if n, ok := cmdNames[c]; ok {
 		return n
 	}
+	if n, ok := rpcNames[c]; ok {
+		return n
+	}
 	return fmt.Sprintf("cmd(0x%04x)", uint16(c))
 }
 

@@ -302,3 +302,41 @@ func TestProtocolDocStatusTable(t *testing.T) {
 		}
 	}
 }
+
+func TestProtocolDocRPCTable(t *testing.T) {
+	doc := readProtocolDoc(t)
+	rows := tableRows(section(t, doc, "Internal RPC"), regexp.MustCompile("^`0x7f[0-9a-f]{2}`$"))
+	seen := map[Cmd]bool{}
+	for _, r := range rows {
+		n, err := strconv.ParseUint(strings.Trim(r[0], "`")[2:], 16, 16)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := Cmd(n)
+		if !c.IsRPC() || c.Known() {
+			t.Errorf("PROTOCOL.md lists %s, which is not in rpc.go's table (or is a client command)", r[0])
+		}
+		seen[c] = true
+		if len(r) != 6 {
+			t.Errorf("%s: row has %d cells, want 6", c, len(r))
+			continue
+		}
+		if r[1] != c.String() {
+			t.Errorf("%#04x: name %q, rpc.go says %q", uint16(c), r[1], c.String())
+		}
+		msgs := regexp.MustCompile("`([A-Z][A-Za-z0-9]*)`").FindAllStringSubmatch(r[4], -1)
+		if (r[3] == "request" && len(msgs) != 2) || (r[3] == "notify" && len(msgs) != 1) || (r[3] != "request" && r[3] != "notify") {
+			t.Errorf("%s: bodies %q do not fit kind %q", c, r[4], r[3])
+		}
+		for _, m := range msgs {
+			if _, err := protoregistry.GlobalFiles.FindDescriptorByName(protoreflect.FullName("imd.v1." + m[1])); err != nil {
+				t.Errorf("%s: message %s is not in the protos", c, m[1])
+			}
+		}
+	}
+	for _, c := range RPCCmds() {
+		if !seen[c] {
+			t.Errorf("internal command %#04x %s is missing from PROTOCOL.md", uint16(c), c)
+		}
+	}
+}

@@ -41,6 +41,7 @@ const (
 	StatusBadArgument     Status = 4003 // a field is out of range (page size, limit, ...)
 	StatusUnmappedType    Status = 4004 // no route is configured for this (appcode, msgtype)
 	StatusContentTooLarge Status = 4005 // the message content is over the configured maximum
+	StatusUnknownConn     Status = 4006 // internal RPC: the gateway does not hold that connection (it closed)
 
 	StatusInternal     Status = 5001 // a bug or unexpected failure; retrying may help
 	StatusUnavailable  Status = 5002 // a dependency (store, bus) is down; retry with backoff
@@ -73,6 +74,7 @@ var statusNames = map[Status]string{
 	StatusBadArgument:     "bad argument",
 	StatusUnmappedType:    "unmapped message type",
 	StatusContentTooLarge: "content too large",
+	StatusUnknownConn:     "unknown connection",
 	StatusInternal:        "internal error",
 	StatusUnavailable:     "unavailable",
 	StatusTimeout:         "timeout",

@@ -1,0 +1,300 @@
+package rpc
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/imd-dev/imd/logic"
+	"github.com/imd-dev/imd/router"
+	"github.com/imd-dev/imd/schema"
+	"github.com/imd-dev/imd/schema/pb"
+	"google.golang.org/protobuf/proto"
+)
+
+// ClientOptions configures a Client.
+type ClientOptions struct {
+	Version string // goes in the hello, for logs
+	// DialTimeout bounds one dial plus hello. Default 5s.
+	DialTimeout time.Duration
+	Logger      *slog.Logger
+}
+
+// Client is the gateway side: it implements logic.API by calling logic
+// nodes over one link each, spreading calls over them, and serves the
+// gateway (logic.Gate) to them on the same links. Logic nodes come and go
+// through SetAddrs; a broken link is redialled with jittered backoff.
+type Client struct {
+	opts ClientOptions
+	log  *slog.Logger
+	gate atomic.Pointer[gateBox]
+
+	mu     sync.Mutex
+	nodes  map[string]*node // by address
+	closed bool
+	wg     sync.WaitGroup
+
+	live atomic.Pointer[[]*Link] // links that finished their hello
+	next atomic.Uint64
+}
+
+type gateBox struct {
+	id, addr string
+	g        logic.Gate
+}
+
+type node struct {
+	addr string
+	stop context.CancelFunc
+	link atomic.Pointer[Link]
+}
+
+var _ logic.API = (*Client)(nil)
+
+// NewClient returns a client with no logic nodes yet; give it the gateway
+// with Configure, then logic nodes with SetAddrs.
+func NewClient(opts ClientOptions) *Client {
+	if opts.DialTimeout == 0 {
+		opts.DialTimeout = 5 * time.Second
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	c := &Client{opts: opts, log: opts.Logger, nodes: make(map[string]*node)}
+	c.live.Store(&[]*Link{})
+	return c
+}
+
+// Configure names the gateway (its id, which router sessions carry, and
+// the address its clients connect to) and sets what logic nodes push to
+// and kick through. Call it before SetAddrs.
+func (c *Client) Configure(id, addr string, g logic.Gate) {
+	c.gate.Store(&gateBox{id: id, addr: addr, g: g})
+}
+
+// SetAddrs makes addrs the logic nodes to keep links to: new ones are
+// dialled, links to ones no longer listed are closed.
+func (c *Client) SetAddrs(addrs []string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return
+	}
+	for addr, n := range c.nodes {
+		if !slices.Contains(addrs, addr) {
+			c.log.Info("logic node left", "addr", addr)
+			n.stop()
+			delete(c.nodes, addr)
+		}
+	}
+	for _, addr := range addrs {
+		if _, ok := c.nodes[addr]; ok || addr == "" {
+			continue
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		n := &node{addr: addr, stop: cancel}
+		c.nodes[addr] = n
+		c.wg.Add(1)
+		go c.keep(ctx, n)
+	}
+}
+
+// Links returns how many logic nodes are reachable now.
+func (c *Client) Links() int { return len(*c.live.Load()) }
+
+// WaitReady waits until at least one logic node is reachable.
+func (c *Client) WaitReady(ctx context.Context) error {
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for c.Links() == 0 {
+		select {
+		case <-ctx.Done():
+			return errors.New("rpc: no logic node reachable")
+		case <-t.C:
+		}
+	}
+	return nil
+}
+
+// Close closes every link; calls in flight fail with StatusUnavailable.
+func (c *Client) Close() {
+	c.mu.Lock()
+	c.closed = true
+	for addr, n := range c.nodes {
+		n.stop()
+		delete(c.nodes, addr)
+	}
+	c.mu.Unlock()
+	c.wg.Wait()
+}
+
+// keep holds a link to n open until ctx ends.
+func (c *Client) keep(ctx context.Context, n *node) {
+	defer c.wg.Done()
+	var backoff time.Duration
+	for ctx.Err() == nil {
+		l, err := c.dial(ctx, n.addr)
+		if err != nil {
+			backoff = min(max(2*backoff, 50*time.Millisecond), 5*time.Second)
+			wait := backoff/2 + rand.N(backoff/2+1)
+			c.log.Warn("logic node unreachable; retrying", "addr", n.addr, "err", err, "retry_in", wait)
+			select {
+			case <-ctx.Done():
+			case <-time.After(wait):
+			}
+			continue
+		}
+		backoff = 0
+		c.log.Info("logic link open", "addr", n.addr, "node", l.Peer())
+		c.setLive(l, true)
+		select {
+		case <-ctx.Done():
+			_ = l.Close()
+		case <-l.Done():
+			c.log.Warn("logic link closed; redialling", "addr", n.addr, "err", l.Err())
+		}
+		c.setLive(l, false)
+	}
+}
+
+func (c *Client) setLive(l *Link, up bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	cur := *c.live.Load()
+	next := make([]*Link, 0, len(cur)+1)
+	for _, x := range cur {
+		if x != l {
+			next = append(next, x)
+		}
+	}
+	if up {
+		next = append(next, l)
+	}
+	c.live.Store(&next)
+}
+
+func (c *Client) dial(ctx context.Context, addr string) (*Link, error) {
+	ctx, cancel := context.WithTimeout(ctx, c.opts.DialTimeout)
+	defer cancel()
+	var d net.Dialer
+	nc, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	gb := c.gate.Load()
+	if gb == nil {
+		_ = nc.Close()
+		return nil, errors.New("rpc: Configure was not called")
+	}
+	l := NewLink(nc, c.handle, c.log)
+	var resp pb.RPCHelloResponse
+	if _, err := l.Call(ctx, schema.Header{Cmd: schema.RPCHello}, &pb.RPCHello{Gate: gb.id, GateAddr: gb.addr, Version: c.opts.Version}, &resp); err != nil {
+		_ = l.Close()
+		return nil, err
+	}
+	l.SetPeer(resp.GetNode())
+	return l, nil
+}
+
+// pick spreads calls over the live links.
+func (c *Client) pick() (*Link, error) {
+	live := *c.live.Load()
+	if len(live) == 0 {
+		return nil, schema.Errorf(schema.StatusUnavailable, "no logic node reachable")
+	}
+	return live[c.next.Add(1)%uint64(len(live))], nil
+}
+
+// handle serves logic's calls into the gateway.
+func (c *Client) handle(ctx context.Context, l *Link, f *schema.Frame) ([]byte, error) {
+	gb := c.gate.Load()
+	if gb == nil {
+		return nil, schema.Errorf(schema.StatusUnavailable, "rpc: gateway not started")
+	}
+	switch f.Cmd {
+	case schema.RPCPush:
+		var in pb.RPCPush
+		if err := proto.Unmarshal(f.Body, &in); err != nil {
+			return nil, badBody(f.Cmd, err)
+		}
+		if !schema.Cmd(in.GetCmd()).Known() {
+			return nil, schema.Errorf(schema.StatusBadArgument, "rpc: push of unknown command %#x", in.GetCmd())
+		}
+		queued := make([]bool, len(in.GetConns()))
+		if err := gb.g.Push(ctx, in.GetConns(), schema.Cmd(in.GetCmd()), in.GetMsgtype(), in.GetBody(), queued); err != nil {
+			return nil, err
+		}
+		return proto.Marshal(&pb.RPCPushResponse{Queued: queued})
+	case schema.RPCKick:
+		var in pb.RPCKick
+		if err := proto.Unmarshal(f.Body, &in); err != nil {
+			return nil, badBody(f.Cmd, err)
+		}
+		if err := gb.g.Kick(ctx, in.GetConn(), in.GetKickout()); err != nil {
+			return nil, schema.Errorf(schema.StatusUnknownConn, "%v", err)
+		}
+		return nil, nil
+	case schema.RPCPing:
+		return nil, nil
+	}
+	return nil, schema.Errorf(schema.StatusUnknownCmd, "rpc: the gateway does not serve %s", f.Cmd)
+}
+
+// Login implements logic.API.
+func (c *Client) Login(ctx context.Context, in logic.LoginInput) (logic.LoginResult, error) {
+	l, err := c.pick()
+	if err != nil {
+		return logic.LoginResult{}, err
+	}
+	var resp pb.RPCLoginResponse
+	_, err = l.Call(ctx, schema.Header{Cmd: schema.RPCLogin, AppCode: in.AppCode, UID: in.UID, LogID: in.LogID},
+		&pb.RPCLogin{Appcode: in.AppCode, Uid: in.UID, Token: in.Token, DeviceId: in.DeviceID, Platform: in.Platform, Conn: in.Conn}, &resp)
+	if err != nil {
+		return logic.LoginResult{}, err
+	}
+	return logic.LoginResult{Session: sessionFromPB(resp.GetSession()), Evicted: int(resp.GetEvicted())}, nil
+}
+
+// Logout implements logic.API.
+func (c *Client) Logout(ctx context.Context, s router.Session) error {
+	l, err := c.pick()
+	if err != nil {
+		return err
+	}
+	_, err = l.Call(ctx, schema.Header{Cmd: schema.RPCLogout, AppCode: s.AppCode, UID: s.UID}, &pb.RPCSessionOnly{Session: sessionToPB(s)}, nil)
+	return err
+}
+
+// Disconnected implements logic.API. If no logic node is reachable the
+// session stays in the router until the user logs in again (which replaces
+// it) or the gateway's membership lapses.
+func (c *Client) Disconnected(_ context.Context, s router.Session) {
+	l, err := c.pick()
+	if err == nil {
+		err = l.Notify(schema.Header{Cmd: schema.RPCDisconnected, AppCode: s.AppCode, UID: s.UID}, &pb.RPCSessionOnly{Session: sessionToPB(s)})
+	}
+	if err != nil {
+		c.log.Warn("disconnect not told to logic", "uid", s.UID, "appcode", s.AppCode, "err", err)
+	}
+}
+
+// Handle implements logic.API: the client's header and body travel as
+// they are, the response body comes back as it is.
+func (c *Client) Handle(ctx context.Context, s router.Session, h *schema.Header, body []byte) ([]byte, error) {
+	l, err := c.pick()
+	if err != nil {
+		return nil, err
+	}
+	var hb [schema.HeaderLen]byte
+	hh := *h
+	hh.BodyLen = uint32(len(body))
+	hh.Put(hb[:])
+	return l.Call(ctx, schema.Header{Cmd: schema.RPCHandle, AppCode: h.AppCode, UID: h.UID, LogID: h.LogID, MsgType: h.MsgType},
+		&pb.RPCHandle{Session: sessionToPB(s), Header: hb[:], Body: body}, nil)
+}

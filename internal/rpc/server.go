@@ -1,0 +1,227 @@
+package rpc
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/imd-dev/imd/logic"
+	"github.com/imd-dev/imd/schema"
+	"github.com/imd-dev/imd/schema/pb"
+	"google.golang.org/protobuf/proto"
+)
+
+// serveTimeout bounds a request served for a gateway whose own deadline
+// did not come along (the gateway bounds each call with its
+// RequestTimeout; this is the backstop).
+const serveTimeout = 30 * time.Second
+
+// Server is the logic side: it serves logic.API to the gateways that dial
+// it and reaches each of them as a logic.Gate over the same link.
+type Server struct {
+	svc     *logic.Service
+	node    string
+	version string
+	log     *slog.Logger
+
+	mu     sync.Mutex
+	ln     net.Listener
+	links  map[*Link]struct{}
+	closed bool
+	wg     sync.WaitGroup
+}
+
+// NewServer returns a server for svc; node names this logic node in hellos.
+func NewServer(svc *logic.Service, node, version string, log *slog.Logger) *Server {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Server{svc: svc, node: node, version: version, log: log, links: make(map[*Link]struct{})}
+}
+
+// Serve accepts gateway links on ln until Close.
+func (s *Server) Serve(ln net.Listener) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return net.ErrClosed
+	}
+	s.ln = ln
+	s.mu.Unlock()
+	var delay time.Duration
+	for {
+		nc, err := ln.Accept()
+		if err != nil {
+			s.mu.Lock()
+			closed := s.closed
+			s.mu.Unlock()
+			if closed {
+				return nil
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return fmt.Errorf("rpc: accept: %w", err)
+			}
+			// EMFILE and the like pass: back off and go on.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			s.log.Warn("rpc accept failed; backing off", "err", err, "backoff", delay)
+			time.Sleep(delay)
+			continue
+		}
+		delay = 0
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			_ = nc.Close()
+			return nil
+		}
+		l := NewLink(nc, s.handle, s.log)
+		s.links[l] = struct{}{}
+		s.wg.Add(1)
+		s.mu.Unlock()
+		go s.watch(l)
+	}
+}
+
+// watch waits for l to close and forgets the gateway it served.
+func (s *Server) watch(l *Link) {
+	defer s.wg.Done()
+	hello := time.NewTimer(10 * time.Second)
+	select {
+	case <-l.Done():
+	case <-hello.C:
+		if l.Peer() == "" {
+			s.log.Warn("rpc link sent no hello; closing", "remote", l.RemoteAddr())
+			_ = l.Close()
+		}
+		<-l.Done()
+	}
+	hello.Stop()
+	if id := l.Peer(); id != "" {
+		s.svc.ReleaseGate(id, remoteGate{l})
+		s.log.Info("gateway link closed", "gate", id, "remote", l.RemoteAddr(), "err", l.Err())
+	}
+	s.mu.Lock()
+	delete(s.links, l)
+	s.mu.Unlock()
+}
+
+// Close stops accepting and closes every link. Gateways reconnect to the
+// logic nodes still alive.
+func (s *Server) Close() {
+	s.mu.Lock()
+	s.closed = true
+	if s.ln != nil {
+		_ = s.ln.Close()
+	}
+	for l := range s.links {
+		_ = l.Close()
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+}
+
+// Gateways returns how many gateway links are open.
+func (s *Server) Gateways() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.links)
+}
+
+func badBody(cmd schema.Cmd, err error) error {
+	return schema.Errorf(schema.StatusBadBody, "rpc: %s body: %v", cmd, err)
+}
+
+func (s *Server) handle(ctx context.Context, l *Link, f *schema.Frame) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, serveTimeout)
+	defer cancel()
+	if l.Peer() == "" {
+		if f.Cmd != schema.RPCHello {
+			_ = l.Close()
+			return nil, schema.Errorf(schema.StatusNotLoggedIn, "rpc: %s before hello", f.Cmd)
+		}
+		var in pb.RPCHello
+		if err := proto.Unmarshal(f.Body, &in); err != nil || in.GetGate() == "" {
+			_ = l.Close()
+			return nil, schema.Errorf(schema.StatusBadBody, "rpc: hello without a gate id (%v)", err)
+		}
+		l.SetPeer(in.GetGate())
+		s.svc.AttachGate(in.GetGate(), remoteGate{l})
+		s.log.Info("gateway link open", "gate", in.GetGate(), "gate_addr", in.GetGateAddr(), "version", in.GetVersion(), "remote", l.RemoteAddr())
+		return proto.Marshal(&pb.RPCHelloResponse{Node: s.node, Version: s.version})
+	}
+	switch f.Cmd {
+	case schema.RPCLogin:
+		var in pb.RPCLogin
+		if err := proto.Unmarshal(f.Body, &in); err != nil {
+			return nil, badBody(f.Cmd, err)
+		}
+		res, err := s.svc.Login(ctx, logic.LoginInput{
+			AppCode: in.GetAppcode(), UID: in.GetUid(), Token: in.GetToken(), DeviceID: in.GetDeviceId(),
+			Platform: in.GetPlatform(), Gate: l.Peer(), Conn: in.GetConn(), LogID: f.LogID,
+		})
+		if err != nil {
+			return nil, err
+		}
+		return proto.Marshal(&pb.RPCLoginResponse{Session: sessionToPB(res.Session), Evicted: uint32(res.Evicted)})
+	case schema.RPCLogout, schema.RPCDisconnected:
+		var in pb.RPCSessionOnly
+		if err := proto.Unmarshal(f.Body, &in); err != nil {
+			return nil, badBody(f.Cmd, err)
+		}
+		sess := sessionFromPB(in.GetSession())
+		if sess.Gate != l.Peer() {
+			return nil, schema.Errorf(schema.StatusBadArgument, "rpc: gateway %s cannot end a session of gateway %s", l.Peer(), sess.Gate)
+		}
+		if f.Cmd == schema.RPCDisconnected {
+			s.svc.Disconnected(ctx, sess)
+			return nil, nil
+		}
+		return nil, s.svc.Logout(ctx, sess)
+	case schema.RPCHandle:
+		var in pb.RPCHandle
+		if err := proto.Unmarshal(f.Body, &in); err != nil {
+			return nil, badBody(f.Cmd, err)
+		}
+		h, err := schema.ParseHeader(in.GetHeader(), MaxBody)
+		if err != nil {
+			return nil, badBody(f.Cmd, err)
+		}
+		sess := sessionFromPB(in.GetSession())
+		if sess.Gate != l.Peer() {
+			return nil, schema.Errorf(schema.StatusBadArgument, "rpc: gateway %s cannot act for a session of gateway %s", l.Peer(), sess.Gate)
+		}
+		return s.svc.Handle(ctx, sess, &h, in.GetBody())
+	case schema.RPCPing:
+		return nil, nil
+	}
+	return nil, schema.Errorf(schema.StatusUnknownCmd, "rpc: logic does not serve %s", f.Cmd)
+}
+
+// remoteGate is a gateway reached over the link it dialed.
+type remoteGate struct{ l *Link }
+
+var _ logic.Gate = remoteGate{}
+
+// Kick implements logic.Gate.
+func (g remoteGate) Kick(ctx context.Context, conn uint64, k *pb.Kickout) error {
+	_, err := g.l.Call(ctx, schema.Header{Cmd: schema.RPCKick}, &pb.RPCKick{Conn: conn, Kickout: k}, nil)
+	return err
+}
+
+// Push implements logic.Gate: one frame for every connection in conns.
+func (g remoteGate) Push(ctx context.Context, conns []uint64, cmd schema.Cmd, msgtype uint32, body []byte, queued []bool) error {
+	var resp pb.RPCPushResponse
+	if _, err := g.l.Call(ctx, schema.Header{Cmd: schema.RPCPush, MsgType: msgtype}, &pb.RPCPush{Conns: conns, Cmd: uint32(cmd), Msgtype: msgtype, Body: body}, &resp); err != nil {
+		return err
+	}
+	q := resp.GetQueued()
+	if len(q) != len(conns) {
+		return schema.Errorf(schema.StatusInternal, "rpc: push answer for %d of %d connections", len(q), len(conns))
+	}
+	copy(queued, q)
+	return nil
+}
