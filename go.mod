@@ -16,6 +16,7 @@ require (
 
 require (
 	github.com/pierrec/lz4/v4 v4.1.33 // indirect
+	github.com/redis/rueidis v1.0.79
 	gopkg.in/inf.v0 v0.9.1 // indirect
 )
 
