@@ -7,7 +7,7 @@ STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # Iterations per fuzz target in `make test` (a count, not a time: Go's
 # -fuzztime with a duration can overrun on a loaded machine).
 FUZZ_N      ?= 3000
-FUZZ_TARGETS = ./schema:FuzzDecoder ./schema:FuzzBodies ./gateway:FuzzConnInput
+FUZZ_TARGETS = ./schema:FuzzDecoder ./schema:FuzzBodies ./gateway:FuzzConnInput ./internal/rpc:FuzzLinkInput
 SERVICES    = bash scripts/services.sh
 # Exports IMD_TEST_CASSANDRA, IMD_TEST_KAFKA and IMD_TEST_REDIS for the
 # real-server suites.
@@ -44,13 +44,15 @@ test-go:
 	@echo "== without the race detector: soak and crash tests at full size, allocation and pool tests:"
 	$(GO) test -count=1 -timeout 20m -run 'Soak|Crash|Allocs|NoShare|Reuse' -v ./internal/platform/ ./das/embedded/ ./schema/ ./cmd/imd/
 
-test-real: ## the suites that run on real Cassandra and Kafka (services-up first)
+test-real: ## the suites that run on real Redis, Cassandra and Kafka (services-up first)
 	@echo "== das conformance and engine tests on Cassandra, bus tests on Kafka:"
 	$(WITH_SERVICES) CI=true $(GO) test -race -count=1 -timeout 20m ./das/cassandra/ ./schema/cql/ ./bus/
 	@echo "== c2s end to end into the real Kafka:"
 	$(WITH_SERVICES) IMD_TEST_BUS=kafka $(GO) test -race -count=1 -timeout 10m -run 'C2S' ./internal/platform/
 	@echo "== c2c, s2c and the 20,000-message soak end to end with --store cassandra:"
-	$(WITH_SERVICES) IMD_TEST_STORE=cassandra $(GO) test -count=1 -timeout 20m -run 'C2C|History|S2C|OpenAPI' -v ./internal/platform/ | grep -E '^(---|ok|FAIL|PASS|panic)|soak_test'
+	$(WITH_SERVICES) IMD_TEST_STORE=cassandra $(GO) test -count=1 -timeout 20m -run 'C2C|History|S2C|OpenAPI|Cluster' -v ./internal/platform/ | grep -E '^(---|ok|FAIL|PASS|panic)|soak_test'
+	@echo "== the end-to-end suite again over the many-process wiring: logic and gateway linked by the internal RPC, router and membership in Redis:"
+	$(WITH_SERVICES) CI=true IMD_TEST_SHAPE=split $(GO) test -race -count=1 -timeout 20m ./internal/platform/
 	@echo "== fault tests: Cassandra, then Kafka, stopped and restarted under load:"
 	$(WITH_SERVICES) CI=true IMD_TEST_CASSANDRA_FAULT=1 $(GO) test -count=1 -timeout 10m -run 'Fault' -v ./das/cassandra/ | grep -E '^(---|ok|FAIL|PASS|panic)|fault_test'
 	$(WITH_SERVICES) CI=true IMD_TEST_KAFKA_FAULT=1 $(GO) test -count=1 -timeout 10m -run 'Restart' -v ./bus/ | grep -E '^(---|ok|FAIL|PASS|panic)|restart_test'

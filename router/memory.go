@@ -46,6 +46,12 @@ func (m *Memory) Register(_ context.Context, s Session, maxPerTerminal int) ([]S
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
 	list := sh.users[u]
+	for i := range list {
+		if list[i].Same(&s) { // announced again (a gateway re-announcing): replace, evict nothing
+			list[i] = s
+			return nil, nil
+		}
+	}
 	same := 0
 	for i := range list {
 		if list[i].AppCode == s.AppCode {

@@ -8,7 +8,6 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
-	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -18,18 +17,10 @@ import (
 
 	"github.com/redis/rueidis"
 
+	"github.com/imd-dev/imd/internal/testenv"
 	"github.com/imd-dev/imd/router"
 	"github.com/imd-dev/imd/router/routertest"
 )
-
-// testRedisAddr is the Redis of the integration tests: IMD_TEST_REDIS, or
-// the one `scripts/services.sh up redis` starts.
-func testRedisAddr() string {
-	if a := os.Getenv("IMD_TEST_REDIS"); a != "" {
-		return a
-	}
-	return "127.0.0.1:6379"
-}
 
 // newTestRedis returns a router on the test Redis under a random prefix of
 // its own, and a raw client on the same Redis; both are closed, and the
@@ -37,14 +28,11 @@ func testRedisAddr() string {
 // fails under CI=true.
 func newTestRedis(tb testing.TB) (*router.Redis, rueidis.Client, string) {
 	tb.Helper()
-	addr := testRedisAddr()
+	addr := testenv.Redis(tb)
 	prefix := fmt.Sprintf("imdtest:%016x:", rand.Uint64())
 	r, err := router.NewRedis(router.RedisOptions{Addrs: []string{addr}, Prefix: prefix, DialTimeout: 2 * time.Second})
 	if err != nil {
-		if os.Getenv("CI") == "true" {
-			tb.Fatalf("CI=true and no Redis at %s (IMD_TEST_REDIS): %v", addr, err)
-		}
-		tb.Skipf("no Redis at %s (%v): run `scripts/services.sh up redis` (or set IMD_TEST_REDIS) to run the Redis router tests", addr, err)
+		tb.Fatalf("router on the Redis at %s: %v", addr, err)
 	}
 	raw, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{addr}, DisableCache: true})
 	if err != nil {
@@ -262,7 +250,7 @@ func TestRedisRegisterAtomic(t *testing.T) {
 	first, _, p := newTestRedis(t)
 	rs := []*router.Redis{first}
 	for range clients - 1 {
-		r, err := router.NewRedis(router.RedisOptions{Addrs: []string{testRedisAddr()}, Prefix: p})
+		r, err := router.NewRedis(router.RedisOptions{Addrs: []string{testenv.Redis(t)}, Prefix: p})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -378,7 +366,7 @@ func newHoldProxy(t *testing.T, target, marker string) *holdProxy {
 // purge of g would miss it.
 func TestRedisGateIndexRace(t *testing.T) {
 	r, raw, p := newTestRedis(t)
-	proxy := newHoldProxy(t, testRedisAddr(), "SREM")
+	proxy := newHoldProxy(t, testenv.Redis(t), "SREM")
 	churner, err := router.NewRedis(router.RedisOptions{Addrs: []string{proxy.addr}, Prefix: p})
 	if err != nil {
 		t.Fatal(err)

@@ -41,7 +41,8 @@ type Router interface {
 	// Register adds s as a session of its user. If the user then has more
 	// than maxPerTerminal sessions on s.AppCode, the oldest of them are
 	// removed and returned so the caller can kick them. maxPerTerminal < 1
-	// means 1.
+	// means 1. Registering a login the table holds already (Same) replaces
+	// it and evicts nothing.
 	Register(ctx context.Context, s Session, maxPerTerminal int) (evicted []Session, err error)
 
 	// Unregister removes s if the table still holds exactly that login

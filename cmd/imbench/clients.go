@@ -27,7 +27,10 @@ const (
 // plan is the share of the connections one client process opens. Worker
 // processes get theirs as JSON in the environment.
 type plan struct {
-	Addr         string        `json:"addr"`
+	Addr string `json:"addr"`
+	// Addrs, when set, are several gateways: connection i dials
+	// Addrs[i % len(Addrs)].
+	Addrs        []string      `json:"addrs,omitempty"`
 	AppCode      uint32        `json:"appcode"`
 	Secret       string        `json:"secret"`
 	Client       string        `json:"client"`
@@ -40,6 +43,14 @@ type plan struct {
 	LoginTimeout time.Duration `json:"login_timeout"`
 	TokenTTL     time.Duration `json:"token_ttl"`
 	MaxErrors    int           `json:"max_errors"` // stop opening after this many failures; 0 never
+}
+
+// addr is the gateway connection idx dials.
+func (p *plan) addr(idx int) string {
+	if len(p.Addrs) > 0 {
+		return p.Addrs[idx%len(p.Addrs)]
+	}
+	return p.Addr
 }
 
 // openResult is what opening a plan's connections produced.
@@ -245,7 +256,7 @@ func (o *opener) openSDK(ctx context.Context, idx int) (io.Closer, time.Duration
 	uid := o.p.UIDBase + uint64(idx)
 	var up atomic.Bool
 	opts := sdk.Options{
-		Addrs:          []string{o.p.Addr},
+		Addrs:          []string{o.p.addr(idx)},
 		DeviceID:       "imbench-" + strconv.FormatUint(uid, 10),
 		Platform:       "imbench",
 		DialTimeout:    o.p.DialTimeout,
@@ -292,7 +303,7 @@ func (o *opener) openRaw(ctx context.Context, idx int) (io.Closer, time.Duration
 	uid := o.p.UIDBase + uint64(idx)
 	d := o.dialer(idx)
 	t0 := time.Now()
-	nc, err := d.DialContext(ctx, "tcp", o.p.Addr)
+	nc, err := d.DialContext(ctx, "tcp", o.p.addr(idx))
 	if err != nil {
 		return nil, 0, 0, fmt.Errorf("dial: %w", err)
 	}

@@ -29,7 +29,12 @@ range of connections (see /proc/sys/net/ipv4/ip_local_port_range). --client
 raw is a minimal login client in imbench that spreads connections over the
 source addresses 127.0.0.1..127.0.0.K (--src-ips), for more connections than
 that. When -n exceeds what one process may hold (open files), imbench runs
-its clients in several worker processes.`
+its clients in several worker processes.
+
+Past one process's open-file limit on the server side too, --gateways K
+starts a logic node and K gateway processes (` + "`imd logic`, `imd gateway`" + `) and spreads
+the connections over them; the memory figures then add up the gateways, and
+the logic node's growth (its router holds every session) is shown apart.`
 
 // fdReserve is kept free of connections in each client process.
 const fdReserve = 200
@@ -86,6 +91,7 @@ func runConns(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	var f connsFlags
 	fs := newFlagSet("conns", connsSynopsis, stdout, stderr)
 	f.server.bind(fs)
+	f.server.bindCluster(fs)
 	fs.IntVar(&f.n, "n", 10000, "connections to open and hold")
 	fs.IntVar(&f.c, "c", 200, "logins in flight at once, over all client processes")
 	fs.StringVar(&f.client, "client", clientSDK, "client: sdk (the Go SDK) or raw (imbench's minimal login client)")
@@ -302,6 +308,9 @@ type perConn struct {
 	HeapPlusStacks float64 `json:"go_heap_plus_stacks_bytes"`
 	GoSys          float64 `json:"go_sys_bytes"`
 	Goroutines     float64 `json:"goroutines"`
+	// LogicRSS is the logic node's RSS growth per session when it runs
+	// apart from the gateways (--gateways > 1).
+	LogicRSS float64 `json:"logic_rss_bytes,omitempty"`
 }
 
 func loadavg() string {
@@ -377,9 +386,12 @@ func measureConns(ctx context.Context, f *connsFlags, command []string, stderr i
 		}
 	}()
 	if t.Started {
-		fmt.Fprintf(stderr, "imbench conns: %s pid %d, gateway %s, http %s\n", t.Binary, t.PID, t.Gateway, t.HTTP)
-		if int(soft) > 0 && f.n > int(soft)-256 {
-			fmt.Fprintf(stderr, "imbench conns: warning: the server's open-file limit %d is below -n %d plus its reserve\n", soft, f.n)
+		for _, pr := range t.Procs {
+			fmt.Fprintf(stderr, "imbench conns: %s %s pid %d, gateway %q, http %s\n", t.Binary, pr.Role, pr.PID, pr.Gateway, pr.HTTP)
+		}
+		perGate := (f.n + len(t.gates()) - 1) / len(t.gates())
+		if int(soft) > 0 && perGate > int(soft)-256 {
+			fmt.Fprintf(stderr, "imbench conns: warning: a gateway's open-file limit %d is below its %d connections plus its reserve: use more --gateways\n", soft, perGate)
 		}
 	}
 
@@ -390,7 +402,7 @@ func measureConns(ctx context.Context, f *connsFlags, command []string, stderr i
 		return nil, fmt.Errorf("baseline: %w", err)
 	}
 
-	base := plan{Addr: t.Gateway, AppCode: t.AppCode, Secret: t.secret, Client: f.client, N: f.n, UIDBase: f.uidBase,
+	base := plan{Addr: t.Gateway, Addrs: t.Gateways, AppCode: t.AppCode, Secret: t.secret, Client: f.client, N: f.n, UIDBase: f.uidBase,
 		Concurrency: f.c, SrcIPs: srcIPs, DialTimeout: f.dialTimeout, LoginTimeout: f.loginTimeout,
 		TokenTTL: f.timeout + time.Hour, MaxErrors: f.maxErrors}
 	var fl fleet
@@ -500,6 +512,7 @@ func measureConns(ctx context.Context, f *connsFlags, command []string, stderr i
 			HeapPlusStacks: d(a.HeapInuse+a.StackInuse, b.HeapInuse+b.StackInuse),
 			GoSys:          d(a.GoSys, b.GoSys),
 			Goroutines:     d(a.Goroutines, b.Goroutines),
+			LogicRSS:       d(a.LogicRSSBytes, b.LogicRSSBytes),
 		}
 	}
 	if rep.HeldClient > 0 {

@@ -656,16 +656,28 @@ func runOnce(ctx context.Context, sc *loadScenario, f *loadFlags, t *target, rat
 }
 
 // cpuSeconds reads the server's process_cpu_seconds_total.
+// cpuSeconds is the CPU time of every server process so far.
 func (t *target) cpuSeconds(ctx context.Context) (float64, error) {
-	m, err := t.scrape(ctx)
-	if err != nil {
-		return 0, err
+	addrs := []string{t.HTTP}
+	if len(t.Procs) > 0 {
+		addrs = addrs[:0]
+		for _, pr := range t.Procs {
+			addrs = append(addrs, pr.HTTP)
+		}
 	}
-	v, ok := m.Get(mProcessCPU)
-	if !ok {
-		return 0, fmt.Errorf("/metrics has no %s", mProcessCPU)
+	var sum float64
+	for _, a := range addrs {
+		m, err := t.scrapeAt(ctx, a)
+		if err != nil {
+			return 0, err
+		}
+		v, ok := m.Get(mProcessCPU)
+		if !ok {
+			return 0, fmt.Errorf("/metrics of %s has no %s", a, mProcessCPU)
+		}
+		sum += v
 	}
-	return v, nil
+	return sum, nil
 }
 
 // latencyChart plots each rate's median p50, p99 and p99.9 (from the

@@ -34,7 +34,12 @@ func writeConnsTable(out io.Writer, r *connsReport) {
 		origin = "started by imbench: " + srv.Binary
 	}
 	fmt.Fprintf(out, "imbench conns  %s  %s\n", r.Time.Format("2006-01-02 15:04:05Z"), strings.Join(r.Command[2:], " "))
-	fmt.Fprintf(out, "server   pid %d, gateway %s, http %s (%s)\n", srv.PID, srv.Gateway, srv.HTTP, origin)
+	if len(srv.Gateways) > 1 {
+		fmt.Fprintf(out, "server   logic pid %d, http %s, and %d gateways %s (%s); server figures below add up the gateways\n",
+			srv.PID, srv.HTTP, len(srv.Gateways), strings.Join(srv.Gateways, " "), origin)
+	} else {
+		fmt.Fprintf(out, "server   pid %d, gateway %s, http %s (%s)\n", srv.PID, srv.Gateway, srv.HTTP, origin)
+	}
 	fmt.Fprintf(out, "clients  %s, %d process(es)%s, %d logins in flight, src addresses %d, uids %d..%d\n",
 		r.Clients.Kind, r.Clients.Processes, map[bool]string{true: " (in imbench)", false: " (workers)"}[r.Clients.InProcess],
 		r.Clients.Concurrency, max(r.Clients.SrcIPs, 1), r.Clients.UIDBase, r.Clients.UIDBase+uint64(r.Requested)-1)
@@ -74,6 +79,10 @@ func writeConnsTable(out io.Writer, r *connsReport) {
 	fmt.Fprintf(tw, "  goroutines\t%d\t%d\t%+d\t%.2f\t\n", b.Goroutines, a.Goroutines, a.Goroutines-b.Goroutines, pc.Goroutines)
 	if a.Threads > 0 {
 		fmt.Fprintf(tw, "  OS threads\t%d\t%d\t%+d\t\t\n", b.Threads, a.Threads, a.Threads-b.Threads)
+	}
+	if a.LogicRSSBytes > 0 {
+		fmt.Fprintf(tw, "  logic node RSS (router)\t%s\t%s\t%s\t%.0f B\t\n", mib(b.LogicRSSBytes), mib(a.LogicRSSBytes),
+			signedMiB(a.LogicRSSBytes-b.LogicRSSBytes), r.PerConn.LogicRSS)
 	}
 	_ = tw.Flush()
 	fmt.Fprintf(out, "\nclient   RSS %s -> %s over %d process(es), %.0f B per held connection (%s client)\n",
@@ -140,7 +149,12 @@ func writeLoadTable(out io.Writer, r *loadReport) {
 		origin = "started by imbench: " + srv.Binary
 	}
 	fmt.Fprintf(out, "imbench %s  %s  %s\n", r.Scenario, r.Time.Format("2006-01-02 15:04:05Z"), strings.Join(r.Command[2:], " "))
-	fmt.Fprintf(out, "server   pid %d, gateway %s, http %s (%s)\n", srv.PID, srv.Gateway, srv.HTTP, origin)
+	if len(srv.Gateways) > 1 {
+		fmt.Fprintf(out, "server   logic pid %d, http %s, and %d gateways %s (%s); server figures below add up the gateways\n",
+			srv.PID, srv.HTTP, len(srv.Gateways), strings.Join(srv.Gateways, " "), origin)
+	} else {
+		fmt.Fprintf(out, "server   pid %d, gateway %s, http %s (%s)\n", srv.PID, srv.Gateway, srv.HTTP, origin)
+	}
 	if setup, err := json.Marshal(r.Setup); err == nil {
 		fmt.Fprintf(out, "setup    %s\n", setup)
 	}

@@ -53,6 +53,8 @@ type serverFlags struct {
 	startTimeout time.Duration
 	logLevel     string
 	imdArgs      stringsFlag
+	gateways     int    // >1: a logic node and this many gateway processes
+	redis        string // with gateways: Redis for membership and the router
 }
 
 func (sf *serverFlags) bind(fs *flag.FlagSet) {
@@ -69,27 +71,48 @@ func (sf *serverFlags) bind(fs *flag.FlagSet) {
 	fs.Var(&sf.imdArgs, "imd-arg", "extra `flag` for a started imd all (repeatable), e.g. --imd-arg=--max-in-flight=8")
 }
 
-// target is the server under measurement.
+// bindCluster binds the flags that start a many-process server.
+func (sf *serverFlags) bindCluster(fs *flag.FlagSet) {
+	fs.IntVar(&sf.gateways, "gateways", 1, "gateway processes to start: 1 runs `imd all`; more run `imd logic` and this many `imd gateway` (each holds at most its open-file limit of connections), and connection i goes to gateway i mod K")
+	fs.StringVar(&sf.redis, "redis", "", "with --gateways > 1: Redis host:port for membership and the router (default: the logic node's in-process router, gateways dial it directly)")
+}
+
+// target is the server under measurement: one `imd all`, or a logic node
+// and several gateways.
 type target struct {
-	Started     bool          `json:"started"` // imbench started it
-	Binary      string        `json:"binary,omitempty"`
-	PID         int           `json:"pid,omitempty"`
-	Gateway     string        `json:"gateway"`
+	Started bool   `json:"started"` // imbench started it
+	Binary  string `json:"binary,omitempty"`
+	PID     int    `json:"pid,omitempty"` // the process serving HTTP: imd all or the logic node
+	Gateway string `json:"gateway"`       // the first gateway
+	// Gateways are every gateway's client address when there are several.
+	Gateways    []string      `json:"gateways,omitempty"`
 	HTTP        string        `json:"http"`
 	AppCode     uint32        `json:"appcode"`
 	IdleTimeout time.Duration `json:"idle_timeout_ns,omitempty"`
 	Kafka       []string      `json:"kafka,omitempty"` // c2s: the brokers imd produces to
-	secret      string
-	apiKey      string
+	// Procs are the processes imbench started: imd all, or the logic node
+	// then the gateways.
+	Procs  []*proc `json:"procs,omitempty"`
+	secret string
+	apiKey string
 
-	http    *http.Client
+	http *http.Client
+	dir  string
+
+	stopOnce sync.Once
+}
+
+// proc is one server process.
+type proc struct {
+	Role    string `json:"role"` // all, logic or gateway
+	PID     int    `json:"pid,omitempty"`
+	Gateway string `json:"gateway,omitempty"` // client address, for roles with a gateway
+	HTTP    string `json:"http"`
+
 	cmd     *exec.Cmd
-	dir     string
 	logPath string
 	exited  chan struct{}
 	waitErr error
-
-	stopOnce sync.Once
 }
 
 // open starts a server or checks the one named by the flags. tweak, when
@@ -183,30 +206,21 @@ func (sf *serverFlags) start(ctx context.Context, tweak func(*config.Config) err
 	if err != nil {
 		return nil, err
 	}
-	defer func() {
-		if err != nil {
-			_ = os.RemoveAll(dir)
-		}
-	}()
 	raw := make([]byte, 48)
 	_, _ = rand.Read(raw)
 	t = &target{Started: true, Binary: bin, AppCode: benchAppCode, IdleTimeout: sf.idleTimeout,
 		secret: hex.EncodeToString(raw[:32]), apiKey: "imbench-" + hex.EncodeToString(raw[32:]),
-		http: &http.Client{Timeout: 10 * time.Second}, dir: dir,
-		logPath: filepath.Join(dir, "imd.log"), exited: make(chan struct{})}
-	if t.Gateway, err = freeLoopbackAddr(); err != nil {
-		return nil, err
-	}
-	if t.HTTP, err = freeLoopbackAddr(); err != nil {
-		return nil, err
-	}
+		http: &http.Client{Timeout: 10 * time.Second}, dir: dir}
+	defer func() {
+		if err != nil {
+			_ = t.stop()
+		}
+	}()
 
 	cfg := config.Default()
 	cfg.DataDir = filepath.Join(dir, "data")
 	cfg.Log = config.Log{Level: sf.logLevel, Format: "text"}
-	cfg.Gateway.Addr = t.Gateway
 	cfg.Gateway.IdleTimeout = sf.idleTimeout
-	cfg.HTTP.Addr = t.HTTP
 	cfg.Bus.Embedded.Addr = "127.0.0.1:0" // clear of a Kafka on 9092
 	cfg.ShutdownGrace = 10 * time.Second
 	cfg.Apps = []logic.App{{AppCode: benchAppCode, Name: "imbench", Account: 1, Secrets: []string{t.secret},
@@ -220,37 +234,99 @@ func (sf *serverFlags) start(ctx context.Context, tweak func(*config.Config) err
 	if len(t.Kafka) == 0 && cfg.Bus.Embedded.Addr != "127.0.0.1:0" {
 		t.Kafka = []string{cfg.Bus.Embedded.Addr}
 	}
+	if sf.redis != "" {
+		if sf.gateways <= 1 {
+			return nil, errors.New("--redis goes with --gateways > 1")
+		}
+		if err := checkLoopback(sf.redis); err != nil {
+			return nil, err
+		}
+		cfg.Cluster.Redis = config.Redis{Addrs: []string{sf.redis}, Prefix: "imbench:" + hex.EncodeToString(raw[:4]) + ":"}
+	}
+	if sf.gateways <= 1 {
+		if _, err := sf.startProc(ctx, t, "all", cfg); err != nil {
+			return nil, err
+		}
+		return t, nil
+	}
+	// Many processes: the logic node first, then the gateways dialling it.
+	lcfg := cfg
+	if lcfg.Cluster.RPCAddr, err = freeLoopbackAddr(); err != nil {
+		return nil, err
+	}
+	if _, err := sf.startProc(ctx, t, "logic", lcfg); err != nil {
+		return nil, err
+	}
+	for i := range sf.gateways {
+		gcfg := cfg
+		gcfg.Apps = nil // gateways authenticate nothing themselves
+		gcfg.DataDir = filepath.Join(dir, fmt.Sprintf("gateway-%d", i))
+		gcfg.Cluster.LogicAddrs = []string{lcfg.Cluster.RPCAddr}
+		if _, err := sf.startProc(ctx, t, "gateway", gcfg); err != nil {
+			return nil, err
+		}
+	}
+	return t, nil
+}
+
+// startProc starts one imd process of role with cfg on free loopback
+// ports, waits until it is ready and adds it to t.
+func (sf *serverFlags) startProc(ctx context.Context, t *target, role string, cfg config.Config) (*proc, error) {
+	n := len(t.Procs)
+	pr := &proc{Role: role, logPath: filepath.Join(t.dir, fmt.Sprintf("imd-%d-%s.log", n, role)), exited: make(chan struct{})}
+	var err error
+	if pr.HTTP, err = freeLoopbackAddr(); err != nil {
+		return nil, err
+	}
+	cfg.HTTP.Addr = pr.HTTP
+	cfg.Gateway.Addr = ""
+	if role != "logic" {
+		if pr.Gateway, err = freeLoopbackAddr(); err != nil {
+			return nil, err
+		}
+		cfg.Gateway.Addr = pr.Gateway
+	}
 	y, err := yaml.Marshal(&cfg)
 	if err != nil {
 		return nil, err
 	}
-	cfgPath := filepath.Join(dir, "imd.yaml")
+	cfgPath := filepath.Join(t.dir, fmt.Sprintf("imd-%d-%s.yaml", n, role))
 	if err := os.WriteFile(cfgPath, y, 0o600); err != nil {
 		return nil, err
 	}
-	logf, err := os.Create(t.logPath)
+	logf, err := os.Create(pr.logPath)
 	if err != nil {
 		return nil, err
 	}
 	defer logf.Close() // the child holds its own descriptor
 
-	cmd := exec.Command(bin, append([]string{"all", "--config", cfgPath}, sf.imdArgs...)...)
+	cmd := exec.Command(t.Binary, append([]string{role, "--config", cfgPath}, sf.imdArgs...)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Env = serverEnv(os.Environ())
 	cmd.SysProcAttr = childAttr()
 	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start %s: %w", bin, err)
+		return nil, fmt.Errorf("start %s %s: %w", t.Binary, role, err)
 	}
-	t.cmd, t.PID = cmd, cmd.Process.Pid
-	go func() { t.waitErr = cmd.Wait(); close(t.exited) }()
-
+	pr.cmd, pr.PID = cmd, cmd.Process.Pid
+	go func() { pr.waitErr = cmd.Wait(); close(pr.exited) }()
+	t.Procs = append(t.Procs, pr)
+	if role != "gateway" {
+		t.HTTP, t.PID = pr.HTTP, pr.PID
+	}
+	if pr.Gateway != "" {
+		if t.Gateway == "" {
+			t.Gateway = pr.Gateway
+		}
+		if role == "gateway" {
+			t.Gateways = append(t.Gateways, pr.Gateway)
+		}
+	}
 	rctx, cancel := context.WithTimeout(ctx, sf.startTimeout)
 	defer cancel()
-	if err := t.ready(rctx); err != nil {
-		_ = t.stop()
-		return nil, fmt.Errorf("imd did not become ready: %w\n%s", err, t.logTail())
+	if err := t.readyProc(rctx, pr); err != nil {
+		return nil, fmt.Errorf("imd %s did not become ready: %w\n%s", role, err, pr.logTail())
 	}
-	return t, nil
+	return pr, nil
 }
 
 // serverEnv drops IMD_* variables, which would override the config file
@@ -267,16 +343,20 @@ func serverEnv(env []string) []string {
 
 // ready waits until /readyz answers 200 and the gateway accepts.
 func (t *target) ready(ctx context.Context) error {
+	return t.readyProc(ctx, &proc{HTTP: t.HTTP, Gateway: t.Gateway})
+}
+
+func (t *target) readyProc(ctx context.Context, pr *proc) error {
 	var last error
 	for {
-		if t.exited != nil {
+		if pr.exited != nil {
 			select {
-			case <-t.exited:
-				return fmt.Errorf("imd exited: %v", t.waitErr)
+			case <-pr.exited:
+				return fmt.Errorf("imd exited: %v", pr.waitErr)
 			default:
 			}
 		}
-		if last = t.probe(ctx); last == nil {
+		if last = t.probe(ctx, pr); last == nil {
 			return nil
 		}
 		select {
@@ -287,12 +367,15 @@ func (t *target) ready(ctx context.Context) error {
 	}
 }
 
-func (t *target) probe(ctx context.Context) error {
-	if _, err := t.sessions(ctx); err != nil {
+func (t *target) probe(ctx context.Context, pr *proc) error {
+	if _, err := t.readyz(ctx, pr.HTTP); err != nil {
 		return err
 	}
+	if pr.Gateway == "" {
+		return nil
+	}
 	var d net.Dialer
-	c, err := d.DialContext(ctx, "tcp", t.Gateway)
+	c, err := d.DialContext(ctx, "tcp", pr.Gateway)
 	if err != nil {
 		return err
 	}
@@ -301,7 +384,13 @@ func (t *target) probe(ctx context.Context) error {
 
 // sessions returns the router's session count from /readyz.
 func (t *target) sessions(ctx context.Context) (int64, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+t.HTTP+"/readyz", nil)
+	return t.readyz(ctx, t.HTTP)
+}
+
+// readyz checks the /readyz of the server at addr and returns its session
+// count (-1 when it does not say: a gateway's).
+func (t *target) readyz(ctx context.Context, addr string) (int64, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/readyz", nil)
 	if err != nil {
 		return 0, err
 	}
@@ -325,29 +414,37 @@ func (t *target) sessions(ctx context.Context) (int64, error) {
 	return *r.Sessions, nil
 }
 
-func (t *target) logTail() string {
-	if t.logPath == "" {
+func (pr *proc) logTail() string {
+	if pr.logPath == "" {
 		return ""
 	}
-	b, err := os.ReadFile(t.logPath)
+	b, err := os.ReadFile(pr.logPath)
 	if err != nil {
 		return ""
 	}
 	if len(b) > 4<<10 {
 		b = b[len(b)-4<<10:]
 	}
-	return "imd log (tail):\n" + string(bytes.TrimSpace(b))
+	return "imd " + pr.Role + " log (tail):\n" + string(bytes.TrimSpace(b)) + "\n"
 }
 
-// stop ends a started server with SIGTERM (SIGKILL if it lingers) and
-// removes its temp dir. It leaves an attached server alone. Only the first
-// call does anything and reports an error.
+// stop ends a started server with SIGTERM (SIGKILL if it lingers),
+// gateways before the logic node, and removes its temp dir. It leaves an
+// attached server alone. Only the first call does anything and reports an
+// error.
 func (t *target) stop() error {
-	if t.cmd == nil {
+	if !t.Started {
 		return nil
 	}
 	err := errAlreadyStopped
-	t.stopOnce.Do(func() { err = t.terminate() })
+	t.stopOnce.Do(func() {
+		defer os.RemoveAll(t.dir)
+		var errs []error
+		for i := len(t.Procs) - 1; i >= 0; i-- {
+			errs = append(errs, t.Procs[i].terminate())
+		}
+		err = errors.Join(errs...)
+	})
 	if err == errAlreadyStopped {
 		return nil
 	}
@@ -356,20 +453,34 @@ func (t *target) stop() error {
 
 var errAlreadyStopped = errors.New("already stopped")
 
-func (t *target) terminate() error {
-	defer os.RemoveAll(t.dir)
-	_ = t.cmd.Process.Signal(syscall.SIGTERM)
+func (pr *proc) terminate() error {
+	_ = pr.cmd.Process.Signal(syscall.SIGTERM)
 	select {
-	case <-t.exited:
+	case <-pr.exited:
 	case <-time.After(20 * time.Second):
-		_ = t.cmd.Process.Kill()
-		<-t.exited
-		return errors.New("imd did not stop within 20s of SIGTERM; killed")
+		_ = pr.cmd.Process.Kill()
+		<-pr.exited
+		return fmt.Errorf("imd %s did not stop within 20s of SIGTERM; killed", pr.Role)
 	}
-	if t.waitErr != nil {
-		return fmt.Errorf("imd: %w\n%s", t.waitErr, t.logTail())
+	if pr.waitErr != nil {
+		return fmt.Errorf("imd %s: %w\n%s", pr.Role, pr.waitErr, pr.logTail())
 	}
 	return nil
+}
+
+// gates are the processes that hold connections: the started imd all or
+// gateways, or the attached server.
+func (t *target) gates() []*proc {
+	if len(t.Procs) == 0 {
+		return []*proc{{Role: "all", PID: t.PID, HTTP: t.HTTP, Gateway: t.Gateway}}
+	}
+	var out []*proc
+	for _, pr := range t.Procs {
+		if pr.Gateway != "" {
+			out = append(out, pr)
+		}
+	}
+	return out
 }
 
 // snapshot is the server's state at one moment.
@@ -385,28 +496,71 @@ type snapshot struct {
 	Goroutines   int64     `json:"go_goroutines"`
 	GatewayConns int64     `json:"gateway_connections"`
 	Sessions     int64     `json:"router_sessions"` // -1 when /readyz does not say
+	// LogicRSSBytes is the logic node's RSS when it runs apart from the
+	// gateways (its router holds the sessions).
+	LogicRSSBytes int64 `json:"logic_rss_bytes,omitempty"`
 }
 
-func (t *target) scrape(ctx context.Context) (bench.Metrics, error) {
-	return bench.Scrape(ctx, t.http, "http://"+t.HTTP+"/metrics")
+func (t *target) scrapeAt(ctx context.Context, addr string) (bench.Metrics, error) {
+	return bench.Scrape(ctx, t.http, "http://"+addr+"/metrics")
 }
 
-// gatewayConns reads the gateway's connection gauge.
+// gatewayConns reads the gateways' connection gauges and adds them up.
 func (t *target) gatewayConns(ctx context.Context) (int64, error) {
-	m, err := t.scrape(ctx)
-	if err != nil {
-		return 0, err
+	var sum int64
+	for _, pr := range t.gates() {
+		m, err := t.scrapeAt(ctx, pr.HTTP)
+		if err != nil {
+			return 0, err
+		}
+		v, ok := m.Get(mGatewayConns)
+		if !ok {
+			return 0, fmt.Errorf("/metrics of %s has no %s", pr.HTTP, mGatewayConns)
+		}
+		sum += int64(v)
 	}
-	v, ok := m.Get(mGatewayConns)
-	if !ok {
-		return 0, fmt.Errorf("/metrics has no %s", mGatewayConns)
-	}
-	return int64(v), nil
+	return sum, nil
 }
 
+// snapshot adds up the figures of every process that holds connections;
+// the session count comes from the node serving the HTTP API, and the
+// logic node's RSS is kept apart.
 func (t *target) snapshot(ctx context.Context) (snapshot, error) {
 	s := snapshot{At: time.Now()}
-	m, err := t.scrape(ctx)
+	for _, pr := range t.gates() {
+		one, err := t.snapshotProc(ctx, pr)
+		if err != nil {
+			return s, err
+		}
+		s.RSSBytes += one.RSSBytes
+		s.RSSSource = one.RSSSource
+		s.HWMBytes += one.HWMBytes
+		s.Threads += one.Threads
+		s.HeapInuse += one.HeapInuse
+		s.StackInuse += one.StackInuse
+		s.GoSys += one.GoSys
+		s.Goroutines += one.Goroutines
+		s.GatewayConns += one.GatewayConns
+	}
+	for _, pr := range t.Procs {
+		if pr.Role == "logic" {
+			st, err := bench.ReadProcStatus(pr.PID)
+			if err != nil {
+				return s, err
+			}
+			s.LogicRSSBytes = st.VmRSS
+		}
+	}
+	var err error
+	if s.Sessions, err = t.sessions(ctx); err != nil {
+		return s, err
+	}
+	return s, nil
+}
+
+func (t *target) snapshotProc(ctx context.Context, pr *proc) (snapshot, error) {
+	s := snapshot{At: time.Now()}
+	m, err := t.scrapeAt(ctx, pr.HTTP)
 	if err != nil {
 		return s, err
 	}
@@ -423,8 +577,8 @@ func (t *target) snapshot(ctx context.Context) (snapshot, error) {
 	s.StackInuse = get(mStackInuse)
 	s.GoSys = get(mGoSys)
 	s.Goroutines = get(mGoroutines)
-	if t.PID != 0 {
-		st, err := bench.ReadProcStatus(t.PID)
+	if pr.PID != 0 {
+		st, err := bench.ReadProcStatus(pr.PID)
 		if err != nil {
 			return s, err
 		}
@@ -433,10 +587,7 @@ func (t *target) snapshot(ctx context.Context) (snapshot, error) {
 		s.RSSBytes, s.RSSSource = get(mProcessRSS), mProcessRSS
 	}
 	if len(missing) > 0 {
-		return s, fmt.Errorf("/metrics lacks %s", strings.Join(missing, ", "))
-	}
-	if s.Sessions, err = t.sessions(ctx); err != nil {
-		return s, err
+		return s, fmt.Errorf("/metrics of %s lacks %s", pr.HTTP, strings.Join(missing, ", "))
 	}
 	return s, nil
 }

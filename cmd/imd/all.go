@@ -12,10 +12,32 @@ import (
 )
 
 func runAll(args []string, stdout, stderr io.Writer) error {
-	cfg := config.Default()
-	fs := newFlagSet("all", "Run every tier of the platform in one process: the gateway (TCP long\n"+
+	return runRole(platform.RoleAll, "Run every tier of the platform in one process: the gateway (TCP long\n"+
 		"connections), logic, the router and the HTTP API (health, metrics). No outside\n"+
-		"server is needed. SIGTERM or SIGINT drains gracefully.", stdout, stderr)
+		"server is needed. SIGTERM or SIGINT drains gracefully.", args, stdout, stderr)
+}
+
+func runLogic(args []string, stdout, stderr io.Writer) error {
+	return runRole(platform.RoleLogic, "Run a logic node: login, c2c, c2s, s2c and the HTTP API, with the store and\n"+
+		"the bus. Gateways dial its internal RPC address (--rpc-addr). With\n"+
+		"--redis-addrs, any number of logic nodes share the router and the membership;\n"+
+		"without it, run one logic node and point gateways at it with --logic-addrs.\n"+
+		"SIGTERM or SIGINT stops it; gateways move their calls to the other logic nodes.", args, stdout, stderr)
+}
+
+func runGateway(args []string, stdout, stderr io.Writer) error {
+	return runRole(platform.RoleGateway, "Run a gateway: it holds client TCP connections and forwards their requests\n"+
+		"to logic nodes over the internal RPC. It finds logic nodes in the Redis\n"+
+		"membership (--redis-addrs) and at --logic-addrs. It needs no store, no bus\n"+
+		"and no app config. SIGTERM or SIGINT drains its clients gracefully.", args, stdout, stderr)
+}
+
+func runRole(role, synopsis string, args []string, stdout, stderr io.Writer) error {
+	cfg := config.Default()
+	if role == platform.RoleGateway {
+		cfg.HTTP.Addr = ":8081" // operator endpoints only, beside a logic node's :8080
+	}
+	fs := newFlagSet(role, synopsis, stdout, stderr)
 	path := cfg.Flags(fs)
 	cfg.ServerFlags(fs)
 	if err := loadConfig(fs, &cfg, path, args); err != nil {
@@ -25,15 +47,18 @@ func runAll(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	demo, err := cfg.ResolveApps()
-	if err != nil {
-		return err
+	demo := false
+	if role != platform.RoleGateway { // a gateway authenticates nothing itself
+		if demo, err = cfg.ResolveApps(); err != nil {
+			return err
+		}
 	}
 	if demo {
 		log.Warn("no apps configured: running the demo appcodes 101, 102 (account 1) and 201 (account 2) with a secret and an API key generated in the data dir (`imd token --uid N`, `imd token --api-key`); c2s msgtype 1 goes to topic freight.gps",
 			"secrets", cfg.DataDir+"/secrets.yaml")
 	}
-	p, err := platform.Start(cfg, log)
+	platform.Version = version
+	p, err := platform.StartRole(role, cfg, log)
 	if err != nil {
 		return err
 	}

@@ -26,6 +26,8 @@ type command struct {
 func commands() []command {
 	return []command{
 		{"all", "run every tier (gateway, logic, router, HTTP API) in one process", runAll},
+		{"logic", "run a logic node (many-process deployment)", runLogic},
+		{"gateway", "run a gateway (many-process deployment)", runGateway},
 		{"migrate", "create or upgrade the Cassandra schema", runMigrate},
 		{"token", "mint a login token for an appcode and uid (for testing)", runToken},
 		{"version", "print the version", runVersion},

@@ -62,6 +62,7 @@ type proc struct {
 	dataDir string
 	gateway string
 	http    string
+	rpc     string   // a logic node's internal RPC address
 	kafka   []string // the embedded broker
 	mu      sync.Mutex
 	lines   []map[string]any
@@ -79,9 +80,17 @@ func startImd(t *testing.T, nofile int, args ...string) *proc {
 // startImdIn is startImd on a given data directory.
 func startImdIn(t *testing.T, dataDir string, nofile int, args ...string) *proc {
 	t.Helper()
+	return startRole(t, "all", dataDir, nofile, args...)
+}
+
+// startRole runs `imd <role>` on loopback ports of its own, with its log
+// as JSON, and returns once it has started.
+func startRole(t *testing.T, role, dataDir string, nofile int, args ...string) *proc {
+	t.Helper()
 	bin := imdBinary(t)
 	p := &proc{dataDir: dataDir, exited: make(chan struct{})}
-	full := append([]string{"all", "--data-dir", p.dataDir, "--gateway-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--kafka-addr", "127.0.0.1:0", "--log-format", "json"}, args...)
+	full := append([]string{role, "--data-dir", p.dataDir, "--gateway-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0",
+		"--kafka-addr", "127.0.0.1:0", "--rpc-addr", "127.0.0.1:0", "--log-format", "json"}, args...)
 	if nofile > 0 {
 		script := fmt.Sprintf(`ulimit -n %d && exec "$0" "$@"`, nofile)
 		p.cmd = exec.Command("bash", append([]string{"-c", script, bin}, full...)...)
@@ -113,9 +122,10 @@ func startImdIn(t *testing.T, dataDir string, nofile int, args ...string) *proc 
 					}
 				}
 			}
-			if m["msg"] == "platform started" {
+			if m["msg"] == "node started" {
 				p.gateway, _ = m["gateway"].(string)
 				p.http, _ = m["http"].(string)
+				p.rpc, _ = m["rpc"].(string)
 				once.Do(func() { close(started) })
 			}
 			p.mu.Unlock()

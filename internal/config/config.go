@@ -37,6 +37,8 @@ type Config struct {
 	S2C    logic.S2C `yaml:"s2c"`
 	C2S    logic.C2S `yaml:"c2s"`
 	Bus    Bus       `yaml:"bus"`
+	// Cluster configures the many-process shape (imd logic, imd gateway).
+	Cluster Cluster `yaml:"cluster"`
 	// Apps maps each appcode to its account system and secrets. When it is
 	// empty, imd runs the demo apps (DemoApps) with secrets generated once
 	// into <data_dir>/secrets.yaml.
@@ -120,6 +122,44 @@ type Retention struct {
 	IdempotencyTTL time.Duration `yaml:"idempotency_ttl"` // default 24h
 }
 
+// Cluster configures how the tiers of a many-process deployment find each
+// other (docs/operations.md, "Many processes").
+type Cluster struct {
+	// Redis holds node membership and the router's session table, shared
+	// by every logic node. Empty: the router is in the logic process, so
+	// run one logic node, and gateways find it through LogicAddrs.
+	Redis Redis `yaml:"redis"`
+	// RPCAddr is where a logic node accepts gateway links. Default :7071.
+	RPCAddr string `yaml:"rpc_addr"`
+	// Advertise is the address of this node that others dial (a logic
+	// node's RPC address, a gateway's client address), published in the
+	// membership. Default: the listen address, with this host's name when
+	// it binds every interface.
+	Advertise string `yaml:"advertise"`
+	// LogicAddrs are logic nodes a gateway dials besides those the
+	// membership lists.
+	LogicAddrs []string `yaml:"logic_addrs"`
+	// DC names this node's data center ("room"); gateways dial the logic
+	// nodes of their own DC only.
+	DC string `yaml:"dc"`
+	// Heartbeat is how often a node renews its membership; a node silent
+	// for NodeTTL is dead and a dead gateway's sessions are purged.
+	// Defaults 2s and 10s.
+	Heartbeat time.Duration `yaml:"heartbeat"`
+	NodeTTL   time.Duration `yaml:"node_ttl"`
+	// Split runs `imd all` as a logic node and a gateway linked by the
+	// internal RPC over loopback, in one process: tests use it to run the
+	// end-to-end suite over the many-process wiring.
+	Split bool `yaml:"split"`
+}
+
+// Redis reaches the Redis that holds membership and the router.
+type Redis struct {
+	Addrs    []string `yaml:"addrs"`
+	Password string   `yaml:"password"` // better from IMD_REDIS_PASSWORD
+	Prefix   string   `yaml:"prefix"`   // key prefix; default imd:
+}
+
 // HTTP configures the HTTP API (health, metrics, s2c).
 type HTTP struct {
 	Addr string `yaml:"addr"`
@@ -191,26 +231,43 @@ func (c *Config) ServerFlags(fs *flag.FlagSet) {
 	c.CassandraFlags(fs)
 	fs.DurationVar(&c.Store.Retention.MaxAge, "history-max-age", c.Store.Retention.MaxAge, "drop roaming history older than this (0 keeps it)")
 	fs.IntVar(&c.Store.Retention.MaxCount, "history-max-count", c.Store.Retention.MaxCount, "keep at most this many history messages per user (0: no bound)")
-	fs.Func("kafka-brokers", "Kafka brokers for c2s, comma-separated host:port (default: the embedded broker)", func(v string) error {
-		c.Bus.Brokers = splitList(v)
-		return nil
-	})
+	listVar(fs, &c.Bus.Brokers, "kafka-brokers", "Kafka brokers for c2s, comma-separated host:port (default: the embedded broker)")
 	fs.StringVar(&c.Bus.Embedded.Addr, "kafka-addr", c.Bus.Embedded.Addr, "listen address of the embedded Kafka broker (default 127.0.0.1:9092)")
 	fs.IntVar(&c.C2C.PageSize, "page-size", c.C2C.PageSize, "offline pull page size when a client asks for 0 (default 50)")
+	c.ClusterFlags(fs)
+}
+
+// ClusterFlags binds the flags of the many-process shape.
+func (c *Config) ClusterFlags(fs *flag.FlagSet) {
+	k := &c.Cluster
+	listVar(fs, &k.Redis.Addrs, "redis-addrs", "Redis for membership and the router, comma-separated host:port (default: in-process, one logic node)")
+	fs.StringVar(&k.Redis.Password, "redis-password", k.Redis.Password, "Redis password (prefer IMD_REDIS_PASSWORD)")
+	fs.StringVar(&k.Redis.Prefix, "redis-prefix", k.Redis.Prefix, "prefix of every Redis key (default imd:)")
+	fs.StringVar(&k.RPCAddr, "rpc-addr", k.RPCAddr, "logic: internal RPC listen address for gateway links (default :7071)")
+	fs.StringVar(&k.Advertise, "advertise", k.Advertise, "address other nodes dial to reach this one (default: the listen address)")
+	listVar(fs, &k.LogicAddrs, "logic-addrs", "gateway: logic nodes to dial, comma-separated host:port (besides those in the Redis membership)")
+	fs.StringVar(&k.DC, "dc", k.DC, "this node's data center")
+	fs.DurationVar(&k.Heartbeat, "heartbeat", k.Heartbeat, "membership heartbeat interval (default 2s)")
+	fs.DurationVar(&k.NodeTTL, "node-ttl", k.NodeTTL, "a node silent this long is dead (default 10s)")
 }
 
 // CassandraFlags binds the flags that reach a Cassandra cluster.
 func (c *Config) CassandraFlags(fs *flag.FlagSet) {
 	k := &c.Store.Cassandra
-	fs.Func("cassandra-hosts", "Cassandra contact points, comma-separated host[:port] (default 127.0.0.1:9042)", func(v string) error {
-		k.Hosts = splitList(v)
-		return nil
-	})
+	listVar(fs, &k.Hosts, "cassandra-hosts", "Cassandra contact points, comma-separated host[:port] (default 127.0.0.1:9042)")
 	fs.StringVar(&k.Keyspace, "cassandra-keyspace", k.Keyspace, "Cassandra keyspace (default imd)")
 	fs.StringVar(&k.LocalDC, "cassandra-dc", k.LocalDC, "this node's Cassandra data center (default: the first contact point's)")
 	fs.StringVar(&k.Consistency, "cassandra-consistency", k.Consistency, "read and write consistency (default LOCAL_QUORUM)")
 	fs.StringVar(&k.Username, "cassandra-username", k.Username, "Cassandra user, if the cluster authenticates")
 	fs.StringVar(&k.Password, "cassandra-password", k.Password, "Cassandra password (prefer IMD_CASSANDRA_PASSWORD)")
+}
+
+// listVar binds a flag whose value is a comma-separated list.
+func listVar(fs *flag.FlagSet, dst *[]string, name, usage string) {
+	fs.Func(name, usage, func(v string) error {
+		*dst = splitList(v)
+		return nil
+	})
 }
 
 func splitList(v string) []string {

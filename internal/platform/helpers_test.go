@@ -3,6 +3,7 @@ package platform
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/imd-dev/imd/internal/config"
 	"github.com/imd-dev/imd/logic"
+	"github.com/imd-dev/imd/router"
 	"github.com/imd-dev/imd/schema"
 	"github.com/imd-dev/imd/schema/pb"
 	"github.com/imd-dev/imd/sdk"
@@ -34,6 +36,18 @@ func testConfig() config.Config {
 	cfg.Gateway.Addr = "127.0.0.1:0"
 	cfg.HTTP.Addr = "127.0.0.1:0"
 	cfg.Bus.Embedded.Addr = "127.0.0.1:0"
+	cfg.Cluster.RPCAddr = "127.0.0.1:0"
+	// `IMD_TEST_SHAPE=split go test` runs the suite with logic and the
+	// gateway linked by the internal RPC (the many-process wiring), and
+	// with IMD_TEST_REDIS set, with the router and membership in Redis.
+	if testShape == "split" {
+		cfg.Cluster.Split = true
+		if len(testRedis.Addrs) > 0 {
+			cfg.Cluster.Redis = testRedis
+			// every platform its own table, as with the in-process router
+			cfg.Cluster.Redis.Prefix = fmt.Sprintf("%s%d:", testRedis.Prefix, redisPrefixes.Add(1))
+		}
+	}
 	cfg.C2S.Routes = []logic.Route{
 		{AppCode: 101, MsgType: 1, Topic: "freight.gps"},
 		{AppCode: 101, MsgType: 2, Topic: "freight.events"},
@@ -227,4 +241,19 @@ func (r *raw) login(appcode uint32, uid uint64, seq uint32) *pb.LoginResponse {
 		r.t.Fatal(err)
 	}
 	return &resp
+}
+
+// routerAfter returns p's router even after p shut down: a router in Redis
+// is reached again through a client of its own, closed at cleanup.
+func routerAfter(t testing.TB, p *Platform) router.Router {
+	t.Helper()
+	if p.redis == nil {
+		return p.Router
+	}
+	r, err := router.NewRedis(p.redisOpts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(r.Close)
+	return r
 }

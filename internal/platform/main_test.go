@@ -21,9 +21,20 @@ import (
 var (
 	testStore     = os.Getenv("IMD_TEST_STORE")
 	testCassandra config.Cassandra
+	testShape     = os.Getenv("IMD_TEST_SHAPE")
+	// testRedis is this run's key prefix, and with IMD_TEST_SHAPE=split
+	// the Redis at IMD_TEST_REDIS (Addrs empty when it is unset: then the
+	// split shape keeps the router in-process).
+	testRedis config.Redis
 )
 
 func TestMain(m *testing.M) {
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+	testRedis.Prefix = "imdtest:" + hex.EncodeToString(b[:]) + ":"
+	if addr := os.Getenv("IMD_TEST_REDIS"); addr != "" {
+		testRedis.Addrs = []string{addr}
+	}
 	if testStore != "cassandra" {
 		os.Exit(m.Run())
 	}
@@ -31,7 +42,6 @@ func TestMain(m *testing.M) {
 	if addr == "" {
 		addr = "127.0.0.1:9042"
 	}
-	var b [4]byte
 	_, _ = rand.Read(b[:])
 	cc := cassandra.Config{Hosts: []string{addr}, Keyspace: "imd_platform_" + hex.EncodeToString(b[:]), Timeout: 10 * time.Second}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
 	"sync"
 	"time"
@@ -18,6 +19,7 @@ import (
 	"github.com/imd-dev/imd/das/embedded"
 	"github.com/imd-dev/imd/gateway"
 	"github.com/imd-dev/imd/internal/config"
+	"github.com/imd-dev/imd/internal/rpc"
 	"github.com/imd-dev/imd/logic"
 	"github.com/imd-dev/imd/router"
 	"github.com/prometheus/client_golang/prometheus"
@@ -25,8 +27,24 @@ import (
 	"github.com/valyala/fasthttp"
 )
 
-// Platform is a running one-process deployment.
+// Version is this build's version, reported in internal RPC hellos;
+// cmd/imd sets it.
+var Version = "dev"
+
+// Roles a process can run (`imd all|logic|gateway`).
+const (
+	RoleAll     = "all"
+	RoleLogic   = "logic"
+	RoleGateway = "gateway"
+)
+
+// Platform is a running node: every tier (`imd all`), a logic node
+// (`imd logic`: logic, router client, store, bus, HTTP API and the
+// internal RPC that gateways dial) or a gateway (`imd gateway`: client
+// connections, forwarded to logic nodes over the internal RPC). Fields of
+// tiers the role does not run are nil.
 type Platform struct {
+	Role     string
 	Router   router.Router
 	Logic    *logic.Service
 	Gateway  *gateway.Server
@@ -37,6 +55,16 @@ type Platform struct {
 	kafka    []string
 	busOnce  sync.Once
 
+	redis     *router.Redis // membership and router; nil without cluster.redis
+	redisOpts router.RedisOptions
+	rpcServer *rpc.Server // logic side of the internal RPC
+	rpcLn     net.Listener
+	rpcAddr   string      // advertised
+	rpcClient *rpc.Client // gateway side
+	gateAddr  string      // the gateway's advertised address
+	split     bool        // cluster.split: logic and gateway linked over loopback RPC
+	members   *membership
+
 	log      *slog.Logger
 	http     *fasthttp.Server
 	httpLn   net.Listener
@@ -44,70 +72,222 @@ type Platform struct {
 	once     sync.Once
 }
 
-// Start builds and starts every tier from cfg (whose Apps must be
-// resolved). It returns once the gateway and the HTTP API are listening.
+// Start runs every tier in one process (`imd all`); cfg's Apps must be
+// resolved. It returns once the gateway and the HTTP API are listening.
 func Start(cfg config.Config, log *slog.Logger) (*Platform, error) {
+	return StartRole(RoleAll, cfg, log)
+}
+
+// StartRole starts the tiers of role. It returns once they listen.
+func StartRole(role string, cfg config.Config, log *slog.Logger) (p *Platform, err error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	if role != RoleAll && role != RoleLogic && role != RoleGateway {
+		return nil, fmt.Errorf("platform: unknown role %q", role)
+	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	p := &Platform{Router: router.NewMemory(), Registry: reg, log: log, serveErr: make(chan error, 2)}
+	p = &Platform{Role: role, Registry: reg, log: log, serveErr: make(chan error, 4), split: cfg.Cluster.Split}
+	defer func() {
+		if err != nil { // one undo path for a start that failed half way
+			p.stop(context.Background())
+		}
+	}()
+	if err := p.openCluster(cfg); err != nil {
+		return p, err
+	}
+	if role != RoleGateway {
+		if err := p.startLogic(cfg, log, reg); err != nil {
+			return p, err
+		}
+	}
+	if role != RoleLogic {
+		if err := p.startGateway(cfg, log, reg); err != nil {
+			return p, err
+		}
+	}
+	if err := p.startHTTP(cfg); err != nil {
+		return p, err
+	}
+	if p.redis != nil {
+		p.members = startMembership(p, cfg.Cluster) // its first round points the gateway at logic nodes
+	}
+	if p.Logic == nil || cfg.Cluster.Split {
+		// The gateway serves nothing until a logic node answers: wait for
+		// one, but a gateway that finds none yet keeps trying and says so
+		// on /readyz instead of refusing to start.
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		err := p.rpcClient.WaitReady(ctx)
+		cancel()
+		if err != nil {
+			log.Warn("gateway started with no logic node reachable yet; /readyz says not ready until one answers", "logic_addrs", cfg.Cluster.LogicAddrs, "redis", cfg.Cluster.Redis.Addrs)
+		}
+	}
+	attrs := []any{"role", role, "http", p.httpLn.Addr().String()}
+	if p.Gateway != nil {
+		attrs = append(attrs, "gateway", p.Gateway.Addr().String(), "gate_id", p.Gateway.ID())
+	}
+	if p.rpcLn != nil {
+		attrs = append(attrs, "rpc", p.rpcLn.Addr().String())
+	}
+	if p.Logic != nil {
+		attrs = append(attrs, "apps", len(cfg.Apps))
+	}
+	log.Info("node started", attrs...)
+	return p, nil
+}
+
+// openCluster connects to Redis, when configured, for membership and the
+// router; without it the router is in-process.
+func (p *Platform) openCluster(cfg config.Config) error {
+	r := cfg.Cluster.Redis
+	if len(r.Addrs) == 0 {
+		if p.Role == RoleGateway && len(cfg.Cluster.LogicAddrs) == 0 {
+			return errors.New("gateway: no logic node to dial: set --logic-addrs or --redis-addrs")
+		}
+		if p.Role != RoleGateway {
+			p.Router = router.NewMemory()
+		}
+		return nil
+	}
+	p.redisOpts = router.RedisOptions{Addrs: r.Addrs, Password: r.Password, Prefix: r.Prefix, Logger: p.log.With("tier", "router")}
+	rr, err := router.NewRedis(p.redisOpts)
+	if err != nil {
+		return fmt.Errorf("redis %v: %w", r.Addrs, err)
+	}
+	p.redis = rr
+	p.Router = rr
+	p.log.Info("redis connected: membership and router", "addrs", r.Addrs)
+	return nil
+}
+
+func (p *Platform) startLogic(cfg config.Config, log *slog.Logger, reg prometheus.Registerer) error {
 	store, err := openStore(cfg, log)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	p.Store = store
 	if err := p.openBus(cfg, log, reg); err != nil {
-		p.closeBackends(context.Background())
-		return nil, err
+		return err
 	}
 	svc, err := logic.New(logic.Options{
 		Apps: cfg.Apps, Router: p.Router, Logger: log.With("tier", "logic"), Registry: reg,
 		Store: store, NodeID: cfg.NodeID, C2C: cfg.C2C, S2C: cfg.S2C, C2S: cfg.C2S, Bus: p.producer,
 	})
 	if err != nil {
-		p.closeBackends(context.Background())
-		return nil, err
+		return err
 	}
 	p.Logic = svc
+	// Gateways in other processes reach this node over the internal RPC:
+	// always for a logic node, for `imd all` when it shares a cluster.
+	if p.Role == RoleAll && p.redis == nil && !cfg.Cluster.Split {
+		return nil
+	}
+	addr := cfg.Cluster.RPCAddr
+	if addr == "" {
+		addr = ":7071"
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("rpc: listen %s: %w", addr, err)
+	}
+	p.rpcLn = ln
+	p.rpcAddr = advertise(cfg.Cluster.Advertise, ln.Addr())
+	node := "logic/" + p.rpcAddr
+	p.rpcServer = rpc.NewServer(svc, node, Version, log.With("tier", "rpc"))
+	go func() {
+		if err := p.rpcServer.Serve(ln); err != nil {
+			p.serveErr <- err
+		}
+	}()
+	return nil
+}
+
+func (p *Platform) startGateway(cfg config.Config, log *slog.Logger, reg prometheus.Registerer) error {
 	g := cfg.Gateway
-	gw, err := gateway.New(gateway.Options{
+	opts := gateway.Options{
 		Engine: g.Engine, Addr: g.Addr, ID: g.ID, MaxConns: g.MaxConns, MaxBody: g.MaxBody,
 		LoginTimeout: g.LoginTimeout, IdleTimeout: g.IdleTimeout, KeepaliveInterval: g.KeepaliveInterval,
 		RequestTimeout: g.RequestTimeout, WriteTimeout: g.WriteTimeout, MaxInFlight: g.MaxInFlight,
 		MaxQueueBytes: g.MaxQueueBytes, Logger: log.With("tier", "gateway"), Registry: reg,
-	}, svc)
+	}
+	direct := p.Logic != nil && !cfg.Cluster.Split
+	var api logic.API = p.Logic
+	if !direct || p.redis != nil {
+		// The gateway serves logic nodes of other processes (and, when not
+		// direct, calls them) over the internal RPC.
+		p.rpcClient = rpc.NewClient(rpc.ClientOptions{Version: Version, Logger: log.With("tier", "rpc")})
+		if !direct {
+			api = p.rpcClient
+		}
+	}
+	gw, err := gateway.New(opts, api)
 	if err != nil {
-		p.closeBackends(context.Background())
-		return nil, err
+		return err
+	}
+	if err := gw.Listen(); err != nil {
+		return err
 	}
 	p.Gateway = gw
-	svc.AttachGate(gw.ID(), gw)
-	if err := gw.Listen(); err != nil {
-		p.closeBackends(context.Background())
-		return nil, err
+	p.gateAddr = advertise(cfg.Cluster.Advertise, gw.Addr())
+	if direct {
+		p.Logic.AttachGate(gw.ID(), gw)
 	}
-	ln, err := net.Listen("tcp", cfg.HTTP.Addr)
-	if err != nil {
-		_ = gw.Shutdown(context.Background())
-		p.closeBackends(context.Background())
-		return nil, fmt.Errorf("http: listen %s: %w", cfg.HTTP.Addr, err)
+	if c := p.rpcClient; c != nil {
+		c.Configure(gw.ID(), p.gateAddr, gw)
+		var addrs []string
+		addrs = append(addrs, cfg.Cluster.LogicAddrs...)
+		if cfg.Cluster.Split {
+			addrs = append(addrs, p.rpcAddr)
+		}
+		c.SetAddrs(addrs)
 	}
-	p.httpLn = ln
-	p.http = logic.NewHTTPServer(svc, logic.HTTPOptions{Gatherer: reg, Logger: log.With("tier", "http"), Ready: func() bool { return gw.Addr() != nil && !gw.Draining() }})
 	go func() {
 		if err := gw.Serve(); err != nil && !errors.Is(err, gateway.ErrServerClosed) {
 			p.serveErr <- err
 		}
 	}()
+	return nil
+}
+
+func (p *Platform) startHTTP(cfg config.Config) error {
+	ln, err := net.Listen("tcp", cfg.HTTP.Addr)
+	if err != nil {
+		return fmt.Errorf("http: listen %s: %w", cfg.HTTP.Addr, err)
+	}
+	p.httpLn = ln
+	ready := func() bool {
+		if p.Gateway != nil && (p.Gateway.Addr() == nil || p.Gateway.Draining()) {
+			return false
+		}
+		return p.Logic != nil || p.rpcClient.Links() > 0
+	}
+	p.http = logic.NewHTTPServer(p.Logic, logic.HTTPOptions{Gatherer: p.Registry, Logger: p.log.With("tier", "http"), Ready: ready})
 	go func() {
 		if err := p.http.Serve(ln); err != nil {
 			p.serveErr <- fmt.Errorf("http: %w", err)
 		}
 	}()
-	log.Info("platform started", "gateway", gw.Addr().String(), "http", ln.Addr().String(), "apps", len(cfg.Apps))
-	return p, nil
+	return nil
+}
+
+// advertise is the address others dial for a listener: configured, or
+// the listen address with this host's name when it binds every interface.
+func advertise(configured string, a net.Addr) string {
+	if configured != "" {
+		return configured
+	}
+	host, port, err := net.SplitHostPort(a.String())
+	if err != nil {
+		return a.String()
+	}
+	if ip := net.ParseIP(host); ip == nil || ip.IsUnspecified() {
+		if h, err := os.Hostname(); err == nil {
+			host = h
+		}
+	}
+	return net.JoinHostPort(host, port)
 }
 
 func openStore(cfg config.Config, log *slog.Logger) (das.Store, error) {
@@ -225,22 +405,49 @@ func (p *Platform) GatewayAddr() string { return p.Gateway.Addr().String() }
 // HTTPAddr is the HTTP API's listen address.
 func (p *Platform) HTTPAddr() string { return p.httpLn.Addr().String() }
 
+// RPCAddr is the address gateways dial to reach this logic node, or "".
+func (p *Platform) RPCAddr() string { return p.rpcAddr }
+
 // Err delivers a fatal serving error.
 func (p *Platform) Err() <-chan error { return p.serveErr }
 
 // Shutdown drains the gateway (clients are told to go away and their
-// in-flight requests finish), then stops the HTTP API. Idempotent.
+// in-flight requests finish), leaves the membership, then stops the HTTP
+// API, the internal RPC, the bus and the store. Idempotent.
 func (p *Platform) Shutdown(ctx context.Context) error {
 	var err error
-	p.once.Do(func() {
+	p.once.Do(func() { err = p.stop(ctx) })
+	return err
+}
+
+// stop undoes whatever StartRole started, in order.
+func (p *Platform) stop(ctx context.Context) error {
+	var err error
+	if p.Gateway != nil && p.Gateway.Addr() != nil {
 		err = p.Gateway.Shutdown(ctx)
-		p.Logic.DetachGate(context.Background(), p.Gateway.ID())
-		if herr := p.http.ShutdownWithContext(ctx); herr != nil {
-			err = errors.Join(err, herr)
+		if p.Logic != nil {
+			p.Logic.DetachGate(context.Background(), p.Gateway.ID())
 		}
-		// Every request has finished with the gateway: the bus and the
-		// store can close.
-		err = errors.Join(err, p.closeBackends(ctx))
-	})
+	}
+	if p.members != nil {
+		p.members.stop() // leaves: gateways stop dialling this node, logic purges this gateway
+	}
+	if p.http != nil {
+		err = errors.Join(err, p.http.ShutdownWithContext(ctx))
+	}
+	if p.rpcClient != nil {
+		p.rpcClient.Close()
+	}
+	if p.rpcServer != nil {
+		p.rpcServer.Close()
+	} else if p.rpcLn != nil {
+		_ = p.rpcLn.Close()
+	}
+	// Every request has finished with the gateway: the bus and the store
+	// can close.
+	err = errors.Join(err, p.closeBackends(ctx))
+	if p.redis != nil {
+		p.redis.Close()
+	}
 	return err
 }

@@ -219,7 +219,7 @@ func TestGracefulShutdownMovesClients(t *testing.T) {
 	if a.Gateway.Conns() != 0 {
 		t.Fatalf("%d connections left after shutdown", a.Gateway.Conns())
 	}
-	st, err := a.Router.Stats(context.Background())
+	st, err := routerAfter(t, a).Stats(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -260,7 +260,7 @@ func TestShutdownForcesStragglers(t *testing.T) {
 		t.Fatalf("first frame after shutdown %+v, want a GoAway notify", h)
 	}
 	r.expectClosed(2 * time.Second)
-	if ss, _ := p.Router.Lookup(context.Background(), router.User{Account: 1, UID: 31}); len(ss) != 0 {
+	if ss, _ := routerAfter(t, p).Lookup(context.Background(), router.User{Account: 1, UID: 31}); len(ss) != 0 {
 		t.Fatalf("sessions left: %+v", ss)
 	}
 }

@@ -52,7 +52,6 @@ type gateBox struct {
 type node struct {
 	addr string
 	stop context.CancelFunc
-	link atomic.Pointer[Link]
 }
 
 var _ logic.API = (*Client)(nil)

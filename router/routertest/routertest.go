@@ -35,6 +35,7 @@ func Run(t *testing.T, newRouter func(t *testing.T) router.Router) {
 		{"PurgeGate", testPurgeGate},
 		{"Stats", testStats},
 		{"ConcurrentSameUser", testConcurrent},
+		{"ReannounceSameLogin", testReannounce},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) { tc.fn(t, newRouter(t)) })
@@ -502,4 +503,18 @@ func testConcurrent(t *testing.T, r router.Router) {
 	}
 	wantStats(t, r, 1, len(left))
 	t.Logf("%d logins: %d evicted or unregistered, %d remain", len(registered), len(gone), len(left))
+}
+
+// testReannounce: registering the same login again (a gateway announcing
+// its sessions after a router restart) keeps one copy and evicts nothing,
+// so nobody kicks a live connection.
+func testReannounce(t *testing.T, r router.Router) {
+	a := sess(1, 101, 7, "g1", 1, epochBase)
+	register(t, r, a, 1)
+	again := a
+	again.DeviceID = "dev-renamed"
+	if ev := register(t, r, again, 1); len(ev) != 0 {
+		t.Fatalf("re-announcing a login evicted %+v", ev)
+	}
+	wantSessions(t, "after re-announce", lookup(t, r, router.User{Account: 1, UID: 7}), again)
 }

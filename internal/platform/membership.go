@@ -1,0 +1,122 @@
+package platform
+
+import (
+	"context"
+	"slices"
+	"time"
+
+	"github.com/imd-dev/imd/internal/config"
+	"github.com/imd-dev/imd/router"
+)
+
+// Membership roles in Redis.
+const (
+	memberLogic   = "logic"
+	memberGateway = "gateway"
+)
+
+// membership keeps this node's heartbeat in Redis, points the gateway's
+// links at the live logic nodes of its DC, and has logic purge the
+// sessions of gateways that stopped heartbeating.
+type membership struct {
+	p      *Platform
+	dc     string
+	every  time.Duration
+	ttl    time.Duration
+	static []string
+	nodes  []router.Node
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+func startMembership(p *Platform, cfg config.Cluster) *membership {
+	m := &membership{p: p, dc: cfg.DC, every: cfg.Heartbeat, ttl: cfg.NodeTTL, static: cfg.LogicAddrs, done: make(chan struct{})}
+	if m.every <= 0 {
+		m.every = 2 * time.Second
+	}
+	if m.ttl <= 0 {
+		m.ttl = 10 * time.Second
+	}
+	if p.Logic != nil && p.rpcAddr != "" {
+		m.nodes = append(m.nodes, router.Node{ID: "logic/" + p.rpcAddr, Role: memberLogic, Addr: p.rpcAddr, DC: m.dc})
+	}
+	if p.Gateway != nil {
+		m.nodes = append(m.nodes, router.Node{ID: p.Gateway.ID(), Role: memberGateway, Addr: p.gateAddr, DC: m.dc})
+	}
+	var ctx context.Context
+	ctx, m.cancel = context.WithCancel(context.Background())
+	m.tick(ctx) // a node is visible and sees the others before Start returns
+	go m.run(ctx)
+	return m
+}
+
+func (m *membership) run(ctx context.Context) {
+	defer close(m.done)
+	t := time.NewTicker(m.every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			m.tick(ctx)
+		}
+	}
+}
+
+func (m *membership) tick(ctx context.Context) {
+	p := m.p
+	ctx, cancel := context.WithTimeout(ctx, m.every)
+	defer cancel()
+	for _, n := range m.nodes {
+		if err := p.redis.Heartbeat(ctx, n, m.ttl); err != nil {
+			p.log.Warn("membership heartbeat failed", "node", n.ID, "err", err)
+		}
+	}
+	if c := p.rpcClient; c != nil {
+		live, err := p.redis.Live(ctx, memberLogic)
+		if err != nil {
+			p.log.Warn("membership: list logic nodes", "err", err)
+		} else {
+			addrs := slices.Clone(m.static)
+			for _, n := range live {
+				// Gateways talk to logic in their own DC; a gateway in the
+				// same process as its logic reaches it directly.
+				if n.DC != m.dc || (p.Logic != nil && !p.split && n.Addr == p.rpcAddr) {
+					continue
+				}
+				if !slices.Contains(addrs, n.Addr) {
+					addrs = append(addrs, n.Addr)
+				}
+			}
+			if p.split {
+				addrs = append(addrs, p.rpcAddr)
+			}
+			c.SetAddrs(addrs)
+		}
+	}
+	if p.Logic != nil {
+		dead, err := p.redis.Expired(ctx, memberGateway)
+		if err != nil {
+			p.log.Warn("membership: find dead gateways", "err", err)
+		}
+		for _, id := range dead {
+			p.log.Warn("gateway stopped heartbeating; purging its sessions", "gate", id)
+			p.Logic.DetachGate(ctx, id)
+		}
+	}
+}
+
+// stop ends the heartbeats and leaves, so that gateways stop dialling this
+// logic node at once instead of after the TTL.
+func (m *membership) stop() {
+	m.cancel()
+	<-m.done
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	for _, n := range m.nodes {
+		if err := m.p.redis.Leave(ctx, n); err != nil {
+			m.p.log.Warn("membership: leave", "node", n.ID, "err", err)
+		}
+	}
+}
