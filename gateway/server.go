@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/imd-dev/imd/logic"
+	"github.com/imd-dev/imd/router"
 	"github.com/imd-dev/imd/schema"
 	"github.com/imd-dev/imd/schema/pb"
 )
@@ -233,6 +234,20 @@ func (s *Server) Kick(_ context.Context, id uint64, k *pb.Kickout) error {
 	s.m.kicked.Inc()
 	c.notifyAndClose(schema.CmdKickout, k, "kicked: "+k.GetReason().String())
 	return nil
+}
+
+// Sessions returns the sessions of every logged-in connection, for a
+// logic node that must learn them again (its router restarted).
+func (s *Server) Sessions() []router.Session {
+	var out []router.Session
+	s.each(func(c *conn) {
+		if c.state.Load() == stateLoggedIn {
+			if ss, ok := c.session(); ok {
+				out = append(out, ss)
+			}
+		}
+	})
+	return out
 }
 
 // Push implements logic.Gate: it queues the notify on each logged-in

@@ -249,6 +249,27 @@ func (s *Service) ReleaseGate(id string, g Gate) {
 	s.gatesMu.Unlock()
 }
 
+// Announce registers again sessions that a gateway holds, after this
+// node's in-process router lost them (it restarted, or the gateway's link
+// broke and its sessions were purged). A session the router holds already
+// is kept; one that a newer login replaced meanwhile is evicted and kicked.
+func (s *Service) Announce(ctx context.Context, sessions []router.Session) error {
+	for _, ss := range sessions {
+		app := s.apps[ss.AppCode]
+		if app == nil || app.Account != ss.Account {
+			continue // the app was removed from the config: the session ends with its connection
+		}
+		evicted, err := s.router.Register(ctx, ss, app.MaxSessions)
+		if err != nil {
+			return schema.Errorf(schema.StatusUnavailable, "router: %v", err)
+		}
+		for _, old := range evicted {
+			s.kick(ctx, old, &pb.Kickout{Reason: pb.KickReason_KICK_REASON_LOGIN_ELSEWHERE, Detail: "a newer login of this terminal exists"}, 0)
+		}
+	}
+	return nil
+}
+
 // Gates returns the ids of the gateways this node reaches.
 func (s *Service) Gates() []string {
 	s.gatesMu.RLock()

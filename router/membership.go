@@ -145,6 +145,20 @@ func (r *Redis) Leave(ctx context.Context, n Node) error {
 	return nil
 }
 
+// Retire ends n's heartbeat at once but leaves n for Expired to report at
+// its next call. A gateway that stops retires rather than leaves, so that
+// logic purges whatever of its sessions is left in the router (a
+// disconnect that never reached logic) instead of keeping it for good.
+func (r *Redis) Retire(ctx context.Context, n Node) error {
+	if err := checkNode(&n); err != nil {
+		return fmt.Errorf("router: redis retire: %w", err)
+	}
+	if err := r.c.Do(ctx, r.c.B().Del().Key(r.roleKey(n.Role)+":"+n.ID).Build()).Error(); err != nil {
+		return fmt.Errorf("router: redis retire %s/%s: %w", n.Role, n.ID, err)
+	}
+	return nil
+}
+
 // Expired returns the ids of role that stopped heartbeating (their
 // heartbeat key expired without a Leave) and removes them from the role's
 // set in the same script, so that among concurrent callers exactly one

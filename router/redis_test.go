@@ -513,6 +513,27 @@ func TestRedisMembership(t *testing.T) {
 	if err := r.Leave(ctx, router.Node{}); err == nil {
 		t.Fatal("Leave of an empty node succeeded")
 	}
+
+	// A retired node is gone from Live at once and reported by the next
+	// Expired, once.
+	if err := r.Heartbeat(ctx, g2, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Retire(ctx, g2); err != nil {
+		t.Fatal(err)
+	}
+	if got := live("gateway"); len(got) != 0 {
+		t.Fatalf("Live(gateway) after Retire = %+v", got)
+	}
+	if got := expired("gateway"); !slices.Equal(got, []string{"gw-2"}) {
+		t.Fatalf("Expired(gateway) after Retire = %v, want [gw-2]", got)
+	}
+	if got := expired("gateway"); len(got) != 0 {
+		t.Fatalf("second Expired(gateway) after Retire = %v", got)
+	}
+	if err := r.Retire(ctx, router.Node{}); err == nil {
+		t.Fatal("Retire of an empty node succeeded")
+	}
 }
 
 func TestRedisUnreachable(t *testing.T) {

@@ -12,6 +12,7 @@ const (
 	RPCLogout       Cmd = 0x7F03 // gateway -> logic request: RPCSessionOnly -> RPCEmpty
 	RPCDisconnected Cmd = 0x7F04 // gateway -> logic notify: RPCSessionOnly
 	RPCHandle       Cmd = 0x7F05 // gateway -> logic request: RPCHandle -> the client's response body
+	RPCAnnounce     Cmd = 0x7F06 // gateway -> logic request: RPCAnnounce -> RPCEmpty
 	RPCPush         Cmd = 0x7F10 // logic -> gateway request: RPCPush -> RPCPushResponse
 	RPCKick         Cmd = 0x7F11 // logic -> gateway request: RPCKick -> RPCEmpty
 	RPCPing         Cmd = 0x7F20 // either way request: RPCEmpty -> RPCEmpty
@@ -23,6 +24,7 @@ var rpcNames = map[Cmd]string{
 	RPCLogout:       "rpc-logout",
 	RPCDisconnected: "rpc-disconnected",
 	RPCHandle:       "rpc-handle",
+	RPCAnnounce:     "rpc-announce",
 	RPCPush:         "rpc-push",
 	RPCKick:         "rpc-kick",
 	RPCPing:         "rpc-ping",

@@ -107,15 +107,22 @@ func (m *membership) tick(ctx context.Context) {
 	}
 }
 
-// stop ends the heartbeats and leaves, so that gateways stop dialling this
-// logic node at once instead of after the TTL.
+// stop ends the heartbeats. A logic node leaves, so that gateways stop
+// dialling it at once instead of after the TTL; a gateway retires, so that
+// logic purges whatever of its sessions a lost disconnect left behind.
 func (m *membership) stop() {
 	m.cancel()
 	<-m.done
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	for _, n := range m.nodes {
-		if err := m.p.redis.Leave(ctx, n); err != nil {
+		var err error
+		if n.Role == memberGateway {
+			err = m.p.redis.Retire(ctx, n)
+		} else {
+			err = m.p.redis.Leave(ctx, n)
+		}
+		if err != nil {
 			m.p.log.Warn("membership: leave", "node", n.ID, "err", err)
 		}
 	}

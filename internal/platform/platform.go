@@ -195,7 +195,7 @@ func (p *Platform) startLogic(cfg config.Config, log *slog.Logger, reg prometheu
 	p.rpcLn = ln
 	p.rpcAddr = advertise(cfg.Cluster.Advertise, ln.Addr())
 	node := "logic/" + p.rpcAddr
-	p.rpcServer = rpc.NewServer(svc, node, Version, log.With("tier", "rpc"))
+	p.rpcServer = rpc.NewServer(svc, node, Version, p.redis == nil, log.With("tier", "rpc"))
 	go func() {
 		if err := p.rpcServer.Serve(ln); err != nil {
 			p.serveErr <- err
@@ -439,7 +439,7 @@ func (p *Platform) stop(ctx context.Context) error {
 		p.rpcClient.Close()
 	}
 	if p.rpcServer != nil {
-		p.rpcServer.Close()
+		p.rpcServer.Close(ctx)
 	} else if p.rpcLn != nil {
 		_ = p.rpcLn.Close()
 	}

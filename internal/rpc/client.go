@@ -3,6 +3,7 @@ package rpc
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -42,12 +43,26 @@ type Client struct {
 
 	live atomic.Pointer[[]*Link] // links that finished their hello
 	next atomic.Uint64
+
+	ctx    context.Context // logic's calls into the gateway run under it
+	cancel context.CancelFunc
 }
 
 type gateBox struct {
 	id, addr string
-	g        logic.Gate
+	g        Gateway
 }
+
+// Gateway is what a Client serves to logic nodes: the gateway's
+// connections, and its sessions to announce to a logic node that keeps
+// the router in its memory.
+type Gateway interface {
+	logic.Gate
+	Sessions() []router.Session
+}
+
+// announceBatch is how many sessions one rpc-announce carries.
+const announceBatch = 1000
 
 type node struct {
 	addr string
@@ -66,6 +81,7 @@ func NewClient(opts ClientOptions) *Client {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	c := &Client{opts: opts, log: opts.Logger, nodes: make(map[string]*node)}
+	c.ctx, c.cancel = context.WithCancel(context.Background())
 	c.live.Store(&[]*Link{})
 	return c
 }
@@ -73,7 +89,7 @@ func NewClient(opts ClientOptions) *Client {
 // Configure names the gateway (its id, which router sessions carry, and
 // the address its clients connect to) and sets what logic nodes push to
 // and kick through. Call it before SetAddrs.
-func (c *Client) Configure(id, addr string, g logic.Gate) {
+func (c *Client) Configure(id, addr string, g Gateway) {
 	c.gate.Store(&gateBox{id: id, addr: addr, g: g})
 }
 
@@ -131,6 +147,7 @@ func (c *Client) Close() {
 	}
 	c.mu.Unlock()
 	c.wg.Wait()
+	c.cancel()
 }
 
 // keep holds a link to n open until ctx ends.
@@ -191,13 +208,33 @@ func (c *Client) dial(ctx context.Context, addr string) (*Link, error) {
 		_ = nc.Close()
 		return nil, errors.New("rpc: Configure was not called")
 	}
-	l := NewLink(nc, c.handle, c.log)
+	l := NewLink(c.ctx, nc, c.handle, c.log)
 	var resp pb.RPCHelloResponse
 	if _, err := l.Call(ctx, schema.Header{Cmd: schema.RPCHello}, &pb.RPCHello{Gate: gb.id, GateAddr: gb.addr, Version: c.opts.Version}, &resp); err != nil {
 		_ = l.Close()
 		return nil, err
 	}
 	l.SetPeer(resp.GetNode())
+	if resp.GetAnnounce() {
+		ss := gb.g.Sessions()
+		for i := 0; i < len(ss); i += announceBatch {
+			batch := ss[i:min(i+announceBatch, len(ss))]
+			m := &pb.RPCAnnounce{Sessions: make([]*pb.RPCSession, len(batch))}
+			for j := range batch {
+				m.Sessions[j] = sessionToPB(batch[j])
+			}
+			actx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			_, err := l.Call(actx, schema.Header{Cmd: schema.RPCAnnounce}, m, nil)
+			cancel()
+			if err != nil {
+				_ = l.Close()
+				return nil, fmt.Errorf("announce %d sessions: %w", len(ss), err)
+			}
+		}
+		if len(ss) > 0 {
+			c.log.Info("sessions announced to logic", "node", resp.GetNode(), "sessions", len(ss))
+		}
+	}
 	return l, nil
 }
 

@@ -59,6 +59,7 @@ type Link struct {
 
 	ctx    context.Context // cancelled when the link closes
 	cancel context.CancelFunc
+	hctx   context.Context // handlers run under it: it outlives the link
 	once   sync.Once
 	err    error // why it closed; read after ctx is done
 	done   chan struct{}
@@ -77,13 +78,16 @@ type reply struct {
 var ErrClosed = errors.New("rpc: link closed")
 
 // NewLink starts serving nc: a reader and a writer goroutine run until the
-// connection fails or Close is called. handler serves the peer's requests.
-func NewLink(nc net.Conn, handler Handler, log *slog.Logger) *Link {
+// connection fails or Close is called. handler serves the peer's requests
+// under hctx, not under the link: a request that arrived is served to the
+// end even if the link closes meanwhile (a gateway's last disconnects
+// before it exits must still unregister their sessions).
+func NewLink(hctx context.Context, nc net.Conn, handler Handler, log *slog.Logger) *Link {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
 	l := &Link{
-		nc: nc, handler: handler, log: log,
+		nc: nc, handler: handler, log: log, hctx: hctx,
 		pending: make(map[uint32]chan reply),
 		wake:    make(chan struct{}, 1),
 		serving: make(chan struct{}, maxServing),
@@ -325,7 +329,7 @@ func (l *Link) readLoop() {
 func (l *Link) serve(f schema.Frame) {
 	defer func() { <-l.serving }()
 	defer f.Release()
-	body, err := l.handler(l.ctx, l, &f)
+	body, err := l.handler(l.hctx, l, &f)
 	if f.Kind() == schema.KindNotify {
 		if err != nil {
 			l.log.Debug("rpc notify failed", "cmd", f.Cmd, "peer", l.Peer(), "err", err)

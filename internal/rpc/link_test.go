@@ -35,7 +35,7 @@ func pair(t *testing.T, ha, hb Handler) (*Link, *Link) {
 		t.Fatal(err)
 	}
 	cb := <-acc
-	a, b := NewLink(ca, ha, nil), NewLink(cb, hb, nil)
+	a, b := NewLink(context.Background(), ca, ha, nil), NewLink(context.Background(), cb, hb, nil)
 	t.Cleanup(func() { _ = a.Close(); _ = b.Close() })
 	return a, b
 }
@@ -188,9 +188,16 @@ func testService(t testing.TB) (*logic.Service, *router.Memory) {
 
 // fakeGate records what logic asks of the gateway.
 type fakeGate struct {
-	mu     sync.Mutex
-	pushed map[uint64][][]byte
-	kicked []uint64
+	mu       sync.Mutex
+	pushed   map[uint64][][]byte
+	kicked   []uint64
+	sessions []router.Session
+}
+
+func (g *fakeGate) Sessions() []router.Session {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return append([]router.Session(nil), g.sessions...)
 }
 
 func (g *fakeGate) Kick(_ context.Context, conn uint64, _ *pb.Kickout) error {
@@ -219,7 +226,7 @@ func (g *fakeGate) Push(_ context.Context, conns []uint64, _ schema.Cmd, _ uint3
 func startPair(t *testing.T) (*logic.Service, *router.Memory, *Client, *fakeGate, *Server) {
 	t.Helper()
 	svc, r := testService(t)
-	srv := NewServer(svc, "logic-1", "test", nil)
+	srv := NewServer(svc, "logic-1", "test", true, nil)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -234,7 +241,7 @@ func startPair(t *testing.T) (*logic.Service, *router.Memory, *Client, *fakeGate
 	if err := c.WaitReady(ctx); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { c.Close(); srv.Close() })
+	t.Cleanup(func() { c.Close(); srv.Close(context.Background()) })
 	return svc, r, c, g, srv
 }
 
@@ -303,7 +310,7 @@ func TestServerNeedsHello(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l := NewLink(nc, echo, nil)
+	l := NewLink(context.Background(), nc, echo, nil)
 	defer l.Close()
 	_, err = l.Call(context.Background(), schema.Header{Cmd: schema.RPCLogin}, &pb.RPCLogin{Appcode: 101, Uid: 1}, nil)
 	var se *schema.Error
@@ -326,7 +333,7 @@ func TestClientRedials(t *testing.T) {
 		t.Fatal(err)
 	}
 	addr := ln.Addr().String()
-	srv := NewServer(svc, "logic-1", "test", nil)
+	srv := NewServer(svc, "logic-1", "test", true, nil)
 	go func() { _ = srv.Serve(ln) }()
 	c := NewClient(ClientOptions{})
 	c.Configure("gate-1", "x", &fakeGate{pushed: map[uint64][][]byte{}})
@@ -337,7 +344,7 @@ func TestClientRedials(t *testing.T) {
 	if err := c.WaitReady(ctx); err != nil {
 		t.Fatal(err)
 	}
-	srv.Close()
+	srv.Close(context.Background())
 	deadline := time.Now().Add(5 * time.Second)
 	for c.Links() != 0 {
 		if time.Now().After(deadline) {
@@ -352,9 +359,9 @@ func TestClientRedials(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv2 := NewServer(svc, "logic-1", "test", nil)
+	srv2 := NewServer(svc, "logic-1", "test", true, nil)
 	go func() { _ = srv2.Serve(ln2) }()
-	defer srv2.Close()
+	defer srv2.Close(context.Background())
 	if err := c.WaitReady(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -414,10 +421,10 @@ func FuzzLinkInput(f *testing.F) {
 	f.Add(schema.AppendFrame(append([]byte(nil), seed...), &h3, []byte{0xff, 0xff}))
 	f.Add([]byte("GET / HTTP/1.1\r\n\r\n"))
 	svc, _ := testService(f)
-	srv := NewServer(svc, "logic-1", "test", nil)
+	srv := NewServer(svc, "logic-1", "test", true, nil)
 	f.Fuzz(func(t *testing.T, in []byte) {
 		a, b := net.Pipe()
-		l := NewLink(b, srv.handle, nil)
+		l := NewLink(context.Background(), b, srv.serve, nil)
 		done := make(chan struct{})
 		go func() { // drain whatever the server answers
 			buf := make([]byte, 4096)
@@ -439,4 +446,47 @@ func FuzzLinkInput(f *testing.F) {
 		}
 		<-done
 	})
+}
+
+// TestLocalRouterAnnounce: with the router in the logic process, a
+// gateway whose link breaks has its sessions purged, and announces them
+// again on its new link; one that never comes back stays purged.
+func TestLocalRouterAnnounce(t *testing.T) {
+	_, r, c, g, srv := startPair(t)
+	ctx := context.Background()
+	tok := logic.MintToken("0123456789abcdef0123", 101, 7, time.Now().Add(time.Hour))
+	res, err := c.Login(ctx, logic.LoginInput{AppCode: 101, UID: 7, Token: tok, Conn: 5})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.mu.Lock()
+	g.sessions = []router.Session{res.Session}
+	g.mu.Unlock()
+	srv.mu.Lock()
+	for l := range srv.links {
+		_ = l.Close()
+	}
+	srv.mu.Unlock()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		ss, _ := r.Lookup(ctx, router.User{Account: 1, UID: 7})
+		if c.Links() == 1 && len(ss) == 1 && ss[0].Same(&res.Session) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("session not announced again after the link came back: %+v, links %d", ss, c.Links())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	c.Close()
+	for {
+		ss, _ := r.Lookup(ctx, router.User{Account: 1, UID: 7})
+		if len(ss) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the gone gateway's session is still in the router: %+v", ss)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/imd-dev/imd/logic"
+	"github.com/imd-dev/imd/router"
 	"github.com/imd-dev/imd/schema"
 	"github.com/imd-dev/imd/schema/pb"
 	"google.golang.org/protobuf/proto"
@@ -28,25 +29,39 @@ type Server struct {
 	version string
 	log     *slog.Logger
 
-	mu     sync.Mutex
-	ln     net.Listener
-	links  map[*Link]struct{}
-	closed bool
-	wg     sync.WaitGroup
+	// local: the router is in this process (no Redis): gateways announce
+	// their sessions on every new link, and a gateway whose link closed
+	// has its sessions purged (it announces them again when it is back).
+	local bool
+
+	mu       sync.Mutex
+	ln       net.Listener
+	links    map[*Link]struct{}
+	gates    map[string]*Link // the current link of each gateway
+	closed   bool
+	draining bool
+	wg       sync.WaitGroup // one per link
+	serving  sync.WaitGroup // one per request being served
+	ctx      context.Context
+	cancel   context.CancelFunc
 }
 
 // NewServer returns a server for svc; node names this logic node in hellos.
-func NewServer(svc *logic.Service, node, version string, log *slog.Logger) *Server {
+// localRouter says svc's router lives in this process (not in Redis).
+func NewServer(svc *logic.Service, node, version string, localRouter bool, log *slog.Logger) *Server {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Server{svc: svc, node: node, version: version, log: log, links: make(map[*Link]struct{})}
+	s := &Server{svc: svc, node: node, version: version, local: localRouter, log: log,
+		links: make(map[*Link]struct{}), gates: make(map[string]*Link)}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	return s
 }
 
 // Serve accepts gateway links on ln until Close.
 func (s *Server) Serve(ln net.Listener) error {
 	s.mu.Lock()
-	if s.closed {
+	if s.draining {
 		s.mu.Unlock()
 		return net.ErrClosed
 	}
@@ -57,7 +72,7 @@ func (s *Server) Serve(ln net.Listener) error {
 		nc, err := ln.Accept()
 		if err != nil {
 			s.mu.Lock()
-			closed := s.closed
+			closed := s.draining
 			s.mu.Unlock()
 			if closed {
 				return nil
@@ -73,12 +88,12 @@ func (s *Server) Serve(ln net.Listener) error {
 		}
 		delay = 0
 		s.mu.Lock()
-		if s.closed {
+		if s.draining {
 			s.mu.Unlock()
 			_ = nc.Close()
 			return nil
 		}
-		l := NewLink(nc, s.handle, s.log)
+		l := NewLink(s.ctx, nc, s.serve, s.log)
 		s.links[l] = struct{}{}
 		s.wg.Add(1)
 		s.mu.Unlock()
@@ -103,25 +118,51 @@ func (s *Server) watch(l *Link) {
 	if id := l.Peer(); id != "" {
 		s.svc.ReleaseGate(id, remoteGate{l})
 		s.log.Info("gateway link closed", "gate", id, "remote", l.RemoteAddr(), "err", l.Err())
+		s.mu.Lock()
+		current := s.gates[id] == l
+		if current {
+			delete(s.gates, id)
+		}
+		closed := s.closed
+		s.mu.Unlock()
+		// With the router in this process nobody else will purge this
+		// gateway's sessions: do it, unless it came back on a new link
+		// (which announced them again) or this node is stopping.
+		if current && s.local && !closed {
+			s.svc.DetachGate(s.ctx, id)
+		}
 	}
 	s.mu.Lock()
 	delete(s.links, l)
 	s.mu.Unlock()
 }
 
-// Close stops accepting and closes every link. Gateways reconnect to the
-// logic nodes still alive.
-func (s *Server) Close() {
+// Close stops accepting, lets the requests being served finish until ctx
+// is done (new ones get StatusShuttingDown; disconnects and logouts are
+// still served), then closes every link. Gateways move to the logic nodes
+// still alive.
+func (s *Server) Close(ctx context.Context) {
 	s.mu.Lock()
-	s.closed = true
+	s.draining = true
 	if s.ln != nil {
 		_ = s.ln.Close()
 	}
+	s.mu.Unlock()
+	done := make(chan struct{})
+	go func() { s.serving.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		s.log.Warn("rpc: closing with requests still being served", "err", ctx.Err())
+	}
+	s.mu.Lock()
+	s.closed = true
 	for l := range s.links {
 		_ = l.Close()
 	}
 	s.mu.Unlock()
 	s.wg.Wait()
+	s.cancel()
 }
 
 // Gateways returns how many gateway links are open.
@@ -133,6 +174,22 @@ func (s *Server) Gateways() int {
 
 func badBody(cmd schema.Cmd, err error) error {
 	return schema.Errorf(schema.StatusBadBody, "rpc: %s body: %v", cmd, err)
+}
+
+// serve counts the request for Close and refuses new work while draining.
+func (s *Server) serve(ctx context.Context, l *Link, f *schema.Frame) ([]byte, error) {
+	s.mu.Lock()
+	draining := s.draining
+	if !draining || f.Cmd == schema.RPCDisconnected || f.Cmd == schema.RPCLogout {
+		s.serving.Add(1)
+		draining = false
+	}
+	s.mu.Unlock()
+	if draining {
+		return nil, schema.Errorf(schema.StatusShuttingDown, "logic node %s is stopping", s.node)
+	}
+	defer s.serving.Done()
+	return s.handle(ctx, l, f)
 }
 
 func (s *Server) handle(ctx context.Context, l *Link, f *schema.Frame) ([]byte, error) {
@@ -149,9 +206,12 @@ func (s *Server) handle(ctx context.Context, l *Link, f *schema.Frame) ([]byte, 
 			return nil, schema.Errorf(schema.StatusBadBody, "rpc: hello without a gate id (%v)", err)
 		}
 		l.SetPeer(in.GetGate())
+		s.mu.Lock()
+		s.gates[in.GetGate()] = l
 		s.svc.AttachGate(in.GetGate(), remoteGate{l})
+		s.mu.Unlock()
 		s.log.Info("gateway link open", "gate", in.GetGate(), "gate_addr", in.GetGateAddr(), "version", in.GetVersion(), "remote", l.RemoteAddr())
-		return proto.Marshal(&pb.RPCHelloResponse{Node: s.node, Version: s.version})
+		return proto.Marshal(&pb.RPCHelloResponse{Node: s.node, Version: s.version, Announce: s.local})
 	}
 	switch f.Cmd {
 	case schema.RPCLogin:
@@ -195,6 +255,20 @@ func (s *Server) handle(ctx context.Context, l *Link, f *schema.Frame) ([]byte, 
 			return nil, schema.Errorf(schema.StatusBadArgument, "rpc: gateway %s cannot act for a session of gateway %s", l.Peer(), sess.Gate)
 		}
 		return s.svc.Handle(ctx, sess, &h, in.GetBody())
+	case schema.RPCAnnounce:
+		var in pb.RPCAnnounce
+		if err := proto.Unmarshal(f.Body, &in); err != nil {
+			return nil, badBody(f.Cmd, err)
+		}
+		ss := make([]router.Session, 0, len(in.GetSessions()))
+		for _, p := range in.GetSessions() {
+			sess := sessionFromPB(p)
+			if sess.Gate != l.Peer() {
+				return nil, schema.Errorf(schema.StatusBadArgument, "rpc: gateway %s cannot announce a session of gateway %s", l.Peer(), sess.Gate)
+			}
+			ss = append(ss, sess)
+		}
+		return nil, s.svc.Announce(ctx, ss)
 	case schema.RPCPing:
 		return nil, nil
 	}

@@ -189,9 +189,12 @@ func (x *RPCHello) GetVersion() string {
 }
 
 type RPCHelloResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"` // the logic node's id
-	Version       string                 `protobuf:"bytes,2,opt,name=version,proto3" json:"version,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Node    string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"` // the logic node's id
+	Version string                 `protobuf:"bytes,2,opt,name=version,proto3" json:"version,omitempty"`
+	// The node keeps the router in its own memory: the gateway announces its
+	// sessions (rpc-announce) on this link before anything else.
+	Announce      bool `protobuf:"varint,3,opt,name=announce,proto3" json:"announce,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -240,6 +243,59 @@ func (x *RPCHelloResponse) GetVersion() string {
 	return ""
 }
 
+func (x *RPCHelloResponse) GetAnnounce() bool {
+	if x != nil {
+		return x.Announce
+	}
+	return false
+}
+
+// RPCAnnounce carries sessions the gateway holds, for a logic node whose
+// in-process router does not know them.
+type RPCAnnounce struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Sessions      []*RPCSession          `protobuf:"bytes,1,rep,name=sessions,proto3" json:"sessions,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RPCAnnounce) Reset() {
+	*x = RPCAnnounce{}
+	mi := &file_rpc_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RPCAnnounce) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RPCAnnounce) ProtoMessage() {}
+
+func (x *RPCAnnounce) ProtoReflect() protoreflect.Message {
+	mi := &file_rpc_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RPCAnnounce.ProtoReflect.Descriptor instead.
+func (*RPCAnnounce) Descriptor() ([]byte, []int) {
+	return file_rpc_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *RPCAnnounce) GetSessions() []*RPCSession {
+	if x != nil {
+		return x.Sessions
+	}
+	return nil
+}
+
 // RPCLogin carries a client's login as the gateway saw it.
 type RPCLogin struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -255,7 +311,7 @@ type RPCLogin struct {
 
 func (x *RPCLogin) Reset() {
 	*x = RPCLogin{}
-	mi := &file_rpc_proto_msgTypes[3]
+	mi := &file_rpc_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -267,7 +323,7 @@ func (x *RPCLogin) String() string {
 func (*RPCLogin) ProtoMessage() {}
 
 func (x *RPCLogin) ProtoReflect() protoreflect.Message {
-	mi := &file_rpc_proto_msgTypes[3]
+	mi := &file_rpc_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -280,7 +336,7 @@ func (x *RPCLogin) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RPCLogin.ProtoReflect.Descriptor instead.
 func (*RPCLogin) Descriptor() ([]byte, []int) {
-	return file_rpc_proto_rawDescGZIP(), []int{3}
+	return file_rpc_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *RPCLogin) GetAppcode() uint32 {
@@ -335,7 +391,7 @@ type RPCLoginResponse struct {
 
 func (x *RPCLoginResponse) Reset() {
 	*x = RPCLoginResponse{}
-	mi := &file_rpc_proto_msgTypes[4]
+	mi := &file_rpc_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -347,7 +403,7 @@ func (x *RPCLoginResponse) String() string {
 func (*RPCLoginResponse) ProtoMessage() {}
 
 func (x *RPCLoginResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_rpc_proto_msgTypes[4]
+	mi := &file_rpc_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -360,7 +416,7 @@ func (x *RPCLoginResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RPCLoginResponse.ProtoReflect.Descriptor instead.
 func (*RPCLoginResponse) Descriptor() ([]byte, []int) {
-	return file_rpc_proto_rawDescGZIP(), []int{4}
+	return file_rpc_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *RPCLoginResponse) GetSession() *RPCSession {
@@ -387,7 +443,7 @@ type RPCSessionOnly struct {
 
 func (x *RPCSessionOnly) Reset() {
 	*x = RPCSessionOnly{}
-	mi := &file_rpc_proto_msgTypes[5]
+	mi := &file_rpc_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -399,7 +455,7 @@ func (x *RPCSessionOnly) String() string {
 func (*RPCSessionOnly) ProtoMessage() {}
 
 func (x *RPCSessionOnly) ProtoReflect() protoreflect.Message {
-	mi := &file_rpc_proto_msgTypes[5]
+	mi := &file_rpc_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -412,7 +468,7 @@ func (x *RPCSessionOnly) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RPCSessionOnly.ProtoReflect.Descriptor instead.
 func (*RPCSessionOnly) Descriptor() ([]byte, []int) {
-	return file_rpc_proto_rawDescGZIP(), []int{5}
+	return file_rpc_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *RPCSessionOnly) GetSession() *RPCSession {
@@ -437,7 +493,7 @@ type RPCHandle struct {
 
 func (x *RPCHandle) Reset() {
 	*x = RPCHandle{}
-	mi := &file_rpc_proto_msgTypes[6]
+	mi := &file_rpc_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -449,7 +505,7 @@ func (x *RPCHandle) String() string {
 func (*RPCHandle) ProtoMessage() {}
 
 func (x *RPCHandle) ProtoReflect() protoreflect.Message {
-	mi := &file_rpc_proto_msgTypes[6]
+	mi := &file_rpc_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -462,7 +518,7 @@ func (x *RPCHandle) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RPCHandle.ProtoReflect.Descriptor instead.
 func (*RPCHandle) Descriptor() ([]byte, []int) {
-	return file_rpc_proto_rawDescGZIP(), []int{6}
+	return file_rpc_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *RPCHandle) GetSession() *RPCSession {
@@ -500,7 +556,7 @@ type RPCPush struct {
 
 func (x *RPCPush) Reset() {
 	*x = RPCPush{}
-	mi := &file_rpc_proto_msgTypes[7]
+	mi := &file_rpc_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -512,7 +568,7 @@ func (x *RPCPush) String() string {
 func (*RPCPush) ProtoMessage() {}
 
 func (x *RPCPush) ProtoReflect() protoreflect.Message {
-	mi := &file_rpc_proto_msgTypes[7]
+	mi := &file_rpc_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -525,7 +581,7 @@ func (x *RPCPush) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RPCPush.ProtoReflect.Descriptor instead.
 func (*RPCPush) Descriptor() ([]byte, []int) {
-	return file_rpc_proto_rawDescGZIP(), []int{7}
+	return file_rpc_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *RPCPush) GetConns() []uint64 {
@@ -567,7 +623,7 @@ type RPCPushResponse struct {
 
 func (x *RPCPushResponse) Reset() {
 	*x = RPCPushResponse{}
-	mi := &file_rpc_proto_msgTypes[8]
+	mi := &file_rpc_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -579,7 +635,7 @@ func (x *RPCPushResponse) String() string {
 func (*RPCPushResponse) ProtoMessage() {}
 
 func (x *RPCPushResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_rpc_proto_msgTypes[8]
+	mi := &file_rpc_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -592,7 +648,7 @@ func (x *RPCPushResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RPCPushResponse.ProtoReflect.Descriptor instead.
 func (*RPCPushResponse) Descriptor() ([]byte, []int) {
-	return file_rpc_proto_rawDescGZIP(), []int{8}
+	return file_rpc_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RPCPushResponse) GetQueued() []bool {
@@ -613,7 +669,7 @@ type RPCKick struct {
 
 func (x *RPCKick) Reset() {
 	*x = RPCKick{}
-	mi := &file_rpc_proto_msgTypes[9]
+	mi := &file_rpc_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -625,7 +681,7 @@ func (x *RPCKick) String() string {
 func (*RPCKick) ProtoMessage() {}
 
 func (x *RPCKick) ProtoReflect() protoreflect.Message {
-	mi := &file_rpc_proto_msgTypes[9]
+	mi := &file_rpc_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -638,7 +694,7 @@ func (x *RPCKick) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RPCKick.ProtoReflect.Descriptor instead.
 func (*RPCKick) Descriptor() ([]byte, []int) {
-	return file_rpc_proto_rawDescGZIP(), []int{9}
+	return file_rpc_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RPCKick) GetConn() uint64 {
@@ -663,7 +719,7 @@ type RPCEmpty struct {
 
 func (x *RPCEmpty) Reset() {
 	*x = RPCEmpty{}
-	mi := &file_rpc_proto_msgTypes[10]
+	mi := &file_rpc_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -675,7 +731,7 @@ func (x *RPCEmpty) String() string {
 func (*RPCEmpty) ProtoMessage() {}
 
 func (x *RPCEmpty) ProtoReflect() protoreflect.Message {
-	mi := &file_rpc_proto_msgTypes[10]
+	mi := &file_rpc_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -688,7 +744,7 @@ func (x *RPCEmpty) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RPCEmpty.ProtoReflect.Descriptor instead.
 func (*RPCEmpty) Descriptor() ([]byte, []int) {
-	return file_rpc_proto_rawDescGZIP(), []int{10}
+	return file_rpc_proto_rawDescGZIP(), []int{11}
 }
 
 var File_rpc_proto protoreflect.FileDescriptor
@@ -709,10 +765,13 @@ const file_rpc_proto_rawDesc = "" +
 	"\bRPCHello\x12\x12\n" +
 	"\x04gate\x18\x01 \x01(\tR\x04gate\x12\x1b\n" +
 	"\tgate_addr\x18\x02 \x01(\tR\bgateAddr\x12\x18\n" +
-	"\aversion\x18\x03 \x01(\tR\aversion\"@\n" +
+	"\aversion\x18\x03 \x01(\tR\aversion\"\\\n" +
 	"\x10RPCHelloResponse\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x18\n" +
-	"\aversion\x18\x02 \x01(\tR\aversion\"\x99\x01\n" +
+	"\aversion\x18\x02 \x01(\tR\aversion\x12\x1a\n" +
+	"\bannounce\x18\x03 \x01(\bR\bannounce\"=\n" +
+	"\vRPCAnnounce\x12.\n" +
+	"\bsessions\x18\x01 \x03(\v2\x12.imd.v1.RPCSessionR\bsessions\"\x99\x01\n" +
 	"\bRPCLogin\x12\x18\n" +
 	"\aappcode\x18\x01 \x01(\rR\aappcode\x12\x10\n" +
 	"\x03uid\x18\x02 \x01(\x04R\x03uid\x12\x14\n" +
@@ -754,31 +813,33 @@ func file_rpc_proto_rawDescGZIP() []byte {
 	return file_rpc_proto_rawDescData
 }
 
-var file_rpc_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
+var file_rpc_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
 var file_rpc_proto_goTypes = []any{
 	(*RPCSession)(nil),       // 0: imd.v1.RPCSession
 	(*RPCHello)(nil),         // 1: imd.v1.RPCHello
 	(*RPCHelloResponse)(nil), // 2: imd.v1.RPCHelloResponse
-	(*RPCLogin)(nil),         // 3: imd.v1.RPCLogin
-	(*RPCLoginResponse)(nil), // 4: imd.v1.RPCLoginResponse
-	(*RPCSessionOnly)(nil),   // 5: imd.v1.RPCSessionOnly
-	(*RPCHandle)(nil),        // 6: imd.v1.RPCHandle
-	(*RPCPush)(nil),          // 7: imd.v1.RPCPush
-	(*RPCPushResponse)(nil),  // 8: imd.v1.RPCPushResponse
-	(*RPCKick)(nil),          // 9: imd.v1.RPCKick
-	(*RPCEmpty)(nil),         // 10: imd.v1.RPCEmpty
-	(*Kickout)(nil),          // 11: imd.v1.Kickout
+	(*RPCAnnounce)(nil),      // 3: imd.v1.RPCAnnounce
+	(*RPCLogin)(nil),         // 4: imd.v1.RPCLogin
+	(*RPCLoginResponse)(nil), // 5: imd.v1.RPCLoginResponse
+	(*RPCSessionOnly)(nil),   // 6: imd.v1.RPCSessionOnly
+	(*RPCHandle)(nil),        // 7: imd.v1.RPCHandle
+	(*RPCPush)(nil),          // 8: imd.v1.RPCPush
+	(*RPCPushResponse)(nil),  // 9: imd.v1.RPCPushResponse
+	(*RPCKick)(nil),          // 10: imd.v1.RPCKick
+	(*RPCEmpty)(nil),         // 11: imd.v1.RPCEmpty
+	(*Kickout)(nil),          // 12: imd.v1.Kickout
 }
 var file_rpc_proto_depIdxs = []int32{
-	0,  // 0: imd.v1.RPCLoginResponse.session:type_name -> imd.v1.RPCSession
-	0,  // 1: imd.v1.RPCSessionOnly.session:type_name -> imd.v1.RPCSession
-	0,  // 2: imd.v1.RPCHandle.session:type_name -> imd.v1.RPCSession
-	11, // 3: imd.v1.RPCKick.kickout:type_name -> imd.v1.Kickout
-	4,  // [4:4] is the sub-list for method output_type
-	4,  // [4:4] is the sub-list for method input_type
-	4,  // [4:4] is the sub-list for extension type_name
-	4,  // [4:4] is the sub-list for extension extendee
-	0,  // [0:4] is the sub-list for field type_name
+	0,  // 0: imd.v1.RPCAnnounce.sessions:type_name -> imd.v1.RPCSession
+	0,  // 1: imd.v1.RPCLoginResponse.session:type_name -> imd.v1.RPCSession
+	0,  // 2: imd.v1.RPCSessionOnly.session:type_name -> imd.v1.RPCSession
+	0,  // 3: imd.v1.RPCHandle.session:type_name -> imd.v1.RPCSession
+	12, // 4: imd.v1.RPCKick.kickout:type_name -> imd.v1.Kickout
+	5,  // [5:5] is the sub-list for method output_type
+	5,  // [5:5] is the sub-list for method input_type
+	5,  // [5:5] is the sub-list for extension type_name
+	5,  // [5:5] is the sub-list for extension extendee
+	0,  // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_rpc_proto_init() }
@@ -793,7 +854,7 @@ func file_rpc_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_rpc_proto_rawDesc), len(file_rpc_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   11,
+			NumMessages:   12,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
