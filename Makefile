@@ -73,6 +73,7 @@ IMBENCH_ARGS  = --imd $(BIN)/imd --results-dir $(RESULTS)
 
 bench: build ## short profile of every imbench scenario (~2-3 min on 2 cores): JSON + SVG charts into results/
 	$(IMBENCH) conns   $(IMBENCH_ARGS) --json conns.json   --steps 1000,5000,10000 --settle 5s
+	$(IMBENCH) conns   $(IMBENCH_ARGS) --json conns-cluster.json -n 30000 --gateways 2 --client raw --settle 5s
 	$(IMBENCH) c2c     $(IMBENCH_ARGS) --json c2c.json     --rates 1000,2000,4000 --duration 2s --repeat 3
 	$(IMBENCH) s2c     $(IMBENCH_ARGS) --json s2c.json     --rates 10,20,40 --duration 2s --repeat 3
 	$(IMBENCH) c2s     $(IMBENCH_ARGS) --json c2s.json     --rates 2000,4000,8000 --duration 2s --repeat 3
