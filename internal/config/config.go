@@ -163,6 +163,10 @@ type Redis struct {
 // HTTP configures the HTTP API (health, metrics, s2c).
 type HTTP struct {
 	Addr string `yaml:"addr"`
+	// DebugAddr, when set, serves Go's profiler (/debug/pprof/) on a
+	// listener of its own. Bind it to loopback or a private network: it
+	// is not authenticated.
+	DebugAddr string `yaml:"debug_addr"`
 }
 
 // Default returns the built-in configuration.
@@ -225,6 +229,7 @@ func (c *Config) ServerFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&g.RequestTimeout, "request-timeout", g.RequestTimeout, "bound on each request inside the platform (default 10s)")
 	fs.IntVar(&g.MaxInFlight, "max-in-flight", g.MaxInFlight, "concurrent requests per connection (default 64)")
 	fs.StringVar(&c.HTTP.Addr, "http-addr", c.HTTP.Addr, "HTTP API listen address (health, metrics, s2c)")
+	fs.StringVar(&c.HTTP.DebugAddr, "debug-addr", c.HTTP.DebugAddr, "serve Go's profiler (/debug/pprof/) on this address, e.g. 127.0.0.1:6060 (default off; not authenticated)")
 	fs.DurationVar(&c.ShutdownGrace, "shutdown-grace", c.ShutdownGrace, "how long a graceful shutdown may take")
 	fs.Int64Var(&c.NodeID, "node-id", c.NodeID, "snowflake node id (0-1023) of this node, unique in the cluster")
 	fs.StringVar(&c.Store.Engine, "store", c.Store.Engine, "message store: embedded (under data-dir/store), cassandra or none")

@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
+	"net/http/pprof"
 	"os"
 	"path/filepath"
 	"sync"
@@ -65,11 +67,13 @@ type Platform struct {
 	split     bool        // cluster.split: logic and gateway linked over loopback RPC
 	members   *membership
 
-	log      *slog.Logger
-	http     *fasthttp.Server
-	httpLn   net.Listener
-	serveErr chan error
-	once     sync.Once
+	log       *slog.Logger
+	http      *fasthttp.Server
+	httpLn    net.Listener
+	debug     *http.Server // --debug-addr: the profiler
+	debugAddr string
+	serveErr  chan error
+	once      sync.Once
 }
 
 // Start runs every tier in one process (`imd all`); cfg's Apps must be
@@ -269,6 +273,22 @@ func (p *Platform) startHTTP(cfg config.Config) error {
 			p.serveErr <- fmt.Errorf("http: %w", err)
 		}
 	}()
+	if a := cfg.HTTP.DebugAddr; a != "" {
+		dln, err := net.Listen("tcp", a)
+		if err != nil {
+			return fmt.Errorf("debug: listen %s: %w", a, err)
+		}
+		mux := http.NewServeMux()
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+		p.debug = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		p.debugAddr = dln.Addr().String()
+		go func() { _ = p.debug.Serve(dln) }()
+		p.log.Info("profiler serving", "addr", dln.Addr().String())
+	}
 	return nil
 }
 
@@ -405,6 +425,9 @@ func (p *Platform) GatewayAddr() string { return p.Gateway.Addr().String() }
 // HTTPAddr is the HTTP API's listen address.
 func (p *Platform) HTTPAddr() string { return p.httpLn.Addr().String() }
 
+// DebugAddr is where the profiler listens, or "".
+func (p *Platform) DebugAddr() string { return p.debugAddr }
+
 // RPCAddr is the address gateways dial to reach this logic node, or "".
 func (p *Platform) RPCAddr() string { return p.rpcAddr }
 
@@ -434,6 +457,9 @@ func (p *Platform) stop(ctx context.Context) error {
 	}
 	if p.http != nil {
 		err = errors.Join(err, p.http.ShutdownWithContext(ctx))
+	}
+	if p.debug != nil {
+		_ = p.debug.Close()
 	}
 	if p.rpcClient != nil {
 		p.rpcClient.Close()

@@ -3,6 +3,9 @@ package platform
 import (
 	"context"
 	"errors"
+	"io"
+	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -238,4 +241,25 @@ func TestConcurrentLogins(t *testing.T) {
 		t.Fatalf("sessions %d users %d conns %d, want %d %d %d", st.Sessions, st.Users, p.Gateway.Conns(), n, n/2, n)
 	}
 	t.Logf("%d concurrent logins in %s (race detector on makes this slow; see bench/ for rates)", n, elapsed)
+}
+
+// TestDebugAddrServesProfiler: --debug-addr serves Go's profiler on its
+// own listener, and nothing of it is on the API port.
+func TestDebugAddrServesProfiler(t *testing.T) {
+	p := start(t, func(c *config.Config) { c.HTTP.DebugAddr = "127.0.0.1:0" })
+	resp, err := http.Get("http://" + p.DebugAddr() + "/debug/pprof/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(body), "goroutine") {
+		t.Fatalf("/debug/pprof/: %d %.200s", resp.StatusCode, body)
+	}
+	if code := api(t, p, "GET", "/debug/pprof/", "", nil, nil); code != 404 {
+		t.Fatalf("the API port serves the profiler: %d", code)
+	}
+	if start(t, nil).DebugAddr() != "" {
+		t.Fatal("the profiler is on by default")
+	}
 }
