@@ -172,9 +172,7 @@ func (c *conn) dispatch(f *frame, respond bool) {
 		defer s.wg.Done()
 		defer c.inflight.Add(-1)
 		defer fr.release()
-		ctx, cancel := context.WithTimeout(s.ctx, s.opts.RequestTimeout)
-		body, err := s.api.Handle(ctx, c.sess, &fr.Header, fr.Body)
-		cancel()
+		body, err := s.api.Handle(s.reqs.get(), c.sess, &fr.Header, fr.Body)
 		if !respond {
 			if err != nil {
 				s.log.Debug("notify failed", "conn", c.id, "cmd", fr.Cmd.String(), "logid", fr.LogID, "err", err)

@@ -42,6 +42,7 @@ type Server struct {
 	ln    net.Listener
 	ready chan struct{}
 
+	reqs     *reqCtxs // the contexts of calls into logic
 	eng      engine
 	nextConn atomic.Uint64
 	nextLog  atomic.Uint64
@@ -75,6 +76,7 @@ func New(opts Options, api logic.API) (*Server, error) {
 	}
 	s := &Server{opts: opts, api: api, log: opts.Logger.With("gate", opts.ID), m: m, ready: make(chan struct{})}
 	s.ctx, s.stop = context.WithCancel(context.Background())
+	s.reqs = newReqCtxs(s.ctx, opts.RequestTimeout)
 	for i := range s.shards {
 		s.shards[i].m = make(map[uint64]*conn)
 	}
