@@ -33,8 +33,7 @@ func (r *Redis) roleKey(role string) string { return r.prefix + "m:{" + role + "
 // heartbeatScript: SET KEYS[1] ARGV[1] PX ARGV[2]; SADD KEYS[2] ARGV[3].
 var heartbeatScript = rueidis.NewLuaScript(`
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('SADD', KEYS[2], ARGV[3])
-return 1
+return redis.call('SADD', KEYS[2], ARGV[3])
 `)
 
 // leaveScript: DEL KEYS[1]; SREM KEYS[2] ARGV[1].
@@ -69,24 +68,29 @@ func checkNode(n *Node) error {
 // that TTL and adds n.ID to its role's set, in one script. Call it again
 // well within ttl (a third of it, say); a node that stops disappears from
 // Live once ttl has passed and is then reported once by Expired.
-func (r *Redis) Heartbeat(ctx context.Context, n Node, ttl time.Duration) error {
+//
+// joined reports that n was not in its role's set: its first heartbeat,
+// or one after Expired reported it (its heartbeats lapsed, and logic
+// purged its sessions: a gateway must announce them again) or after it
+// left.
+func (r *Redis) Heartbeat(ctx context.Context, n Node, ttl time.Duration) (joined bool, err error) {
 	if err := checkNode(&n); err != nil {
-		return fmt.Errorf("router: redis heartbeat: %w", err)
+		return false, fmt.Errorf("router: redis heartbeat: %w", err)
 	}
 	if ttl < time.Millisecond {
-		return fmt.Errorf("router: redis heartbeat: ttl %v is under 1ms", ttl)
+		return false, fmt.Errorf("router: redis heartbeat: ttl %v is under 1ms", ttl)
 	}
 	v, err := json.Marshal(n)
 	if err != nil {
-		return fmt.Errorf("router: redis heartbeat: %w", err)
+		return false, fmt.Errorf("router: redis heartbeat: %w", err)
 	}
 	rk := r.roleKey(n.Role)
-	err = heartbeatScript.Exec(ctx, r.c, []string{rk + ":" + n.ID, rk},
-		[]string{string(v), strconv.FormatInt(ttl.Milliseconds(), 10), n.ID}).Error()
+	added, err := heartbeatScript.Exec(ctx, r.c, []string{rk + ":" + n.ID, rk},
+		[]string{string(v), strconv.FormatInt(ttl.Milliseconds(), 10), n.ID}).AsInt64()
 	if err != nil {
-		return fmt.Errorf("router: redis heartbeat %s/%s: %w", n.Role, n.ID, err)
+		return false, fmt.Errorf("router: redis heartbeat %s/%s: %w", n.Role, n.ID, err)
 	}
-	return nil
+	return added == 1, nil
 }
 
 // Live returns the nodes of role whose heartbeat has not expired, of every

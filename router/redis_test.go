@@ -181,7 +181,7 @@ func TestRedisCorruptEntries(t *testing.T) {
 	}
 
 	// A heartbeat value that is not a node.
-	if err := r.Heartbeat(t.Context(), router.Node{ID: "a", Role: "gateway"}, time.Minute); err != nil {
+	if _, err := r.Heartbeat(t.Context(), router.Node{ID: "a", Role: "gateway"}, time.Minute); err != nil {
 		t.Fatal(err)
 	}
 	do(t, raw, "SET", p+"m:{gateway}:b", "{not json")
@@ -413,7 +413,7 @@ func TestRedisMembership(t *testing.T) {
 	g2 := router.Node{ID: "gw-2", Role: "gateway", Addr: "10.0.0.2:7000", DC: "dc2"}
 	lg := router.Node{ID: "logic/10.0.0.3:7100", Role: "logic", Addr: "10.0.0.3:7100", DC: "dc1"}
 	for _, n := range []router.Node{g2, g1, lg} {
-		if err := r.Heartbeat(ctx, n, ttl); err != nil {
+		if _, err := r.Heartbeat(ctx, n, ttl); err != nil {
 			t.Fatalf("Heartbeat(%+v): %v", n, err)
 		}
 	}
@@ -460,7 +460,7 @@ func TestRedisMembership(t *testing.T) {
 	for range 6 {
 		time.Sleep(ttl / 3)
 		for _, n := range []router.Node{g1, lg} {
-			if err := r.Heartbeat(ctx, n, ttl); err != nil {
+			if _, err := r.Heartbeat(ctx, n, ttl); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -488,7 +488,7 @@ func TestRedisMembership(t *testing.T) {
 		t.Fatalf("Expired(logic) = %v", got)
 	}
 	// A node that comes back is live again.
-	if err := r.Heartbeat(ctx, g1, time.Minute); err != nil {
+	if _, err := r.Heartbeat(ctx, g1, time.Minute); err != nil {
 		t.Fatal(err)
 	}
 	if got := live("gateway"); !slices.Equal(got, []router.Node{g1}) {
@@ -506,7 +506,7 @@ func TestRedisMembership(t *testing.T) {
 		n   router.Node
 		ttl time.Duration
 	}{{router.Node{Role: "gateway"}, ttl}, {router.Node{ID: "x"}, ttl}, {g1, 0}, {g1, -time.Second}} {
-		if err := r.Heartbeat(ctx, bad.n, bad.ttl); err == nil || !strings.HasPrefix(err.Error(), "router: redis heartbeat") {
+		if _, err := r.Heartbeat(ctx, bad.n, bad.ttl); err == nil || !strings.HasPrefix(err.Error(), "router: redis heartbeat") {
 			t.Fatalf("Heartbeat(%+v, %v) = %v, want an error", bad.n, bad.ttl, err)
 		}
 	}
@@ -515,9 +515,12 @@ func TestRedisMembership(t *testing.T) {
 	}
 
 	// A retired node is gone from Live at once and reported by the next
-	// Expired, once.
-	if err := r.Heartbeat(ctx, g2, time.Minute); err != nil {
-		t.Fatal(err)
+	// Expired, once; its next heartbeat says it joined anew.
+	if joined, err := r.Heartbeat(ctx, g2, time.Minute); err != nil || !joined {
+		t.Fatalf("first heartbeat: joined %v, %v", joined, err)
+	}
+	if joined, err := r.Heartbeat(ctx, g2, time.Minute); err != nil || joined {
+		t.Fatalf("second heartbeat: joined %v, %v", joined, err)
 	}
 	if err := r.Retire(ctx, g2); err != nil {
 		t.Fatal(err)
@@ -530,6 +533,12 @@ func TestRedisMembership(t *testing.T) {
 	}
 	if got := expired("gateway"); len(got) != 0 {
 		t.Fatalf("second Expired(gateway) after Retire = %v", got)
+	}
+	if joined, err := r.Heartbeat(ctx, g2, time.Minute); err != nil || !joined {
+		t.Fatalf("heartbeat after being reported expired: joined %v, %v", joined, err)
+	}
+	if err := r.Leave(ctx, g2); err != nil {
+		t.Fatal(err)
 	}
 	if err := r.Retire(ctx, router.Node{}); err == nil {
 		t.Fatal("Retire of an empty node succeeded")

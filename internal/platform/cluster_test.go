@@ -199,6 +199,19 @@ func TestClusterRedis(t *testing.T) {
 		}
 	}
 
+	// A gateway whose heartbeats lapse while it lives (Redis away for
+	// longer than the TTL: here its heartbeat key is deleted) is purged by
+	// logic, sees it at its next heartbeat and announces its sessions again.
+	login(t, g1, 101, 66, nil)
+	eventually(t, 5*time.Second, "the session in the shared router", func() bool { return len(sessions(t, l1, 1, 66)) == 1 })
+	if err := l1.redis.Retire(context.Background(), router.Node{ID: g1.Gateway.ID(), Role: memberGateway}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "the gateway to announce its sessions again", func() bool { return g1.members.reannounced.Load() == 1 })
+	if ss := sessions(t, l1, 1, 66); len(ss) != 1 || ss[0].Gate != g1.Gateway.ID() {
+		t.Fatalf("after the lapse the router holds %+v", ss)
+	}
+
 	// A logic node that leaves is dropped by the gateways at once, and
 	// requests go on through the other.
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)

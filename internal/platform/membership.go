@@ -3,6 +3,7 @@ package platform
 import (
 	"context"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/imd-dev/imd/internal/config"
@@ -25,8 +26,12 @@ type membership struct {
 	ttl    time.Duration
 	static []string
 	nodes  []router.Node
-	cancel context.CancelFunc
-	done   chan struct{}
+	beats  int // heartbeat rounds done
+	// reannounced counts the times this gateway announced its sessions
+	// again after its membership lapsed.
+	reannounced atomic.Int64
+	cancel      context.CancelFunc
+	done        chan struct{}
 }
 
 func startMembership(p *Platform, cfg config.Cluster) *membership {
@@ -69,10 +74,24 @@ func (m *membership) tick(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, m.every)
 	defer cancel()
 	for _, n := range m.nodes {
-		if err := p.redis.Heartbeat(ctx, n, m.ttl); err != nil {
+		joined, err := p.redis.Heartbeat(ctx, n, m.ttl)
+		if err != nil {
 			p.log.Warn("membership heartbeat failed", "node", n.ID, "err", err)
+			continue
+		}
+		if joined && m.beats > 0 && n.Role == memberGateway && p.rpcClient != nil {
+			// Our heartbeats lapsed (Redis was slow or away) and logic
+			// purged our sessions: they are all still here, announce them.
+			ss := p.Gateway.Sessions()
+			p.log.Warn("membership lapsed and this gateway's sessions were purged; announcing them again", "gate", n.ID, "sessions", len(ss))
+			if err := p.rpcClient.Announce(ctx, ss); err != nil {
+				p.log.Error("announce sessions after a membership lapse", "err", err)
+			} else {
+				m.reannounced.Add(1)
+			}
 		}
 	}
+	m.beats++
 	if c := p.rpcClient; c != nil {
 		live, err := p.redis.Live(ctx, memberLogic)
 		if err != nil {

@@ -46,7 +46,15 @@ type Client struct {
 
 	ctx    context.Context // logic's calls into the gateway run under it
 	cancel context.CancelFunc
+
+	goneMu sync.Mutex
+	gone   []router.Session // disconnects no logic node has heard of yet
 }
+
+// maxGone bounds the disconnects kept while no logic node is reachable;
+// past it the oldest are dropped (their sessions stay in the router until
+// the user logs in again or this gateway's membership ends).
+const maxGone = 1 << 20
 
 type gateBox struct {
 	id, addr string
@@ -169,6 +177,7 @@ func (c *Client) keep(ctx context.Context, n *node) {
 		backoff = 0
 		c.log.Info("logic link open", "addr", n.addr, "node", l.Peer())
 		c.setLive(l, true)
+		c.sendGone(l)
 		select {
 		case <-ctx.Done():
 			_ = l.Close()
@@ -217,25 +226,44 @@ func (c *Client) dial(ctx context.Context, addr string) (*Link, error) {
 	l.SetPeer(resp.GetNode())
 	if resp.GetAnnounce() {
 		ss := gb.g.Sessions()
-		for i := 0; i < len(ss); i += announceBatch {
-			batch := ss[i:min(i+announceBatch, len(ss))]
-			m := &pb.RPCAnnounce{Sessions: make([]*pb.RPCSession, len(batch))}
-			for j := range batch {
-				m.Sessions[j] = sessionToPB(batch[j])
-			}
-			actx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			_, err := l.Call(actx, schema.Header{Cmd: schema.RPCAnnounce}, m, nil)
-			cancel()
-			if err != nil {
-				_ = l.Close()
-				return nil, fmt.Errorf("announce %d sessions: %w", len(ss), err)
-			}
+		actx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		err := announce(actx, l, ss)
+		cancel()
+		if err != nil {
+			_ = l.Close()
+			return nil, err
 		}
 		if len(ss) > 0 {
 			c.log.Info("sessions announced to logic", "node", resp.GetNode(), "sessions", len(ss))
 		}
 	}
 	return l, nil
+}
+
+// announce sends ss to the logic node at the other end of l, in batches.
+func announce(ctx context.Context, l *Link, ss []router.Session) error {
+	for i := 0; i < len(ss); i += announceBatch {
+		batch := ss[i:min(i+announceBatch, len(ss))]
+		m := &pb.RPCAnnounce{Sessions: make([]*pb.RPCSession, len(batch))}
+		for j := range batch {
+			m.Sessions[j] = sessionToPB(batch[j])
+		}
+		if _, err := l.Call(ctx, schema.Header{Cmd: schema.RPCAnnounce}, m, nil); err != nil {
+			return fmt.Errorf("announce %d sessions: %w", len(ss), err)
+		}
+	}
+	return nil
+}
+
+// Announce registers ss again through one logic node, for a router that
+// lost them (the gateway's membership lapsed and its sessions were
+// purged).
+func (c *Client) Announce(ctx context.Context, ss []router.Session) error {
+	l, err := c.pick()
+	if err != nil {
+		return err
+	}
+	return announce(ctx, l, ss)
 }
 
 // pick spreads calls over the live links.
@@ -307,17 +335,52 @@ func (c *Client) Logout(ctx context.Context, s router.Session) error {
 	return err
 }
 
-// Disconnected implements logic.API. If no logic node is reachable the
-// session stays in the router until the user logs in again (which replaces
-// it) or the gateway's membership lapses.
+// Disconnected implements logic.API. A disconnect that no logic node can
+// take now is kept and sent when a link is up again, so that the session
+// does not linger in the router.
 func (c *Client) Disconnected(_ context.Context, s router.Session) {
 	l, err := c.pick()
 	if err == nil {
 		err = l.Notify(schema.Header{Cmd: schema.RPCDisconnected, AppCode: s.AppCode, UID: s.UID}, &pb.RPCSessionOnly{Session: sessionToPB(s)})
 	}
 	if err != nil {
-		c.log.Warn("disconnect not told to logic", "uid", s.UID, "appcode", s.AppCode, "err", err)
+		c.keepGone(s)
 	}
+}
+
+func (c *Client) keepGone(ss ...router.Session) {
+	c.goneMu.Lock()
+	defer c.goneMu.Unlock()
+	c.gone = append(c.gone, ss...)
+	if over := len(c.gone) - maxGone; over > 0 {
+		c.log.Warn("too many disconnects waiting for a logic node; dropping the oldest", "dropped", over)
+		c.gone = append(c.gone[:0], c.gone[over:]...)
+	}
+}
+
+// sendGone tells the logic node behind l of the disconnects kept while no
+// node was reachable.
+func (c *Client) sendGone(l *Link) {
+	c.goneMu.Lock()
+	gone := c.gone
+	c.gone = nil
+	c.goneMu.Unlock()
+	for i, s := range gone {
+		if err := l.Notify(schema.Header{Cmd: schema.RPCDisconnected, AppCode: s.AppCode, UID: s.UID}, &pb.RPCSessionOnly{Session: sessionToPB(s)}); err != nil {
+			c.keepGone(gone[i:]...)
+			return
+		}
+	}
+	if len(gone) > 0 {
+		c.log.Info("disconnects sent that waited for a logic node", "sessions", len(gone))
+	}
+}
+
+// Gone returns how many disconnects wait for a logic node.
+func (c *Client) Gone() int {
+	c.goneMu.Lock()
+	defer c.goneMu.Unlock()
+	return len(c.gone)
 }
 
 // Handle implements logic.API: the client's header and body travel as

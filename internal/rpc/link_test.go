@@ -490,3 +490,45 @@ func TestLocalRouterAnnounce(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestDisconnectWaitsForALink: a disconnect that finds no logic node is
+// kept and delivered once a link is up, so the session leaves the router.
+func TestDisconnectWaitsForALink(t *testing.T) {
+	svc, r := testService(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	_ = ln.Close()
+	sess := router.Session{Account: 1, AppCode: 101, UID: 7, Gate: "gate-1", Conn: 3, Epoch: 1}
+	if _, err := r.Register(context.Background(), sess, 1); err != nil {
+		t.Fatal(err)
+	}
+	c := NewClient(ClientOptions{})
+	c.Configure("gate-1", "x", &fakeGate{pushed: map[uint64][][]byte{}})
+	defer c.Close()
+	c.Disconnected(context.Background(), sess)
+	if c.Gone() != 1 {
+		t.Fatalf("%d disconnects kept, want 1", c.Gone())
+	}
+	c.SetAddrs([]string{addr})
+	ln, err = net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := NewServer(svc, "logic-1", "test", false, nil)
+	go func() { _ = srv.Serve(ln) }()
+	defer srv.Close(context.Background())
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		ss, _ := r.Lookup(context.Background(), router.User{Account: 1, UID: 7})
+		if len(ss) == 0 && c.Gone() == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the kept disconnect was not delivered: router %+v, kept %d", ss, c.Gone())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
