@@ -3,6 +3,9 @@ package platform
 import (
 	"context"
 	"fmt"
+	"io"
+	"net/http"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -70,6 +73,31 @@ func TestClusterStaticLogic(t *testing.T) {
 	}
 	if code := api(t, g1, "POST", "/v1/push", testAPIKey, map[string]any{}, nil); code != 404 {
 		t.Fatalf("gateway /v1/push: %d, want 404", code)
+	}
+
+	// Both sides count the internal RPC.
+	metric := func(p *Platform, line string) bool {
+		resp, err := http.Get("http://" + p.HTTPAddr() + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return strings.Contains(string(b), line)
+	}
+	for _, want := range []struct {
+		p    *Platform
+		line string
+	}{
+		{g1, `imd_rpc_links{side="gateway"} 1`},
+		{lg, `imd_rpc_links{side="logic"} 2`},
+		{lg, `imd_rpc_served_total{cmd="rpc-login",status="ok"}`},
+		{g1, `imd_rpc_calls_total{cmd="rpc-handle",status="ok"}`},
+		{g1, `imd_rpc_disconnects_waiting 0`},
+	} {
+		if !metric(want.p, want.line) {
+			t.Errorf("/metrics of the %s node lacks %s", want.p.Role, want.line)
+		}
 	}
 
 	// Draining a gateway unregisters its sessions at logic.

@@ -63,8 +63,9 @@ type Platform struct {
 	rpcLn     net.Listener
 	rpcAddr   string      // advertised
 	rpcClient *rpc.Client // gateway side
-	gateAddr  string      // the gateway's advertised address
-	split     bool        // cluster.split: logic and gateway linked over loopback RPC
+	rpcM      *rpc.Metrics
+	gateAddr  string // the gateway's advertised address
+	split     bool   // cluster.split: logic and gateway linked over loopback RPC
 	members   *membership
 
 	log       *slog.Logger
@@ -199,7 +200,11 @@ func (p *Platform) startLogic(cfg config.Config, log *slog.Logger, reg prometheu
 	p.rpcLn = ln
 	p.rpcAddr = advertise(cfg.Cluster.Advertise, ln.Addr())
 	node := "logic/" + p.rpcAddr
-	p.rpcServer = rpc.NewServer(svc, node, Version, p.redis == nil, log.With("tier", "rpc"))
+	m, err := p.rpcMetrics()
+	if err != nil {
+		return err
+	}
+	p.rpcServer = rpc.NewServer(svc, rpc.ServerOptions{Node: node, Version: Version, LocalRouter: p.redis == nil, Logger: log.With("tier", "rpc"), Metrics: m})
 	go func() {
 		if err := p.rpcServer.Serve(ln); err != nil {
 			p.serveErr <- err
@@ -221,7 +226,11 @@ func (p *Platform) startGateway(cfg config.Config, log *slog.Logger, reg prometh
 	if !direct || p.redis != nil {
 		// The gateway serves logic nodes of other processes (and, when not
 		// direct, calls them) over the internal RPC.
-		p.rpcClient = rpc.NewClient(rpc.ClientOptions{Version: Version, Logger: log.With("tier", "rpc")})
+		m, err := p.rpcMetrics()
+		if err != nil {
+			return err
+		}
+		p.rpcClient = rpc.NewClient(rpc.ClientOptions{Version: Version, Logger: log.With("tier", "rpc"), Metrics: m, Registry: reg})
 		if !direct {
 			api = p.rpcClient
 		}
@@ -290,6 +299,19 @@ func (p *Platform) startHTTP(cfg config.Config) error {
 		p.log.Info("profiler serving", "addr", dln.Addr().String())
 	}
 	return nil
+}
+
+// rpcMetrics returns the internal RPC's metrics, registered once for both
+// sides of a node that runs them.
+func (p *Platform) rpcMetrics() (*rpc.Metrics, error) {
+	if p.rpcM == nil {
+		m, err := rpc.NewMetrics(p.Registry)
+		if err != nil {
+			return nil, fmt.Errorf("rpc metrics: %w", err)
+		}
+		p.rpcM = m
+	}
+	return p.rpcM, nil
 }
 
 // advertise is the address others dial for a listener: configured, or

@@ -16,6 +16,7 @@ import (
 	"github.com/imd-dev/imd/router"
 	"github.com/imd-dev/imd/schema"
 	"github.com/imd-dev/imd/schema/pb"
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -25,6 +26,10 @@ type ClientOptions struct {
 	// DialTimeout bounds one dial plus hello. Default 5s.
 	DialTimeout time.Duration
 	Logger      *slog.Logger
+	Metrics     *Metrics
+	// Registry, when set, also gets the gauge of disconnects waiting for
+	// a logic node.
+	Registry prometheus.Registerer
 }
 
 // Client is the gateway side: it implements logic.API by calling logic
@@ -91,6 +96,9 @@ func NewClient(opts ClientOptions) *Client {
 	c := &Client{opts: opts, log: opts.Logger, nodes: make(map[string]*node)}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	c.live.Store(&[]*Link{})
+	if err := opts.Metrics.watchGone(opts.Registry, c); err != nil {
+		c.log.Warn("rpc metrics", "err", err)
+	}
 	return c
 }
 
@@ -191,6 +199,11 @@ func (c *Client) keep(ctx context.Context, n *node) {
 func (c *Client) setLive(l *Link, up bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if up {
+		c.opts.Metrics.link("gateway", 1)
+	} else {
+		c.opts.Metrics.link("gateway", -1)
+	}
 	cur := *c.live.Load()
 	next := make([]*Link, 0, len(cur)+1)
 	for _, x := range cur {
@@ -217,7 +230,7 @@ func (c *Client) dial(ctx context.Context, addr string) (*Link, error) {
 		_ = nc.Close()
 		return nil, errors.New("rpc: Configure was not called")
 	}
-	l := NewLink(c.ctx, nc, c.handle, c.log)
+	l := newLink(c.ctx, nc, c.handle, c.log, c.opts.Metrics)
 	var resp pb.RPCHelloResponse
 	if _, err := l.Call(ctx, schema.Header{Cmd: schema.RPCHello}, &pb.RPCHello{Gate: gb.id, GateAddr: gb.addr, Version: c.opts.Version}, &resp); err != nil {
 		_ = l.Close()

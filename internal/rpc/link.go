@@ -60,6 +60,7 @@ type Link struct {
 	ctx    context.Context // cancelled when the link closes
 	cancel context.CancelFunc
 	hctx   context.Context // handlers run under it: it outlives the link
+	m      *Metrics
 	once   sync.Once
 	err    error // why it closed; read after ctx is done
 	done   chan struct{}
@@ -83,11 +84,15 @@ var ErrClosed = errors.New("rpc: link closed")
 // end even if the link closes meanwhile (a gateway's last disconnects
 // before it exits must still unregister their sessions).
 func NewLink(hctx context.Context, nc net.Conn, handler Handler, log *slog.Logger) *Link {
+	return newLink(hctx, nc, handler, log, nil)
+}
+
+func newLink(hctx context.Context, nc net.Conn, handler Handler, log *slog.Logger, m *Metrics) *Link {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
 	l := &Link{
-		nc: nc, handler: handler, log: log, hctx: hctx,
+		nc: nc, handler: handler, log: log, hctx: hctx, m: m,
 		pending: make(map[uint32]chan reply),
 		wake:    make(chan struct{}, 1),
 		serving: make(chan struct{}, maxServing),
@@ -180,7 +185,11 @@ func (l *Link) Call(ctx context.Context, h schema.Header, req proto.Message, res
 
 // CallRaw is Call with an encoded request body and the response body
 // returned as it came.
-func (l *Link) CallRaw(ctx context.Context, h schema.Header, body []byte) ([]byte, error) {
+func (l *Link) CallRaw(ctx context.Context, h schema.Header, body []byte) (resp []byte, err error) {
+	if l.m != nil {
+		start := time.Now()
+		defer func() { l.m.call(h.Cmd, err, time.Since(start)) }()
+	}
 	ch := make(chan reply, 1)
 	seq := l.seq.Add(1)
 	l.pmu.Lock()
@@ -330,6 +339,7 @@ func (l *Link) serve(f schema.Frame) {
 	defer func() { <-l.serving }()
 	defer f.Release()
 	body, err := l.handler(l.hctx, l, &f)
+	l.m.serve(f.Cmd, err)
 	if f.Kind() == schema.KindNotify {
 		if err != nil {
 			l.log.Debug("rpc notify failed", "cmd", f.Cmd, "peer", l.Peer(), "err", err)

@@ -226,7 +226,7 @@ func (g *fakeGate) Push(_ context.Context, conns []uint64, _ schema.Cmd, _ uint3
 func startPair(t *testing.T) (*logic.Service, *router.Memory, *Client, *fakeGate, *Server) {
 	t.Helper()
 	svc, r := testService(t)
-	srv := NewServer(svc, "logic-1", "test", true, nil)
+	srv := NewServer(svc, ServerOptions{Node: "logic-1", Version: "test", LocalRouter: true})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -333,7 +333,7 @@ func TestClientRedials(t *testing.T) {
 		t.Fatal(err)
 	}
 	addr := ln.Addr().String()
-	srv := NewServer(svc, "logic-1", "test", true, nil)
+	srv := NewServer(svc, ServerOptions{Node: "logic-1", Version: "test", LocalRouter: true})
 	go func() { _ = srv.Serve(ln) }()
 	c := NewClient(ClientOptions{})
 	c.Configure("gate-1", "x", &fakeGate{pushed: map[uint64][][]byte{}})
@@ -359,7 +359,7 @@ func TestClientRedials(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv2 := NewServer(svc, "logic-1", "test", true, nil)
+	srv2 := NewServer(svc, ServerOptions{Node: "logic-1", Version: "test", LocalRouter: true})
 	go func() { _ = srv2.Serve(ln2) }()
 	defer srv2.Close(context.Background())
 	if err := c.WaitReady(ctx); err != nil {
@@ -421,7 +421,7 @@ func FuzzLinkInput(f *testing.F) {
 	f.Add(schema.AppendFrame(append([]byte(nil), seed...), &h3, []byte{0xff, 0xff}))
 	f.Add([]byte("GET / HTTP/1.1\r\n\r\n"))
 	svc, _ := testService(f)
-	srv := NewServer(svc, "logic-1", "test", true, nil)
+	srv := NewServer(svc, ServerOptions{Node: "logic-1", Version: "test", LocalRouter: true})
 	f.Fuzz(func(t *testing.T, in []byte) {
 		a, b := net.Pipe()
 		l := NewLink(context.Background(), b, srv.serve, nil)
@@ -517,7 +517,7 @@ func TestDisconnectWaitsForALink(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := NewServer(svc, "logic-1", "test", false, nil)
+	srv := NewServer(svc, ServerOptions{Node: "logic-1", Version: "test"})
 	go func() { _ = srv.Serve(ln) }()
 	defer srv.Close(context.Background())
 	deadline := time.Now().Add(10 * time.Second)

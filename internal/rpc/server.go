@@ -33,6 +33,7 @@ type Server struct {
 	// their sessions on every new link, and a gateway whose link closed
 	// has its sessions purged (it announces them again when it is back).
 	local bool
+	m     *Metrics
 
 	mu       sync.Mutex
 	ln       net.Listener
@@ -46,13 +47,24 @@ type Server struct {
 	cancel   context.CancelFunc
 }
 
-// NewServer returns a server for svc; node names this logic node in hellos.
-// localRouter says svc's router lives in this process (not in Redis).
-func NewServer(svc *logic.Service, node, version string, localRouter bool, log *slog.Logger) *Server {
+// ServerOptions configures a Server.
+type ServerOptions struct {
+	Node    string // names this logic node in hellos
+	Version string
+	// LocalRouter says the logic's router lives in this process (not in
+	// Redis): gateways then announce their sessions on each new link.
+	LocalRouter bool
+	Logger      *slog.Logger
+	Metrics     *Metrics
+}
+
+// NewServer returns a server for svc.
+func NewServer(svc *logic.Service, o ServerOptions) *Server {
+	log := o.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{svc: svc, node: node, version: version, local: localRouter, log: log,
+	s := &Server{svc: svc, node: o.Node, version: o.Version, local: o.LocalRouter, log: log, m: o.Metrics,
 		links: make(map[*Link]struct{}), gates: make(map[string]*Link)}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s
@@ -93,8 +105,9 @@ func (s *Server) Serve(ln net.Listener) error {
 			_ = nc.Close()
 			return nil
 		}
-		l := NewLink(s.ctx, nc, s.serve, s.log)
+		l := newLink(s.ctx, nc, s.serve, s.log, s.m)
 		s.links[l] = struct{}{}
+		s.m.link("logic", 1)
 		s.wg.Add(1)
 		s.mu.Unlock()
 		go s.watch(l)
@@ -135,6 +148,7 @@ func (s *Server) watch(l *Link) {
 	s.mu.Lock()
 	delete(s.links, l)
 	s.mu.Unlock()
+	s.m.link("logic", -1)
 }
 
 // Close stops accepting, lets the requests being served finish until ctx
