@@ -36,7 +36,7 @@ func TestGatewayCrashPurgesSessions(t *testing.T) {
 	redis := testenv.Redis(t)
 	var b [4]byte
 	_, _ = rand.Read(b[:])
-	cluster := []string{"--redis-addrs", redis, "--redis-prefix", "imdtest:" + hex.EncodeToString(b[:]) + ":", "--heartbeat", "100ms", "--node-ttl", "1s"}
+	cluster := []string{"--redis-addrs", redis, "--redis-prefix", "imdtest:" + hex.EncodeToString(b[:]) + ":", "--heartbeat", "100ms", "--node-ttl", "1s", "--rpc-secret", "test-cluster-secret-0123"}
 	lg := startRole(t, "logic", t.TempDir(), 0, cluster...)
 	g1 := startRole(t, "gateway", t.TempDir(), 0, cluster...)
 	g2 := startRole(t, "gateway", t.TempDir(), 0, cluster...)

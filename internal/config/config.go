@@ -147,6 +147,9 @@ type Cluster struct {
 	// Defaults 2s and 10s.
 	Heartbeat time.Duration `yaml:"heartbeat"`
 	NodeTTL   time.Duration `yaml:"node_ttl"`
+	// Secret, when set on logic nodes, is required in every gateway's
+	// hello (HMAC-signed, never sent): set the same on every node.
+	Secret string `yaml:"secret"`
 	// Split runs `imd all` as a logic node and a gateway linked by the
 	// internal RPC over loopback, in one process: tests use it to run the
 	// end-to-end suite over the many-process wiring.
@@ -252,6 +255,7 @@ func (c *Config) ClusterFlags(fs *flag.FlagSet) {
 	fs.StringVar(&k.Advertise, "advertise", k.Advertise, "address other nodes dial to reach this one (default: the listen address)")
 	listVar(fs, &k.LogicAddrs, "logic-addrs", "gateway: logic nodes to dial, comma-separated host:port (besides those in the Redis membership)")
 	fs.StringVar(&k.DC, "dc", k.DC, "this node's data center")
+	fs.StringVar(&k.Secret, "rpc-secret", k.Secret, "cluster secret that signs internal RPC hellos; the same on every node (prefer IMD_RPC_SECRET)")
 	fs.DurationVar(&k.Heartbeat, "heartbeat", k.Heartbeat, "membership heartbeat interval (default 2s)")
 	fs.DurationVar(&k.NodeTTL, "node-ttl", k.NodeTTL, "a node silent this long is dead (default 10s)")
 }

@@ -42,6 +42,7 @@ func testConfig() config.Config {
 	// with IMD_TEST_REDIS set, with the router and membership in Redis.
 	if testShape == "split" {
 		cfg.Cluster.Split = true
+		cfg.Cluster.Secret = "test-cluster-secret-0123"
 		if len(testRedis.Addrs) > 0 {
 			cfg.Cluster.Redis = testRedis
 			// every platform its own table, as with the in-process router

@@ -204,7 +204,10 @@ func (p *Platform) startLogic(cfg config.Config, log *slog.Logger, reg prometheu
 	if err != nil {
 		return err
 	}
-	p.rpcServer = rpc.NewServer(svc, rpc.ServerOptions{Node: node, Version: Version, LocalRouter: p.redis == nil, Logger: log.With("tier", "rpc"), Metrics: m})
+	p.rpcServer = rpc.NewServer(svc, rpc.ServerOptions{Node: node, Version: Version, LocalRouter: p.redis == nil, Logger: log.With("tier", "rpc"), Metrics: m, Secret: cfg.Cluster.Secret})
+	if cfg.Cluster.Secret == "" && !isLoopback(ln.Addr()) {
+		log.Warn("the internal RPC listens beyond loopback with no --rpc-secret: anyone who reaches it can act as a gateway", "rpc", ln.Addr().String())
+	}
 	go func() {
 		if err := p.rpcServer.Serve(ln); err != nil {
 			p.serveErr <- err
@@ -230,7 +233,7 @@ func (p *Platform) startGateway(cfg config.Config, log *slog.Logger, reg prometh
 		if err != nil {
 			return err
 		}
-		p.rpcClient = rpc.NewClient(rpc.ClientOptions{Version: Version, Logger: log.With("tier", "rpc"), Metrics: m, Registry: reg})
+		p.rpcClient = rpc.NewClient(rpc.ClientOptions{Version: Version, Logger: log.With("tier", "rpc"), Metrics: m, Registry: reg, Secret: cfg.Cluster.Secret})
 		if !direct {
 			api = p.rpcClient
 		}
@@ -312,6 +315,11 @@ func (p *Platform) rpcMetrics() (*rpc.Metrics, error) {
 		p.rpcM = m
 	}
 	return p.rpcM, nil
+}
+
+func isLoopback(a net.Addr) bool {
+	ta, ok := a.(*net.TCPAddr)
+	return ok && ta.IP.IsLoopback()
 }
 
 // advertise is the address others dial for a listener: configured, or

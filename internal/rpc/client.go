@@ -23,6 +23,8 @@ import (
 // ClientOptions configures a Client.
 type ClientOptions struct {
 	Version string // goes in the hello, for logs
+	// Secret signs the hello for logic nodes that require it.
+	Secret string
 	// DialTimeout bounds one dial plus hello. Default 5s.
 	DialTimeout time.Duration
 	Logger      *slog.Logger
@@ -232,7 +234,9 @@ func (c *Client) dial(ctx context.Context, addr string) (*Link, error) {
 	}
 	l := newLink(c.ctx, nc, c.handle, c.log, c.opts.Metrics)
 	var resp pb.RPCHelloResponse
-	if _, err := l.Call(ctx, schema.Header{Cmd: schema.RPCHello}, &pb.RPCHello{Gate: gb.id, GateAddr: gb.addr, Version: c.opts.Version}, &resp); err != nil {
+	hello := &pb.RPCHello{Gate: gb.id, GateAddr: gb.addr, Version: c.opts.Version}
+	signHello(hello, c.opts.Secret, time.Now())
+	if _, err := l.Call(ctx, schema.Header{Cmd: schema.RPCHello}, hello, &resp); err != nil {
 		_ = l.Close()
 		return nil, err
 	}

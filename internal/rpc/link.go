@@ -142,6 +142,11 @@ func (l *Link) Close() error {
 	return nil
 }
 
+// closeAfter closes the link after d, so that a last answer can leave.
+func (l *Link) closeAfter(d time.Duration) {
+	time.AfterFunc(d, func() { _ = l.Close() })
+}
+
 func (l *Link) fail(err error) {
 	l.once.Do(func() {
 		l.err = err

@@ -532,3 +532,37 @@ func TestDisconnectWaitsForALink(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestHelloSecret: a logic node with a cluster secret links only gateways
+// that sign their hello with the same secret and a sane clock.
+func TestHelloSecret(t *testing.T) {
+	svc, _ := testService(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := NewServer(svc, ServerOptions{Node: "logic-1", Secret: "s3cret-0123456789"})
+	go func() { _ = srv.Serve(ln) }()
+	defer srv.Close(context.Background())
+	try := func(secret string) error {
+		c := NewClient(ClientOptions{Secret: secret})
+		c.Configure("gate-"+secret, "x", &fakeGate{pushed: map[uint64][][]byte{}})
+		defer c.Close()
+		_, err := c.dial(context.Background(), ln.Addr().String())
+		return err
+	}
+	if err := try("s3cret-0123456789"); err != nil {
+		t.Fatalf("the right secret: %v", err)
+	}
+	for _, bad := range []string{"", "wrong-secret-0123"} {
+		var se *schema.Error
+		if err := try(bad); !errors.As(err, &se) || se.Status != schema.StatusTokenInvalid {
+			t.Fatalf("secret %q: %v, want token invalid", bad, err)
+		}
+	}
+	stale := &pb.RPCHello{Gate: "g"}
+	signHello(stale, "s3cret-0123456789", time.Now().Add(-time.Hour))
+	if err := checkHello(stale, "s3cret-0123456789", time.Now()); err == nil {
+		t.Fatal("an hour-old hello passed")
+	}
+}

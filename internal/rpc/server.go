@@ -32,8 +32,9 @@ type Server struct {
 	// local: the router is in this process (no Redis): gateways announce
 	// their sessions on every new link, and a gateway whose link closed
 	// has its sessions purged (it announces them again when it is back).
-	local bool
-	m     *Metrics
+	local  bool
+	m      *Metrics
+	secret string
 
 	mu       sync.Mutex
 	ln       net.Listener
@@ -56,6 +57,9 @@ type ServerOptions struct {
 	LocalRouter bool
 	Logger      *slog.Logger
 	Metrics     *Metrics
+	// Secret, when set, is the cluster secret every gateway's hello must
+	// be signed with.
+	Secret string
 }
 
 // NewServer returns a server for svc.
@@ -64,7 +68,7 @@ func NewServer(svc *logic.Service, o ServerOptions) *Server {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{svc: svc, node: o.Node, version: o.Version, local: o.LocalRouter, log: log, m: o.Metrics,
+	s := &Server{svc: svc, node: o.Node, version: o.Version, local: o.LocalRouter, log: log, m: o.Metrics, secret: o.Secret,
 		links: make(map[*Link]struct{}), gates: make(map[string]*Link)}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s
@@ -218,6 +222,11 @@ func (s *Server) handle(ctx context.Context, l *Link, f *schema.Frame) ([]byte, 
 		if err := proto.Unmarshal(f.Body, &in); err != nil || in.GetGate() == "" {
 			_ = l.Close()
 			return nil, schema.Errorf(schema.StatusBadBody, "rpc: hello without a gate id (%v)", err)
+		}
+		if err := checkHello(&in, s.secret, time.Now()); err != nil {
+			s.log.Warn("rpc hello refused", "gate", in.GetGate(), "remote", l.RemoteAddr(), "err", err)
+			l.closeAfter(time.Second) // after the answer has left
+			return nil, err
 		}
 		l.SetPeer(in.GetGate())
 		s.mu.Lock()

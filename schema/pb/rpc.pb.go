@@ -129,10 +129,16 @@ func (x *RPCSession) GetLoginMs() int64 {
 
 // RPCHello opens a link: the first request a gateway sends to a logic node.
 type RPCHello struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Gate          string                 `protobuf:"bytes,1,opt,name=gate,proto3" json:"gate,omitempty"`                         // the gateway's id, unique among live gateways
-	GateAddr      string                 `protobuf:"bytes,2,opt,name=gate_addr,json=gateAddr,proto3" json:"gate_addr,omitempty"` // where clients reach it
-	Version       string                 `protobuf:"bytes,3,opt,name=version,proto3" json:"version,omitempty"`                   // imd version, for logs
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Gate     string                 `protobuf:"bytes,1,opt,name=gate,proto3" json:"gate,omitempty"`                         // the gateway's id, unique among live gateways
+	GateAddr string                 `protobuf:"bytes,2,opt,name=gate_addr,json=gateAddr,proto3" json:"gate_addr,omitempty"` // where clients reach it
+	Version  string                 `protobuf:"bytes,3,opt,name=version,proto3" json:"version,omitempty"`                   // imd version, for logs
+	// With a cluster secret: time_ms is the gateway's clock, and mac is
+	// HMAC-SHA256(secret, "imd-rpc-hello|" + gate + "|" + time_ms in decimal).
+	// The logic node refuses a hello whose mac differs or whose time is more
+	// than 5 minutes off its own (status 2001).
+	TimeMs        int64  `protobuf:"varint,4,opt,name=time_ms,json=timeMs,proto3" json:"time_ms,omitempty"`
+	Mac           []byte `protobuf:"bytes,5,opt,name=mac,proto3" json:"mac,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -186,6 +192,20 @@ func (x *RPCHello) GetVersion() string {
 		return x.Version
 	}
 	return ""
+}
+
+func (x *RPCHello) GetTimeMs() int64 {
+	if x != nil {
+		return x.TimeMs
+	}
+	return 0
+}
+
+func (x *RPCHello) GetMac() []byte {
+	if x != nil {
+		return x.Mac
+	}
+	return nil
 }
 
 type RPCHelloResponse struct {
@@ -761,11 +781,13 @@ const file_rpc_proto_rawDesc = "" +
 	"\x04conn\x18\x05 \x01(\x04R\x04conn\x12\x14\n" +
 	"\x05epoch\x18\x06 \x01(\x04R\x05epoch\x12\x1b\n" +
 	"\tdevice_id\x18\a \x01(\tR\bdeviceId\x12\x19\n" +
-	"\blogin_ms\x18\b \x01(\x03R\aloginMs\"U\n" +
+	"\blogin_ms\x18\b \x01(\x03R\aloginMs\"\x80\x01\n" +
 	"\bRPCHello\x12\x12\n" +
 	"\x04gate\x18\x01 \x01(\tR\x04gate\x12\x1b\n" +
 	"\tgate_addr\x18\x02 \x01(\tR\bgateAddr\x12\x18\n" +
-	"\aversion\x18\x03 \x01(\tR\aversion\"\\\n" +
+	"\aversion\x18\x03 \x01(\tR\aversion\x12\x17\n" +
+	"\atime_ms\x18\x04 \x01(\x03R\x06timeMs\x12\x10\n" +
+	"\x03mac\x18\x05 \x01(\fR\x03mac\"\\\n" +
 	"\x10RPCHelloResponse\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\tR\aversion\x12\x1a\n" +
