@@ -210,7 +210,7 @@ const goalBytesPerConn = 2048
 // memoryChart plots the server's memory per held connection against the
 // connections held, one point per step.
 func memoryChart(doc *connsStepsReport) *bench.Chart {
-	var rss, heap, sys []bench.Point
+	var rss, heap, sys, logicRSS []bench.Point
 	var maxN float64
 	for _, r := range doc.Runs {
 		x := float64(r.HeldServer)
@@ -218,23 +218,33 @@ func memoryChart(doc *connsStepsReport) *bench.Chart {
 		rss = append(rss, bench.Point{X: x, Y: r.PerConn.RSS})
 		heap = append(heap, bench.Point{X: x, Y: r.PerConn.HeapPlusStacks})
 		sys = append(sys, bench.Point{X: x, Y: r.PerConn.GoSys})
+		if r.PerConn.LogicRSS != 0 {
+			logicRSS = append(logicRSS, bench.Point{X: x, Y: r.PerConn.LogicRSS})
+		}
 	}
 	sub := ""
 	if len(doc.Runs) > 0 {
 		r := doc.Runs[0]
 		sub = fmt.Sprintf("%s, %d CPUs, %s client, %.0fs settle, no forced GC", r.Host.Hostname, r.Host.NumCPU, r.Clients.Kind, r.SettleSeconds)
+		if n := len(r.Server.Gateways); n > 1 {
+			sub += fmt.Sprintf("; %d gateway processes added up, logic apart", n)
+		}
 	}
+	series := []bench.Series{
+		{Name: "RSS / conn", Points: rss},
+		{Name: "Go heap+stacks / conn", Points: heap},
+		{Name: "Go sys / conn", Points: sys},
+	}
+	if len(logicRSS) > 0 {
+		series = append(series, bench.Series{Name: "logic RSS / session", Points: logicRSS})
+	}
+	series = append(series, bench.Series{Name: "goal 2 KiB", Points: []bench.Point{{X: 0, Y: goalBytesPerConn}, {X: maxN, Y: goalBytesPerConn}}, Dashed: true})
 	return &bench.Chart{
 		Title:    "imd gateway: memory per idle logged-in connection",
 		Subtitle: sub,
 		XLabel:   "connections held",
 		YLabel:   "bytes per connection",
-		Series: []bench.Series{
-			{Name: "RSS / conn", Points: rss},
-			{Name: "Go heap+stacks / conn", Points: heap},
-			{Name: "Go sys / conn", Points: sys},
-			{Name: "goal 2 KiB", Points: []bench.Point{{X: 0, Y: goalBytesPerConn}, {X: maxN, Y: goalBytesPerConn}}, Dashed: true},
-		},
+		Series:   series,
 	}
 }
 
