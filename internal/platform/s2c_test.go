@@ -2,7 +2,9 @@ package platform
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -307,4 +309,30 @@ func TestOpenAPIDocument(t *testing.T) {
 		t.Fatalf("the documented example: HTTP %d %+v", code, res)
 	}
 	eventually(t, 5*time.Second, "example delivered", func() bool { return got.len() == 1 })
+}
+
+// TestS2CWithoutStore: a server run with no message store (an s2c-only
+// deployment) delivers live pushes: the SDK's offline sync after login
+// finds an empty inbox instead of an error that would hold the pushes
+// back, while chat says plainly that it is unavailable.
+func TestS2CWithoutStore(t *testing.T) {
+	p := start(t, func(c *config.Config) { c.Store.Engine = "none" })
+	var ps pushes
+	d := driver(t, p, 101, 5, &ps)
+	var res struct {
+		Online int `json:"online"`
+	}
+	if code := api(t, p, "POST", "/v1/push", testAPIKey, map[string]any{"to": []map[string]any{{"appcode": 101, "uid": 5}}, "text": "order"}, &res); code != 200 || res.Online != 1 {
+		t.Fatalf("push: %d %+v", code, res)
+	}
+	eventually(t, 5*time.Second, "the live push", func() bool { return ps.len() == 1 })
+	if n := inboxCount(t, d); n != 0 {
+		t.Fatalf("offline count %d without a store", n)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	_, err := d.SendC2C(ctx, &pb.User{Account: 1, Uid: 6}, 0, []byte("hi"))
+	if !errors.Is(err, sdk.ErrSendFailed) || !strings.Contains(err.Error(), "no message store") {
+		t.Fatalf("c2c without a store: %v, want a failed send saying there is no store", err)
+	}
 }
