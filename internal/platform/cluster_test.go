@@ -232,9 +232,13 @@ func TestClusterRedis(t *testing.T) {
 	// logic, sees it at its next heartbeat and announces its sessions again.
 	login(t, g1, 101, 66, nil)
 	eventually(t, 5*time.Second, "the session in the shared router", func() bool { return len(sessions(t, l1, 1, 66)) == 1 })
+	g1.members.paused.Store(true)
+	time.Sleep(300 * time.Millisecond) // a round under way ends
 	if err := l1.redis.Retire(context.Background(), router.Node{ID: g1.Gateway.ID(), Role: memberGateway}); err != nil {
 		t.Fatal(err)
 	}
+	eventually(t, 5*time.Second, "logic to purge the silent gateway's sessions", func() bool { return len(sessions(t, l1, 1, 66)) == 0 })
+	g1.members.paused.Store(false)
 	eventually(t, 5*time.Second, "the gateway to announce its sessions again", func() bool { return g1.members.reannounced.Load() == 1 })
 	if ss := sessions(t, l1, 1, 66); len(ss) != 1 || ss[0].Gate != g1.Gateway.ID() {
 		t.Fatalf("after the lapse the router holds %+v", ss)

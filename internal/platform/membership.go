@@ -30,6 +30,7 @@ type membership struct {
 	// reannounced counts the times this gateway announced its sessions
 	// again after its membership lapsed.
 	reannounced atomic.Int64
+	paused      atomic.Bool // tests: skip rounds, as a node cut off from Redis would
 	cancel      context.CancelFunc
 	done        chan struct{}
 }
@@ -64,7 +65,9 @@ func (m *membership) run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			m.tick(ctx)
+			if !m.paused.Load() {
+				m.tick(ctx)
+			}
 		}
 	}
 }
