@@ -289,9 +289,7 @@ func (c *Client) Login(ctx context.Context, cred Credentials) (*pb.LoginResponse
 		if l, err = c.dialAny(ctx); err != nil {
 			return nil, err
 		}
-		c.mu.Lock()
-		c.link = l
-		c.mu.Unlock()
+		c.setLink(l)
 	}
 	resp, err := c.loginOn(ctx, l, &cred)
 	if err != nil {
@@ -407,6 +405,22 @@ func (c *Client) setState(s State, err error) {
 	}
 }
 
+// setLink makes l, a link not logged in yet, the current one. Requests
+// wait for online(l): c.up is reset if the link it was closed for is still
+// alive (a reconnect after a kick or a GoAway can dial the next link before
+// the old one has died), or a request could go out on l before its login
+// and be refused with 1006.
+func (c *Client) setLink(l *link) {
+	c.mu.Lock()
+	c.link = l
+	select {
+	case <-c.up:
+		c.up = make(chan struct{})
+	default:
+	}
+	c.mu.Unlock()
+}
+
 // linkDown is called by a link that died.
 func (c *Client) linkDown(l *link, err error) {
 	c.mu.Lock()
@@ -470,9 +484,7 @@ func (c *Client) supervise() {
 			ctx, cancel := context.WithTimeout(context.Background(), c.opts.DialTimeout+c.opts.RequestTimeout)
 			l, err := c.dialAny(ctx)
 			if err == nil {
-				c.mu.Lock()
-				c.link = l
-				c.mu.Unlock()
+				c.setLink(l)
 				var resp *pb.LoginResponse
 				resp, err = c.loginOn(ctx, l, cred)
 				if err == nil {

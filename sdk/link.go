@@ -195,7 +195,10 @@ func decodeError(h *schema.Header, body []byte) error {
 func IsRetryable(err error) bool {
 	var se *schema.Error
 	if errors.As(err, &se) {
-		return se.Retryable()
+		// 1006 on a connection this client logged in means the server
+		// does not count it as logged in any more; it closes it, and the
+		// request can go again once the client has logged in anew.
+		return se.Retryable() || se.Status == schema.StatusNotLoggedIn
 	}
 	return errors.Is(err, ErrConnLost) || errors.Is(err, ErrNotConnected) || errors.Is(err, context.DeadlineExceeded)
 }
