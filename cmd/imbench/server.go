@@ -73,7 +73,7 @@ func (sf *serverFlags) bind(fs *flag.FlagSet) {
 
 // bindCluster binds the flags that start a many-process server.
 func (sf *serverFlags) bindCluster(fs *flag.FlagSet) {
-	fs.IntVar(&sf.gateways, "gateways", 1, "gateway processes to start: 1 runs `imd all`; more run `imd logic` and this many `imd gateway` (each holds at most its open-file limit of connections), and connection i goes to gateway i mod K")
+	fs.IntVar(&sf.gateways, "gateways", 1, "gateway processes to start: 1 runs one imd all; K > 1 runs one imd logic and K imd gateway processes (each holds at most its open-file limit of connections), and connection i goes to gateway i mod K")
 	fs.StringVar(&sf.redis, "redis", "", "with --gateways > 1: Redis host:port for membership and the router (default: the logic node's in-process router, gateways dial it directly)")
 }
 
