@@ -258,3 +258,42 @@ func TestClusterRedis(t *testing.T) {
 		t.Fatal("login through the remaining logic node is not in the router")
 	}
 }
+
+// TestClusterAllNodes: two `imd all` nodes that share Redis reach each
+// other's gateways: a push through one node's API arrives at a driver on
+// the other node, and a login on one node kicks the same terminal on the
+// other.
+func TestClusterAllNodes(t *testing.T) {
+	rc := needRedis(t)
+	fast := func(c *config.Config) {
+		c.Cluster.Redis = rc
+		c.Cluster.Heartbeat = 100 * time.Millisecond
+		c.Cluster.NodeTTL = 600 * time.Millisecond
+	}
+	a := startNode(t, RoleAll, fast)
+	b := startNode(t, RoleAll, func(c *config.Config) { fast(c); c.NodeID = 2 })
+	eventually(t, 5*time.Second, "each node's gateway to link to the other's logic", func() bool {
+		return a.rpcClient.Links() == 1 && b.rpcClient.Links() == 1
+	})
+	var onB pushes
+	driver(t, b, 101, 21, &onB)
+	var res struct {
+		Online int `json:"online"`
+	}
+	if code := api(t, a, "POST", "/v1/push", testAPIKey, map[string]any{"to": []map[string]any{{"appcode": 101, "uid": 21}}, "text": "order"}, &res); code != 200 || res.Online != 1 {
+		t.Fatalf("push through node a: %d %+v", code, res)
+	}
+	eventually(t, 5*time.Second, "the driver on node b to get the push from node a", func() bool { return onB.len() == 1 })
+
+	kicked := make(chan *pb.Kickout, 1)
+	login(t, b, 101, 22, func(o *sdk.Options) {
+		o.DeviceID = "old"
+		o.OnKickout = func(k *pb.Kickout) { kicked <- k }
+	})
+	login(t, a, 101, 22, func(o *sdk.Options) { o.DeviceID = "new" })
+	select {
+	case <-kicked:
+	case <-time.After(5 * time.Second):
+		t.Fatal("a login on node a did not kick the same terminal on node b")
+	}
+}
