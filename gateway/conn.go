@@ -314,7 +314,7 @@ func statusOf(err error) schema.Status {
 
 // errorFrame appends a response frame carrying an Error body to dst.
 func errorFrame(dst []byte, req *schema.Header, st schema.Status, msg string) []byte {
-	body, _ := proto.Marshal(&pb.Error{Code: uint32(st), Message: msg, Retryable: st.Retryable()})
+	body := schema.ErrorBody(st, msg)
 	h := *req
 	h.Flags = 0
 	h.SetKind(schema.KindResponse)

@@ -1,6 +1,11 @@
 package schema
 
-import "errors"
+import (
+	"errors"
+
+	"github.com/imd-dev/imd/schema/pb"
+	"google.golang.org/protobuf/proto"
+)
 
 // Frame decoding errors. Each means the byte stream can no longer be trusted:
 // the receiver answers with an error frame (where it can) and closes.
@@ -30,4 +35,22 @@ func StatusOf(err error) Status {
 		return StatusBodyTooLarge
 	}
 	return StatusInternal
+}
+
+// ErrorBody is the Error body of a response with status st: every side
+// that answers with an error (gateway, internal RPC) encodes it here.
+func ErrorBody(st Status, msg string) []byte {
+	body, _ := proto.Marshal(&pb.Error{Code: uint32(st), Message: msg, Retryable: st.Retryable()})
+	return body
+}
+
+// DecodeError is the *Error of a response whose status is not OK, with
+// the message of its Error body when the body is one.
+func DecodeError(h *Header, body []byte) *Error {
+	var e pb.Error
+	msg := ""
+	if proto.Unmarshal(body, &e) == nil {
+		msg = e.GetMessage()
+	}
+	return &Error{Status: h.Status, Message: msg}
 }

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/imd-dev/imd/schema"
-	"github.com/imd-dev/imd/schema/pb"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -73,7 +72,7 @@ func (l *link) readLoop() {
 				// An error that answers no request of ours: the server is
 				// telling us why it is about to close (login timeout,
 				// too many connections, ...).
-				l.fail(decodeError(&f.Header, body))
+				l.fail(schema.DecodeError(&f.Header, body))
 				return
 			}
 		case schema.KindNotify:
@@ -136,7 +135,7 @@ func (l *link) roundTrip(ctx context.Context, h schema.Header, req proto.Message
 			return l.dead()
 		}
 		if r.h.Status != schema.StatusOK {
-			return decodeError(&r.h, r.body)
+			return schema.DecodeError(&r.h, r.body)
 		}
 		if resp != nil {
 			if err := proto.Unmarshal(r.body, resp); err != nil {
@@ -182,13 +181,6 @@ func (l *link) write(h *schema.Header, body []byte) error {
 }
 
 func (l *link) close(err error) { l.fail(err) }
-
-// decodeError turns an error response into a *schema.Error.
-func decodeError(h *schema.Header, body []byte) error {
-	var e pb.Error
-	_ = proto.Unmarshal(body, &e)
-	return &schema.Error{Status: h.Status, Message: e.Message}
-}
 
 // IsRetryable reports whether err (from any Client method) may succeed if
 // the same call is made again later.

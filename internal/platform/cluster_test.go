@@ -53,6 +53,16 @@ func needRedis(t *testing.T) config.Redis {
 	return r
 }
 
+// fastRedisCluster puts a node on the test Redis with heartbeats fast
+// enough for a test to see a node die.
+func fastRedisCluster(rc config.Redis) func(*config.Config) {
+	return func(c *config.Config) {
+		c.Cluster.Redis = rc
+		c.Cluster.Heartbeat = 100 * time.Millisecond
+		c.Cluster.NodeTTL = 600 * time.Millisecond
+	}
+}
+
 // TestClusterStaticLogic: one logic node (in-process router) and two
 // gateways that dial it. Chat, kicks and pushes cross gateways over the
 // internal RPC, and a gateway's drain unregisters its sessions.
@@ -172,12 +182,7 @@ func clusterChat(t *testing.T, lg, g1, g2 *Platform) {
 // reaches users on either gateway; a gateway that stops heartbeating has
 // its sessions purged; a logic node that leaves is dropped by gateways.
 func TestClusterRedis(t *testing.T) {
-	rc := needRedis(t)
-	fast := func(c *config.Config) {
-		c.Cluster.Redis = rc
-		c.Cluster.Heartbeat = 100 * time.Millisecond
-		c.Cluster.NodeTTL = 600 * time.Millisecond
-	}
+	fast := fastRedisCluster(needRedis(t))
 	l1 := startNode(t, RoleLogic, fast)
 	// In production logic nodes share one Cassandra; on the embedded store
 	// each has its own here, so c2c across them is checked on Cassandra only.
@@ -264,12 +269,7 @@ func TestClusterRedis(t *testing.T) {
 // the other node, and a login on one node kicks the same terminal on the
 // other.
 func TestClusterAllNodes(t *testing.T) {
-	rc := needRedis(t)
-	fast := func(c *config.Config) {
-		c.Cluster.Redis = rc
-		c.Cluster.Heartbeat = 100 * time.Millisecond
-		c.Cluster.NodeTTL = 600 * time.Millisecond
-	}
+	fast := fastRedisCluster(needRedis(t))
 	a := startNode(t, RoleAll, fast)
 	b := startNode(t, RoleAll, func(c *config.Config) { fast(c); c.NodeID = 2 })
 	eventually(t, 5*time.Second, "each node's gateway to link to the other's logic", func() bool {

@@ -25,6 +25,7 @@ type membership struct {
 	every  time.Duration
 	ttl    time.Duration
 	static []string
+	self   string // this node's logic address when its gateway reaches it directly
 	nodes  []router.Node
 	beats  int // heartbeat rounds done
 	// reannounced counts the times this gateway announced its sessions
@@ -42,6 +43,9 @@ func startMembership(p *Platform, cfg config.Cluster) *membership {
 	}
 	if m.ttl <= 0 {
 		m.ttl = 10 * time.Second
+	}
+	if p.Logic != nil && !cfg.Split {
+		m.self = p.rpcAddr
 	}
 	if p.Logic != nil && p.rpcAddr != "" {
 		m.nodes = append(m.nodes, router.Node{ID: "logic/" + p.rpcAddr, Role: memberLogic, Addr: p.rpcAddr, DC: m.dc})
@@ -104,15 +108,12 @@ func (m *membership) tick(ctx context.Context) {
 			for _, n := range live {
 				// Gateways talk to logic in their own DC; a gateway in the
 				// same process as its logic reaches it directly.
-				if n.DC != m.dc || (p.Logic != nil && !p.split && n.Addr == p.rpcAddr) {
+				if n.DC != m.dc || n.Addr == m.self {
 					continue
 				}
 				if !slices.Contains(addrs, n.Addr) {
 					addrs = append(addrs, n.Addr)
 				}
-			}
-			if p.split {
-				addrs = append(addrs, p.rpcAddr)
 			}
 			c.SetAddrs(addrs)
 		}

@@ -65,7 +65,6 @@ type Platform struct {
 	rpcClient *rpc.Client // gateway side
 	rpcM      *rpc.Metrics
 	gateAddr  string // the gateway's advertised address
-	split     bool   // cluster.split: logic and gateway linked over loopback RPC
 	members   *membership
 
 	log       *slog.Logger
@@ -93,7 +92,7 @@ func StartRole(role string, cfg config.Config, log *slog.Logger) (p *Platform, e
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	p = &Platform{Role: role, Registry: reg, log: log, serveErr: make(chan error, 4), split: cfg.Cluster.Split}
+	p = &Platform{Role: role, Registry: reg, log: log, serveErr: make(chan error, 4)}
 	defer func() {
 		if err != nil { // one undo path for a start that failed half way
 			p.stop(context.Background())

@@ -18,7 +18,6 @@ import (
 	"time"
 
 	"github.com/imd-dev/imd/schema"
-	"github.com/imd-dev/imd/schema/pb"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -219,7 +218,7 @@ func (l *Link) CallRaw(ctx context.Context, h schema.Header, body []byte) (resp 
 			return nil, schema.Errorf(schema.StatusUnavailable, "rpc: %s to %s: %v", h.Cmd, l.Peer(), r.err)
 		}
 		if r.h.Status != schema.StatusOK {
-			return nil, decodeError(&r.h, r.body)
+			return nil, schema.DecodeError(&r.h, r.body)
 		}
 		return r.body, nil
 	case <-ctx.Done():
@@ -243,15 +242,6 @@ func (l *Link) forget(seq uint32) {
 	l.pmu.Lock()
 	delete(l.pending, seq)
 	l.pmu.Unlock()
-}
-
-func decodeError(h *schema.Header, body []byte) error {
-	var e pb.Error
-	msg := ""
-	if proto.Unmarshal(body, &e) == nil {
-		msg = e.GetMessage()
-	}
-	return &schema.Error{Status: h.Status, Message: msg}
 }
 
 // send queues one frame for the writer. Frames queued while the writer is
@@ -361,7 +351,7 @@ func (l *Link) serve(f schema.Frame) {
 			se = &schema.Error{Status: schema.StatusInternal, Message: err.Error()}
 		}
 		h.Status = se.Status
-		body, _ = proto.Marshal(&pb.Error{Code: uint32(se.Status), Message: se.Message, Retryable: se.Status.Retryable()})
+		body = schema.ErrorBody(se.Status, se.Message)
 	}
 	_ = l.send(&h, body)
 }

@@ -15,7 +15,6 @@ type Metrics struct {
 	calls   *prometheus.CounterVec
 	latency *prometheus.HistogramVec
 	served  *prometheus.CounterVec
-	gone    prometheus.GaugeFunc
 }
 
 // NewMetrics registers the metrics with reg (nil: not registered).
@@ -66,9 +65,8 @@ func (m *Metrics) watchGone(reg prometheus.Registerer, c *Client) error {
 	if m == nil || reg == nil {
 		return nil
 	}
-	m.gone = prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "imd", Subsystem: "rpc", Name: "disconnects_waiting",
-		Help: "Disconnects kept because no logic node was reachable; sent when one is."}, func() float64 { return float64(c.Gone()) })
-	return reg.Register(m.gone)
+	return reg.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "imd", Subsystem: "rpc", Name: "disconnects_waiting",
+		Help: "Disconnects kept because no logic node was reachable; sent when one is."}, func() float64 { return float64(c.Gone()) }))
 }
 
 func statusLabel(err error) string {

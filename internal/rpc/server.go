@@ -40,10 +40,9 @@ type Server struct {
 	ln       net.Listener
 	links    map[*Link]struct{}
 	gates    map[string]*Link // the current link of each gateway
-	closed   bool
-	draining bool
-	wg       sync.WaitGroup // one per link
-	serving  sync.WaitGroup // one per request being served
+	draining bool             // Close has begun: no new links, no new work
+	wg       sync.WaitGroup   // one per link
+	serving  sync.WaitGroup   // one per request being served
 	ctx      context.Context
 	cancel   context.CancelFunc
 }
@@ -88,9 +87,9 @@ func (s *Server) Serve(ln net.Listener) error {
 		nc, err := ln.Accept()
 		if err != nil {
 			s.mu.Lock()
-			closed := s.draining
+			draining := s.draining
 			s.mu.Unlock()
-			if closed {
+			if draining {
 				return nil
 			}
 			if errors.Is(err, net.ErrClosed) {
@@ -140,12 +139,12 @@ func (s *Server) watch(l *Link) {
 		if current {
 			delete(s.gates, id)
 		}
-		closed := s.closed
+		stopping := s.draining
 		s.mu.Unlock()
 		// With the router in this process nobody else will purge this
 		// gateway's sessions: do it, unless it came back on a new link
 		// (which announced them again) or this node is stopping.
-		if current && s.local && !closed {
+		if current && s.local && !stopping {
 			s.svc.DetachGate(s.ctx, id)
 		}
 	}
@@ -174,7 +173,6 @@ func (s *Server) Close(ctx context.Context) {
 		s.log.Warn("rpc: closing with requests still being served", "err", ctx.Err())
 	}
 	s.mu.Lock()
-	s.closed = true
 	for l := range s.links {
 		_ = l.Close()
 	}
