@@ -877,11 +877,16 @@ func (x *S2CAck) GetPushIds() []uint64 {
 }
 
 type C2CSendRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	To            *User                  `protobuf:"bytes,1,opt,name=to,proto3" json:"to,omitempty"`
-	ClientMsgId   string                 `protobuf:"bytes,2,opt,name=client_msg_id,json=clientMsgId,proto3" json:"client_msg_id,omitempty"` // idempotency key chosen by the sender's SDK
-	Content       []byte                 `protobuf:"bytes,3,opt,name=content,proto3" json:"content,omitempty"`
-	GroupId       uint64                 `protobuf:"varint,4,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"` // reserved for groups; 0 = one-to-one
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	To          *User                  `protobuf:"bytes,1,opt,name=to,proto3" json:"to,omitempty"`
+	ClientMsgId string                 `protobuf:"bytes,2,opt,name=client_msg_id,json=clientMsgId,proto3" json:"client_msg_id,omitempty"` // idempotency key chosen by the sender's SDK
+	Content     []byte                 `protobuf:"bytes,3,opt,name=content,proto3" json:"content,omitempty"`
+	GroupId     uint64                 `protobuf:"varint,4,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"` // reserved for groups; 0 = one-to-one
+	// The highest msgid this terminal has been answered for a message it
+	// sent (0 = none known). The server gives the new message a greater
+	// msgid, so one sender's messages keep their order whatever the clocks
+	// of the logic nodes that store them (PROTOCOL.md, "Order").
+	AfterMsgid    uint64 `protobuf:"varint,5,opt,name=after_msgid,json=afterMsgid,proto3" json:"after_msgid,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -940,6 +945,13 @@ func (x *C2CSendRequest) GetContent() []byte {
 func (x *C2CSendRequest) GetGroupId() uint64 {
 	if x != nil {
 		return x.GroupId
+	}
+	return 0
+}
+
+func (x *C2CSendRequest) GetAfterMsgid() uint64 {
+	if x != nil {
+		return x.AfterMsgid
 	}
 	return 0
 }
@@ -1005,16 +1017,20 @@ func (x *C2CSendResponse) GetDuplicate() bool {
 }
 
 type C2CMessage struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Msgid         uint64                 `protobuf:"varint,1,opt,name=msgid,proto3" json:"msgid,omitempty"`
-	From          *User                  `protobuf:"bytes,2,opt,name=from,proto3" json:"from,omitempty"`
-	FromAppcode   uint32                 `protobuf:"varint,3,opt,name=from_appcode,json=fromAppcode,proto3" json:"from_appcode,omitempty"`
-	To            *User                  `protobuf:"bytes,4,opt,name=to,proto3" json:"to,omitempty"`
-	Msgtype       uint32                 `protobuf:"varint,5,opt,name=msgtype,proto3" json:"msgtype,omitempty"`
-	Content       []byte                 `protobuf:"bytes,6,opt,name=content,proto3" json:"content,omitempty"`
-	SentAtMs      int64                  `protobuf:"varint,7,opt,name=sent_at_ms,json=sentAtMs,proto3" json:"sent_at_ms,omitempty"`
-	ClientMsgId   string                 `protobuf:"bytes,8,opt,name=client_msg_id,json=clientMsgId,proto3" json:"client_msg_id,omitempty"`
-	GroupId       uint64                 `protobuf:"varint,9,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Msgid       uint64                 `protobuf:"varint,1,opt,name=msgid,proto3" json:"msgid,omitempty"`
+	From        *User                  `protobuf:"bytes,2,opt,name=from,proto3" json:"from,omitempty"`
+	FromAppcode uint32                 `protobuf:"varint,3,opt,name=from_appcode,json=fromAppcode,proto3" json:"from_appcode,omitempty"`
+	To          *User                  `protobuf:"bytes,4,opt,name=to,proto3" json:"to,omitempty"`
+	Msgtype     uint32                 `protobuf:"varint,5,opt,name=msgtype,proto3" json:"msgtype,omitempty"`
+	Content     []byte                 `protobuf:"bytes,6,opt,name=content,proto3" json:"content,omitempty"`
+	SentAtMs    int64                  `protobuf:"varint,7,opt,name=sent_at_ms,json=sentAtMs,proto3" json:"sent_at_ms,omitempty"`
+	ClientMsgId string                 `protobuf:"bytes,8,opt,name=client_msg_id,json=clientMsgId,proto3" json:"client_msg_id,omitempty"`
+	GroupId     uint64                 `protobuf:"varint,9,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"`
+	// Trace id of the send that stored the message (the sender's frame
+	// logid): notifies, receipts and every log line about the message carry
+	// it.
+	Logid         uint64 `protobuf:"varint,10,opt,name=logid,proto3" json:"logid,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1108,6 +1124,13 @@ func (x *C2CMessage) GetClientMsgId() string {
 func (x *C2CMessage) GetGroupId() uint64 {
 	if x != nil {
 		return x.GroupId
+	}
+	return 0
+}
+
+func (x *C2CMessage) GetLogid() uint64 {
+	if x != nil {
+		return x.Logid
 	}
 	return 0
 }
@@ -1684,17 +1707,19 @@ const file_imd_proto_rawDesc = "" +
 	"sent_at_ms\x18\x04 \x01(\x03R\bsentAtMs\x12\x19\n" +
 	"\bneed_ack\x18\x05 \x01(\bR\aneedAck\"#\n" +
 	"\x06S2CAck\x12\x19\n" +
-	"\bpush_ids\x18\x01 \x03(\x04R\apushIds\"\x87\x01\n" +
+	"\bpush_ids\x18\x01 \x03(\x04R\apushIds\"\xa8\x01\n" +
 	"\x0eC2CSendRequest\x12\x1c\n" +
 	"\x02to\x18\x01 \x01(\v2\f.imd.v1.UserR\x02to\x12\"\n" +
 	"\rclient_msg_id\x18\x02 \x01(\tR\vclientMsgId\x12\x18\n" +
 	"\acontent\x18\x03 \x01(\fR\acontent\x12\x19\n" +
-	"\bgroup_id\x18\x04 \x01(\x04R\agroupId\"g\n" +
+	"\bgroup_id\x18\x04 \x01(\x04R\agroupId\x12\x1f\n" +
+	"\vafter_msgid\x18\x05 \x01(\x04R\n" +
+	"afterMsgid\"g\n" +
 	"\x0fC2CSendResponse\x12\x14\n" +
 	"\x05msgid\x18\x01 \x01(\x04R\x05msgid\x12 \n" +
 	"\fstored_at_ms\x18\x02 \x01(\x03R\n" +
 	"storedAtMs\x12\x1c\n" +
-	"\tduplicate\x18\x03 \x01(\bR\tduplicate\"\x96\x02\n" +
+	"\tduplicate\x18\x03 \x01(\bR\tduplicate\"\xac\x02\n" +
 	"\n" +
 	"C2CMessage\x12\x14\n" +
 	"\x05msgid\x18\x01 \x01(\x04R\x05msgid\x12 \n" +
@@ -1706,7 +1731,9 @@ const file_imd_proto_rawDesc = "" +
 	"\n" +
 	"sent_at_ms\x18\a \x01(\x03R\bsentAtMs\x12\"\n" +
 	"\rclient_msg_id\x18\b \x01(\tR\vclientMsgId\x12\x19\n" +
-	"\bgroup_id\x18\t \x01(\x04R\agroupId\";\n" +
+	"\bgroup_id\x18\t \x01(\x04R\agroupId\x12\x14\n" +
+	"\x05logid\x18\n" +
+	" \x01(\x04R\x05logid\";\n" +
 	"\tC2CNotify\x12.\n" +
 	"\bmessages\x18\x01 \x03(\v2\x12.imd.v1.C2CMessageR\bmessages\"'\n" +
 	"\rC2CAckRequest\x12\x16\n" +
