@@ -222,7 +222,7 @@ func handlePresence(svc *Service, app *App, ctx *fasthttp.RequestCtx) {
 		}
 		out = append(out, presenceSession{AppCode: s.AppCode, Terminal: name, DeviceID: s.DeviceID, Gate: s.Gate, LoginMS: s.LoginMS})
 	}
-	writeJSON(ctx, fasthttp.StatusOK, map[string]any{"account": app.Account, "uid": strconv.FormatUint(uid, 10), "online": len(out) > 0, "sessions": out})
+	writeJSON(ctx, fasthttp.StatusOK, map[string]any{"account": app.Account, "uid": uid, "online": len(out) > 0, "sessions": out})
 }
 
 // writeStatusError answers a *schema.Error with the HTTP status that fits.

@@ -74,3 +74,16 @@ func TestHTTPAuthSchemeAnyCase(t *testing.T) {
 		}
 	}
 }
+
+// TestPresenceUIDIsNumber: presence answers uid as a JSON number, as push
+// results and requests do.
+func TestPresenceUIDIsNumber(t *testing.T) {
+	addr := serveHTTP(t, HTTPOptions{})
+	code, body := get(t, addr, "/v1/presence?uid=5", "Bearer "+testHTTPKey)
+	if code != 200 {
+		t.Fatalf("HTTP %d %v", code, body)
+	}
+	if uid, ok := body["uid"].(float64); !ok || uid != 5 {
+		t.Fatalf("uid is %#v (%T), want the number 5", body["uid"], body["uid"])
+	}
+}
