@@ -37,7 +37,11 @@ func NewClientMsgID() string {
 // retry can cure (bad recipient, empty content, ...) return at once.
 //
 // Per-sender order: a message sent after SendC2C returned for an earlier
-// one reaches every terminal of its recipient after the earlier one.
+// one reaches every terminal of its recipient after the earlier one. To
+// keep that order whatever the clocks of the logic nodes, every try carries
+// the highest msgid this client has been answered for (after_msgid), and
+// the platform gives the new message a greater one; Options.State keeps
+// that floor across restarts.
 func (c *Client) SendC2C(ctx context.Context, to *pb.User, msgtype uint32, content []byte) (*pb.C2CSendResponse, error) {
 	return c.SendC2CWithID(ctx, to, msgtype, NewClientMsgID(), content)
 }
@@ -47,11 +51,43 @@ func (c *Client) SendC2CWithID(ctx context.Context, to *pb.User, msgtype uint32,
 	req := &pb.C2CSendRequest{To: to, ClientMsgId: clientMsgID, Content: content}
 	var resp pb.C2CSendResponse
 	if err := c.retry(ctx, func(actx context.Context) error {
+		// Every try carries the current floor: an answer to a concurrent
+		// send may have raised it since the last try.
+		req.AfterMsgid = c.sentMsgid.Load()
 		return c.Request(actx, schema.CmdC2CSend, msgtype, req, &resp)
 	}); err != nil {
 		return nil, err
 	}
+	c.answered(resp.Msgid)
 	return &resp, nil
+}
+
+// answered raises the send floor to msgid, the answer to a send, and
+// records it in Options.State.
+func (c *Client) answered(msgid uint64) {
+	for {
+		cur := c.sentMsgid.Load()
+		if msgid <= cur {
+			return
+		}
+		if c.sentMsgid.CompareAndSwap(cur, msgid) {
+			break
+		}
+	}
+	if c.opts.State == nil {
+		return
+	}
+	c.sentSaveMu.Lock()
+	defer c.sentSaveMu.Unlock()
+	// Save the current floor, not msgid: a concurrent send may have
+	// raised it further, and the store only ever sees it grow.
+	if v := c.sentMsgid.Load(); v > c.sentSaved {
+		if err := c.opts.State.SaveSent(v); err != nil {
+			c.log.Warn("sdk: could not record the send floor", "msgid", v, "err", err)
+			return
+		}
+		c.sentSaved = v
+	}
 }
 
 // retry calls try until it succeeds, fails for good, or SendAttempts are
@@ -127,14 +163,27 @@ type inbox struct {
 	queue    []qitem
 	wake     chan struct{}
 
-	// dedup: the last DedupSize msgids (and push ids) delivered
+	// dedup: the last DedupSize msgids (and push ids) delivered; only
+	// loop uses them once it runs
 	seen map[uint64]struct{}
 	ring []uint64
 	next int
 
+	// stepMu orders finish against loop: loop holds it from a callback's
+	// return until the item is queued for its ack, and checks closing
+	// under it before each callback, so once finish has set closing every
+	// item whose callback returned before is in pending or pulled.
+	stepMu  sync.Mutex
+	closing bool
+
 	ackMu      sync.Mutex
-	pending    []uint64 // delivered from the inbox or a c2c notify, not yet acknowledged
+	pending    []uint64 // delivered from a c2c notify or the last page, not yet acknowledged
 	pendingS2C []uint64 // live pushes delivered, not yet acknowledged
+	pulled     []uint64 // delivered from an offline page; the next pull acknowledges them
+	unsaved    []uint64 // shown, not yet recorded in Options.State (nil without State)
+
+	saveMu  sync.Mutex    // held while unsaved ids are written to Options.State
+	flushMu chan struct{} // a token held while acks are sent
 }
 
 type qitem struct {
@@ -160,7 +209,18 @@ func (in *inbox) handles(m *pb.C2CMessage) bool {
 func newInbox(c *Client) *inbox {
 	// The dedup set grows with use up to DedupSize: an idle client (most
 	// of a fleet) does not pay for 16k slots.
-	return &inbox{c: c, wake: make(chan struct{}, 1), seen: make(map[uint64]struct{})}
+	return &inbox{c: c, wake: make(chan struct{}, 1), seen: make(map[uint64]struct{}), flushMu: make(chan struct{}, 1)}
+}
+
+// remember fills the dedup window with ids shown by an earlier client of
+// the terminal (Options.State), oldest first.
+func (in *inbox) remember(ids []uint64) {
+	if len(ids) > in.c.opts.DedupSize {
+		ids = ids[len(ids)-in.c.opts.DedupSize:]
+	}
+	for _, id := range ids {
+		in.firstTime(id)
+	}
 }
 
 func (in *inbox) push(items ...qitem) {
@@ -220,33 +280,54 @@ func (in *inbox) loop() {
 		in.mu.Unlock()
 		for _, it := range items {
 			if it.barrier != nil {
+				// The page is acknowledged by the next pull, which the
+				// barrier lets go: record what was shown first.
+				in.save()
 				close(it.barrier)
 				continue
 			}
 			if !in.handles(it.m) {
 				continue
 			}
-			if in.firstTime(it.m.Msgid) {
+			in.stepMu.Lock()
+			closing := in.closing
+			in.stepMu.Unlock()
+			if closing {
+				continue // Close or Logout: nothing more is shown or acknowledged
+			}
+			first := in.firstTime(it.m.Msgid)
+			if first {
 				if isPush(it.m) {
 					in.c.opts.OnS2C(&pb.S2CNotify{PushId: it.m.Msgid, Msgtype: it.m.Msgtype, Content: it.m.Content, SentAtMs: it.m.SentAtMs})
 				} else {
 					in.c.opts.OnC2C(it.m)
 				}
 			}
-			if it.fromPull {
-				continue // the next pull acknowledges the page
-			}
+			in.stepMu.Lock()
 			// Ack duplicates too: a message shown before and delivered
 			// again is still in the inbox because its ack was lost.
 			in.ackMu.Lock()
-			if it.live {
+			if first && in.c.opts.State != nil {
+				in.unsaved = append(in.unsaved, it.m.Msgid)
+			}
+			switch {
+			case it.fromPull:
+				in.pulled = append(in.pulled, it.m.Msgid)
+			case it.live:
 				in.pendingS2C = append(in.pendingS2C, it.m.Msgid)
-			} else if !isPush(it.m) {
+			case !isPush(it.m):
 				in.pending = append(in.pending, it.m.Msgid)
 			}
 			n := len(in.pending) + len(in.pendingS2C)
 			in.ackMu.Unlock()
-			if n >= 200 {
+			closing = in.closing
+			in.stepMu.Unlock()
+			if closing {
+				// Close came while the callback ran: the ack may not go
+				// out any more, but the next process can still drop the
+				// copy.
+				in.save()
+			} else if n >= 200 {
 				in.flushAcks()
 			}
 		}
@@ -275,15 +356,83 @@ func (in *inbox) firstTime(id uint64) bool {
 	return true
 }
 
+// save records the shown ids not recorded yet in Options.State. Every id
+// is queued for saving together with (or before) its ack, so an ack taken
+// from the queues before a save is recorded when the save returns. A
+// failure is logged and the acks go anyway: this client still remembers
+// the ids, and holding the acks back would not make a record.
+func (in *inbox) save() {
+	st := in.c.opts.State
+	if st == nil {
+		return
+	}
+	in.saveMu.Lock()
+	defer in.saveMu.Unlock()
+	in.ackMu.Lock()
+	ids := in.unsaved
+	in.unsaved = nil
+	in.ackMu.Unlock()
+	if len(ids) == 0 {
+		return
+	}
+	if err := st.SaveShown(ids); err != nil {
+		in.c.log.Warn("sdk: could not record shown messages", "n", len(ids), "err", err)
+	}
+}
+
+// finish stops the delivery of messages and sends the acks of those
+// shown, waiting for a connection until ctx ends: Close and Logout call it
+// so the next client of the terminal does not get them again.
+func (in *inbox) finish(ctx context.Context) {
+	in.stepMu.Lock()
+	in.closing = true
+	in.stepMu.Unlock()
+	select {
+	case in.flushMu <- struct{}{}: // an ack flush in flight is done
+		defer func() { <-in.flushMu }()
+	case <-ctx.Done():
+	}
+	in.ackMu.Lock()
+	ids := append(append([]uint64(nil), in.pending...), in.pulled...)
+	pushes := in.pendingS2C
+	in.pending, in.pulled, in.pendingS2C = nil, nil, nil
+	in.ackMu.Unlock()
+	in.save()
+	if len(ids) == 0 && len(pushes) == 0 {
+		return
+	}
+	c := in.c
+	l, err := c.current(ctx)
+	if err != nil {
+		c.log.Info("sdk: acks not sent before closing", "n", len(ids), "err", err)
+		return
+	}
+	if len(pushes) > 0 {
+		_ = l.send(schema.Header{Cmd: schema.CmdS2CAck}, &pb.S2CAck{PushIds: pushes})
+	}
+	for sent := 0; sent < len(ids); {
+		n := min(len(ids)-sent, 500)
+		if err := l.roundTrip(ctx, schema.Header{Cmd: schema.CmdC2CAck}, &pb.C2CAckRequest{Msgids: ids[sent : sent+n]}, nil); err != nil {
+			c.log.Info("sdk: acks not sent before closing", "n", len(ids)-sent, "err", err)
+			return
+		}
+		sent += n
+	}
+}
+
 // flushAcks sends the pending acks on the current connection. Acks that
 // cannot be sent now wait for the next flush (acks are idempotent); if the
-// client closes first, the messages stay in the inbox, come back at the next
-// login, are recognised as duplicates (within DedupSize) and acked then.
+// client closes first (Close sends them too, if it can), the messages stay
+// in the inbox, come back at the next login, are recognised as duplicates
+// (within DedupSize, or through Options.State) and acked then.
 func (in *inbox) flushAcks() {
+	in.flushMu <- struct{}{}
+	defer func() { <-in.flushMu }()
 	in.ackMu.Lock()
 	ids, pushes := in.pending, in.pendingS2C
 	in.pending, in.pendingS2C = nil, nil
 	in.ackMu.Unlock()
+	in.save() // shown ids are recorded before their acks go
 	if len(ids) == 0 && len(pushes) == 0 {
 		return
 	}
@@ -359,13 +508,22 @@ func (in *inbox) sync(l *link, gen uint64) {
 	c := in.c
 	defer c.wg.Done()
 	var after uint64
-	var ack []uint64
 	for {
+		// The pull acknowledges what the previous page showed (loop puts
+		// into pulled only the items it handed to the app, duplicates
+		// included, never those it skipped because the client is closing).
+		in.ackMu.Lock()
+		ack := in.pulled
+		in.pulled = nil
+		in.ackMu.Unlock()
 		ctx, cancel := context.WithTimeout(context.Background(), c.opts.RequestTimeout)
 		var resp pb.OfflinePullResponse
 		err := l.roundTrip(ctx, schema.Header{Cmd: schema.CmdOfflinePull}, &pb.OfflinePullRequest{PageSize: c.opts.PageSize, AfterMsgid: after, AckMsgids: ack}, &resp)
 		cancel()
 		if err != nil {
+			in.ackMu.Lock()
+			in.pulled = append(ack, in.pulled...)
+			in.ackMu.Unlock()
 			// The link is lost (the next login syncs again) or the store
 			// is unavailable: try again shortly on this link.
 			if l.dead() != nil {
@@ -384,22 +542,18 @@ func (in *inbox) sync(l *link, gen uint64) {
 		if !in.deliverAndWait(resp.Messages) {
 			return
 		}
-		ack = ack[:0]
 		for _, m := range resp.Messages {
-			if in.handles(m) {
-				ack = append(ack, m.Msgid)
-			}
 			after = max(after, m.Msgid)
 		}
 		if !resp.More {
 			break
 		}
 	}
-	if len(ack) > 0 {
-		in.ackMu.Lock()
-		in.pending = append(in.pending, ack...)
-		in.ackMu.Unlock()
-	}
+	// The last page is acknowledged with the batched acks.
+	in.ackMu.Lock()
+	in.pending = append(in.pending, in.pulled...)
+	in.pulled = nil
+	in.ackMu.Unlock()
 	in.mu.Lock()
 	defer in.mu.Unlock()
 	if in.gen != gen {

@@ -3,6 +3,24 @@
 // drops, reconnects with backoff (to the last gateway that worked first) and
 // logs in again, so the app sees one steady session. Every call takes a
 // context and is safe for concurrent use.
+//
+// # Showing each message once
+//
+// The client shows every chat message (OnC2C) and stored push (OnS2C) once
+// and acknowledges it after the callback returns; only the acknowledgement
+// removes it from the terminal's offline inbox. Acknowledgements are
+// batched for Options.AckDelay; Close and Logout send the pending ones
+// before they close the connection (waiting at most a couple of seconds),
+// so the next client of the terminal does not get them again.
+//
+// A process that is killed cannot do that, and its memory of what it has
+// shown dies with it. An app that must not show a message twice across
+// restarts gives Options.State a StateStore, such as FileState: the client
+// loads the ids shown before at Dial, and records each id as shown after
+// the callback returned and before acknowledging it. A message shown just
+// before a kill is then pulled again by the next process, recognised,
+// acknowledged and not shown. The same store keeps the floor of the
+// per-sender order (see SendC2C).
 package sdk
 
 import (
@@ -88,6 +106,13 @@ type Options struct {
 	NoReconnect bool
 	// MaxBody bounds the frames the client accepts. Default 1 MiB.
 	MaxBody uint32
+	// State, when set, keeps across process restarts the ids this terminal
+	// has shown (so a message shown before the app was killed is not
+	// shown again by the next process) and the highest msgid it was
+	// answered for a message it sent (so its next messages stay in order
+	// after it). Dial loads it and fails if it cannot. Without State the
+	// client remembers them only while it lives. See FileState.
+	State StateStore
 
 	// OnMessage receives notifies, one at a time, in arrival order.
 	OnMessage func(Message)
@@ -209,6 +234,12 @@ type Client struct {
 	closed     bool
 	closeErr   error
 
+	// sentMsgid is the highest msgid of any C2CSendResponse: the floor
+	// (after_msgid) of every send.
+	sentMsgid  atomic.Uint64
+	sentSaveMu sync.Mutex // orders the records of sentMsgid in Options.State
+	sentSaved  uint64     // the last floor recorded there
+
 	msgs      chan Message
 	inbox     *inbox // nil without OnC2C
 	stop      chan struct{}
@@ -221,6 +252,13 @@ type Client struct {
 func Dial(ctx context.Context, opts Options) (*Client, error) {
 	if err := opts.setDefaults(); err != nil {
 		return nil, err
+	}
+	var saved SavedState
+	if opts.State != nil {
+		var err error
+		if saved, err = opts.State.Load(); err != nil {
+			return nil, fmt.Errorf("sdk: load state: %w", err)
+		}
 	}
 	c := &Client{
 		opts:      opts,
@@ -235,6 +273,7 @@ func Dial(ctx context.Context, opts Options) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
+	c.sentMsgid.Store(saved.SentMsgid)
 	c.mu.Lock()
 	c.link = l
 	c.mu.Unlock()
@@ -243,6 +282,7 @@ func Dial(ctx context.Context, opts Options) (*Client, error) {
 	go c.supervise()
 	if opts.OnC2C != nil || opts.OnS2C != nil {
 		c.inbox = newInbox(c)
+		c.inbox.remember(saved.Shown)
 		c.wg.Add(1)
 		go c.inbox.loop()
 	}
@@ -258,7 +298,7 @@ func (c *Client) dialAny(ctx context.Context) (*link, error) {
 	n := len(c.opts.Addrs)
 	for i := 0; i < n; i++ {
 		idx := (first + i) % n
-		l, err := dialLink(ctx, c, c.opts.Addrs[idx])
+		l, err := dialLink(ctx, c, idx)
 		if err == nil {
 			c.mu.Lock()
 			c.preferred = idx
@@ -273,9 +313,25 @@ func (c *Client) dialAny(ctx context.Context) (*link, error) {
 	return nil, fmt.Errorf("%w: %w", ErrNotConnected, errors.Join(errs...))
 }
 
+// skip makes the next dial start after l's address when l was the
+// preferred one: l died before a login succeeded on it (or the login
+// failed), as a gateway behind a balancer that accepts and resets does,
+// and retrying the same address could hold the client forever.
+func (c *Client) skip(l *link) {
+	c.mu.Lock()
+	if n := len(c.opts.Addrs); n > 1 && c.preferred == l.idx {
+		c.preferred = (l.idx + 1) % n
+	}
+	c.mu.Unlock()
+}
+
 // Login logs in on the current connection and remembers the credentials for
 // reconnects. A refused login returns a *schema.Error (wrong or expired
-// token, unknown appcode); the server then closes the connection.
+// token, unknown appcode); the server then closes the connection. When the
+// connection dies before the login is answered, Login tries again on the
+// next gateway address (once per address). When it dies just after a
+// successful login, Login returns the server's answer and the client
+// reconnects and logs in again by itself, as after any later loss.
 func (c *Client) Login(ctx context.Context, cred Credentials) (*pb.LoginResponse, error) {
 	c.mu.Lock()
 	if c.closed {
@@ -284,22 +340,57 @@ func (c *Client) Login(ctx context.Context, cred Credentials) (*pb.LoginResponse
 	}
 	l := c.link
 	c.mu.Unlock()
-	if l == nil || l.dead() != nil {
-		var err error
-		if l, err = c.dialAny(ctx); err != nil {
+	tries := max(2, len(c.opts.Addrs))
+	for try := 1; ; try++ {
+		if l == nil || l.dead() != nil {
+			var err error
+			if l, err = c.dialAny(ctx); err != nil {
+				return nil, err
+			}
+			if !c.setLink(l) {
+				return nil, ErrClosed
+			}
+		}
+		resp, err := c.loginOn(ctx, l, &cred)
+		if err != nil {
+			if errors.Is(err, ErrConnLost) && try < tries && ctx.Err() == nil {
+				c.skip(l)
+				l.close(err)
+				continue
+			}
 			return nil, err
 		}
-		c.setLink(l)
+		// The credentials are set before the link can be marked online, so
+		// a loss from now on is one the client recovers from.
+		c.mu.Lock()
+		c.cred = &cred
+		c.mu.Unlock()
+		if !c.online(l, resp) {
+			// The link died between the answer and now: linkDown saw a
+			// link that was not online yet and left the recovery to us.
+			c.mu.Lock()
+			closed := c.closed
+			c.mu.Unlock()
+			if closed {
+				return nil, ErrClosed
+			}
+			lost := l.dead()
+			if c.opts.NoReconnect {
+				return nil, lost
+			}
+			c.setState(StateOffline, lost)
+			c.wantReconnect()
+		}
+		return resp, nil
 	}
-	resp, err := c.loginOn(ctx, l, &cred)
-	if err != nil {
-		return nil, err
+}
+
+// wantReconnect wakes the supervisor.
+func (c *Client) wantReconnect() {
+	select {
+	case c.reconnect <- struct{}{}:
+	default:
 	}
-	c.mu.Lock()
-	c.cred = &cred
-	c.mu.Unlock()
-	c.online(l, resp)
-	return resp, nil
 }
 
 func (c *Client) loginOn(ctx context.Context, l *link, cred *Credentials) (*pb.LoginResponse, error) {
@@ -325,14 +416,18 @@ func (c *Client) loginOn(ctx context.Context, l *link, cred *Credentials) (*pb.L
 	return &resp, nil
 }
 
-// online makes l the current, usable link and starts its keepalive.
-func (c *Client) online(l *link, resp *pb.LoginResponse) {
+// online makes l the current, usable link and starts its keepalive. It
+// reports false, and changes nothing, when the client is closed or l has
+// died: the caller then has to get a new link, because linkDown leaves a
+// link that never was online to whoever is logging in on it.
+func (c *Client) online(l *link, resp *pb.LoginResponse) bool {
 	c.mu.Lock()
 	if c.closed || l.dead() != nil {
 		c.mu.Unlock()
-		return
+		return false
 	}
 	c.link = l
+	l.online = true
 	c.login = resp
 	select {
 	case <-c.up:
@@ -353,6 +448,7 @@ func (c *Client) online(l *link, resp *pb.LoginResponse) {
 	}
 	c.wg.Add(1)
 	go c.keepalive(l, iv)
+	return true
 }
 
 func (c *Client) keepalive(l *link, iv time.Duration) {
@@ -409,9 +505,15 @@ func (c *Client) setState(s State, err error) {
 // wait for online(l): c.up is reset if the link it was closed for is still
 // alive (a reconnect after a kick or a GoAway can dial the next link before
 // the old one has died), or a request could go out on l before its login
-// and be refused with 1006.
-func (c *Client) setLink(l *link) {
+// and be refused with 1006. It reports false, closing l, when the client
+// is closed.
+func (c *Client) setLink(l *link) bool {
 	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		l.close(ErrClosed)
+		return false
+	}
 	c.link = l
 	select {
 	case <-c.up:
@@ -419,9 +521,13 @@ func (c *Client) setLink(l *link) {
 	default:
 	}
 	c.mu.Unlock()
+	return true
 }
 
-// linkDown is called by a link that died.
+// linkDown is called by a link that died. Only the loss of a link that was
+// online starts a reconnect: a link that dies before its login succeeded
+// is handled by the Login or reconnect that is logging in on it (and the
+// next dial starts at the next address).
 func (c *Client) linkDown(l *link, err error) {
 	c.mu.Lock()
 	if c.link != l {
@@ -432,6 +538,11 @@ func (c *Client) linkDown(l *link, err error) {
 	case <-c.up:
 		c.up = make(chan struct{})
 	default:
+	}
+	if !l.online {
+		c.mu.Unlock()
+		c.skip(l)
+		return
 	}
 	loggedIn := c.cred != nil
 	closed := c.closed
@@ -446,32 +557,45 @@ func (c *Client) linkDown(l *link, err error) {
 		return
 	}
 	c.setState(StateOffline, err)
-	select {
-	case c.reconnect <- struct{}{}:
-	default:
-	}
+	c.wantReconnect()
 }
 
-// supervise reconnects and logs in again after the link is lost.
+// busyBackoff caps the reconnect backoff while logins are answered with a
+// retryable status (the logic tier restarting, say): the server is there
+// and will serve again soon, so the client keeps asking every couple of
+// seconds instead of backing off towards BackoffMax.
+const busyBackoff = 2 * time.Second
+
+// jitter returns a random duration in [0, d): the full jitter of the
+// reconnect backoff. Tests replace it.
+var jitter = func(d time.Duration) time.Duration {
+	if d <= 0 {
+		return 0
+	}
+	return time.Duration(rand.Int64N(int64(d)))
+}
+
+// supervise reconnects and logs in again after the link is lost. The first
+// try is immediate; then it waits BackoffMin/2 plus a random time up to
+// the backoff, which doubles after each failure up to BackoffMax, or only
+// up to busyBackoff when the failure was a status the server answered.
 func (c *Client) supervise() {
 	defer c.wg.Done()
-	backoff := c.opts.BackoffMin
+	busyMax := min(c.opts.BackoffMax, max(c.opts.BackoffMin, busyBackoff))
 	for {
 		select {
 		case <-c.stop:
 			return
 		case <-c.reconnect:
 		}
+		backoff := c.opts.BackoffMin
 		for attempt := 0; ; attempt++ {
-			if attempt > 0 || backoff > c.opts.BackoffMin {
-				// full jitter: sleep a random time up to the backoff
-				d := time.Duration(rand.Int64N(int64(backoff))) + c.opts.BackoffMin/2
+			if attempt > 0 {
 				select {
 				case <-c.stop:
 					return
-				case <-time.After(d):
+				case <-time.After(c.opts.BackoffMin/2 + jitter(backoff)):
 				}
-				backoff = min(2*backoff, c.opts.BackoffMax)
 			}
 			c.mu.Lock()
 			cred := c.cred
@@ -480,33 +604,56 @@ func (c *Client) supervise() {
 			if closed {
 				return
 			}
-			c.setState(StateConnecting, nil)
-			ctx, cancel := context.WithTimeout(context.Background(), c.opts.DialTimeout+c.opts.RequestTimeout)
-			l, err := c.dialAny(ctx)
-			if err == nil {
-				c.setLink(l)
-				var resp *pb.LoginResponse
-				resp, err = c.loginOn(ctx, l, cred)
-				if err == nil {
-					cancel()
-					c.online(l, resp)
-					backoff = c.opts.BackoffMin
-					break
-				}
-				l.close(err)
-				var se *schema.Error
-				if errors.As(err, &se) && !se.Retryable() {
-					cancel()
-					c.log.Warn("sdk: login refused on reconnect; giving up", "err", err)
-					c.shutdown(err)
-					return
-				}
+			if cred == nil {
+				break // logging out
 			}
-			cancel()
+			c.setState(StateConnecting, nil)
+			err := c.relogin(cred)
+			if err == nil {
+				break
+			}
+			var se *schema.Error
+			answered := errors.As(err, &se)
+			if answered && !se.Retryable() {
+				c.log.Warn("sdk: login refused on reconnect; giving up", "err", err)
+				c.shutdown(err)
+				return
+			}
 			c.setState(StateOffline, err)
 			c.log.Debug("sdk: reconnect failed", "attempt", attempt, "err", err)
+			if answered {
+				backoff = min(2*backoff, busyMax)
+			} else {
+				backoff = min(2*backoff, c.opts.BackoffMax)
+			}
 		}
 	}
+}
+
+// relogin dials and logs in once for supervise.
+func (c *Client) relogin(cred *Credentials) error {
+	ctx, cancel := context.WithTimeout(context.Background(), c.opts.DialTimeout+c.opts.RequestTimeout)
+	defer cancel()
+	l, err := c.dialAny(ctx)
+	if err != nil {
+		return err
+	}
+	if !c.setLink(l) {
+		return ErrClosed
+	}
+	resp, err := c.loginOn(ctx, l, cred)
+	if err != nil {
+		c.skip(l)
+		l.close(err)
+		return err
+	}
+	if !c.online(l, resp) {
+		if err := l.dead(); err != nil {
+			return err // lost right after the answer: try again
+		}
+		return ErrClosed
+	}
+	return nil
 }
 
 // notified receives a notify from link l.
@@ -665,13 +812,17 @@ func (c *Client) Keepalive(ctx context.Context) (time.Duration, error) {
 	return time.Since(start), err
 }
 
-// Logout ends the session and closes the client.
+// Logout ends the session and closes the client. Acknowledgements still
+// waiting to be batched are sent first.
 func (c *Client) Logout(ctx context.Context) error {
 	ctx, cancel := c.withTimeout(ctx)
 	defer cancel()
 	l, err := c.current(ctx)
 	if err != nil {
 		return err
+	}
+	if c.inbox != nil {
+		c.inbox.finish(ctx)
 	}
 	c.mu.Lock()
 	c.cred = nil // the close that follows the logout must not reconnect
@@ -681,9 +832,24 @@ func (c *Client) Logout(ctx context.Context) error {
 	return err
 }
 
+// closeFlushTimeout bounds how long Close waits to send the pending
+// acknowledgements (RequestTimeout bounds it too).
+const closeFlushTimeout = 2 * time.Second
+
 // Close closes the connection without logging out (the server unregisters
-// the session when it sees the close) and stops reconnecting.
+// the session when it sees the close) and stops reconnecting. It first
+// stops delivering messages and sends the acknowledgements of those shown
+// and not acknowledged yet, waiting at most two seconds (or RequestTimeout
+// if shorter) for a connection to send them on; those it could not send
+// leave their messages in the inbox, to be dropped as duplicates by the
+// next client that remembers them (Options.State). A message whose
+// callback is still running when Close is called is not acknowledged.
 func (c *Client) Close() error {
+	if c.inbox != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), min(closeFlushTimeout, c.opts.RequestTimeout))
+		c.inbox.finish(ctx)
+		cancel()
+	}
 	c.shutdown(ErrClosed)
 	return nil
 }

@@ -19,6 +19,10 @@ type link struct {
 	cl   *Client
 	nc   net.Conn
 	addr string
+	idx  int // index of addr in Options.Addrs
+
+	// online is set (under cl.mu) once a login succeeded on the link.
+	online bool
 
 	wmu sync.Mutex // serialises frame writes
 	wb  []byte
@@ -34,7 +38,8 @@ type result struct {
 	body []byte
 }
 
-func dialLink(ctx context.Context, cl *Client, addr string) (*link, error) {
+func dialLink(ctx context.Context, cl *Client, idx int) (*link, error) {
+	addr := cl.opts.Addrs[idx]
 	ctx, cancel := context.WithTimeout(ctx, cl.opts.DialTimeout)
 	defer cancel()
 	dial := cl.opts.Dialer
@@ -45,7 +50,7 @@ func dialLink(ctx context.Context, cl *Client, addr string) (*link, error) {
 	if err != nil {
 		return nil, err
 	}
-	l := &link{cl: cl, nc: nc, addr: addr, pending: make(map[uint32]chan result), done: make(chan struct{})}
+	l := &link{cl: cl, nc: nc, addr: addr, idx: idx, pending: make(map[uint32]chan result), done: make(chan struct{})}
 	go l.readLoop()
 	return l, nil
 }

@@ -1,0 +1,289 @@
+package sdk
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+)
+
+// StateStore keeps what a client must remember across process restarts so
+// that a terminal shows no message twice and keeps its sent messages in
+// order: the ids (c2c msgids and s2c push ids) it has shown to the app, and
+// the highest msgid it was answered for a message it sent (see
+// Options.State). FileState is a ready implementation; an app may keep the
+// same records in its own database instead.
+//
+// One store belongs to one terminal (appcode, uid and DeviceID) and is used
+// by one Client at a time. The client calls Load once, in Dial, and the
+// other methods from its own goroutines, possibly concurrently.
+type StateStore interface {
+	// Load returns what was saved before.
+	Load() (SavedState, error)
+	// SaveShown records ids the app has been shown. The client calls it
+	// after the callbacks (OnC2C, OnS2C) returned and before it sends the
+	// acknowledgements that remove these ids from the inbox, so once it
+	// returns nil the ids must be readable by the next Load even if the
+	// process is killed. A store may forget the oldest ids beyond
+	// Options.DedupSize.
+	SaveShown(ids []uint64) error
+	// SaveSent records msgid as the highest msgid this terminal has been
+	// answered for a message it sent. It is called with increasing values
+	// only.
+	SaveSent(msgid uint64) error
+}
+
+// SavedState is what a StateStore gives back at Dial.
+type SavedState struct {
+	// Shown are the ids shown to the app, oldest first. The client keeps
+	// the last Options.DedupSize of them to drop copies delivered again.
+	Shown []uint64
+	// SentMsgid is the highest msgid the terminal was answered for a
+	// message it sent (0 if none): the floor of its next send.
+	SentMsgid uint64
+}
+
+// defaultKeep is how many shown ids FileState keeps by default: the
+// default Options.DedupSize.
+const defaultKeep = 16384
+
+// FileStore is the StateStore returned by FileState.
+type FileStore struct {
+	mu    sync.Mutex
+	path  string
+	keep  int
+	f     *os.File
+	shown []uint64 // the last keep ids, oldest first
+	sent  uint64
+	lines int // records in the file, to know when to compact it
+	buf   []byte
+}
+
+// FileState opens (or creates) the state file at path and returns a store
+// that keeps the last keep shown ids (keep <= 0 means 16384, the default
+// DedupSize; give the client's DedupSize if it is larger).
+//
+// The file is a log of text records, one a line, appended to with one
+// write per call. Every SaveShown and SaveSent call is written and fsynced
+// before it returns, so the records survive the process being killed and
+// also a crash of the device. The client calls SaveShown once per batch of
+// acknowledgements (at most every Options.AckDelay or every offline page),
+// not once per message. A last line torn by a crash during a write is
+// ignored and cut off when the file is opened again. When the log holds
+// about twice keep records it is rewritten (to a temporary file renamed
+// over the old one), so it stays around keep lines.
+//
+// Call Close when no client uses the store any more; a client does not
+// close the store it was given.
+func FileState(path string, keep int) (*FileStore, error) {
+	if keep <= 0 {
+		keep = defaultKeep
+	}
+	s := &FileStore{path: path, keep: keep}
+	if err := s.open(); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// open reads the log, cuts off a torn last line, and opens the file for
+// appending.
+func (s *FileStore) open() error {
+	f, err := os.OpenFile(s.path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("sdk: state file: %w", err)
+	}
+	r := bufio.NewReader(f)
+	var good int64 // bytes of complete lines
+	for {
+		line, err := r.ReadBytes('\n')
+		if err == io.EOF {
+			break // a last line without its newline is torn: dropped
+		}
+		if err != nil {
+			_ = f.Close()
+			return fmt.Errorf("sdk: state file: %w", err)
+		}
+		good += int64(len(line))
+		s.parse(bytes.TrimSuffix(line, []byte("\n")))
+	}
+	if st, err := f.Stat(); err == nil && st.Size() != good {
+		if err := f.Truncate(good); err != nil {
+			_ = f.Close()
+			return fmt.Errorf("sdk: state file: cut a torn line: %w", err)
+		}
+	}
+	if _, err := f.Seek(good, io.SeekStart); err != nil {
+		_ = f.Close()
+		return fmt.Errorf("sdk: state file: %w", err)
+	}
+	s.f = f
+	if s.lines > 2*s.keep {
+		return s.compact()
+	}
+	return nil
+}
+
+// parse applies one record: "s <id>" (shown) or "a <msgid>" (sent floor).
+// A line that does not parse (a corrupt block) is skipped.
+func (s *FileStore) parse(line []byte) {
+	if len(line) < 3 || line[1] != ' ' {
+		return
+	}
+	v, err := strconv.ParseUint(string(line[2:]), 10, 64)
+	if err != nil {
+		return
+	}
+	switch line[0] {
+	case 's':
+		s.addShown(v)
+	case 'a':
+		s.sent = max(s.sent, v)
+	default:
+		return
+	}
+	s.lines++
+}
+
+func (s *FileStore) addShown(id uint64) {
+	s.shown = append(s.shown, id)
+	if len(s.shown) > 2*s.keep {
+		s.shown = append(s.shown[:0], s.shown[len(s.shown)-s.keep:]...)
+	}
+}
+
+// Load implements StateStore.
+func (s *FileStore) Load() (SavedState, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	shown := s.shown
+	if len(shown) > s.keep {
+		shown = shown[len(shown)-s.keep:]
+	}
+	return SavedState{Shown: append([]uint64(nil), shown...), SentMsgid: s.sent}, nil
+}
+
+// SaveShown implements StateStore.
+func (s *FileStore) SaveShown(ids []uint64) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	b := s.buf[:0]
+	for _, id := range ids {
+		b = append(b, 's', ' ')
+		b = strconv.AppendUint(b, id, 10)
+		b = append(b, '\n')
+	}
+	s.buf = b
+	// The ids join the memory first: a compaction in append rewrites the
+	// file from it.
+	for _, id := range ids {
+		s.addShown(id)
+	}
+	return s.append(b, len(ids))
+}
+
+// SaveSent implements StateStore.
+func (s *FileStore) SaveSent(msgid uint64) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if msgid <= s.sent {
+		return nil
+	}
+	b := strconv.AppendUint(append(s.buf[:0], 'a', ' '), msgid, 10)
+	s.buf = append(b, '\n')
+	s.sent = msgid
+	return s.append(s.buf, 1)
+}
+
+// append writes and syncs records, then compacts the log when it is long.
+func (s *FileStore) append(b []byte, n int) error {
+	if s.f == nil {
+		return errors.New("sdk: state file closed")
+	}
+	if _, err := s.f.Write(b); err != nil {
+		return fmt.Errorf("sdk: state file: %w", err)
+	}
+	if err := s.f.Sync(); err != nil {
+		return fmt.Errorf("sdk: state file: %w", err)
+	}
+	s.lines += n
+	if s.lines > 2*s.keep {
+		return s.compact()
+	}
+	return nil
+}
+
+// compact rewrites the log with the last keep shown ids and the sent floor.
+func (s *FileStore) compact() error {
+	if len(s.shown) > s.keep {
+		s.shown = append(s.shown[:0], s.shown[len(s.shown)-s.keep:]...)
+	}
+	var b []byte
+	for _, id := range s.shown {
+		b = append(b, 's', ' ')
+		b = strconv.AppendUint(b, id, 10)
+		b = append(b, '\n')
+	}
+	if s.sent > 0 {
+		b = append(strconv.AppendUint(append(b, 'a', ' '), s.sent, 10), '\n')
+	}
+	tmp := s.path + ".tmp"
+	err := writeSynced(tmp, b)
+	if err == nil {
+		err = os.Rename(tmp, s.path)
+	}
+	if err != nil {
+		_ = os.Remove(tmp)
+		return fmt.Errorf("sdk: state file: compact: %w", err)
+	}
+	if d, err := os.Open(filepath.Dir(s.path)); err == nil {
+		_ = d.Sync() // make the rename itself durable
+		_ = d.Close()
+	}
+	_ = s.f.Close()
+	s.f = nil // saves fail rather than go to the replaced file
+	f, err := os.OpenFile(s.path, os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return fmt.Errorf("sdk: state file: %w", err)
+	}
+	s.f = f
+	s.lines = len(s.shown)
+	if s.sent > 0 {
+		s.lines++
+	}
+	return nil
+}
+
+func writeSynced(path string, b []byte) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err = f.Write(b); err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// Close closes the file. Later saves fail.
+func (s *FileStore) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.f == nil {
+		return nil
+	}
+	err := s.f.Close()
+	s.f = nil
+	return err
+}
