@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/imd-dev/imd/schema"
@@ -24,6 +26,12 @@ type HTTPOptions struct {
 	// Ready reports whether the node should receive traffic (/readyz).
 	Ready  func() bool
 	Logger *slog.Logger
+	// ReadTimeout bounds reading one request, and the wait for the first
+	// request of a new connection (0: 30s). IdleTimeout is the wait for
+	// the next request on a kept-alive connection (0: 120s). A connection
+	// that reaches either with no request begun is closed with nothing
+	// written.
+	ReadTimeout, IdleTimeout time.Duration
 }
 
 // NewHTTPServer returns the fasthttp server of the HTTP API:
@@ -44,6 +52,15 @@ func NewHTTPServer(svc *Service, o HTTPOptions) *fasthttp.Server {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	if o.ReadTimeout <= 0 {
+		o.ReadTimeout = 30 * time.Second
+	}
+	if o.IdleTimeout <= 0 {
+		o.IdleTimeout = 120 * time.Second
+	}
+	// Connections with a request begun (between fasthttp's StateActive
+	// and the next state): only those get an answer from ErrorHandler.
+	var active sync.Map
 	var metrics fasthttp.RequestHandler
 	if o.Gatherer != nil {
 		metrics = fasthttpadaptor.NewFastHTTPHandler(promhttp.HandlerFor(o.Gatherer, promhttp.HandlerOpts{}))
@@ -104,11 +121,28 @@ func NewHTTPServer(svc *Service, o HTTPOptions) *fasthttp.Server {
 		Handler:            h,
 		Name:               "imd",
 		MaxRequestBodySize: maxBody,
-		ReadTimeout:        30 * time.Second,
+		ReadTimeout:        o.ReadTimeout,
 		WriteTimeout:       30 * time.Second,
-		IdleTimeout:        120 * time.Second,
+		IdleTimeout:        o.IdleTimeout,
 		Logger:             printfLogger{log},
+		ConnState: func(c net.Conn, st fasthttp.ConnState) {
+			if st == fasthttp.StateActive {
+				active.Store(c, struct{}{})
+			} else {
+				active.Delete(c)
+			}
+		},
 		ErrorHandler: func(ctx *fasthttp.RequestCtx, err error) {
+			if _, ok := active.Load(ctx.Conn()); !ok {
+				// No byte of a request arrived: the read timed out (or
+				// failed) on a connection waiting for one. fasthttp
+				// writes whatever this handler answers, and a client
+				// keeping the connection as a spare would read it as the
+				// answer to the request it sends next. Closing first
+				// makes that write fail: the client sees a close.
+				_ = ctx.Conn().Close()
+				return
+			}
 			if errors.Is(err, fasthttp.ErrBodyTooLarge) {
 				writeError(ctx, fasthttp.StatusRequestEntityTooLarge, 0, fmt.Sprintf("request body over %d bytes", maxBody))
 				return
