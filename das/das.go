@@ -18,6 +18,7 @@ package das
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"time"
 
 	"github.com/imd-dev/imd/schema/pb"
@@ -54,13 +55,16 @@ var ErrClosed = errors.New("das: store closed")
 // use. A nil error from a write means the write is durable.
 type Store interface {
 	// PutC2C stores m (whose Msgid the caller has assigned) on the
-	// timelines of sender and recipient and in the inbox of each recipient
-	// terminal in inbox, unless the sender terminal (m.From, m.FromAppcode)
-	// already stored a message with the same m.ClientMsgId within the
-	// idempotency window: then nothing is written and the stored message's
+	// timelines of sender and recipient, in the inbox of each recipient
+	// terminal (appcode) in inbox and of each of the sender's own
+	// terminals in senderInbox (the sender's other devices, which show
+	// what the user sent elsewhere), unless the sender terminal (m.From,
+	// m.FromAppcode) already stored a message with the same m.ClientMsgId
+	// within the idempotency window: then the stored message is completed
+	// (rows a first attempt that died half way did not write) and its
 	// msgid is returned with dup = true. All or nothing: after an error,
 	// either every row was written or none is visible.
-	PutC2C(ctx context.Context, m *pb.C2CMessage, inbox []uint32) (msgid uint64, dup bool, err error)
+	PutC2C(ctx context.Context, m *pb.C2CMessage, inbox, senderInbox []uint32) (msgid uint64, dup bool, err error)
 
 	// PutInbox stores m (from an app-server: an s2c message kept for
 	// recipients who were offline) in the inbox of each terminal, and on
@@ -89,6 +93,35 @@ type Store interface {
 
 	// Close flushes and releases the store.
 	Close() error
+}
+
+type logIDKey struct{}
+
+// WithLogID returns ctx carrying the trace id of the request that causes a
+// store call, for the engines' log lines.
+func WithLogID(ctx context.Context, logid uint64) context.Context {
+	if logid == 0 {
+		return ctx
+	}
+	return context.WithValue(ctx, logIDKey{}, logid)
+}
+
+// LogID returns the trace id WithLogID put in ctx, or 0.
+func LogID(ctx context.Context) uint64 {
+	id, _ := ctx.Value(logIDKey{}).(uint64)
+	return id
+}
+
+// LogWrite logs the outcome of an engine's write of message msgid at debug
+// level with the trace id in ctx (warn when it failed). It costs nothing
+// when debug logging is off and the write succeeded.
+func LogWrite(ctx context.Context, log *slog.Logger, op string, msgid uint64, dup bool, err error) {
+	switch {
+	case err != nil:
+		log.Warn("store write failed", "op", op, "msgid", msgid, "err", err, "logid", LogID(ctx))
+	case log.Enabled(ctx, slog.LevelDebug):
+		log.Debug("stored", "op", op, "msgid", msgid, "dup", dup, "logid", LogID(ctx))
+	}
 }
 
 // Retention bounds the timelines (roaming history) and the idempotency keys.

@@ -35,15 +35,23 @@ func MsgidAt(t time.Time) uint64 {
 	return uint64(ms) << snowflakeTimeShift
 }
 
-// EncodeC2C validates and marshals m, and returns the inbox appcodes
-// sorted, each once: what every engine's PutC2C starts with.
-func EncodeC2C(m *pb.C2CMessage, inbox []uint32) (body []byte, appcodes []uint32, err error) {
+// EncodeC2C validates and marshals m, and returns the inbox appcodes of
+// the recipient and of the sender sorted, each once: what every engine's
+// PutC2C starts with. A note to oneself (sender = recipient) has one set
+// of terminals: the sender's appcodes join the recipient's.
+func EncodeC2C(m *pb.C2CMessage, inbox, senderInbox []uint32) (body []byte, appcodes, senderAppcodes []uint32, err error) {
 	if body, err = encode(m); err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	appcodes = slices.Clone(inbox)
+	if m.From.GetAccount() == m.To.GetAccount() && m.From.GetUid() == m.To.GetUid() {
+		appcodes = append(appcodes, senderInbox...)
+		senderInbox = nil
+	}
 	slices.Sort(appcodes)
-	return body, slices.Compact(appcodes), nil
+	senderAppcodes = slices.Clone(senderInbox)
+	slices.Sort(senderAppcodes)
+	return body, slices.Compact(appcodes), slices.Compact(senderAppcodes), nil
 }
 
 // EncodeInbox validates and marshals m for PutInbox to terminals.

@@ -3,6 +3,7 @@ package gateway
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -88,10 +89,9 @@ const (
 // request goroutine that does, or (with actBlock) leaves it to c.blocking.
 // It never blocks, so an event loop may call it.
 func (c *conn) handle(f *frame) action {
-	s := c.srv
 	h := &f.Header
 	if h.LogID == 0 {
-		h.LogID = s.nextLog.Add(1)
+		h.LogID = schema.NewLogID()
 	}
 	if c.state.Load() != stateLoggedIn {
 		if h.Kind() != schema.KindRequest || h.Cmd != schema.CmdLogin {
@@ -180,8 +180,14 @@ func (c *conn) dispatch(f *frame, respond bool) {
 			return
 		}
 		if err != nil {
+			if s.log.Enabled(context.Background(), slog.LevelDebug) {
+				s.log.Debug("request failed", "conn", c.id, "cmd", fr.Cmd.String(), "uid", c.sess.UID, "logid", fr.LogID, "err", err)
+			}
 			c.respondError(&fr.Header, err)
 			return
+		}
+		if s.log.Enabled(context.Background(), slog.LevelDebug) {
+			s.log.Debug("request served", "conn", c.id, "cmd", fr.Cmd.String(), "uid", c.sess.UID, "logid", fr.LogID)
 		}
 		c.respondRaw(&fr.Header, body)
 	}()
@@ -372,22 +378,27 @@ func (c *conn) failErr(req *schema.Header, err error) {
 // notify pushes a server notify.
 func (c *conn) notify(cmd schema.Cmd, msgtype uint32, m proto.Message) {
 	body, _ := proto.Marshal(m)
-	c.pushRaw(cmd, msgtype, body)
+	c.pushRaw(cmd, msgtype, 0, body)
 }
 
-// pushRaw pushes a server notify with an encoded body.
-// pushRaw queues a notify and reports whether it was queued.
-func (c *conn) pushRaw(cmd schema.Cmd, msgtype uint32, body []byte) bool {
+// pushRaw queues a server notify with an encoded body and reports whether
+// it was queued. logid is the trace id of what caused it (the send of a
+// message, an HTTP push); 0 gets a new one.
+func (c *conn) pushRaw(cmd schema.Cmd, msgtype uint32, logid uint64, body []byte) bool {
 	sess, _ := c.session()
-	h := schema.Header{Cmd: cmd, MsgType: msgtype, UID: sess.UID, AppCode: sess.AppCode, LogID: c.srv.nextLog.Add(1)}
+	if logid == 0 {
+		logid = schema.NewLogID()
+	}
+	h := schema.Header{Cmd: cmd, MsgType: msgtype, UID: sess.UID, AppCode: sess.AppCode, LogID: logid}
 	h.SetKind(schema.KindNotify)
 	return c.enqueue(&h, body)
 }
 
-func (c *conn) notifyAndClose(cmd schema.Cmd, m proto.Message, reason string) {
+func (c *conn) notifyAndClose(cmd schema.Cmd, m proto.Message, reason string, logid uint64) {
 	sess, _ := c.session()
-	c.srv.log.Info("closing after notify", "conn", c.id, "uid", sess.UID, "appcode", sess.AppCode, "reason", reason)
-	c.notify(cmd, 0, m)
+	c.srv.log.Info("closing after notify", "conn", c.id, "uid", sess.UID, "appcode", sess.AppCode, "reason", reason, "logid", logid)
+	body, _ := proto.Marshal(m)
+	c.pushRaw(cmd, 0, logid, body)
 	c.closeAfterFlush()
 }
 

@@ -239,7 +239,7 @@ func push(t *testing.T, s *Server, id uint64, i int, size int) error {
 	body := make([]byte, size)
 	binary.BigEndian.PutUint32(body, uint32(i))
 	var queued [1]bool
-	if err := s.Push(context.Background(), []uint64{id}, schema.CmdS2C, uint32(i), body, queued[:]); err != nil {
+	if err := s.Push(context.Background(), []uint64{id}, schema.CmdS2C, uint32(i), uint64(i)+1, body, queued[:]); err != nil {
 		t.Fatal(err)
 	}
 	if !queued[0] {

@@ -45,7 +45,6 @@ type Server struct {
 	reqs     *reqCtxs // the contexts of calls into logic
 	eng      engine
 	nextConn atomic.Uint64
-	nextLog  atomic.Uint64
 	nconns   atomic.Int64
 	admitMu  sync.RWMutex // draining is set under the write lock, new connections are tracked under the read lock
 	draining atomic.Bool
@@ -82,7 +81,6 @@ func New(opts Options, api logic.API) (*Server, error) {
 	}
 	now := uint64(time.Now().UnixNano())
 	s.nextConn.Store(now &^ (1<<20 - 1)) // ids stay unique across restarts within one gate id
-	s.nextLog.Store(now)
 	s.eng = newEngine(s)
 	s.opts.Engine = s.eng.name()
 	return s, nil
@@ -228,13 +226,13 @@ func (s *Server) Conns() int { return int(s.nconns.Load()) }
 
 // Kick implements logic.Gate: it pushes k to the connection and closes it
 // once the frame has left.
-func (s *Server) Kick(_ context.Context, id uint64, k *pb.Kickout) error {
+func (s *Server) Kick(_ context.Context, id uint64, k *pb.Kickout, logid uint64) error {
 	c := s.conn(id)
 	if c == nil {
 		return ErrUnknownConn
 	}
 	s.m.kicked.Inc()
-	c.notifyAndClose(schema.CmdKickout, k, "kicked: "+k.GetReason().String())
+	c.notifyAndClose(schema.CmdKickout, k, "kicked: "+k.GetReason().String(), logid)
 	return nil
 }
 
@@ -252,12 +250,16 @@ func (s *Server) Sessions() []router.Session {
 	return out
 }
 
-// Push implements logic.Gate: it queues the notify on each logged-in
-// connection in ids.
-func (s *Server) Push(_ context.Context, ids []uint64, cmd schema.Cmd, msgtype uint32, body []byte, queued []bool) error {
+// Push implements logic.Gate: it queues the notify on each connection in
+// ids that is open and not logged out. A connection whose login logic has
+// registered but whose response has not left yet takes the notify too:
+// logic only pushes to connections its router lists, and clients expect
+// notifies before the login response (PROTOCOL.md). A false in queued
+// means the connection is gone or going, and logic drops its session.
+func (s *Server) Push(_ context.Context, ids []uint64, cmd schema.Cmd, msgtype uint32, logid uint64, body []byte, queued []bool) error {
 	for i, id := range ids {
 		c := s.conn(id)
-		queued[i] = c != nil && c.state.Load() == stateLoggedIn && c.pushRaw(cmd, msgtype, body)
+		queued[i] = c != nil && c.state.Load() != stateLoggedOut && c.pushRaw(cmd, msgtype, logid, body)
 	}
 	return nil
 }

@@ -3,6 +3,7 @@ package logic
 import (
 	"context"
 	"errors"
+	"slices"
 	"time"
 
 	"github.com/imd-dev/imd/das"
@@ -101,6 +102,14 @@ func (s *Service) c2cSend(ctx context.Context, sess router.Session, h *schema.He
 		return nil, schema.Errorf(schema.StatusBadArgument, "client_msg_id is over %d bytes", s.c2c.MaxClientMsgID)
 	}
 	now := time.Now()
+	// The sender's other terminals (multi-device) keep a copy in their
+	// inboxes, as the recipient's do.
+	var echo []uint32
+	for _, a := range s.accounts[sess.Account] {
+		if a != sess.AppCode {
+			echo = append(echo, a)
+		}
+	}
 	m := &pb.C2CMessage{
 		Msgid:       uint64(s.ids.Generate().Int64()),
 		From:        &pb.User{Account: sess.Account, Uid: sess.UID},
@@ -110,10 +119,12 @@ func (s *Service) c2cSend(ctx context.Context, sess router.Session, h *schema.He
 		Content:     req.Content,
 		SentAtMs:    now.UnixMilli(),
 		ClientMsgId: req.ClientMsgId,
+		Logid:       h.LogID,
 	}
-	msgid, dup, err := s.store.PutC2C(ctx, m, s.accounts[to.Account])
+	msgid, dup, err := s.store.PutC2C(das.WithLogID(ctx, h.LogID), m, s.accounts[to.Account], echo)
 	if err != nil {
 		s.mC2C.WithLabelValues("store_error").Inc()
+		s.log.Warn("c2c store failed", "uid", sess.UID, "appcode", sess.AppCode, "to_account", to.Account, "to_uid", to.Uid, "err", err, "logid", h.LogID)
 		return nil, storeErr("put", err)
 	}
 	if dup {
@@ -127,18 +138,28 @@ func (s *Service) c2cSend(ctx context.Context, sess router.Session, h *schema.He
 	}
 	// Notify before answering: a sender that sends its next message only
 	// after this response cannot overtake this notify on any connection.
+	// Every terminal of the recipient gets it, and every other terminal of
+	// the sender (not the sending connection, which has the answer).
 	nb, _ := proto.Marshal(&pb.C2CNotify{Messages: []*pb.C2CMessage{m}})
-	s.pushUser(ctx, userOf(to), schema.CmdC2CNotify, h.MsgType, nb, h.LogID)
+	n := s.pushUser(ctx, userOf(to), nil, schema.CmdC2CNotify, h.MsgType, nb, h.LogID)
+	if to.Account != sess.Account || to.Uid != sess.UID {
+		n += s.pushUser(ctx, das.User{Account: sess.Account, UID: sess.UID}, &sess, schema.CmdC2CNotify, h.MsgType, nb, h.LogID)
+	}
+	s.mC2CNotifies.Add(float64(n))
+	s.log.Debug("c2c stored", "msgid", msgid, "dup", dup, "uid", sess.UID, "appcode", sess.AppCode, "to_account", to.Account, "to_uid", to.Uid, "notified", n, "logid", h.LogID)
 	return proto.Marshal(&pb.C2CSendResponse{Msgid: msgid, StoredAtMs: now.UnixMilli(), Duplicate: dup})
 }
 
-// pushUser sends a notify to every online session of u and returns how
-// many took it.
-func (s *Service) pushUser(ctx context.Context, u das.User, cmd schema.Cmd, msgtype uint32, body []byte, logid uint64) int {
+// pushUser sends a notify to every online session of u but skip (nil for
+// none) and returns how many took it.
+func (s *Service) pushUser(ctx context.Context, u das.User, skip *router.Session, cmd schema.Cmd, msgtype uint32, body []byte, logid uint64) int {
 	sessions, err := s.router.Lookup(ctx, router.User{Account: u.Account, UID: u.UID})
 	if err != nil {
 		s.log.Warn("push: router lookup", "account", u.Account, "uid", u.UID, "err", err, "logid", logid)
 		return 0
+	}
+	if skip != nil {
+		sessions = slices.DeleteFunc(sessions, func(o router.Session) bool { return o.Gate == skip.Gate && o.Conn == skip.Conn })
 	}
 	queued := make([]bool, len(sessions))
 	s.pushSessions(ctx, sessions, cmd, msgtype, body, queued, logid)
@@ -153,6 +174,17 @@ func (s *Service) pushUser(ctx context.Context, u das.User, cmd schema.Cmd, msgt
 
 // pushSessions queues one notify on every session in ss with one Gate.Push
 // per gateway, and sets queued[i] for ss[i].
+//
+// A notify that a gateway could not take is reported, never silent
+// (DESIGN.md, delivery contract point 9): it is counted by command in
+// imd_logic_undelivered_total, and when the gateway answered that the
+// connection is gone (the router still listed a session whose disconnect
+// never reached it) the session is removed from the router, so later
+// fan-outs treat the terminal as offline. A gateway that is unknown to
+// this node or unreachable keeps its sessions: the membership decides
+// whether it died, and purges them then. The caller decides what to keep
+// for the terminals whose queued is false (c2c is stored before it is
+// pushed; s2c with store_offline keeps it in their inboxes).
 func (s *Service) pushSessions(ctx context.Context, ss []router.Session, cmd schema.Cmd, msgtype uint32, body []byte, queued []bool, logid uint64) {
 	if len(ss) == 0 {
 		return
@@ -176,21 +208,60 @@ func (s *Service) pushSessions(ctx context.Context, ss []router.Session, cmd sch
 		groups[j].idx = append(groups[j].idx, i)
 		groups[j].conns = append(groups[j].conns, ss[i].Conn)
 	}
+	var stale []router.Session
 	for _, gr := range groups {
 		g := s.gate(gr.gate)
 		if g == nil {
-			s.log.Debug("push: gate unknown", "gate", gr.gate, "sessions", len(gr.conns), "logid", logid)
+			s.mUndelivered.WithLabelValues(cmdLabel(cmd)).Add(float64(len(gr.conns)))
+			s.log.Info("push undeliverable: gate unknown to this node", "gate", gr.gate, "cmd", cmd.String(), "sessions", len(gr.conns), "logid", logid)
 			continue
 		}
 		q := make([]bool, len(gr.conns))
-		if err := g.Push(ctx, gr.conns, cmd, msgtype, body, q); err != nil {
-			s.log.Warn("push", "gate", gr.gate, "sessions", len(gr.conns), "err", err, "logid", logid)
+		if err := g.Push(ctx, gr.conns, cmd, msgtype, logid, body, q); err != nil {
+			s.mUndelivered.WithLabelValues(cmdLabel(cmd)).Add(float64(len(gr.conns)))
+			s.log.Warn("push undeliverable: gate unreachable", "gate", gr.gate, "cmd", cmd.String(), "sessions", len(gr.conns), "err", err, "logid", logid)
 			continue
 		}
 		for k, i := range gr.idx {
 			queued[i] = q[k]
+			if !q[k] {
+				stale = append(stale, ss[i])
+			}
 		}
 	}
+	if len(stale) > 0 {
+		s.mUndelivered.WithLabelValues(cmdLabel(cmd)).Add(float64(len(stale)))
+		s.dropStale(ctx, stale, cmd, logid)
+	}
+}
+
+// dropStale removes sessions whose gateway reported their connection gone.
+// Unregister removes exactly that login, so a newer login of the same
+// terminal is never touched.
+func (s *Service) dropStale(ctx context.Context, stale []router.Session, cmd schema.Cmd, logid uint64) {
+	for _, ss := range stale {
+		removed, err := s.router.Unregister(ctx, ss)
+		switch {
+		case err != nil:
+			s.log.Warn("push undeliverable: drop the stale session", "gate", ss.Gate, "conn", ss.Conn, "uid", ss.UID, "appcode", ss.AppCode, "err", err, "logid", logid)
+		case removed:
+			s.mStale.Inc()
+			s.log.Info("push undeliverable: connection gone, session dropped from the router", "cmd", cmd.String(), "gate", ss.Gate, "conn", ss.Conn, "uid", ss.UID, "appcode", ss.AppCode, "logid", logid)
+		}
+	}
+}
+
+// cmdLabel is the metric label of a pushed command.
+func cmdLabel(cmd schema.Cmd) string {
+	switch cmd {
+	case schema.CmdC2CNotify:
+		return "c2c"
+	case schema.CmdC2CReceipt:
+		return "receipt"
+	case schema.CmdS2C:
+		return "s2c"
+	}
+	return "other"
 }
 
 // ack removes acknowledged messages from the terminal's inbox and sends a
@@ -202,7 +273,7 @@ func (s *Service) ack(ctx context.Context, sess router.Session, msgids []uint64,
 	if len(msgids) > s.c2c.MaxPage {
 		return 0, schema.Errorf(schema.StatusBadArgument, "at most %d msgids per ack", s.c2c.MaxPage)
 	}
-	acked, missing, err := s.store.Ack(ctx, terminalOf(sess), msgids)
+	acked, missing, err := s.store.Ack(das.WithLogID(ctx, logid), terminalOf(sess), msgids)
 	if err != nil {
 		return 0, storeErr("ack", err)
 	}
@@ -210,16 +281,29 @@ func (s *Service) ack(ctx context.Context, sess router.Session, msgids []uint64,
 		s.log.Debug("ack of msgids not in the inbox", "uid", sess.UID, "appcode", sess.AppCode, "missing", len(missing), "logid", logid)
 	}
 	now := time.Now().UnixMilli()
+	var pushes []uint64
 	for _, m := range acked {
 		if m.From.GetAccount() == 0 && m.From.GetUid() == 0 {
 			// an s2c push kept in the inbox: count the arrival
-			if s.stats.acked(m.Msgid) {
-				s.mPushAcks.Inc()
-			}
+			pushes = append(pushes, m.Msgid)
 			continue
 		}
+		s.mC2CAcks.Inc()
+		// The message's own trace id follows it to the receipt; this
+		// ack's id is logged beside it.
+		s.log.Debug("c2c acked", "msgid", m.Msgid, "uid", sess.UID, "appcode", sess.AppCode, "ack_logid", logid, "logid", m.Logid)
+		if m.From.GetAccount() == sess.Account && m.From.GetUid() == sess.UID {
+			continue // the sender's own other terminal: not a delivery to the recipient
+		}
 		rb, _ := proto.Marshal(&pb.C2CReceipt{Msgid: m.Msgid, By: &pb.User{Account: sess.Account, Uid: sess.UID}, ByAppcode: sess.AppCode, AtMs: now})
-		s.pushUser(ctx, userOf(m.From), schema.CmdC2CReceipt, 0, rb, logid)
+		rl := m.Logid
+		if rl == 0 {
+			rl = logid
+		}
+		s.pushUser(ctx, userOf(m.From), nil, schema.CmdC2CReceipt, 0, rb, rl)
+	}
+	if len(pushes) > 0 {
+		s.pushAcked(ctx, pushes, logid)
 	}
 	return len(acked), nil
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"log/slog"
 	"net"
 	"strconv"
@@ -67,6 +68,7 @@ func NewHTTPServer(svc *Service, o HTTPOptions) *fasthttp.Server {
 	}
 	h := func(ctx *fasthttp.RequestCtx) {
 		path := string(ctx.Path())
+		logid := requestLogID(ctx)
 		switch {
 		case path == "/healthz":
 			writeJSON(ctx, fasthttp.StatusOK, map[string]any{"status": "ok"})
@@ -95,7 +97,7 @@ func NewHTTPServer(svc *Service, o HTTPOptions) *fasthttp.Server {
 				return
 			}
 			if app := authApp(svc, ctx); app != nil {
-				handlePush(svc, app, ctx, log)
+				handlePush(svc, app, ctx, log, logid)
 			}
 		case strings.HasPrefix(path, "/v1/push/"):
 			if !ctx.IsGet() {
@@ -103,7 +105,7 @@ func NewHTTPServer(svc *Service, o HTTPOptions) *fasthttp.Server {
 				return
 			}
 			if app := authApp(svc, ctx); app != nil {
-				handlePushStats(svc, app, ctx, strings.TrimPrefix(path, "/v1/push/"))
+				handlePushStats(svc, app, ctx, strings.TrimPrefix(path, "/v1/push/"), log, logid)
 			}
 		case path == "/v1/presence":
 			if !ctx.IsGet() {
@@ -186,7 +188,27 @@ type pushBody struct {
 	StoreOffline bool        `json:"store_offline"`
 }
 
-func handlePush(svc *Service, app *App, ctx *fasthttp.RequestCtx, log *slog.Logger) {
+// requestLogID is the request's trace id: the client's X-Request-Id when
+// it sends one (a decimal logid, or any other text, which is hashed to
+// one), else a new one. The response carries it back in X-Request-Id, and
+// every log line and frame the request causes carries it as logid.
+func requestLogID(ctx *fasthttp.RequestCtx) uint64 {
+	var id uint64
+	if v := ctx.Request.Header.Peek("X-Request-Id"); len(v) > 0 {
+		var err error
+		if id, err = strconv.ParseUint(string(v), 10, 64); err != nil || id == 0 {
+			h := fnv.New64a()
+			_, _ = h.Write(v)
+			id = h.Sum64() | 1
+		}
+	} else {
+		id = schema.NewLogID()
+	}
+	ctx.Response.Header.Set("X-Request-Id", strconv.FormatUint(id, 10))
+	return id
+}
+
+func handlePush(svc *Service, app *App, ctx *fasthttp.RequestCtx, log *slog.Logger, logid uint64) {
 	var b pushBody
 	dec := json.NewDecoder(bytes.NewReader(ctx.PostBody()))
 	dec.DisallowUnknownFields()
@@ -205,22 +227,28 @@ func handlePush(svc *Service, app *App, ctx *fasthttp.RequestCtx, log *slog.Logg
 		}
 		b.Content = []byte(*b.Text)
 	}
-	res, err := svc.Push(ctx, app, &PushRequest{To: b.To, MsgType: b.MsgType, Content: b.Content, StoreOffline: b.StoreOffline})
+	res, err := svc.Push(ctx, app, &PushRequest{To: b.To, MsgType: b.MsgType, Content: b.Content, StoreOffline: b.StoreOffline, LogID: logid})
 	if err != nil {
 		writeStatusError(ctx, err)
-		log.Info("push refused", "appcode", app.AppCode, "err", err)
+		log.Info("push refused", "appcode", app.AppCode, "err", err, "logid", logid)
 		return
 	}
+	log.Debug("push", "appcode", app.AppCode, "push_id", res.PushID, "recipients", len(b.To), "online", res.Online, "stored", res.Stored, "dropped", res.Dropped, "logid", logid)
 	writeJSON(ctx, fasthttp.StatusOK, res)
 }
 
-func handlePushStats(svc *Service, app *App, ctx *fasthttp.RequestCtx, idText string) {
+func handlePushStats(svc *Service, app *App, ctx *fasthttp.RequestCtx, idText string, log *slog.Logger, logid uint64) {
 	id, err := strconv.ParseUint(idText, 10, 64)
 	if err != nil {
 		writeError(ctx, fasthttp.StatusBadRequest, schema.StatusBadArgument, "push id must be a decimal number")
 		return
 	}
-	st, ok := svc.PushStats(app, id)
+	st, ok, err := svc.PushStats(ctx, app, id)
+	if err != nil {
+		writeStatusError(ctx, err)
+		log.Warn("push statistics", "push_id", id, "err", err, "logid", logid)
+		return
+	}
 	if !ok {
 		writeError(ctx, fasthttp.StatusNotFound, 0, fmt.Sprintf("push %d is unknown, expired (kept %s) or not yours", id, svc.s2c.StatsTTL))
 		return

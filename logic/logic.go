@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"github.com/bwmarrin/snowflake"
 	"github.com/imd-dev/imd/bus"
 	"github.com/imd-dev/imd/das"
@@ -42,14 +43,17 @@ type API interface {
 // Gate is what logic needs from a gateway: acting on its connections. In one
 // process it is *gateway.Server. All methods are safe for concurrent use.
 type Gate interface {
-	// Kick sends k to connection conn and then closes it.
-	Kick(ctx context.Context, conn uint64, k *pb.Kickout) error
+	// Kick sends k to connection conn and then closes it. logid is the
+	// trace id of the login that caused it.
+	Kick(ctx context.Context, conn uint64, k *pb.Kickout, logid uint64) error
 	// Push queues one notify with an encoded body for each connection in
 	// conns and sets queued[i] (len(queued) == len(conns)) when conns[i]
-	// took it; a connection that is gone or too slow is false. A fan-out
-	// to many connections of one gateway is one call (one internal frame
-	// across processes). An error means the gateway itself is unreachable.
-	Push(ctx context.Context, conns []uint64, cmd schema.Cmd, msgtype uint32, body []byte, queued []bool) error
+	// took it; a connection that is gone or too slow is false. The
+	// notify's frame carries logid, the trace id of what caused it. A
+	// fan-out to many connections of one gateway is one call (one
+	// internal frame across processes). An error means the gateway itself
+	// is unreachable.
+	Push(ctx context.Context, conns []uint64, cmd schema.Cmd, msgtype uint32, logid uint64, body []byte, queued []bool) error
 }
 
 // LoginInput is a login as the gateway saw it.
@@ -87,6 +91,10 @@ type Options struct {
 	// Bus carries c2s messages to app-servers; nil serves no c2s.
 	Bus bus.Producer
 	C2S C2S
+	// PushLedger keeps push statistics; nil keeps them in this node's
+	// memory (one logic node). A cluster shares one (the router's Redis)
+	// so that any node counts acks and answers for any push.
+	PushLedger router.PushLedger
 }
 
 // Service implements API in-process.
@@ -105,18 +113,22 @@ type Service struct {
 	ids      *snowflake.Node
 	c2c      C2C
 	s2c      S2C
-	stats    pushStats
+	ledger   router.PushLedger
 	bus      bus.Producer
 	routes   map[routeKey]string
 	c2sMax   int
 	accounts map[uint32][]uint32 // account system -> its appcodes (the inbox terminals)
 
-	mLogins   *prometheus.CounterVec
-	mKicks    prometheus.Counter
-	mC2C      *prometheus.CounterVec
-	mPush     *prometheus.CounterVec
-	mPushAcks prometheus.Counter
-	mC2S      *prometheus.CounterVec
+	mLogins      *prometheus.CounterVec
+	mKicks       prometheus.Counter
+	mC2C         *prometheus.CounterVec
+	mC2CNotifies prometheus.Counter
+	mC2CAcks     prometheus.Counter
+	mPush        *prometheus.CounterVec
+	mPushAcks    prometheus.Counter
+	mC2S         *prometheus.CounterVec
+	mUndelivered *prometheus.CounterVec
+	mStale       prometheus.Counter
 }
 
 var _ API = (*Service)(nil)
@@ -136,6 +148,10 @@ func New(opts Options) (*Service, error) {
 		c2c:      opts.C2C,
 		s2c:      opts.S2C,
 		accounts: make(map[uint32][]uint32),
+		ledger:   opts.PushLedger,
+	}
+	if s.ledger == nil {
+		s.ledger = &router.MemoryLedger{}
 	}
 	s.c2c.setDefaults()
 	s.s2c.setDefaults()
@@ -194,6 +210,22 @@ func New(opts Options) (*Service, error) {
 		Namespace: "imd", Subsystem: "logic", Name: "c2c_sends_total",
 		Help: "c2c send requests by result: stored, duplicate (a retry of a stored message), store_error.",
 	}, []string{"result"})
+	s.mC2CNotifies = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "imd", Subsystem: "logic", Name: "c2c_notifies_total",
+		Help: "c2c notifies queued on a terminal's connection (the recipient's terminals and the sender's other ones).",
+	})
+	s.mC2CAcks = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "imd", Subsystem: "logic", Name: "c2c_acks_total",
+		Help: "c2c messages acknowledged by a terminal (live or from its inbox): each is a delivery that arrived.",
+	})
+	s.mUndelivered = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "imd", Subsystem: "logic", Name: "undelivered_total",
+		Help: "Notifies to sessions the router listed that their gateway could not take (connection gone, gate unknown or unreachable), by command: c2c, receipt, s2c, kick.",
+	}, []string{"cmd"})
+	s.mStale = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "imd", Subsystem: "logic", Name: "stale_sessions_dropped_total",
+		Help: "Sessions removed from the router because their gateway reported the connection gone during a push.",
+	})
 	s.mPush = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "imd", Subsystem: "logic", Name: "s2c_recipients_total",
 		Help: "s2c push recipients by outcome: online (pushed), stored (offline, kept), dropped (offline).",
@@ -207,7 +239,29 @@ func New(opts Options) (*Service, error) {
 		Help: "c2s messages by result: stored (acknowledged by the bus) or error.",
 	}, []string{"result"})
 	if opts.Registry != nil {
-		for _, c := range []prometheus.Collector{s.mLogins, s.mKicks, s.mC2C, s.mPush, s.mPushAcks, s.mC2S} {
+		online := func(users bool) func() float64 {
+			return func() float64 {
+				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+				defer cancel()
+				st, err := s.router.Stats(ctx)
+				if err != nil {
+					return math.NaN()
+				}
+				if users {
+					return float64(st.Users)
+				}
+				return float64(st.Sessions)
+			}
+		}
+		gUsers := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: "imd", Subsystem: "logic", Name: "online_users",
+			Help: "Users with at least one session in the router (the whole DC's when the router is shared).",
+		}, online(true))
+		gSessions := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: "imd", Subsystem: "logic", Name: "online_sessions",
+			Help: "Sessions (logged-in terminals) in the router (the whole DC's when the router is shared).",
+		}, online(false))
+		for _, c := range []prometheus.Collector{s.mLogins, s.mKicks, s.mC2C, s.mC2CNotifies, s.mC2CAcks, s.mPush, s.mPushAcks, s.mC2S, s.mUndelivered, s.mStale, gUsers, gSessions} {
 			if err := opts.Registry.Register(c); err != nil {
 				return nil, fmt.Errorf("logic: metrics: %w", err)
 			}
@@ -348,11 +402,15 @@ func (s *Service) kick(ctx context.Context, old router.Session, k *pb.Kickout, l
 	s.mKicks.Inc()
 	g := s.gate(old.Gate)
 	if g == nil {
+		s.mUndelivered.WithLabelValues("kick").Inc()
 		s.log.Warn("kick: gate unknown", "gate", old.Gate, "uid", old.UID, "appcode", old.AppCode, "logid", logid)
 		return
 	}
-	if err := g.Kick(ctx, old.Conn, k); err != nil {
-		s.log.Debug("kick", "gate", old.Gate, "conn", old.Conn, "err", err, "logid", logid)
+	if err := g.Kick(ctx, old.Conn, k, logid); err != nil {
+		// The router dropped the session already (Register evicted it);
+		// the connection is gone or its gateway unreachable.
+		s.mUndelivered.WithLabelValues("kick").Inc()
+		s.log.Info("kick undeliverable", "gate", old.Gate, "conn", old.Conn, "uid", old.UID, "appcode", old.AppCode, "err", err, "logid", logid)
 	}
 }
 

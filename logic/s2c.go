@@ -3,7 +3,6 @@ package logic
 import (
 	"context"
 	"crypto/subtle"
-	"sync"
 	"time"
 
 	"github.com/imd-dev/imd/das"
@@ -53,98 +52,46 @@ type PushRequest struct {
 	MsgType uint32      `json:"msgtype"`
 	Content []byte      `json:"content"` // JSON: base64 (content_text is the plain-text alternative)
 	// StoreOffline keeps the message in the inbox of recipients who are
-	// offline, for their next login; otherwise they miss it.
+	// offline, for their next login; otherwise they miss it. A recipient
+	// whose sessions the router listed but whose gateway could not take
+	// the notify (the connection was gone) counts as offline.
 	StoreOffline bool `json:"store_offline"`
+	// LogID is the request's trace id (the HTTP API's X-Request-Id); 0
+	// gets a new one.
+	LogID uint64 `json:"-"`
 }
 
-// RecipientResult says what happened for one recipient.
+// RecipientResult says what happened for one recipient. Exactly one of
+// Online, Stored and Dropped is true.
 type RecipientResult struct {
-	AppCode  uint32 `json:"appcode"`
-	UID      uint64 `json:"uid"`
-	Online   bool   `json:"online"`   // had a session on that appcode
-	Pushed   int    `json:"pushed"`   // sessions the notify was queued for
-	Stored   bool   `json:"stored"`   // kept in the offline inbox
-	Dropped  bool   `json:"dropped"`  // offline and not stored
-	Terminal string `json:"terminal"` // the appcode's name
+	AppCode uint32 `json:"appcode"`
+	UID     uint64 `json:"uid"`
+	Online  bool   `json:"online"` // the notify was queued on at least one session
+	Pushed  int    `json:"pushed"` // sessions the notify was queued for
+	// Unreachable counts sessions the router listed whose gateway could
+	// not take the notify (connection gone, gateway unreachable); those
+	// the gateway reported gone were removed from the router.
+	Unreachable int    `json:"unreachable"`
+	Stored      bool   `json:"stored"`   // kept in the offline inbox
+	Dropped     bool   `json:"dropped"`  // offline and not stored
+	Terminal    string `json:"terminal"` // the appcode's name
 }
 
-// PushResult is the answer to a push.
+// PushResult is the answer to a push: Online + Stored + Dropped is the
+// number of recipients.
 type PushResult struct {
-	PushID  uint64            `json:"push_id,string"`
-	Results []RecipientResult `json:"results"`
-	Online  int               `json:"online"`
-	Stored  int               `json:"stored"`
-	Dropped int               `json:"dropped"`
+	PushID      uint64            `json:"push_id,string"`
+	LogID       uint64            `json:"logid,string"`
+	Results     []RecipientResult `json:"results"`
+	Online      int               `json:"online"`
+	Stored      int               `json:"stored"`
+	Dropped     int               `json:"dropped"`
+	Unreachable int               `json:"unreachable"` // sessions, see RecipientResult
 }
 
-// PushStats is what is known of a push's delivery so far.
-type PushStats struct {
-	PushID     uint64 `json:"push_id,string"`
-	AppCode    uint32 `json:"appcode"`
-	CreatedMS  int64  `json:"created_ms"`
-	Recipients int    `json:"recipients"`
-	Online     int    `json:"online"`
-	Stored     int    `json:"stored"`
-	Dropped    int    `json:"dropped"`
-	// Acked counts recipients' terminals that acknowledged (live or from
-	// their inbox); Acked / (Online + Stored) is the arrival rate.
-	Acked int `json:"acked"`
-}
-
-// pushStats keeps PushStats for StatsTTL, in memory on the node that took
-// the push.
-type pushStats struct {
-	mu    sync.Mutex
-	m     map[uint64]*PushStats
-	order []uint64 // creation order, for expiry
-}
-
-func (p *pushStats) add(st *PushStats, ttl time.Duration) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.m == nil {
-		p.m = make(map[uint64]*PushStats)
-	}
-	cut := time.Now().Add(-ttl).UnixMilli()
-	i := 0
-	for ; i < len(p.order); i++ {
-		if old := p.m[p.order[i]]; old != nil && old.CreatedMS > cut {
-			break
-		}
-		delete(p.m, p.order[i])
-	}
-	p.order = append(p.order[i:], st.PushID)
-	p.m[st.PushID] = st
-}
-
-func (p *pushStats) update(id uint64, fn func(*PushStats)) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if st := p.m[id]; st != nil {
-		fn(st)
-	}
-}
-
-func (p *pushStats) acked(id uint64) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	st := p.m[id]
-	if st == nil {
-		return false
-	}
-	st.Acked++
-	return true
-}
-
-func (p *pushStats) get(id uint64) (PushStats, bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	st := p.m[id]
-	if st == nil {
-		return PushStats{}, false
-	}
-	return *st, true
-}
+// PushStats is what is known of a push's delivery so far (kept in the
+// router's PushLedger, so any logic node answers for any push).
+type PushStats = router.PushRecord
 
 // AppByKey returns the app that owns API key key, or nil.
 func (s *Service) AppByKey(key string) *App {
@@ -199,11 +146,17 @@ func (s *Service) Push(ctx context.Context, caller *App, req *PushRequest) (*Pus
 	}
 	now := time.Now()
 	id := uint64(s.ids.Generate().Int64())
+	logid := req.LogID
+	if logid == 0 {
+		logid = schema.NewLogID()
+	}
 	// Register the push before the first notify leaves: a fast client may
 	// acknowledge it before this call returns.
-	s.stats.add(&PushStats{PushID: id, AppCode: caller.AppCode, CreatedMS: now.UnixMilli(), Recipients: len(req.To)}, s.s2c.StatsTTL)
+	if err := s.ledger.Open(ctx, PushStats{PushID: id, AppCode: caller.AppCode, CreatedMS: now.UnixMilli(), Recipients: len(req.To)}, s.s2c.StatsTTL); err != nil {
+		return nil, schema.Errorf(schema.StatusUnavailable, "push statistics: %v", err)
+	}
 	body, _ := proto.Marshal(&pb.S2CNotify{PushId: id, Msgtype: req.MsgType, Content: req.Content, SentAtMs: now.UnixMilli(), NeedAck: true})
-	res := &PushResult{PushID: id, Results: make([]RecipientResult, len(req.To))}
+	res := &PushResult{PushID: id, LogID: logid, Results: make([]RecipientResult, len(req.To))}
 	// One Gate.Push per gateway for the whole fan-out.
 	var targets []router.Session
 	var owner []int // owner[k]: the recipient index of targets[k]
@@ -216,11 +169,14 @@ func (s *Service) Push(ctx context.Context, caller *App, req *PushRequest) (*Pus
 		}
 	}
 	queued := make([]bool, len(targets))
-	s.pushSessions(ctx, targets, schema.CmdS2C, req.MsgType, body, queued, id)
+	s.pushSessions(ctx, targets, schema.CmdS2C, req.MsgType, body, queued, logid)
 	for k, i := range owner {
-		res.Results[i].Online = true
 		if queued[k] {
+			res.Results[i].Online = true
 			res.Results[i].Pushed++
+		} else {
+			res.Results[i].Unreachable++
+			res.Unreachable++
 		}
 	}
 	var offline []das.Terminal
@@ -240,8 +196,9 @@ func (s *Service) Push(ctx context.Context, caller *App, req *PushRequest) (*Pus
 		res.Results[i] = rr
 	}
 	if len(offline) > 0 {
-		m := &pb.C2CMessage{Msgid: id, From: &pb.User{}, FromAppcode: caller.AppCode, To: &pb.User{}, Msgtype: req.MsgType, Content: req.Content, SentAtMs: now.UnixMilli()}
-		if err := s.store.PutInbox(ctx, m, offline); err != nil {
+		m := &pb.C2CMessage{Msgid: id, From: &pb.User{}, FromAppcode: caller.AppCode, To: &pb.User{}, Msgtype: req.MsgType, Content: req.Content, SentAtMs: now.UnixMilli(), Logid: logid}
+		if err := s.store.PutInbox(das.WithLogID(ctx, logid), m, offline); err != nil {
+			s.log.Warn("s2c store failed", "push_id", id, "terminals", len(offline), "err", err, "logid", logid)
 			// The online recipients have it already; say what failed.
 			return nil, storeErr("put inbox", err)
 		}
@@ -250,21 +207,37 @@ func (s *Service) Push(ctx context.Context, caller *App, req *PushRequest) (*Pus
 		}
 		res.Stored = len(offline)
 	}
-	s.stats.update(id, func(st *PushStats) { st.Online, st.Stored, st.Dropped = res.Online, res.Stored, res.Dropped })
+	if err := s.ledger.Settle(ctx, id, res.Online, res.Stored, res.Dropped); err != nil {
+		// The push itself went out: say so, and log what the statistics missed.
+		s.log.Warn("push statistics not settled", "push_id", id, "err", err, "logid", logid)
+	}
+	s.log.Debug("s2c push", "push_id", id, "appcode", caller.AppCode, "recipients", len(req.To), "online", res.Online, "stored", res.Stored, "dropped", res.Dropped, "unreachable", res.Unreachable, "logid", logid)
 	s.mPush.WithLabelValues("online").Add(float64(res.Online))
 	s.mPush.WithLabelValues("stored").Add(float64(res.Stored))
 	s.mPush.WithLabelValues("dropped").Add(float64(res.Dropped))
 	return res, nil
 }
 
-// PushStats returns the delivery statistics of push id, if caller made it
-// and they are still kept.
-func (s *Service) PushStats(caller *App, id uint64) (PushStats, bool) {
-	st, ok := s.stats.get(id)
-	if !ok || s.apps[st.AppCode] == nil || s.apps[st.AppCode].Account != caller.Account {
-		return PushStats{}, false
+// PushStats returns the delivery statistics of push id, if caller's
+// account system made it and they are still kept.
+func (s *Service) PushStats(ctx context.Context, caller *App, id uint64) (PushStats, bool, error) {
+	st, ok, err := s.ledger.Get(ctx, id)
+	if err != nil {
+		return PushStats{}, false, schema.Errorf(schema.StatusUnavailable, "push statistics: %v", err)
 	}
-	return st, true
+	if !ok || s.apps[st.AppCode] == nil || s.apps[st.AppCode].Account != caller.Account {
+		return PushStats{}, false, nil
+	}
+	return st, true, nil
+}
+
+// pushAcked counts the arrival of pushes acknowledged by a terminal.
+func (s *Service) pushAcked(ctx context.Context, ids []uint64, logid uint64) {
+	n, err := s.ledger.Acked(ctx, ids)
+	if err != nil {
+		s.log.Warn("push acks not counted", "pushes", len(ids), "err", err, "logid", logid)
+	}
+	s.mPushAcks.Add(float64(n))
 }
 
 // Presence returns the sessions of uid in caller's account system.
@@ -280,15 +253,14 @@ func (s *Service) Presence(ctx context.Context, caller *App, uid uint64) ([]rout
 }
 
 // s2cAck records acks of live pushes (a client notify).
-func (s *Service) s2cAck(_ context.Context, _ router.Session, h *schema.Header, body []byte) ([]byte, error) {
+func (s *Service) s2cAck(ctx context.Context, _ router.Session, h *schema.Header, body []byte) ([]byte, error) {
 	var req pb.S2CAck
 	if err := proto.Unmarshal(body, &req); err != nil {
 		return nil, badBody(h.Cmd, err)
 	}
-	for _, id := range req.PushIds {
-		if s.stats.acked(id) {
-			s.mPushAcks.Inc()
-		}
+	if len(req.PushIds) > s.c2c.MaxPage {
+		return nil, schema.Errorf(schema.StatusBadArgument, "at most %d push ids per ack", s.c2c.MaxPage)
 	}
+	s.pushAcked(ctx, req.PushIds, h.LogID)
 	return nil, nil
 }

@@ -110,7 +110,7 @@ func BenchmarkPutC2C(b *testing.B) {
 				for i := range b.N {
 					m := benchMsg(from, to, fmt.Sprint("b", i))
 					t0 := time.Now()
-					if _, _, err := s.PutC2C(ctx, m, []uint32{101, 102}); err != nil {
+					if _, _, err := s.PutC2C(ctx, m, []uint32{101, 102}, nil); err != nil {
 						b.Fatal(err)
 					}
 					lat.d = append(lat.d, time.Since(t0))
@@ -136,7 +136,7 @@ func BenchmarkPutC2C(b *testing.B) {
 					for p.Next() {
 						m := benchMsg(from, to, fmt.Sprint("p", n.Add(1)))
 						t0 := time.Now()
-						if _, _, err := s.PutC2C(ctx, m, []uint32{101, 102}); err != nil {
+						if _, _, err := s.PutC2C(ctx, m, []uint32{101, 102}, nil); err != nil {
 							b.Error(err)
 							return
 						}
@@ -187,7 +187,7 @@ func fill(b *testing.B, st das.Store, t das.Terminal, n int) []uint64 {
 					err = bt.ExecContext(ctx)
 				} else {
 					for _, m := range chunk {
-						if _, _, err = st.PutC2C(ctx, m, []uint32{t.AppCode}); err != nil {
+						if _, _, err = st.PutC2C(ctx, m, []uint32{t.AppCode}, nil); err != nil {
 							break
 						}
 					}

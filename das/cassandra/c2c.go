@@ -1,6 +1,7 @@
 package cassandra
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"math"
@@ -18,7 +19,8 @@ import (
 //
 // Rows: one logged batch holds every row of the message (the inbox row of
 // each recipient terminal, the timeline row, bucket row and conversation
-// row of sender and recipient), all with one write timestamp derived from
+// row of sender and recipient, and the inbox row of each of the sender's
+// other terminals), all with one write timestamp derived from
 // the msgid (writeTime). Cassandra's batchlog makes the batch all or
 // nothing: once any row is applied, every row is, possibly after a replay.
 // A message without a client id is that batch alone; resending the
@@ -40,22 +42,28 @@ import (
 // the first msgid, whatever the first attempt managed to write, and a
 // success is only ever returned after the batch was written at
 // Consistency.
-func (s *Store) PutC2C(ctx context.Context, m *pb.C2CMessage, inbox []uint32) (uint64, bool, error) {
+func (s *Store) PutC2C(ctx context.Context, m *pb.C2CMessage, inbox, senderInbox []uint32) (uint64, bool, error) {
+	msgid, dup, err := s.putC2C(ctx, m, inbox, senderInbox)
+	das.LogWrite(ctx, s.log, "put_c2c", cmp.Or(msgid, m.GetMsgid()), dup, err)
+	return msgid, dup, err
+}
+
+func (s *Store) putC2C(ctx context.Context, m *pb.C2CMessage, inbox, senderInbox []uint32) (uint64, bool, error) {
 	if err := s.gate.Enter(ctx); err != nil {
 		return 0, false, err
 	}
 	defer s.gate.Exit()
-	body, appcodes, err := das.EncodeC2C(m, inbox)
+	body, appcodes, sapps, err := das.EncodeC2C(m, inbox, senderInbox)
 	if err != nil {
 		return 0, false, err
 	}
-	if n := batchBytes(len(body), len(appcodes)); n > s.cfg.MaxBatchBytes {
+	if n := batchBytes(len(body), len(appcodes)+len(sapps)); n > s.cfg.MaxBatchBytes {
 		return 0, false, fmt.Errorf("%w: message %d: its batch would be about %d bytes, more than MaxBatchBytes %d",
 			ErrInvalid, m.Msgid, n, s.cfg.MaxBatchBytes)
 	}
 	ts := writeTime(m.Msgid)
 	if m.ClientMsgId == "" {
-		if err := s.writeMessage(ctx, m, body, appcodes, ts); err != nil {
+		if err := s.writeMessage(ctx, m, body, appcodes, sapps, ts); err != nil {
 			return 0, false, storeErr("put", err)
 		}
 		return m.Msgid, false, nil
@@ -66,12 +74,15 @@ func (s *Store) PutC2C(ctx context.Context, m *pb.C2CMessage, inbox []uint32) (u
 		return 0, false, storeErr("put: idempotency claim", err)
 	}
 	if won {
-		if err := s.writeMessage(ctx, m, body, appcodes, ts); err != nil {
+		if err := s.writeMessage(ctx, m, body, appcodes, sapps, ts); err != nil {
 			return 0, false, storeErr("put", err)
 		}
 		return m.Msgid, false, nil
 	}
-	if err := s.writeMessage(ctx, claim.msg, claim.body, claim.inbox, claim.ts); err != nil {
+	// The sender's other terminals are all of its account's appcodes but
+	// the sending one: the same for every attempt, so the caller's list
+	// completes the claimed message as the first attempt would have.
+	if err := s.writeMessage(ctx, claim.msg, claim.body, claim.inbox, sapps, claim.ts); err != nil {
 		return 0, false, storeErr("put: complete the claimed message", err)
 	}
 	return claim.msg.Msgid, true, nil
@@ -181,7 +192,7 @@ func writeTime(msgid uint64) int64 { return das.MsgTime(msgid).UnixMicro() }
 // (see README.md: below a watermark that may have passed them), and bounds
 // the write by InboxLag/4, so that rows that are not marked late become
 // visible well within InboxLag/2 of that decision.
-func (s *Store) writeMessage(ctx context.Context, m *pb.C2CMessage, body []byte, appcodes []uint32, ts int64) error {
+func (s *Store) writeMessage(ctx context.Context, m *pb.C2CMessage, body []byte, appcodes, senderAppcodes []uint32, ts int64) error {
 	now := s.now()
 	late := s.isLate(m.Msgid, now)
 	b := s.s.Batch(gocql.LoggedBatch).WithTimestamp(ts).Consistency(s.cons)
@@ -189,6 +200,9 @@ func (s *Store) writeMessage(ctx context.Context, m *pb.C2CMessage, body []byte,
 	id := i64(m.Msgid)
 	for _, a := range appcodes {
 		addInboxRow(b, das.Terminal{Account: to.GetAccount(), UID: to.GetUid(), AppCode: a}, id, body, late)
+	}
+	for _, a := range senderAppcodes {
+		addInboxRow(b, das.Terminal{Account: from.GetAccount(), UID: from.GetUid(), AppCode: a}, id, body, late)
 	}
 	maxAge := s.cfg.Retention.MaxAge
 	bucket := bucketOf(m.Msgid)

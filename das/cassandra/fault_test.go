@@ -104,7 +104,7 @@ func TestFault(t *testing.T) {
 				for {
 					m := newMsg(msgidAround(time.Now()), from[w], rcpt, cmid)
 					cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-					id, dup, err := s.PutC2C(cctx, m, []uint32{101, 102})
+					id, dup, err := s.PutC2C(cctx, m, []uint32{101, 102}, nil)
 					cancel()
 					attempts.Add(1)
 					if err == nil {

@@ -196,7 +196,7 @@ func (s *Store) Ack(ctx context.Context, t das.Terminal, msgids []uint64) ([]*pb
 		for it.Scan(&id, &body, &late, &wt) {
 			m, err := unmarshal(id, body)
 			if err != nil {
-				s.log.Error("corrupt inbox row acknowledged", "terminal", t, "msgid", id, "err", err)
+				s.log.Error("corrupt inbox row acknowledged", "terminal", t, "msgid", id, "err", err, "logid", das.LogID(ctx))
 				m = &pb.C2CMessage{Msgid: uint64(id)}
 			}
 			found[uint64(id)] = row{m, late, wt}
@@ -246,7 +246,7 @@ func (s *Store) Ack(ctx context.Context, t das.Terminal, msgids []uint64) ([]*pb
 		err = s.raiseFloor(ctx, t, meta, now)
 	}
 	if err != nil && ctx.Err() == nil {
-		s.log.Warn("inbox watermark not moved", "terminal", t, "err", err)
+		s.log.Warn("inbox watermark not moved", "terminal", t, "err", err, "logid", das.LogID(ctx))
 	}
 	return acked, missing, nil
 }

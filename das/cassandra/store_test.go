@@ -58,7 +58,7 @@ func newMsg(id uint64, from, to das.User, cmid string) *pb.C2CMessage {
 
 func mustPut(t *testing.T, s *Store, m *pb.C2CMessage, inbox ...uint32) {
 	t.Helper()
-	id, dup, err := s.PutC2C(ctx, m, inbox)
+	id, dup, err := s.PutC2C(ctx, m, inbox, nil)
 	if err != nil || dup || id != m.Msgid {
 		t.Fatalf("PutC2C(%d) = %d, dup %v, %v", m.Msgid, id, dup, err)
 	}
@@ -148,7 +148,7 @@ func TestWatermark(t *testing.T) {
 		t.Fatalf("InboxCount = %d, %d, %v; want 3, %d", n, oldest, err, old.Msgid)
 	}
 	// The same client id again re-writes the claim's rows: still one row.
-	if id, dup, err := s.PutC2C(ctx, newMsg(msgidAround(real), a, b, "old"), []uint32{101}); err != nil || !dup || id != old.Msgid {
+	if id, dup, err := s.PutC2C(ctx, newMsg(msgidAround(real), a, b, "old"), []uint32{101}, nil); err != nil || !dup || id != old.Msgid {
 		t.Fatalf("retry of the late message = %d, %v, %v", id, dup, err)
 	}
 	acked, missing, err := s.Ack(ctx, rcpt, []uint64{old.Msgid})
@@ -305,7 +305,7 @@ func TestRetryCompletesClaim(t *testing.T) {
 	}
 	retry := newMsg(msgidAround(time.Now()), a, b, "half")
 	retry.Content = []byte("the retry's content")
-	id, dup, err := s.PutC2C(ctx, retry, []uint32{101})
+	id, dup, err := s.PutC2C(ctx, retry, []uint32{101}, nil)
 	if err != nil || !dup || id != first.Msgid {
 		t.Fatalf("retry = %d, dup %v, %v; want %d, true", id, dup, err, first.Msgid)
 	}
@@ -322,7 +322,7 @@ func TestRetryCompletesClaim(t *testing.T) {
 	if _, _, err := s.Ack(ctx, term(b, 101), []uint64{first.Msgid}); err != nil {
 		t.Fatal(err)
 	}
-	if _, dup, err := s.PutC2C(ctx, retry, []uint32{101}); err != nil || !dup {
+	if _, dup, err := s.PutC2C(ctx, retry, []uint32{101}, nil); err != nil || !dup {
 		t.Fatalf("retry after ack: dup %v, %v", dup, err)
 	}
 	if n, _, _ := s.InboxCount(ctx, term(b, 101)); n != 0 {
@@ -342,7 +342,7 @@ func TestSizeLimits(t *testing.T) {
 	a, b := newUser(), newUser()
 	big := newMsg(msgidAround(time.Now()), a, b, "big")
 	big.Content = make([]byte, 20<<10)
-	if _, _, err := s.PutC2C(ctx, big, []uint32{101, 102}); !errors.Is(err, ErrInvalid) {
+	if _, _, err := s.PutC2C(ctx, big, []uint32{101, 102}, nil); !errors.Is(err, ErrInvalid) {
 		t.Fatalf("PutC2C of 4 × 20 KiB: %v, want ErrInvalid", err)
 	}
 	if n, _, _ := s.InboxCount(ctx, term(b, 101)); n != 0 {

@@ -41,6 +41,7 @@ func Run(t *testing.T, open func(t *testing.T) das.Store) {
 		{"ConcurrentWriters", testConcurrentWriters},
 		{"Closed", testClosed},
 		{"PutInboxManyTerminals", testPutInbox},
+		{"SenderTerminals", testSenderTerminals},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) { tc.fn(t, newFixture(t, open)) })
@@ -146,7 +147,7 @@ func testOutOfOrder(t *testing.T, f *fixture) {
 	go func() {
 		defer wg.Done()
 		for i := n/2 - 1; i >= 0; i-- {
-			if _, _, err := f.s.PutC2C(f.ctx, msgs[i], []uint32{101}); err != nil {
+			if _, _, err := f.s.PutC2C(f.ctx, msgs[i], []uint32{101}, nil); err != nil {
 				errc <- err
 				return
 			}
@@ -195,12 +196,12 @@ func testIdempotentRetry(t *testing.T, f *fixture) {
 	orig := f.put(newMsg(a, 101, b, "cm-1", "hello"), 101, 102)
 
 	retry := newMsg(a, 101, b, "cm-1", "hello again") // new msgid, same client id
-	id, dup, err := f.s.PutC2C(f.ctx, retry, []uint32{101, 102})
+	id, dup, err := f.s.PutC2C(f.ctx, retry, []uint32{101, 102}, nil)
 	if err != nil || id != orig.Msgid || !dup {
 		t.Fatalf("retry = %d, dup %v, %v; want %d, true, nil", id, dup, err, orig.Msgid)
 	}
 	// The same msgid again (a resend of the identical request) too.
-	id, dup, err = f.s.PutC2C(f.ctx, orig, []uint32{101, 102})
+	id, dup, err = f.s.PutC2C(f.ctx, orig, []uint32{101, 102}, nil)
 	if err != nil || id != orig.Msgid || !dup {
 		t.Fatalf("identical retry = %d, dup %v, %v; want %d, true, nil", id, dup, err, orig.Msgid)
 	}
@@ -218,7 +219,7 @@ func testIdempotentRetry(t *testing.T, f *fixture) {
 
 	// A retry after the recipient acked still finds the key.
 	f.ack(term(b, 101), orig.Msgid)
-	id, dup, err = f.s.PutC2C(f.ctx, newMsg(a, 101, b, "cm-1", "late retry"), []uint32{101, 102})
+	id, dup, err = f.s.PutC2C(f.ctx, newMsg(a, 101, b, "cm-1", "late retry"), []uint32{101, 102}, nil)
 	if err != nil || id != orig.Msgid || !dup {
 		t.Fatalf("retry after ack = %d, dup %v, %v; want %d, true, nil", id, dup, err, orig.Msgid)
 	}
@@ -256,7 +257,7 @@ func testConcurrentIdempotent(t *testing.T, f *fixture) {
 					defer wg.Done()
 					m := newMsg(a, 101, b, fmt.Sprintf("race-%d-%d", round, k), fmt.Sprintf("try %d", i))
 					start.Wait()
-					id, dup, err := f.s.PutC2C(f.ctx, m, []uint32{101, 102})
+					id, dup, err := f.s.PutC2C(f.ctx, m, []uint32{101, 102}, nil)
 					results[k][i] = result{id, dup, m.Msgid, err}
 				}()
 			}
@@ -483,19 +484,19 @@ func testBadArguments(t *testing.T, f *fixture) {
 		_, _, err = f.s.History(f.ctx, a, &b, 0, limit)
 		notRetryable(fmt.Sprintf("History(peer) limit %d", limit), err)
 	}
-	_, _, err := f.s.PutC2C(f.ctx, nil, []uint32{101})
+	_, _, err := f.s.PutC2C(f.ctx, nil, []uint32{101}, nil)
 	notRetryable("PutC2C(nil)", err)
 	zero := newMsg(a, 101, b, "zero", "x")
 	zero.Msgid = 0
-	_, _, err = f.s.PutC2C(f.ctx, zero, []uint32{101})
+	_, _, err = f.s.PutC2C(f.ctx, zero, []uint32{101}, nil)
 	notRetryable("PutC2C(msgid 0)", err)
 	noTo := newMsg(a, 101, b, "noto", "x")
 	noTo.To = nil
-	_, _, err = f.s.PutC2C(f.ctx, noTo, []uint32{101})
+	_, _, err = f.s.PutC2C(f.ctx, noTo, []uint32{101}, nil)
 	notRetryable("PutC2C(no recipient)", err)
 	noFrom := newMsg(a, 101, b, "nofrom", "x")
 	noFrom.From = nil
-	_, _, err = f.s.PutC2C(f.ctx, noFrom, []uint32{101})
+	_, _, err = f.s.PutC2C(f.ctx, noFrom, []uint32{101}, nil)
 	notRetryable("PutC2C(no sender)", err)
 	f.wantCount(term(b, 101), 1)
 	if got := f.timeline(a, nil, 10); len(got) != 1 {
@@ -507,7 +508,7 @@ func testCanceledContext(t *testing.T, f *fixture) {
 	a, b := f.user(), f.user()
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	if _, _, err := f.s.PutC2C(ctx, newMsg(a, 101, b, "c", "x"), []uint32{101}); err == nil {
+	if _, _, err := f.s.PutC2C(ctx, newMsg(a, 101, b, "c", "x"), []uint32{101}, nil); err == nil {
 		t.Fatal("PutC2C with a canceled context: no error")
 	}
 	f.wantCount(term(b, 101), 0)
@@ -539,13 +540,13 @@ func testConcurrentWriters(t *testing.T, f *fixture) {
 			for i := range perSender {
 				to := rcpts[(s+i)%recipients]
 				m := newMsg(from[s], 101, to, fmt.Sprintf("w%d-%d", s, i), fmt.Sprintf("%d/%d", s, i))
-				id, dup, err := f.s.PutC2C(f.ctx, m, []uint32{101, 102})
+				id, dup, err := f.s.PutC2C(f.ctx, m, []uint32{101, 102}, nil)
 				if err == nil && (dup || id != m.Msgid) {
 					err = fmt.Errorf("sender %d msg %d: id %d dup %v", s, i, id, dup)
 				}
 				if err == nil && i%4 == 0 { // a retry of the same send
 					r := newMsg(from[s], 101, to, m.ClientMsgId, "retry")
-					id, dup, err = f.s.PutC2C(f.ctx, r, []uint32{101, 102})
+					id, dup, err = f.s.PutC2C(f.ctx, r, []uint32{101, 102}, nil)
 					if err == nil && (!dup || id != m.Msgid) {
 						err = fmt.Errorf("retry of sender %d msg %d: id %d dup %v", s, i, id, dup)
 					}
@@ -622,7 +623,7 @@ func testClosed(t *testing.T, f *fixture) {
 			t.Fatalf("%s after Close: %v, want ErrClosed", what, err)
 		}
 	}
-	_, _, err := f.s.PutC2C(f.ctx, newMsg(a, 101, b, "y", "y"), []uint32{101})
+	_, _, err := f.s.PutC2C(f.ctx, newMsg(a, 101, b, "y", "y"), []uint32{101}, nil)
 	check("PutC2C", err)
 	_, _, err = f.s.InboxCount(f.ctx, term(b, 101))
 	check("InboxCount", err)

@@ -84,7 +84,7 @@ func newMsg(from das.User, fromApp uint32, to das.User, cmid, content string) *p
 // put stores m and fails the test unless it was stored as new.
 func (f *fixture) put(m *pb.C2CMessage, inbox ...uint32) *pb.C2CMessage {
 	f.t.Helper()
-	id, dup, err := f.s.PutC2C(f.ctx, m, inbox)
+	id, dup, err := f.s.PutC2C(f.ctx, m, inbox, nil)
 	if err != nil {
 		f.t.Fatalf("PutC2C(%d): %v", m.Msgid, err)
 	}

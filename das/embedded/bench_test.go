@@ -48,7 +48,7 @@ func BenchmarkPutC2C(b *testing.B) {
 		syncs, start := walSyncs(b, s), time.Now()
 		b.ResetTimer()
 		for i := range b.N {
-			if _, _, err := s.PutC2C(ctx, benchMsg(uint64(i+1), from, to), []uint32{101, 102}); err != nil {
+			if _, _, err := s.PutC2C(ctx, benchMsg(uint64(i+1), from, to), []uint32{101, 102}, nil); err != nil {
 				b.Fatal(err)
 			}
 		}
@@ -67,7 +67,7 @@ func BenchmarkPutC2C(b *testing.B) {
 			from := user(100 + sender.Add(1))
 			to := user(2)
 			for pb.Next() {
-				if _, _, err := s.PutC2C(ctx, benchMsg(next.Add(1), from, to), []uint32{101, 102}); err != nil {
+				if _, _, err := s.PutC2C(ctx, benchMsg(next.Add(1), from, to), []uint32{101, 102}, nil); err != nil {
 					b.Error(err)
 					return
 				}
@@ -89,7 +89,7 @@ func fill(b testing.TB, s *Store, to das.User, n int) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		s.addMessage(batch, m, []uint32{101}, body)
+		s.addMessage(batch, m, []uint32{101}, nil, body)
 		if batch.Count() > 10000 || i == n-1 {
 			if err := batch.Commit(pebble.NoSync); err != nil {
 				b.Fatal(err)

@@ -1,6 +1,7 @@
 package embedded
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -23,19 +24,25 @@ func userOf(u *pb.User) das.User { return das.User{Account: u.GetAccount(), UID:
 // an empty ClientMsgId skips the check and the lock. Duplicate appcodes in
 // inbox are stored once. A key older than IdempotencyTTL that the janitor
 // has not removed yet counts as absent.
-func (s *Store) PutC2C(ctx context.Context, m *pb.C2CMessage, inbox []uint32) (uint64, bool, error) {
+func (s *Store) PutC2C(ctx context.Context, m *pb.C2CMessage, inbox, senderInbox []uint32) (uint64, bool, error) {
+	msgid, dup, err := s.putC2C(ctx, m, inbox, senderInbox)
+	das.LogWrite(ctx, s.log, "put_c2c", cmp.Or(msgid, m.GetMsgid()), dup, err)
+	return msgid, dup, err
+}
+
+func (s *Store) putC2C(ctx context.Context, m *pb.C2CMessage, inbox, senderInbox []uint32) (uint64, bool, error) {
 	if err := s.gate.Enter(ctx); err != nil {
 		return 0, false, err
 	}
 	defer s.gate.Exit()
-	body, appcodes, err := das.EncodeC2C(m, inbox)
+	body, appcodes, sapps, err := das.EncodeC2C(m, inbox, senderInbox)
 	if err != nil {
 		return 0, false, err
 	}
 
 	b := s.db.NewBatch()
 	defer b.Close()
-	s.addMessage(b, m, appcodes, body)
+	s.addMessage(b, m, appcodes, sapps, body)
 
 	if m.ClientMsgId == "" {
 		if err := b.Commit(pebble.Sync); err != nil {
@@ -104,11 +111,14 @@ func (s *Store) PutInbox(ctx context.Context, m *pb.C2CMessage, terminals []das.
 // addMessage adds the message row and its index rows to b. Batch.Set
 // fails only on a closed or read-only batch, neither of which can happen
 // here.
-func (s *Store) addMessage(b *pebble.Batch, m *pb.C2CMessage, appcodes []uint32, body []byte) {
+func (s *Store) addMessage(b *pebble.Batch, m *pb.C2CMessage, appcodes, senderAppcodes []uint32, body []byte) {
 	from, to := userOf(m.From), userOf(m.To)
-	_ = b.Set(msgKey(m.Msgid), encodeMessageValue(appcodes, body), nil)
+	_ = b.Set(msgKey(m.Msgid), encodeMessageValue(appcodes, senderAppcodes, body), nil)
 	for _, a := range appcodes {
 		_ = b.Set(inboxKey(das.Terminal{Account: to.Account, UID: to.UID, AppCode: a}, m.Msgid), nil, nil)
+	}
+	for _, a := range senderAppcodes {
+		_ = b.Set(inboxKey(das.Terminal{Account: from.Account, UID: from.UID, AppCode: a}, m.Msgid), nil, nil)
 	}
 	_ = b.Set(timelineKey(from, m.Msgid), encodePeer(to), nil)
 	_ = b.Set(convKey(from, to, m.Msgid), nil, nil)
@@ -233,7 +243,7 @@ func (s *Store) readMessage(r pebble.Reader, msgid uint64) (*pb.C2CMessage, erro
 		return nil, unavailable("read message", err)
 	}
 	defer closer.Close()
-	_, body, ok := decodeMessageValue(v)
+	_, _, body, ok := decodeMessageValue(v)
 	if !ok {
 		return nil, fmt.Errorf("das/embedded: corrupt message value %d", msgid)
 	}
@@ -292,7 +302,7 @@ func (s *Store) Ack(ctx context.Context, t das.Terminal, msgids []uint64) ([]*pb
 			return nil, nil, fmt.Errorf("ack: %w", err)
 		}
 		if m == nil {
-			s.log.Error("inbox row without message", "op", "ack", "msgid", id)
+			s.log.Error("inbox row without message", "op", "ack", "msgid", id, "logid", das.LogID(ctx))
 			m = &pb.C2CMessage{Msgid: id}
 		}
 		acked = append(acked, m)

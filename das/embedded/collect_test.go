@@ -42,7 +42,7 @@ func TestCollectorVersusReaders(t *testing.T) {
 		defer wg.Done()
 		for i := range n {
 			m := msgAt(uint64(1000+i), a, b, fmt.Sprint(i))
-			if _, _, err := s.PutC2C(ctx, m, []uint32{101}); err != nil {
+			if _, _, err := s.PutC2C(ctx, m, []uint32{101}, nil); err != nil {
 				t.Error(err)
 				return
 			}

@@ -59,7 +59,7 @@ func crashChild(dir string) {
 					Content:     []byte(crashContent(id)),
 					ClientMsgId: "c" + strconv.FormatUint(id, 10),
 				}
-				if _, _, err := s.PutC2C(ctx, m, []uint32{101, 102}); err != nil {
+				if _, _, err := s.PutC2C(ctx, m, []uint32{101, 102}, nil); err != nil {
 					fmt.Println("put:", err)
 					os.Exit(2)
 				}
@@ -196,7 +196,7 @@ func TestCrashSafety(t *testing.T) {
 	for id := range stored {
 		m := &pb.C2CMessage{Msgid: id + 1, From: &pb.User{Account: crashFrom.Account, Uid: crashFrom.UID}, FromAppcode: 101,
 			To: &pb.User{Account: crashTo.Account, Uid: crashTo.UID}, ClientMsgId: "c" + strconv.FormatUint(id, 10)}
-		if got, dup, err := s.PutC2C(ctx, m, []uint32{101, 102}); err != nil || !dup || got != id {
+		if got, dup, err := s.PutC2C(ctx, m, []uint32{101, 102}, nil); err != nil || !dup || got != id {
 			t.Fatalf("retry of %d after the crash = %d, dup %v, %v", id, got, dup, err)
 		}
 	}

@@ -456,12 +456,13 @@ func (s *Store) unreferenced(id uint64) (bool, error) {
 		}
 		return true, nil
 	}
-	appcodes, body, ok := decodeMessageValue(v)
+	appcodes, senderAppcodes, body, ok := decodeMessageValue(v)
 	m := new(pb.C2CMessage)
 	if ok {
 		ok = proto.Unmarshal(body, m) == nil
 	}
 	appcodes = slices.Clone(appcodes)
+	senderAppcodes = slices.Clone(senderAppcodes)
 	_ = closer.Close()
 	if !ok {
 		s.log.Error("corrupt message kept", "msgid", id)
@@ -471,6 +472,10 @@ func (s *Store) unreferenced(id uint64) (bool, error) {
 	keys := [][]byte{timelineKey(from, id), timelineKey(to, id)}
 	for i := 0; i+4 <= len(appcodes); i += 4 {
 		t := das.Terminal{Account: to.Account, UID: to.UID, AppCode: binary.BigEndian.Uint32(appcodes[i:])}
+		keys = append(keys, inboxKey(t, id))
+	}
+	for i := 0; i+4 <= len(senderAppcodes); i += 4 {
+		t := das.Terminal{Account: from.Account, UID: from.UID, AppCode: binary.BigEndian.Uint32(senderAppcodes[i:])}
 		keys = append(keys, inboxKey(t, id))
 	}
 	for _, k := range keys {

@@ -181,17 +181,35 @@ func afterBound(p []byte, after uint64) ([]byte, bool) {
 
 // Message values carry, before the marshalled pb.C2CMessage, the appcodes
 // whose inboxes received the message, so that the collector can find every
-// row that may point to it without a scan:
+// row that may point to it without a scan: the recipient's, then the
+// sender's other terminals' (multi-device):
 //
 //	version (1) | uvarint n | n × appcode (4) | pb.C2CMessage
-const msgValueVersion = 1
+//	version (3) | uvarint n | n × appcode (4) | uvarint k | k × appcode (4) | pb.C2CMessage
+//
+// Version 1 (no sender terminals) is still read; new messages without
+// sender terminals are written as version 1 too.
+const (
+	msgValueVersion     = 1
+	msgValueWithSenders = 3
+)
 
-func encodeMessageValue(appcodes []uint32, body []byte) []byte {
-	b := make([]byte, 0, 1+binary.MaxVarintLen32+4*len(appcodes)+len(body))
-	b = append(b, msgValueVersion)
+func encodeMessageValue(appcodes, senderAppcodes []uint32, body []byte) []byte {
+	b := make([]byte, 0, 2+2*binary.MaxVarintLen32+4*(len(appcodes)+len(senderAppcodes))+len(body))
+	if len(senderAppcodes) == 0 {
+		b = append(b, msgValueVersion)
+	} else {
+		b = append(b, msgValueWithSenders)
+	}
 	b = binary.AppendUvarint(b, uint64(len(appcodes)))
 	for _, a := range appcodes {
 		b = binary.BigEndian.AppendUint32(b, a)
+	}
+	if len(senderAppcodes) > 0 {
+		b = binary.AppendUvarint(b, uint64(len(senderAppcodes)))
+		for _, a := range senderAppcodes {
+			b = binary.BigEndian.AppendUint32(b, a)
+		}
 	}
 	return append(b, body...)
 }
@@ -235,28 +253,40 @@ func decodeInboxTerminals(v []byte) ([]das.Terminal, bool) {
 	return ts, true
 }
 
-// decodeMessageValue splits a message value into its inbox appcodes and
-// the marshalled message. appcodes aliases v. For a PutInbox value
-// appcodes is nil (see decodeInboxTerminals).
-func decodeMessageValue(v []byte) (appcodes []byte, body []byte, ok bool) {
+// decodeMessageValue splits a message value into its inbox appcodes (the
+// recipient's, then the sender's) and the marshalled message. The appcode
+// slices alias v. For a PutInbox value both are nil (see
+// decodeInboxTerminals).
+func decodeMessageValue(v []byte) (appcodes, senderAppcodes []byte, body []byte, ok bool) {
 	if len(v) >= 2 && v[0] == msgValueInbox {
 		n, w := binary.Uvarint(v[1:])
 		if w <= 0 || n == 0 || n > uint64(len(v)) || 1+w+terminalLen*int(n) > len(v) {
+			return nil, nil, nil, false
+		}
+		return nil, nil, v[1+w+terminalLen*int(n):], true
+	}
+	if len(v) < 2 || (v[0] != msgValueVersion && v[0] != msgValueWithSenders) {
+		return nil, nil, nil, false
+	}
+	list := func(p []byte) (codes, rest []byte, ok bool) {
+		n, w := binary.Uvarint(p)
+		if w <= 0 || n > uint64(len(p)) {
 			return nil, nil, false
 		}
-		return nil, v[1+w+terminalLen*int(n):], true
+		end := w + 4*int(n)
+		if end > len(p) {
+			return nil, nil, false
+		}
+		return p[w:end], p[end:], true
 	}
-	if len(v) < 2 || v[0] != msgValueVersion {
-		return nil, nil, false
+	appcodes, rest, ok := list(v[1:])
+	if !ok {
+		return nil, nil, nil, false
 	}
-	n, w := binary.Uvarint(v[1:])
-	if w <= 0 || n > uint64(len(v)) {
-		return nil, nil, false
+	if v[0] == msgValueWithSenders {
+		if senderAppcodes, rest, ok = list(rest); !ok {
+			return nil, nil, nil, false
+		}
 	}
-	start := 1 + w
-	end := start + 4*int(n)
-	if end > len(v) {
-		return nil, nil, false
-	}
-	return v[start:end], v[end:], true
+	return appcodes, senderAppcodes, rest, true
 }

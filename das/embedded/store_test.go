@@ -72,7 +72,7 @@ func msgAt(id uint64, from, to das.User, cmid string) *pb.C2CMessage {
 
 func mustPut(t *testing.T, s *Store, m *pb.C2CMessage, inbox ...uint32) {
 	t.Helper()
-	if _, dup, err := s.PutC2C(ctx, m, inbox); err != nil || dup {
+	if _, dup, err := s.PutC2C(ctx, m, inbox, nil); err != nil || dup {
 		t.Fatalf("PutC2C(%d): dup %v, %v", m.Msgid, dup, err)
 	}
 }
@@ -154,13 +154,18 @@ func TestKeys(t *testing.T) {
 	if _, ok := afterBound(p, ^uint64(0)); ok {
 		t.Fatal("afterBound(MaxUint64) exists")
 	}
-	v := encodeMessageValue([]uint32{101, 102}, []byte("body"))
-	apps, body, ok := decodeMessageValue(v)
-	if !ok || len(apps) != 8 || string(body) != "body" {
-		t.Fatalf("decodeMessageValue = %v, %q, %v", apps, body, ok)
+	v := encodeMessageValue([]uint32{101, 102}, nil, []byte("body"))
+	apps, sapps, body, ok := decodeMessageValue(v)
+	if !ok || len(apps) != 8 || len(sapps) != 0 || string(body) != "body" {
+		t.Fatalf("decodeMessageValue = %v, %v, %q, %v", apps, sapps, body, ok)
 	}
-	for _, bad := range [][]byte{nil, {msgValueVersion}, {2, 0}, {msgValueVersion, 5, 0}} {
-		if _, _, ok := decodeMessageValue(bad); ok {
+	v = encodeMessageValue([]uint32{101}, []uint32{102, 103}, []byte("body"))
+	apps, sapps, body, ok = decodeMessageValue(v)
+	if !ok || len(apps) != 4 || len(sapps) != 8 || string(body) != "body" {
+		t.Fatalf("decodeMessageValue with sender terminals = %v, %v, %q, %v", apps, sapps, body, ok)
+	}
+	for _, bad := range [][]byte{nil, {msgValueVersion}, {2, 0}, {msgValueVersion, 5, 0}, {msgValueWithSenders, 0}, {msgValueWithSenders, 0, 2, 0}} {
+		if _, _, _, ok := decodeMessageValue(bad); ok {
 			t.Fatalf("decodeMessageValue(%v) ok", bad)
 		}
 	}
@@ -202,7 +207,7 @@ func TestReopen(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	if id, dup, err := s.PutC2C(ctx, msgAt(501, a, b, "k"), []uint32{101}); err != nil || !dup || id != 500 {
+	if id, dup, err := s.PutC2C(ctx, msgAt(501, a, b, "k"), []uint32{101}, nil); err != nil || !dup || id != 500 {
 		t.Fatalf("retry after reopen = %d, %v, %v", id, dup, err)
 	}
 	if got := historyIDs(t, s, b, &a); !equalIDs(got, 500) {
@@ -356,12 +361,12 @@ func TestIdempotencyTTL(t *testing.T) {
 	mustPut(t, s, msgAt(11, a, b, "k2"), 101)
 	advance(30 * time.Minute)
 	mustPut(t, s, msgAt(12, a, b, "k3"), 101)
-	if id, dup, _ := s.PutC2C(ctx, msgAt(20, a, b, "k1"), []uint32{101}); !dup || id != 10 {
+	if id, dup, _ := s.PutC2C(ctx, msgAt(20, a, b, "k1"), []uint32{101}, nil); !dup || id != 10 {
 		t.Fatalf("retry within the TTL = %d, %v", id, dup)
 	}
 	advance(31 * time.Minute) // k1, k2 expired; k3 not
 	// Expired but not swept: a retry stores a new message.
-	if id, dup, err := s.PutC2C(ctx, msgAt(21, a, b, "k1"), []uint32{101}); err != nil || dup || id != 21 {
+	if id, dup, err := s.PutC2C(ctx, msgAt(21, a, b, "k1"), []uint32{101}, nil); err != nil || dup || id != 21 {
 		t.Fatalf("retry after the TTL = %d, %v, %v", id, dup, err)
 	}
 	st := sweep(t, s)
@@ -371,10 +376,10 @@ func TestIdempotencyTTL(t *testing.T) {
 	if n, q := countTag(t, s, tagIdem), countTag(t, s, tagIdemQueue); n != 2 || q != 2 {
 		t.Fatalf("%d keys, %d queue rows left; want 2, 2", n, q)
 	}
-	if id, dup, _ := s.PutC2C(ctx, msgAt(22, a, b, "k1"), []uint32{101}); !dup || id != 21 {
+	if id, dup, _ := s.PutC2C(ctx, msgAt(22, a, b, "k1"), []uint32{101}, nil); !dup || id != 21 {
 		t.Fatalf("retry of the replaced key = %d, %v", id, dup)
 	}
-	if id, dup, _ := s.PutC2C(ctx, msgAt(23, a, b, "k3"), []uint32{101}); !dup || id != 12 {
+	if id, dup, _ := s.PutC2C(ctx, msgAt(23, a, b, "k3"), []uint32{101}, nil); !dup || id != 12 {
 		t.Fatalf("retry of k3 = %d, %v", id, dup)
 	}
 	advance(2 * time.Hour)
@@ -415,7 +420,7 @@ func TestIdempotencyExpiryRace(t *testing.T) {
 	go func() {
 		defer wg.Done()
 		for i := range keys {
-			id, dup, err := s.PutC2C(ctx, msgAt(uint64(5000+i), a, b, fmt.Sprint("k", i)), []uint32{101})
+			id, dup, err := s.PutC2C(ctx, msgAt(uint64(5000+i), a, b, fmt.Sprint("k", i)), []uint32{101}, nil)
 			if err != nil || dup {
 				t.Errorf("retry %d after expiry: dup %v, %v", i, dup, err)
 			}
@@ -425,7 +430,7 @@ func TestIdempotencyExpiryRace(t *testing.T) {
 	wg.Wait()
 	sweep(t, s)
 	for i := range keys {
-		if id, dup, err := s.PutC2C(ctx, msgAt(uint64(9000+i), a, b, fmt.Sprint("k", i)), []uint32{101}); err != nil || !dup || id != stored[i] {
+		if id, dup, err := s.PutC2C(ctx, msgAt(uint64(9000+i), a, b, fmt.Sprint("k", i)), []uint32{101}, nil); err != nil || !dup || id != stored[i] {
 			t.Fatalf("key %d: %d, dup %v, %v; want %d", i, id, dup, err, stored[i])
 		}
 	}
@@ -444,7 +449,7 @@ func TestCloseWhileBusy(t *testing.T) {
 			defer wg.Done()
 			for i := 0; ; i++ {
 				id := uint64(w)<<32 | uint64(i+1)
-				_, _, err := s.PutC2C(ctx, msgAt(id, a, b, fmt.Sprint(id)), []uint32{101})
+				_, _, err := s.PutC2C(ctx, msgAt(id, a, b, fmt.Sprint(id)), []uint32{101}, nil)
 				if err == nil {
 					_, _, err = s.Ack(ctx, term(b, 101), []uint64{id})
 				}
@@ -505,7 +510,7 @@ func TestGroupCommit(t *testing.T) {
 			defer wg.Done()
 			for i := range each {
 				id := uint64(1000 + w*each + i)
-				if _, _, err := s.PutC2C(ctx, msgAt(id, a, b, fmt.Sprint(id)), []uint32{101, 102}); err != nil {
+				if _, _, err := s.PutC2C(ctx, msgAt(id, a, b, fmt.Sprint(id)), []uint32{101, 102}, nil); err != nil {
 					t.Error(err)
 				}
 			}

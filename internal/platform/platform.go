@@ -175,8 +175,15 @@ func (p *Platform) startLogic(cfg config.Config, log *slog.Logger, reg prometheu
 	if err := p.openBus(cfg, log, reg); err != nil {
 		return err
 	}
+	// Push statistics live beside the router: in Redis, every logic node
+	// of the DC counts acks and answers for any push.
+	var ledger router.PushLedger
+	if p.redis != nil {
+		ledger = p.redis
+	}
 	svc, err := logic.New(logic.Options{
-		Apps: cfg.Apps, Router: p.Router, Logger: log.With("tier", "logic"), Registry: reg,
+		PushLedger: ledger,
+		Apps:       cfg.Apps, Router: p.Router, Logger: log.With("tier", "logic"), Registry: reg,
 		Store: store, NodeID: cfg.NodeID, C2C: cfg.C2C, S2C: cfg.S2C, C2S: cfg.C2S, Bus: p.producer,
 	})
 	if err != nil {

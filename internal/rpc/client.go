@@ -308,7 +308,7 @@ func (c *Client) handle(ctx context.Context, l *Link, f *schema.Frame) ([]byte, 
 			return nil, schema.Errorf(schema.StatusBadArgument, "rpc: push of unknown command %#x", in.GetCmd())
 		}
 		queued := make([]bool, len(in.GetConns()))
-		if err := gb.g.Push(ctx, in.GetConns(), schema.Cmd(in.GetCmd()), in.GetMsgtype(), in.GetBody(), queued); err != nil {
+		if err := gb.g.Push(ctx, in.GetConns(), schema.Cmd(in.GetCmd()), in.GetMsgtype(), f.LogID, in.GetBody(), queued); err != nil {
 			return nil, err
 		}
 		return proto.Marshal(&pb.RPCPushResponse{Queued: queued})
@@ -317,7 +317,7 @@ func (c *Client) handle(ctx context.Context, l *Link, f *schema.Frame) ([]byte, 
 		if err := proto.Unmarshal(f.Body, &in); err != nil {
 			return nil, badBody(f.Cmd, err)
 		}
-		if err := gb.g.Kick(ctx, in.GetConn(), in.GetKickout()); err != nil {
+		if err := gb.g.Kick(ctx, in.GetConn(), in.GetKickout(), f.LogID); err != nil {
 			return nil, schema.Errorf(schema.StatusUnknownConn, "%v", err)
 		}
 		return nil, nil

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"net"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -192,6 +193,7 @@ type fakeGate struct {
 	pushed   map[uint64][][]byte
 	kicked   []uint64
 	sessions []router.Session
+	logids   []uint64 // of every push and kick
 }
 
 func (g *fakeGate) Sessions() []router.Session {
@@ -200,9 +202,10 @@ func (g *fakeGate) Sessions() []router.Session {
 	return append([]router.Session(nil), g.sessions...)
 }
 
-func (g *fakeGate) Kick(_ context.Context, conn uint64, _ *pb.Kickout) error {
+func (g *fakeGate) Kick(_ context.Context, conn uint64, _ *pb.Kickout, logid uint64) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	g.logids = append(g.logids, logid)
 	if _, ok := g.pushed[conn]; !ok {
 		return errors.New("unknown conn")
 	}
@@ -210,9 +213,10 @@ func (g *fakeGate) Kick(_ context.Context, conn uint64, _ *pb.Kickout) error {
 	return nil
 }
 
-func (g *fakeGate) Push(_ context.Context, conns []uint64, _ schema.Cmd, _ uint32, body []byte, queued []bool) error {
+func (g *fakeGate) Push(_ context.Context, conns []uint64, _ schema.Cmd, _ uint32, logid uint64, body []byte, queued []bool) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	g.logids = append(g.logids, logid)
 	for i, c := range conns {
 		if _, ok := g.pushed[c]; ok {
 			g.pushed[c] = append(g.pushed[c], append([]byte(nil), body...))
@@ -388,13 +392,19 @@ func TestPushOverLink(t *testing.T) {
 	}
 	srv.mu.Unlock()
 	queued := make([]bool, 3)
-	if err := (remoteGate{l}).Push(context.Background(), []uint64{10, 99, 11}, schema.CmdS2C, 5, []byte("hi"), queued); err != nil {
+	if err := (remoteGate{l}).Push(context.Background(), []uint64{10, 99, 11}, schema.CmdS2C, 5, 0xfeedbeef12345, []byte("hi"), queued); err != nil {
 		t.Fatal(err)
+	}
+	g.mu.Lock()
+	logids := slices.Clone(g.logids)
+	g.mu.Unlock()
+	if len(logids) != 1 || logids[0] != 0xfeedbeef12345 {
+		t.Fatalf("the gateway saw logids %x, want the push's feedbeef12345", logids)
 	}
 	if !queued[0] || queued[1] || !queued[2] {
 		t.Fatalf("queued %v, want [true false true]", queued)
 	}
-	err := (remoteGate{l}).Kick(context.Background(), 99, &pb.Kickout{})
+	err := (remoteGate{l}).Kick(context.Background(), 99, &pb.Kickout{}, 7)
 	var se *schema.Error
 	if !errors.As(err, &se) || se.Status != schema.StatusUnknownConn {
 		t.Fatalf("kick of an unknown conn: %v", err)

@@ -302,15 +302,16 @@ type remoteGate struct{ l *Link }
 var _ logic.Gate = remoteGate{}
 
 // Kick implements logic.Gate.
-func (g remoteGate) Kick(ctx context.Context, conn uint64, k *pb.Kickout) error {
-	_, err := g.l.Call(ctx, schema.Header{Cmd: schema.RPCKick}, &pb.RPCKick{Conn: conn, Kickout: k}, nil)
+func (g remoteGate) Kick(ctx context.Context, conn uint64, k *pb.Kickout, logid uint64) error {
+	_, err := g.l.Call(ctx, schema.Header{Cmd: schema.RPCKick, LogID: logid}, &pb.RPCKick{Conn: conn, Kickout: k}, nil)
 	return err
 }
 
-// Push implements logic.Gate: one frame for every connection in conns.
-func (g remoteGate) Push(ctx context.Context, conns []uint64, cmd schema.Cmd, msgtype uint32, body []byte, queued []bool) error {
+// Push implements logic.Gate: one frame for every connection in conns,
+// whose header carries the notify's trace id.
+func (g remoteGate) Push(ctx context.Context, conns []uint64, cmd schema.Cmd, msgtype uint32, logid uint64, body []byte, queued []bool) error {
 	var resp pb.RPCPushResponse
-	if _, err := g.l.Call(ctx, schema.Header{Cmd: schema.RPCPush, MsgType: msgtype}, &pb.RPCPush{Conns: conns, Cmd: uint32(cmd), Msgtype: msgtype, Body: body}, &resp); err != nil {
+	if _, err := g.l.Call(ctx, schema.Header{Cmd: schema.RPCPush, MsgType: msgtype, LogID: logid}, &pb.RPCPush{Conns: conns, Cmd: uint32(cmd), Msgtype: msgtype, Body: body}, &resp); err != nil {
 		return err
 	}
 	q := resp.GetQueued()
