@@ -139,7 +139,9 @@ func (s *Service) c2cSend(ctx context.Context, sess router.Session, h *schema.He
 	// Notify before answering: a sender that sends its next message only
 	// after this response cannot overtake this notify on any connection.
 	// Every terminal of the recipient gets it, and every other terminal of
-	// the sender (not the sending connection, which has the answer).
+	// the sender. The sending terminal (appcode) does not, on any of its
+	// connections: it has the answer, and a reconnect that overtook this
+	// request must not show the user's own message as a new one.
 	nb, _ := proto.Marshal(&pb.C2CNotify{Messages: []*pb.C2CMessage{m}})
 	n := s.pushUser(ctx, userOf(to), nil, schema.CmdC2CNotify, h.MsgType, nb, h.LogID)
 	if to.Account != sess.Account || to.Uid != sess.UID {
@@ -150,8 +152,8 @@ func (s *Service) c2cSend(ctx context.Context, sess router.Session, h *schema.He
 	return proto.Marshal(&pb.C2CSendResponse{Msgid: msgid, StoredAtMs: now.UnixMilli(), Duplicate: dup})
 }
 
-// pushUser sends a notify to every online session of u but skip (nil for
-// none) and returns how many took it.
+// pushUser sends a notify to every online session of u but those on the
+// terminal (appcode) of skip (nil for none) and returns how many took it.
 func (s *Service) pushUser(ctx context.Context, u das.User, skip *router.Session, cmd schema.Cmd, msgtype uint32, body []byte, logid uint64) int {
 	sessions, err := s.router.Lookup(ctx, router.User{Account: u.Account, UID: u.UID})
 	if err != nil {
@@ -159,7 +161,7 @@ func (s *Service) pushUser(ctx context.Context, u das.User, skip *router.Session
 		return 0
 	}
 	if skip != nil {
-		sessions = slices.DeleteFunc(sessions, func(o router.Session) bool { return o.Gate == skip.Gate && o.Conn == skip.Conn })
+		sessions = slices.DeleteFunc(sessions, func(o router.Session) bool { return o.AppCode == skip.AppCode })
 	}
 	queued := make([]bool, len(sessions))
 	s.pushSessions(ctx, sessions, cmd, msgtype, body, queued, logid)

@@ -18,8 +18,8 @@ import (
 // TestC2CSoak: users on two terminals each exchange messages while
 // connections are cut at random and some sends are duplicated. Counting,
 // not sampling: every message whose send returned is delivered exactly
-// once to each terminal of its recipient, in per-sender order, and every
-// inbox ends empty. It sends 20,000 messages (4,000 under the race
+// once to each terminal of its recipient and to the sender's other
+// terminal, in per-sender order, and every inbox ends empty. It sends 20,000 messages (4,000 under the race
 // detector or -short; `make test` runs it both ways); IMD_SOAK_MESSAGES
 // overrides the count.
 func TestC2CSoak(t *testing.T) {
@@ -137,21 +137,29 @@ func TestC2CSoak(t *testing.T) {
 	close(stop)
 	chaos.Wait()
 
-	// Expected per recipient: each sender's contents in order.
-	want := make(map[uint64]map[uint64][]string) // to -> from -> contents
+	// Expected per terminal: each sender's contents in order; the
+	// sender's own 102 terminal (index 1) shows what it sent from 101.
+	want := make(map[uint64][2]map[uint64][]string) // uid -> terminal -> from -> contents
+	add := func(uid uint64, term int, from uint64, c string) {
+		w := want[uid]
+		if w[term] == nil {
+			w[term] = map[uint64][]string{}
+		}
+		w[term][from] = append(w[term][from], c)
+		want[uid] = w
+	}
 	stored := 0
 	for from := uint64(1); from <= users; from++ {
 		for _, m := range sent[from] {
-			if want[m.to] == nil {
-				want[m.to] = map[uint64][]string{}
-			}
-			want[m.to][from] = append(want[m.to][from], m.content)
+			add(m.to, 0, from, m.content)
+			add(m.to, 1, from, m.content)
+			add(from, 1, from, m.content)
 			stored++
 		}
 	}
-	expect := func(uid uint64) int {
+	expect := func(uid uint64, term int) int {
 		n := 0
-		for _, l := range want[uid] {
+		for _, l := range want[uid][term] {
 			n += len(l)
 		}
 		return n
@@ -159,11 +167,11 @@ func TestC2CSoak(t *testing.T) {
 	deadline := time.Now().Add(60 * time.Second)
 	for uid := uint64(1); uid <= users; uid++ {
 		for i, tm := range terms[uid] {
-			for tm.rec.len() < expect(uid) && time.Now().Before(deadline) {
+			for tm.rec.len() < expect(uid, i) && time.Now().Before(deadline) {
 				time.Sleep(10 * time.Millisecond)
 			}
-			if tm.rec.len() < expect(uid) {
-				t.Fatalf("uid %d terminal %d: %d of %d messages delivered", uid, i, tm.rec.len(), expect(uid))
+			if tm.rec.len() < expect(uid, i) {
+				t.Fatalf("uid %d terminal %d: %d of %d messages delivered", uid, i, tm.rec.len(), expect(uid, i))
 			}
 		}
 	}
@@ -180,7 +188,7 @@ func TestC2CSoak(t *testing.T) {
 				from, _ := strconv.ParseUint(c[1:3], 10, 64)
 				got[from] = append(got[from], c)
 			}
-			for from, w := range want[uid] {
+			for from, w := range want[uid][i] {
 				g := got[from]
 				if len(g) != len(w) {
 					t.Fatalf("uid %d terminal %d from %d: got %d messages, want %d", uid, i, from, len(g), len(w))
@@ -191,7 +199,7 @@ func TestC2CSoak(t *testing.T) {
 					}
 				}
 			}
-			if len(got) != len(want[uid]) {
+			if len(got) != len(want[uid][i]) {
 				t.Fatalf("uid %d terminal %d: messages from unexpected senders", uid, i)
 			}
 		}
