@@ -56,6 +56,7 @@ type Platform struct {
 	producer *bus.KafkaProducer
 	kafka    []string
 	busOnce  sync.Once
+	unlock   func() // releases the data dir; nil when not held
 
 	redis     *router.Redis // membership and router; nil without cluster.redis
 	redisOpts router.RedisOptions
@@ -98,6 +99,13 @@ func StartRole(role string, cfg config.Config, log *slog.Logger) (p *Platform, e
 			p.stop(context.Background())
 		}
 	}()
+	// First, before the store and the broker take locks of their own that
+	// would fail with a bare "resource temporarily unavailable".
+	if usesDataDir(role, cfg) {
+		if p.unlock, err = lockDataDir(cfg.DataDir); err != nil {
+			return p, err
+		}
+	}
 	if err := p.openCluster(cfg); err != nil {
 		return p, err
 	}
@@ -451,6 +459,10 @@ func (p *Platform) closeBackends(ctx context.Context) error {
 	err := p.closeBus(ctx)
 	if p.Store != nil {
 		err = errors.Join(err, p.Store.Close())
+	}
+	if p.unlock != nil {
+		p.unlock()
+		p.unlock = nil
 	}
 	return err
 }
