@@ -1,14 +1,18 @@
 package sdk
 
 import (
+	"bytes"
 	"context"
 	crand "crypto/rand"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"runtime"
 	"slices"
+	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/imd-dev/imd/schema"
@@ -169,20 +173,22 @@ type inbox struct {
 	ring []uint64
 	next int
 
-	// stepMu orders finish against loop: loop holds it from a callback's
-	// return until the item is queued for its ack, and checks closing
-	// under it before each callback, so once finish has set closing every
-	// item whose callback returned before is in pending or pulled.
-	stepMu  sync.Mutex
-	closing bool
+	// stepMu orders finish against loop. loop checks closing under it
+	// before each callback and, after the callback, records the id and
+	// queues its ack under it; busy is open while a callback runs. So
+	// finish, having set closing and waited for busy (unless a callback
+	// itself called Close), finds every item whose callback returned in
+	// pending or pulled, and no callback starts after it.
+	stepMu   sync.Mutex
+	closing  bool
+	busy     chan struct{} // closed when the running callback's item is queued
+	loopGoid atomic.Uint64 // the goroutine running loop and the callbacks
 
 	ackMu      sync.Mutex
 	pending    []uint64 // delivered from a c2c notify or the last page, not yet acknowledged
 	pendingS2C []uint64 // live pushes delivered, not yet acknowledged
 	pulled     []uint64 // delivered from an offline page; the next pull acknowledges them
-	unsaved    []uint64 // shown, not yet recorded in Options.State (nil without State)
 
-	saveMu  sync.Mutex    // held while unsaved ids are written to Options.State
 	flushMu chan struct{} // a token held while acks are sent
 }
 
@@ -271,6 +277,7 @@ func (in *inbox) pushed(body []byte) {
 // them.
 func (in *inbox) loop() {
 	defer in.c.wg.Done()
+	in.loopGoid.Store(goid())
 	tick := time.NewTicker(in.c.opts.AckDelay)
 	defer tick.Stop()
 	for {
@@ -281,8 +288,8 @@ func (in *inbox) loop() {
 		for _, it := range items {
 			if it.barrier != nil {
 				// The page is acknowledged by the next pull, which the
-				// barrier lets go: record what was shown first.
-				in.save()
+				// barrier lets go: what it showed is made durable first.
+				in.syncState()
 				close(it.barrier)
 				continue
 			}
@@ -290,12 +297,17 @@ func (in *inbox) loop() {
 				continue
 			}
 			in.stepMu.Lock()
-			closing := in.closing
-			in.stepMu.Unlock()
-			if closing {
+			if in.closing {
+				in.stepMu.Unlock()
 				continue // Close or Logout: nothing more is shown or acknowledged
 			}
 			first := in.firstTime(it.m.Msgid)
+			var busy chan struct{}
+			if first {
+				busy = make(chan struct{})
+				in.busy = busy
+			}
+			in.stepMu.Unlock()
 			if first {
 				if isPush(it.m) {
 					in.c.opts.OnS2C(&pb.S2CNotify{PushId: it.m.Msgid, Msgtype: it.m.Msgtype, Content: it.m.Content, SentAtMs: it.m.SentAtMs})
@@ -304,12 +316,17 @@ func (in *inbox) loop() {
 				}
 			}
 			in.stepMu.Lock()
+			if first && in.c.opts.State != nil {
+				// Recorded after the app showed it and before its ack can
+				// go: a process killed in between drops the copy the next
+				// one pulls.
+				if err := in.c.opts.State.SaveShown([]uint64{it.m.Msgid}); err != nil {
+					in.c.log.Warn("sdk: could not record a shown message", "msgid", it.m.Msgid, "err", err)
+				}
+			}
 			// Ack duplicates too: a message shown before and delivered
 			// again is still in the inbox because its ack was lost.
 			in.ackMu.Lock()
-			if first && in.c.opts.State != nil {
-				in.unsaved = append(in.unsaved, it.m.Msgid)
-			}
 			switch {
 			case it.fromPull:
 				in.pulled = append(in.pulled, it.m.Msgid)
@@ -320,13 +337,17 @@ func (in *inbox) loop() {
 			}
 			n := len(in.pending) + len(in.pendingS2C)
 			in.ackMu.Unlock()
-			closing = in.closing
+			if busy != nil {
+				in.busy = nil
+				close(busy)
+			}
+			closing := in.closing
 			in.stepMu.Unlock()
 			if closing {
-				// Close came while the callback ran: the ack may not go
-				// out any more, but the next process can still drop the
-				// copy.
-				in.save()
+				// Close was called from the callback: the ack cannot go
+				// out any more, but the record lets the next client drop
+				// the copy.
+				in.syncState()
 			} else if n >= 200 {
 				in.flushAcks()
 			}
@@ -356,27 +377,18 @@ func (in *inbox) firstTime(id uint64) bool {
 	return true
 }
 
-// save records the shown ids not recorded yet in Options.State. Every id
-// is queued for saving together with (or before) its ack, so an ack taken
-// from the queues before a save is recorded when the save returns. A
-// failure is logged and the acks go anyway: this client still remembers
-// the ids, and holding the acks back would not make a record.
-func (in *inbox) save() {
-	st := in.c.opts.State
-	if st == nil {
+// syncState makes the shown ids recorded so far durable, when
+// Options.State has a Sync method: before acks go, and before a pull
+// acknowledges the page shown. A failure is logged and the acks go anyway:
+// the records survive a kill of the process already, and holding the acks
+// back would not make them durable.
+func (in *inbox) syncState() {
+	s, ok := in.c.opts.State.(interface{ Sync() error })
+	if !ok {
 		return
 	}
-	in.saveMu.Lock()
-	defer in.saveMu.Unlock()
-	in.ackMu.Lock()
-	ids := in.unsaved
-	in.unsaved = nil
-	in.ackMu.Unlock()
-	if len(ids) == 0 {
-		return
-	}
-	if err := st.SaveShown(ids); err != nil {
-		in.c.log.Warn("sdk: could not record shown messages", "n", len(ids), "err", err)
+	if err := s.Sync(); err != nil {
+		in.c.log.Warn("sdk: could not sync the state", "err", err)
 	}
 }
 
@@ -386,7 +398,17 @@ func (in *inbox) save() {
 func (in *inbox) finish(ctx context.Context) {
 	in.stepMu.Lock()
 	in.closing = true
+	busy := in.busy
 	in.stepMu.Unlock()
+	// A callback still running when Close is called has not shown its
+	// message yet, but the one that has just returned has: wait for the
+	// loop to queue its ack. Not when the callback is the caller.
+	if busy != nil && goid() != in.loopGoid.Load() {
+		select {
+		case <-busy:
+		case <-ctx.Done():
+		}
+	}
 	select {
 	case in.flushMu <- struct{}{}: // an ack flush in flight is done
 		defer func() { <-in.flushMu }()
@@ -397,7 +419,7 @@ func (in *inbox) finish(ctx context.Context) {
 	pushes := in.pendingS2C
 	in.pending, in.pulled, in.pendingS2C = nil, nil, nil
 	in.ackMu.Unlock()
-	in.save()
+	in.syncState()
 	if len(ids) == 0 && len(pushes) == 0 {
 		return
 	}
@@ -432,7 +454,7 @@ func (in *inbox) flushAcks() {
 	ids, pushes := in.pending, in.pendingS2C
 	in.pending, in.pendingS2C = nil, nil
 	in.ackMu.Unlock()
-	in.save() // shown ids are recorded before their acks go
+	in.syncState() // the ids taken were recorded before they were queued
 	if len(ids) == 0 && len(pushes) == 0 {
 		return
 	}
@@ -587,4 +609,18 @@ func (c *Client) SendC2S(ctx context.Context, msgtype uint32, content []byte) (*
 		return nil, err
 	}
 	return &resp, nil
+}
+
+// goid returns the id of the calling goroutine, read from the header of its
+// stack trace ("goroutine 18 [running]:"). Close uses it only to tell
+// whether it was called from a callback, which it must not wait for.
+func goid() uint64 {
+	var buf [64]byte
+	b := buf[:runtime.Stack(buf[:], false)]
+	b = bytes.TrimPrefix(b, []byte("goroutine "))
+	if i := bytes.IndexByte(b, ' '); i > 0 {
+		b = b[:i]
+	}
+	id, _ := strconv.ParseUint(string(b), 10, 64)
+	return id
 }

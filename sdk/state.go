@@ -22,19 +22,25 @@ import (
 // One store belongs to one terminal (appcode, uid and DeviceID) and is used
 // by one Client at a time. The client calls Load once, in Dial, and the
 // other methods from its own goroutines, possibly concurrently.
+//
+// A store may also have a method Sync() error: the client then calls it
+// before it sends acknowledgements (once per batch), so a store can leave
+// SaveShown's records in the operating system's cache, where they survive
+// a kill of the process, and make them durable against a crash of the
+// device only when it matters.
 type StateStore interface {
 	// Load returns what was saved before.
 	Load() (SavedState, error)
 	// SaveShown records ids the app has been shown. The client calls it
-	// after the callbacks (OnC2C, OnS2C) returned and before it sends the
-	// acknowledgements that remove these ids from the inbox, so once it
+	// as soon as a callback (OnC2C, OnS2C) returned, and before it queues
+	// the acknowledgement that removes the id from the inbox; once it
 	// returns nil the ids must be readable by the next Load even if the
 	// process is killed. A store may forget the oldest ids beyond
 	// Options.DedupSize.
 	SaveShown(ids []uint64) error
 	// SaveSent records msgid as the highest msgid this terminal has been
-	// answered for a message it sent. It is called with increasing values
-	// only.
+	// answered for a message it sent, before the send returns. It is
+	// called with increasing values only.
 	SaveSent(msgid uint64) error
 }
 
@@ -60,7 +66,8 @@ type FileStore struct {
 	f     *os.File
 	shown []uint64 // the last keep ids, oldest first
 	sent  uint64
-	lines int // records in the file, to know when to compact it
+	lines int  // records in the file, to know when to compact it
+	dirty bool // written since the last fsync
 	buf   []byte
 }
 
@@ -69,14 +76,15 @@ type FileStore struct {
 // DedupSize; give the client's DedupSize if it is larger).
 //
 // The file is a log of text records, one a line, appended to with one
-// write per call. Every SaveShown and SaveSent call is written and fsynced
-// before it returns, so the records survive the process being killed and
-// also a crash of the device. The client calls SaveShown once per batch of
-// acknowledgements (at most every Options.AckDelay or every offline page),
-// not once per message. A last line torn by a crash during a write is
+// write per call. Fsync policy: SaveShown (called once per message shown)
+// only writes, which survives the process being killed; Sync, which the
+// client calls before each batch of acknowledgements (at most every
+// Options.AckDelay, and before each offline page is acknowledged), fsyncs,
+// so what was acknowledged also survives a crash of the device. SaveSent
+// writes and fsyncs at once. A last line torn by a crash during a write is
 // ignored and cut off when the file is opened again. When the log holds
-// about twice keep records it is rewritten (to a temporary file renamed
-// over the old one), so it stays around keep lines.
+// about twice keep records it is rewritten (to a temporary file that is
+// fsynced and renamed over the old one), so it stays around keep lines.
 //
 // Call Close when no client uses the store any more; a client does not
 // close the store it was given.
@@ -187,7 +195,21 @@ func (s *FileStore) SaveShown(ids []uint64) error {
 	for _, id := range ids {
 		s.addShown(id)
 	}
-	return s.append(b, len(ids))
+	return s.append(b, len(ids), false)
+}
+
+// Sync makes the records written so far durable (fsync).
+func (s *FileStore) Sync() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.f == nil || !s.dirty {
+		return nil
+	}
+	if err := s.f.Sync(); err != nil {
+		return fmt.Errorf("sdk: state file: %w", err)
+	}
+	s.dirty = false
+	return nil
 }
 
 // SaveSent implements StateStore.
@@ -200,19 +222,24 @@ func (s *FileStore) SaveSent(msgid uint64) error {
 	b := strconv.AppendUint(append(s.buf[:0], 'a', ' '), msgid, 10)
 	s.buf = append(b, '\n')
 	s.sent = msgid
-	return s.append(s.buf, 1)
+	return s.append(s.buf, 1, true)
 }
 
-// append writes and syncs records, then compacts the log when it is long.
-func (s *FileStore) append(b []byte, n int) error {
+// append writes n records (and fsyncs them when sync is set), then
+// compacts the log when it is long.
+func (s *FileStore) append(b []byte, n int, sync bool) error {
 	if s.f == nil {
 		return errors.New("sdk: state file closed")
 	}
 	if _, err := s.f.Write(b); err != nil {
 		return fmt.Errorf("sdk: state file: %w", err)
 	}
-	if err := s.f.Sync(); err != nil {
-		return fmt.Errorf("sdk: state file: %w", err)
+	s.dirty = true
+	if sync {
+		if err := s.f.Sync(); err != nil {
+			return fmt.Errorf("sdk: state file: %w", err)
+		}
+		s.dirty = false
 	}
 	s.lines += n
 	if s.lines > 2*s.keep {
@@ -255,6 +282,7 @@ func (s *FileStore) compact() error {
 		return fmt.Errorf("sdk: state file: %w", err)
 	}
 	s.f = f
+	s.dirty = false // the rewritten file was fsynced
 	s.lines = len(s.shown)
 	if s.sent > 0 {
 		s.lines++
