@@ -101,6 +101,10 @@ func (s *Service) c2cSend(ctx context.Context, sess router.Session, h *schema.He
 	case len(req.ClientMsgId) > s.c2c.MaxClientMsgID:
 		return nil, schema.Errorf(schema.StatusBadArgument, "client_msg_id is over %d bytes", s.c2c.MaxClientMsgID)
 	}
+	id, err := s.newID(0, h.LogID)
+	if err != nil {
+		return nil, err
+	}
 	now := time.Now()
 	// The sender's other terminals (multi-device) keep a copy in their
 	// inboxes, as the recipient's do.
@@ -111,7 +115,7 @@ func (s *Service) c2cSend(ctx context.Context, sess router.Session, h *schema.He
 		}
 	}
 	m := &pb.C2CMessage{
-		Msgid:       uint64(s.ids.Generate().Int64()),
+		Msgid:       id,
 		From:        &pb.User{Account: sess.Account, Uid: sess.UID},
 		FromAppcode: sess.AppCode,
 		To:          &pb.User{Account: to.Account, Uid: to.Uid},

@@ -98,7 +98,10 @@ func (s *Service) c2s(ctx context.Context, sess router.Session, h *schema.Header
 	case len(req.ClientMsgId) > s.c2c.MaxClientMsgID:
 		return nil, schema.Errorf(schema.StatusBadArgument, "client_msg_id is over %d bytes", s.c2c.MaxClientMsgID)
 	}
-	msgid := uint64(s.ids.Generate().Int64())
+	msgid, err := s.newID(0, h.LogID)
+	if err != nil {
+		return nil, err
+	}
 	r := &bus.Record{
 		Topic: topic,
 		Key:   strconv.AppendUint(nil, sess.UID, 10),

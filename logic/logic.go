@@ -8,11 +8,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math"
-	"github.com/bwmarrin/snowflake"
 	"github.com/imd-dev/imd/bus"
 	"github.com/imd-dev/imd/das"
 	"log/slog"
+	"math"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -84,7 +83,9 @@ type Options struct {
 	// Store keeps c2c messages; nil serves no c2c (StatusUnavailable).
 	Store das.Store
 	// NodeID is this logic node's snowflake node id (0-1023), unique in
-	// the cluster, so msgids never collide.
+	// the cluster, so msgids never collide. -1: none yet, and no id is
+	// minted (requests that need one get StatusUnavailable) until
+	// HoldNodeID gives one: a node that leases its id (logic/ids.go).
 	NodeID int64
 	C2C    C2C
 	S2C    S2C
@@ -95,6 +96,14 @@ type Options struct {
 	// memory (one logic node). A cluster shares one (the router's Redis)
 	// so that any node counts acks and answers for any push.
 	PushLedger router.PushLedger
+
+	// Clock is the wall clock that msgids carry; nil is time.Now. Tests
+	// skew it.
+	Clock func() time.Time
+	// MaxClockSkew bounds how far ahead of this node's clock a sender's
+	// order floor (C2CSendRequest.after_msgid) is followed; a floor
+	// beyond it is clamped, logged and counted. Default 1 minute.
+	MaxClockSkew time.Duration
 }
 
 // Service implements API in-process.
@@ -110,7 +119,7 @@ type Service struct {
 	gates   map[string]Gate
 
 	store    das.Store
-	ids      *snowflake.Node
+	ids      *idGen
 	c2c      C2C
 	s2c      S2C
 	ledger   router.PushLedger
@@ -162,11 +171,9 @@ func New(opts Options) (*Service, error) {
 		return nil, fmt.Errorf("logic: %w", err)
 	}
 	s.routes, s.c2sMax = routes, c2s.MaxContent
-	ids, err := snowflake.NewNode(opts.NodeID)
-	if err != nil {
-		return nil, fmt.Errorf("logic: node id %d: %w", opts.NodeID, err)
+	if s.ids, err = newIDGen(opts); err != nil {
+		return nil, fmt.Errorf("logic: %w", err)
 	}
-	s.ids = ids
 	if s.auth == nil {
 		s.auth = HMACAuth{}
 	}

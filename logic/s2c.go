@@ -145,10 +145,13 @@ func (s *Service) Push(ctx context.Context, caller *App, req *PushRequest) (*Pus
 		return nil, schema.Errorf(schema.StatusUnavailable, "router: %v", err)
 	}
 	now := time.Now()
-	id := uint64(s.ids.Generate().Int64())
 	logid := req.LogID
 	if logid == 0 {
 		logid = schema.NewLogID()
+	}
+	id, err := s.newID(0, logid)
+	if err != nil {
+		return nil, err
 	}
 	// Register the push before the first notify leaves: a fast client may
 	// acknowledge it before this call returns.

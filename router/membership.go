@@ -178,3 +178,153 @@ func (r *Redis) Expired(ctx context.Context, role string) ([]string, error) {
 	slices.Sort(ids)
 	return ids, nil
 }
+
+// Node id leases: each logic node holds a snowflake node id (0-1023) that
+// no other live node holds, so msgids never collide (logic/ids.go). Keys,
+// all in one hash slot:
+//
+//	P n:{ids}:<id>     the lease: its holder's token, with the lease's TTL
+//	P n:{ids}:<id>:hi  the ceiling (ms since the snowflake epoch) of every
+//	                   id minted with <id> so far; no TTL. The next holder
+//	                   starts above it.
+
+func (r *Redis) nodeIDPrefix() string { return r.prefix + "n:{ids}:" }
+
+// acquireNodeIDScript takes the lease of id ARGV[3] (-1: the first free id
+// from 1023 down) for holder ARGV[1] with TTL ARGV[2] ms, and writes its
+// ceiling: max(ARGV[4], previous ceiling + ARGV[5]). It returns {id,
+// previous ceiling, ceiling}, {-1, holder, pttl} when the id asked for is
+// held, or {-2} when every id is.
+var acquireNodeIDScript = rueidis.NewLuaScript(`
+local function take(n)
+  local k = KEYS[1] .. n
+  if not redis.call('SET', k, ARGV[1], 'NX', 'PX', ARGV[2]) then return nil end
+  local prev = tonumber(redis.call('GET', k .. ':hi') or '0') or 0
+  local hi = math.max(tonumber(ARGV[4]), prev + tonumber(ARGV[5]))
+  redis.call('SET', k .. ':hi', string.format('%d', hi))
+  return {n, string.format('%d', prev), string.format('%d', hi)}
+end
+local want = tonumber(ARGV[3])
+if want >= 0 then
+  local got = take(want)
+  if got then return got end
+  local k = KEYS[1] .. want
+  return {-1, redis.call('GET', k) or '', redis.call('PTTL', k)}
+end
+for n = 1023, 0, -1 do
+  local got = take(n)
+  if got then return got end
+end
+return {-2}
+`)
+
+// renewNodeIDScript renews the lease KEYS[1] of holder ARGV[1] for ARGV[2]
+// ms and raises its ceiling KEYS[2] to ARGV[3]; it returns the ceiling, or
+// -1 when holder does not hold the lease (it lapsed).
+var renewNodeIDScript = rueidis.NewLuaScript(`
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local hi = math.max(tonumber(redis.call('GET', KEYS[2]) or '0') or 0, tonumber(ARGV[3]))
+local s = string.format('%d', hi)
+redis.call('SET', KEYS[2], s)
+return s
+`)
+
+// releaseNodeIDScript ends the lease KEYS[1] of holder ARGV[1] and sets
+// its ceiling KEYS[2] to ARGV[2], the time of the last id minted.
+var releaseNodeIDScript = rueidis.NewLuaScript(`
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('DEL', KEYS[1])
+return 1
+`)
+
+// NodeIDLease is a node id leased by AcquireNodeID.
+type NodeIDLease struct {
+	ID int64
+	// PrevCeiling is the ceiling the id's previous holders left (ms since
+	// the snowflake epoch): mint above it.
+	PrevCeiling int64
+	// Ceiling is the ceiling written with this lease: mint nothing above
+	// it until a renewal raises it.
+	Ceiling int64
+}
+
+// NodeIDHeldError is AcquireNodeID's error for an id that another holder
+// has leased.
+type NodeIDHeldError struct {
+	ID     int64
+	Holder string
+	TTL    time.Duration // left on the holder's lease
+}
+
+func (e *NodeIDHeldError) Error() string {
+	return fmt.Sprintf("node id %d is leased by %s (%v left on its lease)", e.ID, e.Holder, e.TTL.Round(time.Millisecond))
+}
+
+// ErrNoNodeID is AcquireNodeID's error when all 1024 ids are leased.
+var ErrNoNodeID = errors.New("router: every node id 0-1023 is leased")
+
+// AcquireNodeID leases node id id (-1: any free id, from 1023 down) for
+// holder, a token unique to this process, for ttl. The lease's ceiling is
+// set to max(ceiling, the previous ceiling + window). An id held by
+// another is a *NodeIDHeldError.
+func (r *Redis) AcquireNodeID(ctx context.Context, id int64, holder string, ttl time.Duration, ceiling, window int64) (NodeIDLease, error) {
+	if id < -1 || id > 1023 || holder == "" || ttl < time.Millisecond {
+		return NodeIDLease{}, fmt.Errorf("router: acquire node id %d: bad arguments", id)
+	}
+	vals, err := acquireNodeIDScript.Exec(ctx, r.c, []string{r.nodeIDPrefix()}, []string{
+		holder, strconv.FormatInt(ttl.Milliseconds(), 10), strconv.FormatInt(id, 10),
+		strconv.FormatInt(ceiling, 10), strconv.FormatInt(window, 10),
+	}).ToArray()
+	if err != nil {
+		return NodeIDLease{}, fmt.Errorf("router: acquire node id %d: %w", id, err)
+	}
+	n, err := vals[0].AsInt64()
+	if err != nil {
+		return NodeIDLease{}, fmt.Errorf("router: acquire node id %d: %w", id, err)
+	}
+	switch {
+	case n == -2:
+		return NodeIDLease{}, ErrNoNodeID
+	case n == -1 && len(vals) == 3:
+		h, _ := vals[1].ToString()
+		pttl, _ := vals[2].AsInt64()
+		return NodeIDLease{}, &NodeIDHeldError{ID: id, Holder: h, TTL: time.Duration(pttl) * time.Millisecond}
+	case len(vals) != 3:
+		return NodeIDLease{}, fmt.Errorf("router: acquire node id %d: reply of %d values", id, len(vals))
+	}
+	l := NodeIDLease{ID: n}
+	if l.PrevCeiling, err = vals[1].AsInt64(); err == nil {
+		l.Ceiling, err = vals[2].AsInt64()
+	}
+	if err != nil {
+		return NodeIDLease{}, fmt.Errorf("router: acquire node id %d: %w", id, err)
+	}
+	return l, nil
+}
+
+// RenewNodeID extends holder's lease of id by ttl and raises its ceiling to
+// at least ceiling; it returns the ceiling and held = false when holder no
+// longer holds the lease (it lapsed; another node may hold it now).
+func (r *Redis) RenewNodeID(ctx context.Context, id int64, holder string, ttl time.Duration, ceiling int64) (stored int64, held bool, err error) {
+	k := r.nodeIDPrefix() + strconv.FormatInt(id, 10)
+	v, err := renewNodeIDScript.Exec(ctx, r.c, []string{k, k + ":hi"}, []string{
+		holder, strconv.FormatInt(ttl.Milliseconds(), 10), strconv.FormatInt(ceiling, 10),
+	}).AsInt64()
+	if err != nil {
+		return 0, false, fmt.Errorf("router: renew node id %d: %w", id, err)
+	}
+	return v, v >= 0, nil
+}
+
+// ReleaseNodeID ends holder's lease of id, leaving lastMS (the time of
+// the last id minted with it) as its ceiling for the next holder. A lease
+// holder no longer holds is left alone.
+func (r *Redis) ReleaseNodeID(ctx context.Context, id int64, holder string, lastMS int64) error {
+	k := r.nodeIDPrefix() + strconv.FormatInt(id, 10)
+	if err := releaseNodeIDScript.Exec(ctx, r.c, []string{k, k + ":hi"}, []string{holder, strconv.FormatInt(lastMS, 10)}).Error(); err != nil {
+		return fmt.Errorf("router: release node id %d: %w", id, err)
+	}
+	return nil
+}

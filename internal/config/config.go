@@ -30,13 +30,25 @@ type Config struct {
 	HTTP    HTTP    `yaml:"http"`
 	// ShutdownGrace bounds a graceful shutdown on SIGTERM.
 	ShutdownGrace time.Duration `yaml:"shutdown_grace"`
-	// NodeID is this node's snowflake id (0-1023), unique in the cluster.
-	NodeID int64     `yaml:"node_id"`
-	Store  Store     `yaml:"store"`
-	C2C    logic.C2C `yaml:"c2c"`
-	S2C    logic.S2C `yaml:"s2c"`
-	C2S    logic.C2S `yaml:"c2s"`
-	Bus    Bus       `yaml:"bus"`
+	// NodeID is this logic node's snowflake node id (0-1023), unique in
+	// the cluster. -1 (the default): leased from Redis (cluster.redis), or
+	// 0 without Redis, where there is one logic node. A static id that a
+	// live node holds in Redis is refused at start.
+	NodeID int64 `yaml:"node_id"`
+	// MaxClockSkew is how far ahead of a logic node's clock a sender's
+	// order floor (the highest msgid its terminal was answered) is
+	// followed; beyond it the floor is clamped, logged and counted.
+	// Default 1m.
+	MaxClockSkew time.Duration `yaml:"max_clock_skew"`
+	// Clock, for tests, is the wall clock logic's msgids carry; nil is
+	// time.Now.
+	Clock func() time.Time `yaml:"-"`
+
+	Store Store     `yaml:"store"`
+	C2C   logic.C2C `yaml:"c2c"`
+	S2C   logic.S2C `yaml:"s2c"`
+	C2S   logic.C2S `yaml:"c2s"`
+	Bus   Bus       `yaml:"bus"`
 	// Cluster configures the many-process shape (imd logic, imd gateway).
 	Cluster Cluster `yaml:"cluster"`
 	// Apps maps each appcode to its account system and secrets. When it is
@@ -180,6 +192,8 @@ func Default() Config {
 		Gateway:       Gateway{Addr: ":7070", LoginTimeout: 10 * time.Second, IdleTimeout: 90 * time.Second, MaxBody: 64 << 10},
 		HTTP:          HTTP{Addr: ":8080"},
 		ShutdownGrace: 15 * time.Second,
+		NodeID:        -1,
+		MaxClockSkew:  time.Minute,
 		Store:         Store{Engine: "embedded", Retention: Retention{MaxAge: 30 * 24 * time.Hour, IdempotencyTTL: 24 * time.Hour}},
 	}
 }
@@ -234,7 +248,8 @@ func (c *Config) ServerFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.HTTP.Addr, "http-addr", c.HTTP.Addr, "HTTP API listen address (health, metrics, s2c)")
 	fs.StringVar(&c.HTTP.DebugAddr, "debug-addr", c.HTTP.DebugAddr, "serve Go's profiler (/debug/pprof/) on this address, e.g. 127.0.0.1:6060 (default off; not authenticated)")
 	fs.DurationVar(&c.ShutdownGrace, "shutdown-grace", c.ShutdownGrace, "how long a graceful shutdown may take")
-	fs.Int64Var(&c.NodeID, "node-id", c.NodeID, "snowflake node id (0-1023) of this node, unique in the cluster")
+	fs.Int64Var(&c.NodeID, "node-id", c.NodeID, "snowflake node id (0-1023) of this logic node, unique in the cluster; -1 leases a free one from Redis (0 without Redis)")
+	fs.DurationVar(&c.MaxClockSkew, "max-clock-skew", c.MaxClockSkew, "how far ahead of this node's clock a sender's order floor (after_msgid) is followed before it is clamped")
 	fs.StringVar(&c.Store.Engine, "store", c.Store.Engine, "message store: embedded (under data-dir/store), cassandra or none")
 	c.CassandraFlags(fs)
 	fs.DurationVar(&c.Store.Retention.MaxAge, "history-max-age", c.Store.Retention.MaxAge, "drop roaming history older than this (0 keeps it)")

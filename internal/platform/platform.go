@@ -67,6 +67,7 @@ type Platform struct {
 	rpcM      *rpc.Metrics
 	gateAddr  string // the gateway's advertised address
 	members   *membership
+	idLease   *idLease // logic's node id lease; nil without Redis
 
 	log       *slog.Logger
 	http      *fasthttp.Server
@@ -189,15 +190,29 @@ func (p *Platform) startLogic(cfg config.Config, log *slog.Logger, reg prometheu
 	if p.redis != nil {
 		ledger = p.redis
 	}
+	nodeID := cfg.NodeID
+	switch {
+	case p.redis != nil:
+		nodeID = -1 // none until the lease below
+	case nodeID < 0:
+		nodeID = 0 // without Redis there is one logic node
+	}
 	svc, err := logic.New(logic.Options{
 		PushLedger: ledger,
 		Apps:       cfg.Apps, Router: p.Router, Logger: log.With("tier", "logic"), Registry: reg,
-		Store: store, NodeID: cfg.NodeID, C2C: cfg.C2C, S2C: cfg.S2C, C2S: cfg.C2S, Bus: p.producer,
+		Store: store, NodeID: nodeID, C2C: cfg.C2C, S2C: cfg.S2C, C2S: cfg.C2S, Bus: p.producer,
+		Clock: cfg.Clock, MaxClockSkew: cfg.MaxClockSkew,
 	})
 	if err != nil {
 		return err
 	}
 	p.Logic = svc
+	if p.redis != nil {
+		// Lease the node id before anything can ask for a msgid.
+		if err := p.leaseNodeID(cfg); err != nil {
+			return err
+		}
+	}
 	// Gateways in other processes reach this node over the internal RPC:
 	// always for a logic node, for `imd all` when it shares a cluster.
 	if p.Role == RoleAll && p.redis == nil && !cfg.Cluster.Split {
@@ -503,6 +518,7 @@ func (p *Platform) stop(ctx context.Context) error {
 	if p.members != nil {
 		p.members.stop() // leaves: gateways stop dialling this node, logic purges this gateway
 	}
+	p.releaseNodeID()
 	if p.http != nil {
 		err = errors.Join(err, p.http.ShutdownWithContext(ctx))
 	}
