@@ -101,7 +101,9 @@ func (s *Service) c2cSend(ctx context.Context, sess router.Session, h *schema.He
 	case len(req.ClientMsgId) > s.c2c.MaxClientMsgID:
 		return nil, schema.Errorf(schema.StatusBadArgument, "client_msg_id is over %d bytes", s.c2c.MaxClientMsgID)
 	}
-	id, err := s.newID(0, h.LogID)
+	// Above the sender's floor: its messages sort in send order whatever
+	// the clocks of the nodes that stored them (logic/ids.go).
+	id, err := s.newID(req.AfterMsgid, h.LogID)
 	if err != nil {
 		return nil, err
 	}
