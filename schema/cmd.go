@@ -33,6 +33,11 @@ const (
 	CmdOfflinePull  Cmd = 0x0041 // req: OfflinePullRequest -> OfflinePullResponse
 
 	CmdHistorySync Cmd = 0x0050 // req: HistorySyncRequest -> HistorySyncResponse
+
+	CmdGroupNotify Cmd = 0x0060 // notify s->c: GroupNotify (group messages; sent with CmdC2CSend)
+	CmdGroupSync   Cmd = 0x0061 // req: GroupSyncRequest -> GroupSyncResponse
+	CmdGroupPull   Cmd = 0x0062 // req: GroupPullRequest -> GroupPullResponse
+	CmdGroupAck    Cmd = 0x0063 // req: GroupAckRequest -> GroupAckResponse
 )
 
 var cmdNames = map[Cmd]string{
@@ -51,6 +56,10 @@ var cmdNames = map[Cmd]string{
 	CmdOfflineCount: "offline-count",
 	CmdOfflinePull:  "offline-pull",
 	CmdHistorySync:  "history-sync",
+	CmdGroupNotify:  "group-notify",
+	CmdGroupSync:    "group-sync",
+	CmdGroupPull:    "group-pull",
+	CmdGroupAck:     "group-ack",
 }
 
 // Known reports whether c is in the command table.

@@ -42,6 +42,10 @@ const (
 	StatusUnmappedType    Status = 4004 // no route is configured for this (appcode, msgtype)
 	StatusContentTooLarge Status = 4005 // the message content is over the configured maximum
 	StatusUnknownConn     Status = 4006 // internal RPC: the gateway does not hold that connection (it closed)
+	StatusUnknownGroup    Status = 4007 // the group does not exist (or was dissolved)
+	StatusNotMember       Status = 4008 // the user is not a member of the group
+	StatusGroupFull       Status = 4009 // the group is at its maximum size
+	StatusGroupExists     Status = 4010 // a group with that id exists already
 
 	StatusInternal     Status = 5001 // a bug or unexpected failure; retrying may help
 	StatusUnavailable  Status = 5002 // a dependency (store, bus) is down; retry with backoff
@@ -75,6 +79,10 @@ var statusNames = map[Status]string{
 	StatusUnmappedType:    "unmapped message type",
 	StatusContentTooLarge: "content too large",
 	StatusUnknownConn:     "unknown connection",
+	StatusUnknownGroup:    "unknown group",
+	StatusNotMember:       "not a member",
+	StatusGroupFull:       "group full",
+	StatusGroupExists:     "group exists",
 	StatusInternal:        "internal error",
 	StatusUnavailable:     "unavailable",
 	StatusTimeout:         "timeout",

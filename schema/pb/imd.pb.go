@@ -84,6 +84,61 @@ func (KickReason) EnumDescriptor() ([]byte, []int) {
 	return file_imd_proto_rawDescGZIP(), []int{0}
 }
 
+type GroupEventKind int32
+
+const (
+	GroupEventKind_GROUP_EVENT_UNSPECIFIED GroupEventKind = 0
+	GroupEventKind_GROUP_EVENT_CREATED     GroupEventKind = 1 // users: the first members
+	GroupEventKind_GROUP_EVENT_JOINED      GroupEventKind = 2 // users: who was added
+	GroupEventKind_GROUP_EVENT_LEFT        GroupEventKind = 3 // users: who was removed
+	GroupEventKind_GROUP_EVENT_DISSOLVED   GroupEventKind = 4 // the last message of the group
+)
+
+// Enum value maps for GroupEventKind.
+var (
+	GroupEventKind_name = map[int32]string{
+		0: "GROUP_EVENT_UNSPECIFIED",
+		1: "GROUP_EVENT_CREATED",
+		2: "GROUP_EVENT_JOINED",
+		3: "GROUP_EVENT_LEFT",
+		4: "GROUP_EVENT_DISSOLVED",
+	}
+	GroupEventKind_value = map[string]int32{
+		"GROUP_EVENT_UNSPECIFIED": 0,
+		"GROUP_EVENT_CREATED":     1,
+		"GROUP_EVENT_JOINED":      2,
+		"GROUP_EVENT_LEFT":        3,
+		"GROUP_EVENT_DISSOLVED":   4,
+	}
+)
+
+func (x GroupEventKind) Enum() *GroupEventKind {
+	p := new(GroupEventKind)
+	*p = x
+	return p
+}
+
+func (x GroupEventKind) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (GroupEventKind) Descriptor() protoreflect.EnumDescriptor {
+	return file_imd_proto_enumTypes[1].Descriptor()
+}
+
+func (GroupEventKind) Type() protoreflect.EnumType {
+	return &file_imd_proto_enumTypes[1]
+}
+
+func (x GroupEventKind) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use GroupEventKind.Descriptor instead.
+func (GroupEventKind) EnumDescriptor() ([]byte, []int) {
+	return file_imd_proto_rawDescGZIP(), []int{1}
+}
+
 // Error is the body of every response whose status is not 0.
 type Error struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -881,7 +936,7 @@ type C2CSendRequest struct {
 	To          *User                  `protobuf:"bytes,1,opt,name=to,proto3" json:"to,omitempty"`
 	ClientMsgId string                 `protobuf:"bytes,2,opt,name=client_msg_id,json=clientMsgId,proto3" json:"client_msg_id,omitempty"` // idempotency key chosen by the sender's SDK
 	Content     []byte                 `protobuf:"bytes,3,opt,name=content,proto3" json:"content,omitempty"`
-	GroupId     uint64                 `protobuf:"varint,4,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"` // reserved for groups; 0 = one-to-one
+	GroupId     uint64                 `protobuf:"varint,4,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"` // a group message (to unset); 0 = one-to-one
 	// The highest msgid this terminal has been answered for a message it
 	// sent (0 = none known). The server gives the new message a greater
 	// msgid, so one sender's messages keep their order whatever the clocks
@@ -961,6 +1016,7 @@ type C2CSendResponse struct {
 	Msgid         uint64                 `protobuf:"varint,1,opt,name=msgid,proto3" json:"msgid,omitempty"`
 	StoredAtMs    int64                  `protobuf:"varint,2,opt,name=stored_at_ms,json=storedAtMs,proto3" json:"stored_at_ms,omitempty"`
 	Duplicate     bool                   `protobuf:"varint,3,opt,name=duplicate,proto3" json:"duplicate,omitempty"` // a retry of a message already stored; msgid is the original
+	Seq           uint64                 `protobuf:"varint,4,opt,name=seq,proto3" json:"seq,omitempty"`             // group messages: the message's seq in its group
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1016,6 +1072,13 @@ func (x *C2CSendResponse) GetDuplicate() bool {
 	return false
 }
 
+func (x *C2CSendResponse) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
 type C2CMessage struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
 	Msgid       uint64                 `protobuf:"varint,1,opt,name=msgid,proto3" json:"msgid,omitempty"`
@@ -1030,7 +1093,14 @@ type C2CMessage struct {
 	// Trace id of the send that stored the message (the sender's frame
 	// logid): notifies, receipts and every log line about the message carry
 	// it.
-	Logid         uint64 `protobuf:"varint,10,opt,name=logid,proto3" json:"logid,omitempty"`
+	Logid uint64 `protobuf:"varint,10,opt,name=logid,proto3" json:"logid,omitempty"`
+	// Group messages only: the message's place in its group, 1, 2, 3, ...
+	// without gaps. Every member sees the group in seq order.
+	Seq uint64 `protobuf:"varint,11,opt,name=seq,proto3" json:"seq,omitempty"`
+	// Group messages only: set on the system messages that record a change
+	// of the group (created, members added or removed, dissolved); from is
+	// then the zero user.
+	Event         *GroupEvent `protobuf:"bytes,12,opt,name=event,proto3" json:"event,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1135,6 +1205,554 @@ func (x *C2CMessage) GetLogid() uint64 {
 	return 0
 }
 
+func (x *C2CMessage) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+func (x *C2CMessage) GetEvent() *GroupEvent {
+	if x != nil {
+		return x.Event
+	}
+	return nil
+}
+
+type GroupEvent struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Kind          GroupEventKind         `protobuf:"varint,1,opt,name=kind,proto3,enum=imd.v1.GroupEventKind" json:"kind,omitempty"`
+	Users         []*User                `protobuf:"bytes,2,rep,name=users,proto3" json:"users,omitempty"`
+	By            string                 `protobuf:"bytes,3,opt,name=by,proto3" json:"by,omitempty"` // who made the change (the app-server's note, opaque)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GroupEvent) Reset() {
+	*x = GroupEvent{}
+	mi := &file_imd_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GroupEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GroupEvent) ProtoMessage() {}
+
+func (x *GroupEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_imd_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GroupEvent.ProtoReflect.Descriptor instead.
+func (*GroupEvent) Descriptor() ([]byte, []int) {
+	return file_imd_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *GroupEvent) GetKind() GroupEventKind {
+	if x != nil {
+		return x.Kind
+	}
+	return GroupEventKind_GROUP_EVENT_UNSPECIFIED
+}
+
+func (x *GroupEvent) GetUsers() []*User {
+	if x != nil {
+		return x.Users
+	}
+	return nil
+}
+
+func (x *GroupEvent) GetBy() string {
+	if x != nil {
+		return x.By
+	}
+	return ""
+}
+
+type GroupNotify struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	GroupId       uint64                 `protobuf:"varint,1,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"`
+	Messages      []*C2CMessage          `protobuf:"bytes,2,rep,name=messages,proto3" json:"messages,omitempty"` // in seq order
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GroupNotify) Reset() {
+	*x = GroupNotify{}
+	mi := &file_imd_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GroupNotify) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GroupNotify) ProtoMessage() {}
+
+func (x *GroupNotify) ProtoReflect() protoreflect.Message {
+	mi := &file_imd_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GroupNotify.ProtoReflect.Descriptor instead.
+func (*GroupNotify) Descriptor() ([]byte, []int) {
+	return file_imd_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *GroupNotify) GetGroupId() uint64 {
+	if x != nil {
+		return x.GroupId
+	}
+	return 0
+}
+
+func (x *GroupNotify) GetMessages() []*C2CMessage {
+	if x != nil {
+		return x.Messages
+	}
+	return nil
+}
+
+// GroupState is one group of the user as a terminal sees it.
+type GroupState struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	GroupId       uint64                 `protobuf:"varint,1,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"`
+	HeadSeq       uint64                 `protobuf:"varint,2,opt,name=head_seq,json=headSeq,proto3" json:"head_seq,omitempty"`    // the group's newest seq (as far as this terminal may see)
+	AckedSeq      uint64                 `protobuf:"varint,3,opt,name=acked_seq,json=ackedSeq,proto3" json:"acked_seq,omitempty"` // this terminal's cursor: every seq <= it is acknowledged
+	JoinSeq       uint64                 `protobuf:"varint,4,opt,name=join_seq,json=joinSeq,proto3" json:"join_seq,omitempty"`    // the first seq the user may see (its join)
+	LeftSeq       uint64                 `protobuf:"varint,5,opt,name=left_seq,json=leftSeq,proto3" json:"left_seq,omitempty"`    // 0 while a member; else the last seq it may see (its removal)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GroupState) Reset() {
+	*x = GroupState{}
+	mi := &file_imd_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GroupState) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GroupState) ProtoMessage() {}
+
+func (x *GroupState) ProtoReflect() protoreflect.Message {
+	mi := &file_imd_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GroupState.ProtoReflect.Descriptor instead.
+func (*GroupState) Descriptor() ([]byte, []int) {
+	return file_imd_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *GroupState) GetGroupId() uint64 {
+	if x != nil {
+		return x.GroupId
+	}
+	return 0
+}
+
+func (x *GroupState) GetHeadSeq() uint64 {
+	if x != nil {
+		return x.HeadSeq
+	}
+	return 0
+}
+
+func (x *GroupState) GetAckedSeq() uint64 {
+	if x != nil {
+		return x.AckedSeq
+	}
+	return 0
+}
+
+func (x *GroupState) GetJoinSeq() uint64 {
+	if x != nil {
+		return x.JoinSeq
+	}
+	return 0
+}
+
+func (x *GroupState) GetLeftSeq() uint64 {
+	if x != nil {
+		return x.LeftSeq
+	}
+	return 0
+}
+
+type GroupSyncRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GroupSyncRequest) Reset() {
+	*x = GroupSyncRequest{}
+	mi := &file_imd_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GroupSyncRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GroupSyncRequest) ProtoMessage() {}
+
+func (x *GroupSyncRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_imd_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GroupSyncRequest.ProtoReflect.Descriptor instead.
+func (*GroupSyncRequest) Descriptor() ([]byte, []int) {
+	return file_imd_proto_rawDescGZIP(), []int{20}
+}
+
+type GroupSyncResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Groups        []*GroupState          `protobuf:"bytes,1,rep,name=groups,proto3" json:"groups,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GroupSyncResponse) Reset() {
+	*x = GroupSyncResponse{}
+	mi := &file_imd_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GroupSyncResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GroupSyncResponse) ProtoMessage() {}
+
+func (x *GroupSyncResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_imd_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GroupSyncResponse.ProtoReflect.Descriptor instead.
+func (*GroupSyncResponse) Descriptor() ([]byte, []int) {
+	return file_imd_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *GroupSyncResponse) GetGroups() []*GroupState {
+	if x != nil {
+		return x.Groups
+	}
+	return nil
+}
+
+// GroupPullRequest asks for the next page of one group after after_seq
+// (oldest first) and moves the cursor to ack_seq (the last seq of the
+// previous page; 0 = no ack).
+type GroupPullRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	GroupId       uint64                 `protobuf:"varint,1,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"`
+	AfterSeq      uint64                 `protobuf:"varint,2,opt,name=after_seq,json=afterSeq,proto3" json:"after_seq,omitempty"`
+	PageSize      uint32                 `protobuf:"varint,3,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	AckSeq        uint64                 `protobuf:"varint,4,opt,name=ack_seq,json=ackSeq,proto3" json:"ack_seq,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GroupPullRequest) Reset() {
+	*x = GroupPullRequest{}
+	mi := &file_imd_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GroupPullRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GroupPullRequest) ProtoMessage() {}
+
+func (x *GroupPullRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_imd_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GroupPullRequest.ProtoReflect.Descriptor instead.
+func (*GroupPullRequest) Descriptor() ([]byte, []int) {
+	return file_imd_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *GroupPullRequest) GetGroupId() uint64 {
+	if x != nil {
+		return x.GroupId
+	}
+	return 0
+}
+
+func (x *GroupPullRequest) GetAfterSeq() uint64 {
+	if x != nil {
+		return x.AfterSeq
+	}
+	return 0
+}
+
+func (x *GroupPullRequest) GetPageSize() uint32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *GroupPullRequest) GetAckSeq() uint64 {
+	if x != nil {
+		return x.AckSeq
+	}
+	return 0
+}
+
+type GroupPullResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Messages      []*C2CMessage          `protobuf:"bytes,1,rep,name=messages,proto3" json:"messages,omitempty"`
+	More          bool                   `protobuf:"varint,2,opt,name=more,proto3" json:"more,omitempty"`
+	HeadSeq       uint64                 `protobuf:"varint,3,opt,name=head_seq,json=headSeq,proto3" json:"head_seq,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GroupPullResponse) Reset() {
+	*x = GroupPullResponse{}
+	mi := &file_imd_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GroupPullResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GroupPullResponse) ProtoMessage() {}
+
+func (x *GroupPullResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_imd_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GroupPullResponse.ProtoReflect.Descriptor instead.
+func (*GroupPullResponse) Descriptor() ([]byte, []int) {
+	return file_imd_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *GroupPullResponse) GetMessages() []*C2CMessage {
+	if x != nil {
+		return x.Messages
+	}
+	return nil
+}
+
+func (x *GroupPullResponse) GetMore() bool {
+	if x != nil {
+		return x.More
+	}
+	return false
+}
+
+func (x *GroupPullResponse) GetHeadSeq() uint64 {
+	if x != nil {
+		return x.HeadSeq
+	}
+	return 0
+}
+
+type GroupCursor struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	GroupId       uint64                 `protobuf:"varint,1,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"`
+	Seq           uint64                 `protobuf:"varint,2,opt,name=seq,proto3" json:"seq,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GroupCursor) Reset() {
+	*x = GroupCursor{}
+	mi := &file_imd_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GroupCursor) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GroupCursor) ProtoMessage() {}
+
+func (x *GroupCursor) ProtoReflect() protoreflect.Message {
+	mi := &file_imd_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GroupCursor.ProtoReflect.Descriptor instead.
+func (*GroupCursor) Descriptor() ([]byte, []int) {
+	return file_imd_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *GroupCursor) GetGroupId() uint64 {
+	if x != nil {
+		return x.GroupId
+	}
+	return 0
+}
+
+func (x *GroupCursor) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+// GroupAckRequest moves this terminal's cursor of each group to seq (never
+// backwards): every message of the group up to seq is acknowledged.
+type GroupAckRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Cursors       []*GroupCursor         `protobuf:"bytes,1,rep,name=cursors,proto3" json:"cursors,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GroupAckRequest) Reset() {
+	*x = GroupAckRequest{}
+	mi := &file_imd_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GroupAckRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GroupAckRequest) ProtoMessage() {}
+
+func (x *GroupAckRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_imd_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GroupAckRequest.ProtoReflect.Descriptor instead.
+func (*GroupAckRequest) Descriptor() ([]byte, []int) {
+	return file_imd_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *GroupAckRequest) GetCursors() []*GroupCursor {
+	if x != nil {
+		return x.Cursors
+	}
+	return nil
+}
+
+type GroupAckResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GroupAckResponse) Reset() {
+	*x = GroupAckResponse{}
+	mi := &file_imd_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GroupAckResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GroupAckResponse) ProtoMessage() {}
+
+func (x *GroupAckResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_imd_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GroupAckResponse.ProtoReflect.Descriptor instead.
+func (*GroupAckResponse) Descriptor() ([]byte, []int) {
+	return file_imd_proto_rawDescGZIP(), []int{26}
+}
+
 type C2CNotify struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Messages      []*C2CMessage          `protobuf:"bytes,1,rep,name=messages,proto3" json:"messages,omitempty"`
@@ -1144,7 +1762,7 @@ type C2CNotify struct {
 
 func (x *C2CNotify) Reset() {
 	*x = C2CNotify{}
-	mi := &file_imd_proto_msgTypes[17]
+	mi := &file_imd_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1156,7 +1774,7 @@ func (x *C2CNotify) String() string {
 func (*C2CNotify) ProtoMessage() {}
 
 func (x *C2CNotify) ProtoReflect() protoreflect.Message {
-	mi := &file_imd_proto_msgTypes[17]
+	mi := &file_imd_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1169,7 +1787,7 @@ func (x *C2CNotify) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use C2CNotify.ProtoReflect.Descriptor instead.
 func (*C2CNotify) Descriptor() ([]byte, []int) {
-	return file_imd_proto_rawDescGZIP(), []int{17}
+	return file_imd_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *C2CNotify) GetMessages() []*C2CMessage {
@@ -1189,7 +1807,7 @@ type C2CAckRequest struct {
 
 func (x *C2CAckRequest) Reset() {
 	*x = C2CAckRequest{}
-	mi := &file_imd_proto_msgTypes[18]
+	mi := &file_imd_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1201,7 +1819,7 @@ func (x *C2CAckRequest) String() string {
 func (*C2CAckRequest) ProtoMessage() {}
 
 func (x *C2CAckRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_imd_proto_msgTypes[18]
+	mi := &file_imd_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1214,7 +1832,7 @@ func (x *C2CAckRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use C2CAckRequest.ProtoReflect.Descriptor instead.
 func (*C2CAckRequest) Descriptor() ([]byte, []int) {
-	return file_imd_proto_rawDescGZIP(), []int{18}
+	return file_imd_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *C2CAckRequest) GetMsgids() []uint64 {
@@ -1233,7 +1851,7 @@ type C2CAckResponse struct {
 
 func (x *C2CAckResponse) Reset() {
 	*x = C2CAckResponse{}
-	mi := &file_imd_proto_msgTypes[19]
+	mi := &file_imd_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1245,7 +1863,7 @@ func (x *C2CAckResponse) String() string {
 func (*C2CAckResponse) ProtoMessage() {}
 
 func (x *C2CAckResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_imd_proto_msgTypes[19]
+	mi := &file_imd_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1258,7 +1876,7 @@ func (x *C2CAckResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use C2CAckResponse.ProtoReflect.Descriptor instead.
 func (*C2CAckResponse) Descriptor() ([]byte, []int) {
-	return file_imd_proto_rawDescGZIP(), []int{19}
+	return file_imd_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *C2CAckResponse) GetAcked() uint32 {
@@ -1281,7 +1899,7 @@ type C2CReceipt struct {
 
 func (x *C2CReceipt) Reset() {
 	*x = C2CReceipt{}
-	mi := &file_imd_proto_msgTypes[20]
+	mi := &file_imd_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1293,7 +1911,7 @@ func (x *C2CReceipt) String() string {
 func (*C2CReceipt) ProtoMessage() {}
 
 func (x *C2CReceipt) ProtoReflect() protoreflect.Message {
-	mi := &file_imd_proto_msgTypes[20]
+	mi := &file_imd_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1306,7 +1924,7 @@ func (x *C2CReceipt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use C2CReceipt.ProtoReflect.Descriptor instead.
 func (*C2CReceipt) Descriptor() ([]byte, []int) {
-	return file_imd_proto_rawDescGZIP(), []int{20}
+	return file_imd_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *C2CReceipt) GetMsgid() uint64 {
@@ -1345,7 +1963,7 @@ type OfflineCountRequest struct {
 
 func (x *OfflineCountRequest) Reset() {
 	*x = OfflineCountRequest{}
-	mi := &file_imd_proto_msgTypes[21]
+	mi := &file_imd_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1357,7 +1975,7 @@ func (x *OfflineCountRequest) String() string {
 func (*OfflineCountRequest) ProtoMessage() {}
 
 func (x *OfflineCountRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_imd_proto_msgTypes[21]
+	mi := &file_imd_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1370,7 +1988,7 @@ func (x *OfflineCountRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OfflineCountRequest.ProtoReflect.Descriptor instead.
 func (*OfflineCountRequest) Descriptor() ([]byte, []int) {
-	return file_imd_proto_rawDescGZIP(), []int{21}
+	return file_imd_proto_rawDescGZIP(), []int{31}
 }
 
 type OfflineCountResponse struct {
@@ -1383,7 +2001,7 @@ type OfflineCountResponse struct {
 
 func (x *OfflineCountResponse) Reset() {
 	*x = OfflineCountResponse{}
-	mi := &file_imd_proto_msgTypes[22]
+	mi := &file_imd_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1395,7 +2013,7 @@ func (x *OfflineCountResponse) String() string {
 func (*OfflineCountResponse) ProtoMessage() {}
 
 func (x *OfflineCountResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_imd_proto_msgTypes[22]
+	mi := &file_imd_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1408,7 +2026,7 @@ func (x *OfflineCountResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OfflineCountResponse.ProtoReflect.Descriptor instead.
 func (*OfflineCountResponse) Descriptor() ([]byte, []int) {
-	return file_imd_proto_rawDescGZIP(), []int{22}
+	return file_imd_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *OfflineCountResponse) GetCount() uint64 {
@@ -1438,7 +2056,7 @@ type OfflinePullRequest struct {
 
 func (x *OfflinePullRequest) Reset() {
 	*x = OfflinePullRequest{}
-	mi := &file_imd_proto_msgTypes[23]
+	mi := &file_imd_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1450,7 +2068,7 @@ func (x *OfflinePullRequest) String() string {
 func (*OfflinePullRequest) ProtoMessage() {}
 
 func (x *OfflinePullRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_imd_proto_msgTypes[23]
+	mi := &file_imd_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1463,7 +2081,7 @@ func (x *OfflinePullRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OfflinePullRequest.ProtoReflect.Descriptor instead.
 func (*OfflinePullRequest) Descriptor() ([]byte, []int) {
-	return file_imd_proto_rawDescGZIP(), []int{23}
+	return file_imd_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *OfflinePullRequest) GetPageSize() uint32 {
@@ -1497,7 +2115,7 @@ type OfflinePullResponse struct {
 
 func (x *OfflinePullResponse) Reset() {
 	*x = OfflinePullResponse{}
-	mi := &file_imd_proto_msgTypes[24]
+	mi := &file_imd_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1509,7 +2127,7 @@ func (x *OfflinePullResponse) String() string {
 func (*OfflinePullResponse) ProtoMessage() {}
 
 func (x *OfflinePullResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_imd_proto_msgTypes[24]
+	mi := &file_imd_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1522,7 +2140,7 @@ func (x *OfflinePullResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OfflinePullResponse.ProtoReflect.Descriptor instead.
 func (*OfflinePullResponse) Descriptor() ([]byte, []int) {
-	return file_imd_proto_rawDescGZIP(), []int{24}
+	return file_imd_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *OfflinePullResponse) GetMessages() []*C2CMessage {
@@ -1550,7 +2168,7 @@ type HistorySyncRequest struct {
 
 func (x *HistorySyncRequest) Reset() {
 	*x = HistorySyncRequest{}
-	mi := &file_imd_proto_msgTypes[25]
+	mi := &file_imd_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1562,7 +2180,7 @@ func (x *HistorySyncRequest) String() string {
 func (*HistorySyncRequest) ProtoMessage() {}
 
 func (x *HistorySyncRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_imd_proto_msgTypes[25]
+	mi := &file_imd_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1575,7 +2193,7 @@ func (x *HistorySyncRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistorySyncRequest.ProtoReflect.Descriptor instead.
 func (*HistorySyncRequest) Descriptor() ([]byte, []int) {
-	return file_imd_proto_rawDescGZIP(), []int{25}
+	return file_imd_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *HistorySyncRequest) GetPeer() *User {
@@ -1609,7 +2227,7 @@ type HistorySyncResponse struct {
 
 func (x *HistorySyncResponse) Reset() {
 	*x = HistorySyncResponse{}
-	mi := &file_imd_proto_msgTypes[26]
+	mi := &file_imd_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1621,7 +2239,7 @@ func (x *HistorySyncResponse) String() string {
 func (*HistorySyncResponse) ProtoMessage() {}
 
 func (x *HistorySyncResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_imd_proto_msgTypes[26]
+	mi := &file_imd_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1634,7 +2252,7 @@ func (x *HistorySyncResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistorySyncResponse.ProtoReflect.Descriptor instead.
 func (*HistorySyncResponse) Descriptor() ([]byte, []int) {
-	return file_imd_proto_rawDescGZIP(), []int{26}
+	return file_imd_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *HistorySyncResponse) GetMessages() []*C2CMessage {
@@ -1714,12 +2332,13 @@ const file_imd_proto_rawDesc = "" +
 	"\acontent\x18\x03 \x01(\fR\acontent\x12\x19\n" +
 	"\bgroup_id\x18\x04 \x01(\x04R\agroupId\x12\x1f\n" +
 	"\vafter_msgid\x18\x05 \x01(\x04R\n" +
-	"afterMsgid\"g\n" +
+	"afterMsgid\"y\n" +
 	"\x0fC2CSendResponse\x12\x14\n" +
 	"\x05msgid\x18\x01 \x01(\x04R\x05msgid\x12 \n" +
 	"\fstored_at_ms\x18\x02 \x01(\x03R\n" +
 	"storedAtMs\x12\x1c\n" +
-	"\tduplicate\x18\x03 \x01(\bR\tduplicate\"\xac\x02\n" +
+	"\tduplicate\x18\x03 \x01(\bR\tduplicate\x12\x10\n" +
+	"\x03seq\x18\x04 \x01(\x04R\x03seq\"\xe8\x02\n" +
 	"\n" +
 	"C2CMessage\x12\x14\n" +
 	"\x05msgid\x18\x01 \x01(\x04R\x05msgid\x12 \n" +
@@ -1733,7 +2352,42 @@ const file_imd_proto_rawDesc = "" +
 	"\rclient_msg_id\x18\b \x01(\tR\vclientMsgId\x12\x19\n" +
 	"\bgroup_id\x18\t \x01(\x04R\agroupId\x12\x14\n" +
 	"\x05logid\x18\n" +
-	" \x01(\x04R\x05logid\";\n" +
+	" \x01(\x04R\x05logid\x12\x10\n" +
+	"\x03seq\x18\v \x01(\x04R\x03seq\x12(\n" +
+	"\x05event\x18\f \x01(\v2\x12.imd.v1.GroupEventR\x05event\"l\n" +
+	"\n" +
+	"GroupEvent\x12*\n" +
+	"\x04kind\x18\x01 \x01(\x0e2\x16.imd.v1.GroupEventKindR\x04kind\x12\"\n" +
+	"\x05users\x18\x02 \x03(\v2\f.imd.v1.UserR\x05users\x12\x0e\n" +
+	"\x02by\x18\x03 \x01(\tR\x02by\"X\n" +
+	"\vGroupNotify\x12\x19\n" +
+	"\bgroup_id\x18\x01 \x01(\x04R\agroupId\x12.\n" +
+	"\bmessages\x18\x02 \x03(\v2\x12.imd.v1.C2CMessageR\bmessages\"\x95\x01\n" +
+	"\n" +
+	"GroupState\x12\x19\n" +
+	"\bgroup_id\x18\x01 \x01(\x04R\agroupId\x12\x19\n" +
+	"\bhead_seq\x18\x02 \x01(\x04R\aheadSeq\x12\x1b\n" +
+	"\tacked_seq\x18\x03 \x01(\x04R\backedSeq\x12\x19\n" +
+	"\bjoin_seq\x18\x04 \x01(\x04R\ajoinSeq\x12\x19\n" +
+	"\bleft_seq\x18\x05 \x01(\x04R\aleftSeq\"\x12\n" +
+	"\x10GroupSyncRequest\"?\n" +
+	"\x11GroupSyncResponse\x12*\n" +
+	"\x06groups\x18\x01 \x03(\v2\x12.imd.v1.GroupStateR\x06groups\"\x80\x01\n" +
+	"\x10GroupPullRequest\x12\x19\n" +
+	"\bgroup_id\x18\x01 \x01(\x04R\agroupId\x12\x1b\n" +
+	"\tafter_seq\x18\x02 \x01(\x04R\bafterSeq\x12\x1b\n" +
+	"\tpage_size\x18\x03 \x01(\rR\bpageSize\x12\x17\n" +
+	"\aack_seq\x18\x04 \x01(\x04R\x06ackSeq\"r\n" +
+	"\x11GroupPullResponse\x12.\n" +
+	"\bmessages\x18\x01 \x03(\v2\x12.imd.v1.C2CMessageR\bmessages\x12\x12\n" +
+	"\x04more\x18\x02 \x01(\bR\x04more\x12\x19\n" +
+	"\bhead_seq\x18\x03 \x01(\x04R\aheadSeq\":\n" +
+	"\vGroupCursor\x12\x19\n" +
+	"\bgroup_id\x18\x01 \x01(\x04R\agroupId\x12\x10\n" +
+	"\x03seq\x18\x02 \x01(\x04R\x03seq\"@\n" +
+	"\x0fGroupAckRequest\x12-\n" +
+	"\acursors\x18\x01 \x03(\v2\x13.imd.v1.GroupCursorR\acursors\"\x12\n" +
+	"\x10GroupAckResponse\";\n" +
 	"\tC2CNotify\x12.\n" +
 	"\bmessages\x18\x01 \x03(\v2\x12.imd.v1.C2CMessageR\bmessages\"'\n" +
 	"\rC2CAckRequest\x12\x16\n" +
@@ -1774,7 +2428,13 @@ const file_imd_proto_rawDesc = "" +
 	"\x1bKICK_REASON_LOGIN_ELSEWHERE\x10\x01\x12\x15\n" +
 	"\x11KICK_REASON_ADMIN\x10\x02\x12\x1d\n" +
 	"\x19KICK_REASON_TOKEN_REVOKED\x10\x03\x12\x18\n" +
-	"\x14KICK_REASON_REPLACED\x10\x04B\"Z github.com/imd-dev/imd/schema/pbb\x06proto3"
+	"\x14KICK_REASON_REPLACED\x10\x04*\x8f\x01\n" +
+	"\x0eGroupEventKind\x12\x1b\n" +
+	"\x17GROUP_EVENT_UNSPECIFIED\x10\x00\x12\x17\n" +
+	"\x13GROUP_EVENT_CREATED\x10\x01\x12\x16\n" +
+	"\x12GROUP_EVENT_JOINED\x10\x02\x12\x14\n" +
+	"\x10GROUP_EVENT_LEFT\x10\x03\x12\x19\n" +
+	"\x15GROUP_EVENT_DISSOLVED\x10\x04B\"Z github.com/imd-dev/imd/schema/pbb\x06proto3"
 
 var (
 	file_imd_proto_rawDescOnce sync.Once
@@ -1788,53 +2448,71 @@ func file_imd_proto_rawDescGZIP() []byte {
 	return file_imd_proto_rawDescData
 }
 
-var file_imd_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_imd_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_imd_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_imd_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
 var file_imd_proto_goTypes = []any{
 	(KickReason)(0),              // 0: imd.v1.KickReason
-	(*Error)(nil),                // 1: imd.v1.Error
-	(*LoginRequest)(nil),         // 2: imd.v1.LoginRequest
-	(*LoginResponse)(nil),        // 3: imd.v1.LoginResponse
-	(*LogoutRequest)(nil),        // 4: imd.v1.LogoutRequest
-	(*LogoutResponse)(nil),       // 5: imd.v1.LogoutResponse
-	(*KeepaliveRequest)(nil),     // 6: imd.v1.KeepaliveRequest
-	(*KeepaliveResponse)(nil),    // 7: imd.v1.KeepaliveResponse
-	(*Kickout)(nil),              // 8: imd.v1.Kickout
-	(*GoAway)(nil),               // 9: imd.v1.GoAway
-	(*User)(nil),                 // 10: imd.v1.User
-	(*C2SRequest)(nil),           // 11: imd.v1.C2SRequest
-	(*C2SResponse)(nil),          // 12: imd.v1.C2SResponse
-	(*S2CNotify)(nil),            // 13: imd.v1.S2CNotify
-	(*S2CAck)(nil),               // 14: imd.v1.S2CAck
-	(*C2CSendRequest)(nil),       // 15: imd.v1.C2CSendRequest
-	(*C2CSendResponse)(nil),      // 16: imd.v1.C2CSendResponse
-	(*C2CMessage)(nil),           // 17: imd.v1.C2CMessage
-	(*C2CNotify)(nil),            // 18: imd.v1.C2CNotify
-	(*C2CAckRequest)(nil),        // 19: imd.v1.C2CAckRequest
-	(*C2CAckResponse)(nil),       // 20: imd.v1.C2CAckResponse
-	(*C2CReceipt)(nil),           // 21: imd.v1.C2CReceipt
-	(*OfflineCountRequest)(nil),  // 22: imd.v1.OfflineCountRequest
-	(*OfflineCountResponse)(nil), // 23: imd.v1.OfflineCountResponse
-	(*OfflinePullRequest)(nil),   // 24: imd.v1.OfflinePullRequest
-	(*OfflinePullResponse)(nil),  // 25: imd.v1.OfflinePullResponse
-	(*HistorySyncRequest)(nil),   // 26: imd.v1.HistorySyncRequest
-	(*HistorySyncResponse)(nil),  // 27: imd.v1.HistorySyncResponse
+	(GroupEventKind)(0),          // 1: imd.v1.GroupEventKind
+	(*Error)(nil),                // 2: imd.v1.Error
+	(*LoginRequest)(nil),         // 3: imd.v1.LoginRequest
+	(*LoginResponse)(nil),        // 4: imd.v1.LoginResponse
+	(*LogoutRequest)(nil),        // 5: imd.v1.LogoutRequest
+	(*LogoutResponse)(nil),       // 6: imd.v1.LogoutResponse
+	(*KeepaliveRequest)(nil),     // 7: imd.v1.KeepaliveRequest
+	(*KeepaliveResponse)(nil),    // 8: imd.v1.KeepaliveResponse
+	(*Kickout)(nil),              // 9: imd.v1.Kickout
+	(*GoAway)(nil),               // 10: imd.v1.GoAway
+	(*User)(nil),                 // 11: imd.v1.User
+	(*C2SRequest)(nil),           // 12: imd.v1.C2SRequest
+	(*C2SResponse)(nil),          // 13: imd.v1.C2SResponse
+	(*S2CNotify)(nil),            // 14: imd.v1.S2CNotify
+	(*S2CAck)(nil),               // 15: imd.v1.S2CAck
+	(*C2CSendRequest)(nil),       // 16: imd.v1.C2CSendRequest
+	(*C2CSendResponse)(nil),      // 17: imd.v1.C2CSendResponse
+	(*C2CMessage)(nil),           // 18: imd.v1.C2CMessage
+	(*GroupEvent)(nil),           // 19: imd.v1.GroupEvent
+	(*GroupNotify)(nil),          // 20: imd.v1.GroupNotify
+	(*GroupState)(nil),           // 21: imd.v1.GroupState
+	(*GroupSyncRequest)(nil),     // 22: imd.v1.GroupSyncRequest
+	(*GroupSyncResponse)(nil),    // 23: imd.v1.GroupSyncResponse
+	(*GroupPullRequest)(nil),     // 24: imd.v1.GroupPullRequest
+	(*GroupPullResponse)(nil),    // 25: imd.v1.GroupPullResponse
+	(*GroupCursor)(nil),          // 26: imd.v1.GroupCursor
+	(*GroupAckRequest)(nil),      // 27: imd.v1.GroupAckRequest
+	(*GroupAckResponse)(nil),     // 28: imd.v1.GroupAckResponse
+	(*C2CNotify)(nil),            // 29: imd.v1.C2CNotify
+	(*C2CAckRequest)(nil),        // 30: imd.v1.C2CAckRequest
+	(*C2CAckResponse)(nil),       // 31: imd.v1.C2CAckResponse
+	(*C2CReceipt)(nil),           // 32: imd.v1.C2CReceipt
+	(*OfflineCountRequest)(nil),  // 33: imd.v1.OfflineCountRequest
+	(*OfflineCountResponse)(nil), // 34: imd.v1.OfflineCountResponse
+	(*OfflinePullRequest)(nil),   // 35: imd.v1.OfflinePullRequest
+	(*OfflinePullResponse)(nil),  // 36: imd.v1.OfflinePullResponse
+	(*HistorySyncRequest)(nil),   // 37: imd.v1.HistorySyncRequest
+	(*HistorySyncResponse)(nil),  // 38: imd.v1.HistorySyncResponse
 }
 var file_imd_proto_depIdxs = []int32{
 	0,  // 0: imd.v1.Kickout.reason:type_name -> imd.v1.KickReason
-	10, // 1: imd.v1.C2CSendRequest.to:type_name -> imd.v1.User
-	10, // 2: imd.v1.C2CMessage.from:type_name -> imd.v1.User
-	10, // 3: imd.v1.C2CMessage.to:type_name -> imd.v1.User
-	17, // 4: imd.v1.C2CNotify.messages:type_name -> imd.v1.C2CMessage
-	10, // 5: imd.v1.C2CReceipt.by:type_name -> imd.v1.User
-	17, // 6: imd.v1.OfflinePullResponse.messages:type_name -> imd.v1.C2CMessage
-	10, // 7: imd.v1.HistorySyncRequest.peer:type_name -> imd.v1.User
-	17, // 8: imd.v1.HistorySyncResponse.messages:type_name -> imd.v1.C2CMessage
-	9,  // [9:9] is the sub-list for method output_type
-	9,  // [9:9] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	11, // 1: imd.v1.C2CSendRequest.to:type_name -> imd.v1.User
+	11, // 2: imd.v1.C2CMessage.from:type_name -> imd.v1.User
+	11, // 3: imd.v1.C2CMessage.to:type_name -> imd.v1.User
+	19, // 4: imd.v1.C2CMessage.event:type_name -> imd.v1.GroupEvent
+	1,  // 5: imd.v1.GroupEvent.kind:type_name -> imd.v1.GroupEventKind
+	11, // 6: imd.v1.GroupEvent.users:type_name -> imd.v1.User
+	18, // 7: imd.v1.GroupNotify.messages:type_name -> imd.v1.C2CMessage
+	21, // 8: imd.v1.GroupSyncResponse.groups:type_name -> imd.v1.GroupState
+	18, // 9: imd.v1.GroupPullResponse.messages:type_name -> imd.v1.C2CMessage
+	26, // 10: imd.v1.GroupAckRequest.cursors:type_name -> imd.v1.GroupCursor
+	18, // 11: imd.v1.C2CNotify.messages:type_name -> imd.v1.C2CMessage
+	11, // 12: imd.v1.C2CReceipt.by:type_name -> imd.v1.User
+	18, // 13: imd.v1.OfflinePullResponse.messages:type_name -> imd.v1.C2CMessage
+	11, // 14: imd.v1.HistorySyncRequest.peer:type_name -> imd.v1.User
+	18, // 15: imd.v1.HistorySyncResponse.messages:type_name -> imd.v1.C2CMessage
+	16, // [16:16] is the sub-list for method output_type
+	16, // [16:16] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_imd_proto_init() }
@@ -1847,8 +2525,8 @@ func file_imd_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_imd_proto_rawDesc), len(file_imd_proto_rawDesc)),
-			NumEnums:      1,
-			NumMessages:   27,
+			NumEnums:      2,
+			NumMessages:   37,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
