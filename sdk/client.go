@@ -80,7 +80,11 @@ type Message struct {
 // Options configures a Client. Zero values get defaults.
 type Options struct {
 	// Addrs are the gateways to use. The client starts with the first and
-	// on reconnect tries the last one that worked before the others.
+	// on reconnect tries the last one that worked before the others. An
+	// address whose connection dies before a login succeeds on it (or
+	// whose login fails) is passed over for the next one at the next try,
+	// so a balancer that accepts connections for a dead gateway does not
+	// hold the client.
 	Addrs []string
 	// DeviceID is the stable id of the install, sent at login: a login
 	// with the same DeviceID silently replaces a stale connection of this
@@ -100,7 +104,10 @@ type Options struct {
 	// KeepaliveInterval overrides the interval the server advertises.
 	KeepaliveInterval time.Duration
 	// BackoffMin and BackoffMax bound the reconnect backoff (exponential
-	// with full jitter). Defaults 200ms and 30s.
+	// with full jitter). Defaults 200ms and 30s. While logins are answered
+	// with a retryable status (the server is there but cannot serve yet),
+	// the backoff grows to 2s at most, so the client is back soon after
+	// the server is.
 	BackoffMin, BackoffMax time.Duration
 	// NoReconnect turns automatic reconnection off.
 	NoReconnect bool
@@ -128,9 +135,11 @@ type Options struct {
 	// the messages that waited in this terminal's offline inbox (oldest
 	// first), then live ones. Each msgid is delivered once (duplicates
 	// from retries and reconnects are dropped, remembering the last
-	// DedupSize msgids) and acknowledged after OnC2C returns, which removes
-	// it from the inbox. When OnC2C is nil, c2c notifies go to OnMessage
-	// and chat messages kept in the inbox stay there.
+	// DedupSize msgids, across restarts with State) and acknowledged
+	// after OnC2C returns, which removes it from the inbox; Close and
+	// Logout send the acknowledgements still batched. When OnC2C is nil,
+	// c2c notifies go to OnMessage and chat messages kept in the inbox
+	// stay there.
 	OnC2C func(*pb.C2CMessage)
 	// OnS2C receives pushes from app-servers (the HTTP push API), live or,
 	// when the app-server asked to keep them for offline recipients, from
@@ -145,7 +154,8 @@ type Options struct {
 	OnReceipt func(*pb.C2CReceipt)
 	// PageSize is the offline pull page size; 0 lets the server choose.
 	PageSize uint32
-	// DedupSize is how many recent msgids the receiver remembers. Default 16384.
+	// DedupSize is how many recent msgids the receiver remembers (and
+	// loads from State). Default 16384.
 	DedupSize int
 	// AckDelay is how long acks wait to be batched. Default 20ms.
 	AckDelay time.Duration
@@ -842,8 +852,10 @@ const closeFlushTimeout = 2 * time.Second
 // and not acknowledged yet, waiting at most two seconds (or RequestTimeout
 // if shorter) for a connection to send them on; those it could not send
 // leave their messages in the inbox, to be dropped as duplicates by the
-// next client that remembers them (Options.State). A message whose
-// callback is still running when Close is called is not acknowledged.
+// next client that remembers them (Options.State). Within the same time
+// it waits for a callback that is running to return and acknowledges that
+// message too, unless Close is called from the callback itself: then that
+// message is only recorded in Options.State.
 func (c *Client) Close() error {
 	if c.inbox != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), min(closeFlushTimeout, c.opts.RequestTimeout))

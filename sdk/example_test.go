@@ -82,3 +82,31 @@ func Example() {
 	// first phone: closed
 	// second phone: closed
 }
+
+// A phone app keeps what it has shown in a file, so a message shown just
+// before the app was killed is not shown again when it starts next time,
+// and the messages it sends keep their order after a restart.
+func ExampleFileState() {
+	state, err := sdk.FileState("/data/app/imd-42.state", 0) // one file per terminal
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer state.Close()
+	ctx := context.Background()
+	client, err := sdk.Dial(ctx, sdk.Options{
+		Addrs:    []string{"im.example.com:7000"},
+		DeviceID: "phone-1",
+		State:    state,
+		OnC2C:    func(m *pb.C2CMessage) { fmt.Printf("%d: %s\n", m.Msgid, m.Content) },
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer client.Close() // acknowledges what was shown
+	if _, err := client.Login(ctx, sdk.Credentials{AppCode: 101, UID: 42, TokenFunc: fetchToken}); err != nil {
+		log.Fatal(err)
+	}
+}
+
+// fetchToken stands for the app's call to its app-server for a token.
+func fetchToken(ctx context.Context) (string, error) { return "token", nil }
