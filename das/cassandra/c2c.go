@@ -45,6 +45,9 @@ import (
 func (s *Store) PutC2C(ctx context.Context, m *pb.C2CMessage, inbox, senderInbox []uint32) (uint64, bool, error) {
 	msgid, dup, err := s.putC2C(ctx, m, inbox, senderInbox)
 	das.LogWrite(ctx, s.log, "put_c2c", cmp.Or(msgid, m.GetMsgid()), dup, err)
+	if err == nil {
+		s.markGrown(m)
+	}
 	return msgid, dup, err
 }
 

@@ -93,8 +93,13 @@ type Config struct {
 	// Retention: MaxAge becomes the TTL of timeline rows (counted from the
 	// msgid's time); IdempotencyTTL the TTL of idempotency keys (default
 	// 24h, at most 7 days, so that it stays below the inbox's
-	// gc_grace_seconds). MaxCount is not enforced by this engine.
+	// gc_grace_seconds). MaxCount is enforced by trim rounds (see
+	// TrimInterval and Trim).
 	Retention das.Retention
+	// TrimInterval is the pause between the rounds that trim timelines
+	// grown past Retention.MaxCount. Default DefaultTrimInterval;
+	// negative: no background rounds (call Trim).
+	TrimInterval time.Duration
 	// InboxLag bounds how long a PutC2C takes from choosing its rows to
 	// their being visible, plus clock skew between logic nodes; the inbox
 	// low watermark trails the newest acknowledgement by this much (see
@@ -159,6 +164,9 @@ func (c *Config) setDefaults() error {
 	}
 	if r.IdempotencyTTL > 7*24*time.Hour {
 		return fmt.Errorf("%w: idempotency TTL %v: at most 7 days (below the inbox gc_grace_seconds)", ErrInvalid, r.IdempotencyTTL)
+	}
+	if c.TrimInterval == 0 {
+		c.TrimInterval = DefaultTrimInterval
 	}
 	if c.InboxLag == 0 {
 		c.InboxLag = DefaultInboxLag
@@ -225,6 +233,13 @@ type Store struct {
 
 	seed     maphash.Seed
 	ackLocks [lockStripes]sync.Mutex // by terminal: Ack's read + delete
+
+	// Retention.MaxCount (trim.go)
+	grown   trimSet // timelines written since their last trim
+	trimMu  sync.Mutex
+	trimmer sync.WaitGroup
+	life    context.Context // canceled by Close: trim rounds stop
+	endLife context.CancelFunc
 }
 
 // Open connects to the cluster and checks that the keyspace's schema is
@@ -264,9 +279,7 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		sess.Close()
 		return nil, err
 	}
-	if cfg.Retention.MaxCount > 0 {
-		log.Warn("retention max_count is not enforced by the Cassandra store; max_age is (as a TTL)", "max_count", cfg.Retention.MaxCount)
-	}
+	s.startTrimmer()
 	log.Info("cassandra store open", "hosts", cfg.Hosts, "keyspace", cfg.Keyspace, "dc", cfg.LocalDC, "consistency", cfg.Consistency)
 	return s, nil
 }
@@ -350,6 +363,7 @@ func (s *Store) checkSchema(ctx context.Context) error {
 // return das.ErrClosed; Close itself may be called again and returns nil.
 func (s *Store) Close() error {
 	s.closeOnce.Do(func() {
+		s.stopTrimmer()
 		s.gate.Shut()
 		s.s.Close()
 	})
