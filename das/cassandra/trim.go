@@ -226,7 +226,7 @@ func (s *Store) trimUser(ctx context.Context, u das.User, maxCount int) (removed
 	cross, newer := -1, 0
 	for i := len(buckets) - 1; i >= 0; i-- {
 		var n int64
-		if err := s.q(stmtTrimCount, acc, uid, buckets[i], i64(horizon)).WithContext(ctx).Scan(&n); err != nil {
+		if err := s.q(stmtTrimCount, acc, uid, buckets[i], i64(horizon)).ScanContext(ctx, &n); err != nil {
 			return 0, false, err
 		}
 		if newer+int(n) > maxCount {
