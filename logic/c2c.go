@@ -79,21 +79,32 @@ func (s *Service) needStore() error {
 // c2cSend stores a message, then notifies the recipient's online sessions.
 // The response means "stored": PutC2C is durable before it returns.
 func (s *Service) c2cSend(ctx context.Context, sess router.Session, h *schema.Header, body []byte) ([]byte, error) {
-	if err := s.needStore(); err != nil {
-		return nil, err
-	}
 	var req pb.C2CSendRequest
 	if err := proto.Unmarshal(body, &req); err != nil {
 		return nil, badBody(h.Cmd, err)
 	}
 	to := req.GetTo()
+	if req.GroupId != 0 {
+		switch {
+		case to.GetUid() != 0 || to.GetAccount() != 0:
+			return nil, schema.Errorf(schema.StatusBadRecipient, "a group message has a group_id and no recipient")
+		case len(req.Content) == 0:
+			return nil, schema.Errorf(schema.StatusEmptyContent, "message content is empty")
+		case len(req.Content) > s.c2c.MaxContent:
+			return nil, schema.Errorf(schema.StatusContentTooLarge, "content is %d bytes, over the maximum of %d", len(req.Content), s.c2c.MaxContent)
+		case len(req.ClientMsgId) > s.c2c.MaxClientMsgID:
+			return nil, schema.Errorf(schema.StatusBadArgument, "client_msg_id is over %d bytes", s.c2c.MaxClientMsgID)
+		}
+		return s.groupSend(ctx, sess, h, &req)
+	}
+	if err := s.needStore(); err != nil {
+		return nil, err
+	}
 	switch {
 	case to == nil || to.Uid == 0 || to.Account == 0:
 		return nil, schema.Errorf(schema.StatusBadRecipient, "recipient needs an account and a uid > 0")
 	case len(s.accounts[to.Account]) == 0:
 		return nil, schema.Errorf(schema.StatusBadRecipient, "account system %d is not configured", to.Account)
-	case req.GroupId != 0:
-		return nil, schema.Errorf(schema.StatusBadArgument, "group messages are not supported yet")
 	case len(req.Content) == 0:
 		return nil, schema.Errorf(schema.StatusEmptyContent, "message content is empty")
 	case len(req.Content) > s.c2c.MaxContent:
@@ -426,6 +437,12 @@ func (s *Service) Handle(ctx context.Context, sess router.Session, h *schema.Hea
 		return s.s2cAck(ctx, sess, h, body)
 	case schema.CmdC2S:
 		return s.c2s(ctx, sess, h, body)
+	case schema.CmdGroupSync:
+		return s.groupSync(ctx, sess, h, body)
+	case schema.CmdGroupPull:
+		return s.groupPull(ctx, sess, h, body)
+	case schema.CmdGroupAck:
+		return s.groupAck(ctx, sess, h, body)
 	}
 	return nil, schema.Errorf(schema.StatusUnknownCmd, "command %s is not served by this server", h.Cmd)
 }

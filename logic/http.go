@@ -115,6 +115,18 @@ func NewHTTPServer(svc *Service, o HTTPOptions) *fasthttp.Server {
 			if app := authApp(svc, ctx); app != nil {
 				handlePresence(svc, app, ctx)
 			}
+		case path == "/v1/groups" || strings.HasPrefix(path, "/v1/groups/"):
+			if app := authApp(svc, ctx); app != nil {
+				handleGroups(svc, app, ctx, strings.TrimPrefix(path, "/v1/groups"), log, logid)
+			}
+		case strings.HasPrefix(path, "/v1/users/") && strings.HasSuffix(path, "/groups"):
+			if !ctx.IsGet() {
+				writeError(ctx, fasthttp.StatusMethodNotAllowed, 0, "use GET")
+				return
+			}
+			if app := authApp(svc, ctx); app != nil {
+				handleUserGroups(svc, app, ctx, strings.TrimSuffix(strings.TrimPrefix(path, "/v1/users/"), "/groups"))
+			}
 		default:
 			writeError(ctx, fasthttp.StatusNotFound, 0, "no such endpoint: "+path)
 		}
@@ -300,6 +312,10 @@ func writeStatusError(ctx *fasthttp.RequestCtx, err error) {
 		code = fasthttp.StatusRequestEntityTooLarge
 	case se.Status == schema.StatusTimeout:
 		code = fasthttp.StatusGatewayTimeout
+	case se.Status == schema.StatusUnknownGroup:
+		code = fasthttp.StatusNotFound
+	case se.Status == schema.StatusGroupExists:
+		code = fasthttp.StatusConflict
 	case se.Status.Retryable():
 		code = fasthttp.StatusServiceUnavailable
 	}

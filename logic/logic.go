@@ -96,6 +96,14 @@ type Options struct {
 	// memory (one logic node). A cluster shares one (the router's Redis)
 	// so that any node counts acks and answers for any push.
 	PushLedger router.PushLedger
+	// GroupStore keeps groups; nil uses Store when it implements
+	// das.GroupStore (both engines do), else serves no groups.
+	GroupStore das.GroupStore
+	Groups     Groups
+	// GroupChanged, when set, is called after this node changed a group's
+	// membership, to invalidate the members caches of the other logic
+	// nodes (the platform publishes through Redis).
+	GroupChanged func(ctx context.Context, id uint64)
 
 	// Clock is the wall clock that msgids carry; nil is time.Now. Tests
 	// skew it.
@@ -123,6 +131,11 @@ type Service struct {
 	c2c      C2C
 	s2c      S2C
 	ledger   router.PushLedger
+
+	groups       das.GroupStore
+	groupCache   *das.GroupCache
+	groupCfg     Groups
+	groupChanged func(ctx context.Context, id uint64)
 	bus      bus.Producer
 	routes   map[routeKey]string
 	c2sMax   int
@@ -138,6 +151,10 @@ type Service struct {
 	mC2S         *prometheus.CounterVec
 	mUndelivered *prometheus.CounterVec
 	mStale       prometheus.Counter
+
+	mGroup         *prometheus.CounterVec
+	mGroupNotifies prometheus.Counter
+	mGroupAcks     prometheus.Counter
 }
 
 var _ API = (*Service)(nil)
@@ -163,6 +180,20 @@ func New(opts Options) (*Service, error) {
 		s.ledger = &router.MemoryLedger{}
 	}
 	s.c2c.setDefaults()
+	s.groupCfg = opts.Groups
+	s.groupCfg.setDefaults()
+	s.groupChanged = opts.GroupChanged
+	s.groups = opts.GroupStore
+	if s.groups == nil {
+		s.groups, _ = opts.Store.(das.GroupStore)
+	}
+	if s.groups != nil {
+		gc, err := das.NewGroupCache(s.groups, s.groupCfg.CacheEntries, opts.Registry)
+		if err != nil {
+			return nil, fmt.Errorf("logic: group cache: %w", err)
+		}
+		s.groupCache = gc
+	}
 	s.s2c.setDefaults()
 	s.bus = opts.Bus
 	c2s := opts.C2S
@@ -233,6 +264,18 @@ func New(opts Options) (*Service, error) {
 		Namespace: "imd", Subsystem: "logic", Name: "stale_sessions_dropped_total",
 		Help: "Sessions removed from the router because their gateway reported the connection gone during a push.",
 	})
+	s.mGroup = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "imd", Subsystem: "logic", Name: "group_sends_total",
+		Help: "Group send requests by result: stored, duplicate (a retry of a stored message), refused (not a member, unknown group, store error).",
+	}, []string{"result"})
+	s.mGroupNotifies = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "imd", Subsystem: "logic", Name: "group_notifies_total",
+		Help: "Group notifies queued on a member terminal's connection.",
+	})
+	s.mGroupAcks = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "imd", Subsystem: "logic", Name: "group_cursor_writes_total",
+		Help: "Group cursors moved by acks (one per group per ack batch).",
+	})
 	s.mPush = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "imd", Subsystem: "logic", Name: "s2c_recipients_total",
 		Help: "s2c push recipients by outcome: online (pushed), stored (offline, kept), dropped (offline).",
@@ -268,7 +311,7 @@ func New(opts Options) (*Service, error) {
 			Namespace: "imd", Subsystem: "logic", Name: "online_sessions",
 			Help: "Sessions (logged-in terminals) in the router (the whole DC's when the router is shared).",
 		}, online(false))
-		for _, c := range []prometheus.Collector{s.mLogins, s.mKicks, s.mC2C, s.mC2CNotifies, s.mC2CAcks, s.mPush, s.mPushAcks, s.mC2S, s.mUndelivered, s.mStale, gUsers, gSessions} {
+		for _, c := range []prometheus.Collector{s.mLogins, s.mKicks, s.mC2C, s.mC2CNotifies, s.mC2CAcks, s.mPush, s.mPushAcks, s.mC2S, s.mUndelivered, s.mStale, gUsers, gSessions, s.mGroup, s.mGroupNotifies, s.mGroupAcks} {
 			if err := opts.Registry.Register(c); err != nil {
 				return nil, fmt.Errorf("logic: metrics: %w", err)
 			}

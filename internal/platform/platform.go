@@ -67,7 +67,8 @@ type Platform struct {
 	rpcM      *rpc.Metrics
 	gateAddr  string // the gateway's advertised address
 	members   *membership
-	idLease   *idLease // logic's node id lease; nil without Redis
+	stopSubs  context.CancelFunc // ends the group change subscription
+	idLease   *idLease           // logic's node id lease; nil without Redis
 
 	log       *slog.Logger
 	http      *fasthttp.Server
@@ -197,9 +198,20 @@ func (p *Platform) startLogic(cfg config.Config, log *slog.Logger, reg prometheu
 	case nodeID < 0:
 		nodeID = 0 // without Redis there is one logic node
 	}
+	// Membership changes made here are announced to the other logic nodes
+	// of the DC, which drop the group from their members caches.
+	var groupChanged func(context.Context, uint64)
+	if p.redis != nil {
+		rr := p.redis
+		groupChanged = func(ctx context.Context, id uint64) {
+			if err := rr.PublishGroupChange(ctx, id); err != nil {
+				log.Warn("announce a group change", "group", id, "err", err)
+			}
+		}
+	}
 	svc, err := logic.New(logic.Options{
-		PushLedger: ledger,
-		Apps:       cfg.Apps, Router: p.Router, Logger: log.With("tier", "logic"), Registry: reg,
+		PushLedger: ledger, Groups: cfg.Groups, GroupChanged: groupChanged,
+		Apps: cfg.Apps, Router: p.Router, Logger: log.With("tier", "logic"), Registry: reg,
 		Store: store, NodeID: nodeID, C2C: cfg.C2C, S2C: cfg.S2C, C2S: cfg.C2S, Bus: p.producer,
 		Clock: cfg.Clock, MaxClockSkew: cfg.MaxClockSkew,
 	})
@@ -207,6 +219,11 @@ func (p *Platform) startLogic(cfg config.Config, log *slog.Logger, reg prometheu
 		return err
 	}
 	p.Logic = svc
+	if p.redis != nil {
+		ctx, cancel := context.WithCancel(context.Background())
+		p.stopSubs = cancel
+		go p.redis.SubscribeGroupChanges(ctx, svc.InvalidateGroup)
+	}
 	if p.redis != nil {
 		// Lease the node id before anything can ask for a msgid.
 		if err := p.leaseNodeID(cfg); err != nil {
@@ -536,6 +553,9 @@ func (p *Platform) stop(ctx context.Context) error {
 	// Every request has finished with the gateway: the bus and the store
 	// can close.
 	err = errors.Join(err, p.closeBackends(ctx))
+	if p.stopSubs != nil {
+		p.stopSubs()
+	}
 	if p.redis != nil {
 		p.redis.Close()
 	}
