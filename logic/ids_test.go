@@ -83,9 +83,12 @@ func TestIDLayout(t *testing.T) {
 func TestIDClockBackwards(t *testing.T) {
 	c := &stepClock{t: t0}
 	g := newTestGen(t, 1, c)
-	last := mustNext(t, g, 0)
+	first := mustNext(t, g, 0)
 	c.step(5 * time.Millisecond)
-	last = mustNext(t, g, 0)
+	last := mustNext(t, g, 0)
+	if last <= first {
+		t.Fatalf("id %d after the clock moved forward is not above %d", last, first)
+	}
 	c.step(-10 * time.Second)
 	for i := range 100 {
 		id := mustNext(t, g, 0)
