@@ -291,10 +291,16 @@ func TestOpenAPIDocument(t *testing.T) {
 	if err := yaml.Unmarshal(raw, &doc); err != nil {
 		t.Fatal(err)
 	}
-	want := map[string]string{"/v1/push": "post", "/v1/push/{push_id}": "get", "/v1/presence": "get"}
-	for path, method := range want {
-		if _, ok := doc.Paths[path][method]; !ok {
-			t.Errorf("openapi.yaml does not document %s %s", method, path)
+	want := map[string][]string{
+		"/v1/push": {"post"}, "/v1/push/{push_id}": {"get"}, "/v1/presence": {"get"},
+		"/v1/groups": {"post"}, "/v1/groups/{group_id}": {"get", "delete"},
+		"/v1/groups/{group_id}/members": {"post", "delete"}, "/v1/users/{account}/{uid}/groups": {"get"},
+	}
+	for path, methods := range want {
+		for _, method := range methods {
+			if _, ok := doc.Paths[path][method]; !ok {
+				t.Errorf("openapi.yaml does not document %s %s", method, path)
+			}
 		}
 	}
 	if len(doc.Paths) != len(want) {
