@@ -740,7 +740,8 @@ func testGroupDissolve(t *testing.T, g *gfixture) {
 	g.wantMembership(a, id, 1, 4)
 	g.wantStream("after refused changes", id, want...)
 
-	_, err = g.s.Dissolve(g.ctx, g.groupID(), event(id, pb.GroupEventKind_GROUP_EVENT_DISSOLVED))
+	unknown := g.groupID()
+	_, err = g.s.Dissolve(g.ctx, unknown, event(unknown, pb.GroupEventKind_GROUP_EVENT_DISSOLVED))
 	wantErr(t, "Dissolve of an unknown group", err, das.ErrGroupUnknown)
 }
 
