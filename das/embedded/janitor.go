@@ -27,6 +27,8 @@ type SweepStats struct {
 	Timeline    int // timeline entries (each with its conversation index row)
 	Idempotency int // idempotency keys
 	Messages    int // message bodies no row pointed to any more
+	// GroupMessages counts group messages older than Retention.MaxAge.
+	GroupMessages int
 }
 
 // dirtyUsers remembers which timelines grew since the last sweep, so that
@@ -97,14 +99,15 @@ func (s *Store) runJanitor(interval time.Duration) {
 		case err != nil && ctx.Err() == nil:
 			s.log.Error("retention sweep failed", "err", err, "removed", st)
 		case st != (SweepStats{}):
-			s.log.Info("retention sweep", "timeline", st.Timeline, "idempotency", st.Idempotency, "messages", st.Messages)
+			s.log.Info("retention sweep", "timeline", st.Timeline, "idempotency", st.Idempotency, "messages", st.Messages, "group_messages", st.GroupMessages)
 		}
 	}
 }
 
 // Sweep runs one retention pass now (the janitor runs one every
 // JanitorInterval): it removes timeline entries beyond Retention.MaxAge
-// and MaxCount, idempotency keys older than IdempotencyTTL, and messages
+// and MaxCount, group messages beyond MaxAge (at most groupTrimBudget per
+// pass), idempotency keys older than IdempotencyTTL, and messages
 // that no inbox or timeline row points to. Inbox rows are never removed.
 // Close interrupts a running sweep.
 func (s *Store) Sweep(ctx context.Context) (SweepStats, error) {
@@ -123,6 +126,9 @@ func (s *Store) sweep(ctx context.Context) (SweepStats, error) {
 	defer s.sweepMu.Unlock()
 	var st SweepStats
 	err := s.trimTimelines(ctx, &st)
+	if err == nil && s.opts.Retention.MaxAge > 0 {
+		err = s.trimGroupsByAge(ctx, das.MsgidAt(s.now().Add(-s.opts.Retention.MaxAge)), &st)
+	}
 	if err == nil {
 		err = s.expireIdempotency(ctx, &st)
 	}

@@ -21,6 +21,21 @@ import (
 //	x | stored ms | k-key                       -> ""                       (idempotency expiry queue)
 //	g | msgid | event                           -> ""                       (collection candidate)
 //
+// Groups (see group.go) have tables of their own:
+//
+//	h | group                                   -> head | member seq | members | flags  (group state)
+//	n | group | seq                             -> msgid | pb.C2CMessage    (group message, stored once)
+//	p | group | account | uid                   -> join seq                 (current members)
+//	u | account | uid | group                   -> join seq | left seq      (a user's memberships)
+//	r | account | uid | group | appcode         -> seq                      (a terminal's group cursor)
+//	q | account | uid | appcode | client_msg_id -> msgid | stored ms | group | seq  (group idempotency key)
+//
+// Group idempotency keys share the x queue (and so the janitor's expiry)
+// with the c2c ones; their own tag keeps a client id of a c2c send from
+// answering a group send. Cursors are clustered by user and group rather
+// than by terminal, so that ForgetGroup drops every terminal's cursor of a
+// group with one range deletion; GroupCursors reads them by point lookups
+// either way.
 // The message body is stored once, in the m table, and every index row
 // points to it by msgid. A message to a user with two terminals would
 // otherwise be written five times (two timelines, three inboxes... ) and
@@ -46,6 +61,13 @@ const (
 	tagIdem      = 'k'
 	tagIdemQueue = 'x'
 	tagGC        = 'g'
+
+	tagGroup       = 'h'
+	tagGroupMsg    = 'n'
+	tagGroupMember = 'p'
+	tagUserGroup   = 'u'
+	tagGroupCursor = 'r'
+	tagGroupIdem   = 'q'
 )
 
 const (
@@ -56,6 +78,13 @@ const (
 	convKeyLen  = 1 + userLen + userLen + 8
 	msgKeyLen   = 1 + 8
 	gcKeyLen    = 1 + 8 + 8
+
+	groupKeyLen       = 1 + 8
+	groupMsgKeyLen    = 1 + 8 + 8
+	groupMemberKeyLen = 1 + 8 + userLen
+	userGroupKeyLen   = 1 + userLen + 8
+	groupCursorKeyLen = 1 + userLen + 8 + 4
+	groupIdemValueLen = 8 + 8 + 8 + 8
 )
 
 func appendUser(b []byte, u das.User) []byte {
@@ -135,14 +164,157 @@ func gcKey(msgid, event uint64) []byte {
 	return binary.BigEndian.AppendUint64(b, event)
 }
 
+func groupKey(id uint64) []byte {
+	b := make([]byte, 0, groupKeyLen)
+	b = append(b, tagGroup)
+	return binary.BigEndian.AppendUint64(b, id)
+}
+
+func groupMsgPrefix(id uint64) []byte {
+	b := make([]byte, 0, groupMsgKeyLen)
+	b = append(b, tagGroupMsg)
+	return binary.BigEndian.AppendUint64(b, id)
+}
+
+func groupMsgKey(id, seq uint64) []byte {
+	return binary.BigEndian.AppendUint64(groupMsgPrefix(id), seq)
+}
+
+func groupMemberPrefix(id uint64) []byte {
+	b := make([]byte, 0, groupMemberKeyLen)
+	b = append(b, tagGroupMember)
+	return binary.BigEndian.AppendUint64(b, id)
+}
+
+func groupMemberKey(id uint64, u das.User) []byte {
+	return appendUser(groupMemberPrefix(id), u)
+}
+
+func userGroupPrefix(u das.User) []byte {
+	b := make([]byte, 0, userGroupKeyLen)
+	b = append(b, tagUserGroup)
+	return appendUser(b, u)
+}
+
+func userGroupKey(u das.User, id uint64) []byte {
+	return binary.BigEndian.AppendUint64(userGroupPrefix(u), id)
+}
+
+// groupCursorPrefix is the prefix of the cursors of every terminal of u
+// in group id.
+func groupCursorPrefix(u das.User, id uint64) []byte {
+	b := make([]byte, 0, groupCursorKeyLen)
+	b = append(b, tagGroupCursor)
+	b = appendUser(b, u)
+	return binary.BigEndian.AppendUint64(b, id)
+}
+
+func groupCursorKey(t das.Terminal, id uint64) []byte {
+	return binary.BigEndian.AppendUint32(groupCursorPrefix(t.User(), id), t.AppCode)
+}
+
+// groupIdemKey is the idempotency key of a group message: the sender
+// terminal and client message id, as idemKey, under its own tag.
+func groupIdemKey(t das.Terminal, clientMsgID string) []byte {
+	k := idemKey(t, clientMsgID)
+	k[0] = tagGroupIdem
+	return k
+}
+
+// Group state (the h value): the newest seq, the seq of the last
+// membership change, the number of members and flags.
+type groupMeta struct {
+	head, memberSeq uint64
+	members         uint32
+	dissolved       bool
+}
+
+const (
+	groupMetaLen       = 8 + 8 + 4 + 1
+	groupFlagDissolved = 1
+)
+
+func (g groupMeta) encode() []byte {
+	b := make([]byte, 0, groupMetaLen)
+	b = binary.BigEndian.AppendUint64(b, g.head)
+	b = binary.BigEndian.AppendUint64(b, g.memberSeq)
+	b = binary.BigEndian.AppendUint32(b, g.members)
+	var flags byte
+	if g.dissolved {
+		flags |= groupFlagDissolved
+	}
+	return append(b, flags)
+}
+
+func decodeGroupMeta(v []byte) (groupMeta, bool) {
+	if len(v) != groupMetaLen {
+		return groupMeta{}, false
+	}
+	return groupMeta{
+		head:      binary.BigEndian.Uint64(v),
+		memberSeq: binary.BigEndian.Uint64(v[8:]),
+		members:   binary.BigEndian.Uint32(v[16:]),
+		dissolved: v[20]&groupFlagDissolved != 0,
+	}, true
+}
+
+// A group message value starts with the msgid, so that the janitor can
+// tell a message's age without unmarshalling it.
+func encodeGroupMsgValue(msgid uint64, body []byte) []byte {
+	b := make([]byte, 0, 8+len(body))
+	b = binary.BigEndian.AppendUint64(b, msgid)
+	return append(b, body...)
+}
+
+func decodeGroupMsgValue(v []byte) (msgid uint64, body []byte, ok bool) {
+	if len(v) < 8 {
+		return 0, nil, false
+	}
+	return binary.BigEndian.Uint64(v), v[8:], true
+}
+
+func encodeMembership(join, left uint64) []byte {
+	b := make([]byte, 0, 16)
+	b = binary.BigEndian.AppendUint64(b, join)
+	return binary.BigEndian.AppendUint64(b, left)
+}
+
+func decodeMembership(v []byte) (join, left uint64, ok bool) {
+	if len(v) != 16 {
+		return 0, 0, false
+	}
+	return binary.BigEndian.Uint64(v), binary.BigEndian.Uint64(v[8:]), true
+}
+
+// encodeGroupIdemValue extends the idempotency value (msgid | stored ms)
+// with the group and seq of the message; decodeIdemValue reads its first
+// two fields, so the janitor expires both kinds alike.
+func encodeGroupIdemValue(msgid, storedMs, group, seq uint64) []byte {
+	b := make([]byte, 0, groupIdemValueLen)
+	b = binary.BigEndian.AppendUint64(b, msgid)
+	b = binary.BigEndian.AppendUint64(b, storedMs)
+	b = binary.BigEndian.AppendUint64(b, group)
+	return binary.BigEndian.AppendUint64(b, seq)
+}
+
+func decodeGroupIdemValue(v []byte) (msgid, storedMs, group, seq uint64, ok bool) {
+	if len(v) != groupIdemValueLen {
+		return 0, 0, 0, 0, false
+	}
+	return binary.BigEndian.Uint64(v), binary.BigEndian.Uint64(v[8:]),
+		binary.BigEndian.Uint64(v[16:]), binary.BigEndian.Uint64(v[24:]), true
+}
+
 func encodeIdemValue(msgid, storedMs uint64) []byte {
 	b := make([]byte, 0, 16)
 	b = binary.BigEndian.AppendUint64(b, msgid)
 	return binary.BigEndian.AppendUint64(b, storedMs)
 }
 
+// decodeIdemValue reads a c2c idempotency value, or the first two fields
+// of a group one.
 func decodeIdemValue(v []byte) (msgid, storedMs uint64, ok bool) {
-	if len(v) != 16 {
+	if len(v) != 16 && len(v) != groupIdemValueLen {
 		return 0, 0, false
 	}
 	return binary.BigEndian.Uint64(v), binary.BigEndian.Uint64(v[8:]), true

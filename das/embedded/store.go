@@ -7,7 +7,8 @@
 // concurrent writers while each caller still waits for its own sync.
 //
 // Retention: a background janitor (Options.JanitorInterval) removes
-// timeline entries beyond Retention.MaxAge and Retention.MaxCount,
+// timeline entries and group messages beyond Retention.MaxAge, timeline
+// entries beyond Retention.MaxCount,
 // idempotency keys older than Retention.IdempotencyTTL, and messages that
 // no inbox or timeline row points to any more. Retention never removes an
 // inbox row: only Ack does, so an offline terminal keeps every message it
@@ -116,8 +117,12 @@ type Store struct {
 
 	seed      maphash.Seed
 	idemLocks [lockStripes]sync.Mutex // by idempotency key: check + commit
-	ackLocks  [lockStripes]sync.Mutex // by terminal: Ack's existence check + delete
+	ackLocks  [lockStripes]sync.Mutex // by terminal: Ack's existence check + delete, AckGroup
 	gcEvent   atomic.Uint64           // suffix of collection marks, unique per process run
+
+	// groupLocks are the groups' sequencers (by group id): every write
+	// to a group reads its head and commits head+1 under one (group.go).
+	groupLocks [lockStripes]sync.Mutex
 }
 
 // Open opens (creating if needed) the store in dir, e.g. <data-dir>/store.
