@@ -52,7 +52,13 @@ func (c *Client) SendC2C(ctx context.Context, to *pb.User, msgtype uint32, conte
 
 // SendC2CWithID is SendC2C with a client message id chosen by the app.
 func (c *Client) SendC2CWithID(ctx context.Context, to *pb.User, msgtype uint32, clientMsgID string, content []byte) (*pb.C2CSendResponse, error) {
-	req := &pb.C2CSendRequest{To: to, ClientMsgId: clientMsgID, Content: content}
+	return c.send(ctx, &pb.C2CSendRequest{To: to, ClientMsgId: clientMsgID, Content: content}, msgtype)
+}
+
+// send is the code path of every chat send, one-to-one or group: tries
+// with backoff, the same client message id on every try, and the send
+// floor.
+func (c *Client) send(ctx context.Context, req *pb.C2CSendRequest, msgtype uint32) (*pb.C2CSendResponse, error) {
 	var resp pb.C2CSendResponse
 	if err := c.retry(ctx, func(actx context.Context) error {
 		// Every try carries the current floor: an answer to a concurrent
@@ -184,16 +190,24 @@ type inbox struct {
 	busy     chan struct{} // closed when the running callback's item is queued
 	loopGoid atomic.Uint64 // the goroutine running loop and the callbacks
 
+	groups  map[uint64]*groupState // per group: what was queued, what is held (under mu)
+	gsync   bool                   // the groups are being caught up after a login (under mu)
+	gbuffer []*pb.C2CMessage       // live group messages held back meanwhile (under mu)
+
 	ackMu      sync.Mutex
-	pending    []uint64 // delivered from a c2c notify or the last page, not yet acknowledged
-	pendingS2C []uint64 // live pushes delivered, not yet acknowledged
-	pulled     []uint64 // delivered from an offline page; the next pull acknowledges them
+	gdone      map[uint64]uint64 // per group, the last seq delivered
+	gpending   map[uint64]uint64 // per group, the cursor to acknowledge with the next batch
+	gpulled    map[uint64]uint64 // per group, the last seq delivered from a catch-up page; its next pull acknowledges it
+	pending    []uint64          // delivered from a c2c notify or the last page, not yet acknowledged
+	pendingS2C []uint64          // live pushes delivered, not yet acknowledged
+	pulled     []uint64          // delivered from an offline page; the next pull acknowledges them
 
 	flushMu chan struct{} // a token held while acks are sent
 }
 
 type qitem struct {
 	m        *pb.C2CMessage // an s2c push has a zero From (see isPush)
+	group    bool           // a group message, for OnGroup (see group.go)
 	live     bool           // a live s2c notify: acked with S2CAck, not from the inbox
 	fromPull bool           // an offline page: the next pull acks it
 	barrier  chan struct{}
@@ -204,8 +218,12 @@ func isPush(m *pb.C2CMessage) bool {
 	return m.GetFrom().GetAccount() == 0 && m.GetFrom().GetUid() == 0
 }
 
-// handles reports whether the app has a callback for m's kind.
-func (in *inbox) handles(m *pb.C2CMessage) bool {
+// handles reports whether the app has a callback for the kind of it.
+func (in *inbox) handles(it qitem) bool {
+	if it.group {
+		return in.c.opts.OnGroup != nil
+	}
+	m := it.m
 	if isPush(m) {
 		return in.c.opts.OnS2C != nil
 	}
@@ -215,7 +233,11 @@ func (in *inbox) handles(m *pb.C2CMessage) bool {
 func newInbox(c *Client) *inbox {
 	// The dedup set grows with use up to DedupSize: an idle client (most
 	// of a fleet) does not pay for 16k slots.
-	return &inbox{c: c, wake: make(chan struct{}, 1), seen: make(map[uint64]struct{}), flushMu: make(chan struct{}, 1)}
+	return &inbox{
+		c: c, wake: make(chan struct{}, 1), seen: make(map[uint64]struct{}), flushMu: make(chan struct{}, 1),
+		groups: make(map[uint64]*groupState), gdone: make(map[uint64]uint64),
+		gpending: make(map[uint64]uint64), gpulled: make(map[uint64]uint64),
+	}
 }
 
 // remember fills the dedup window with ids shown by an earlier client of
@@ -293,7 +315,13 @@ func (in *inbox) loop() {
 				close(it.barrier)
 				continue
 			}
-			if !in.handles(it.m) {
+			if !in.handles(it) {
+				continue
+			}
+			if it.group {
+				if in.deliverGroup(it) {
+					in.flushAcks()
+				}
 				continue
 			}
 			in.stepMu.Lock()
@@ -418,9 +446,14 @@ func (in *inbox) finish(ctx context.Context) {
 	ids := append(append([]uint64(nil), in.pending...), in.pulled...)
 	pushes := in.pendingS2C
 	in.pending, in.pulled, in.pendingS2C = nil, nil, nil
+	for g, seq := range in.gpulled {
+		in.gpending[g] = max(in.gpending[g], seq)
+		delete(in.gpulled, g)
+	}
+	cursors := in.takeCursors()
 	in.ackMu.Unlock()
 	in.syncState()
-	if len(ids) == 0 && len(pushes) == 0 {
+	if len(ids) == 0 && len(pushes) == 0 && len(cursors) == 0 {
 		return
 	}
 	c := in.c
@@ -431,6 +464,9 @@ func (in *inbox) finish(ctx context.Context) {
 	}
 	if len(pushes) > 0 {
 		_ = l.send(schema.Header{Cmd: schema.CmdS2CAck}, &pb.S2CAck{PushIds: pushes})
+	}
+	if left := in.sendCursors(ctx, l, cursors); len(left) > 0 {
+		c.log.Info("sdk: group acks not sent before closing", "n", len(left))
 	}
 	for sent := 0; sent < len(ids); {
 		n := min(len(ids)-sent, 500)
@@ -453,9 +489,10 @@ func (in *inbox) flushAcks() {
 	in.ackMu.Lock()
 	ids, pushes := in.pending, in.pendingS2C
 	in.pending, in.pendingS2C = nil, nil
+	cursors := in.takeCursors()
 	in.ackMu.Unlock()
 	in.syncState() // the ids taken were recorded before they were queued
-	if len(ids) == 0 && len(pushes) == 0 {
+	if len(ids) == 0 && len(pushes) == 0 && len(cursors) == 0 {
 		return
 	}
 	c := in.c
@@ -469,6 +506,9 @@ func (in *inbox) flushAcks() {
 		if len(pushes) > 0 {
 			_ = l.send(schema.Header{Cmd: schema.CmdS2CAck}, &pb.S2CAck{PushIds: pushes})
 		}
+		ctx, cancel := context.WithTimeout(context.Background(), c.opts.RequestTimeout)
+		cursors = in.sendCursors(ctx, l, cursors)
+		cancel()
 		for sent < len(ids) {
 			n := min(len(ids)-sent, 500)
 			ctx, cancel := context.WithTimeout(context.Background(), c.opts.RequestTimeout)
@@ -482,9 +522,10 @@ func (in *inbox) flushAcks() {
 		}
 	default:
 	}
-	if sent < len(ids) {
+	if sent < len(ids) || len(cursors) > 0 {
 		in.ackMu.Lock()
 		in.pending = append(ids[sent:], in.pending...)
+		in.putCursors(cursors)
 		in.ackMu.Unlock()
 	}
 }
@@ -513,7 +554,8 @@ func (in *inbox) deliverAndWait(msgs []*pb.C2CMessage) bool {
 func (in *inbox) beginLogin() {
 	in.mu.Lock()
 	in.gen++
-	in.syncing = true
+	in.syncing = in.c.opts.OnC2C != nil || in.c.opts.OnS2C != nil
+	in.gsync = in.c.opts.OnGroup != nil
 	in.mu.Unlock()
 }
 
@@ -522,8 +564,14 @@ func (in *inbox) startSync(l *link) {
 	in.mu.Lock()
 	gen := in.gen
 	in.mu.Unlock()
-	in.c.wg.Add(1)
-	go in.sync(l, gen)
+	if in.c.opts.OnC2C != nil || in.c.opts.OnS2C != nil {
+		in.c.wg.Add(1)
+		go in.sync(l, gen)
+	}
+	if in.c.opts.OnGroup != nil {
+		in.c.wg.Add(1)
+		go in.groupSync(l, gen)
+	}
 }
 
 func (in *inbox) sync(l *link, gen uint64) {

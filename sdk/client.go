@@ -21,6 +21,14 @@
 // before a kill is then pulled again by the next process, recognised,
 // acknowledged and not shown. The same store keeps the floor of the
 // per-sender order (see SendC2C).
+//
+// # Groups
+//
+// Group messages (OnGroup) are numbered per group, 1, 2, 3, ..., and the
+// client delivers each group in that order without gaps: it pulls what a
+// connection cut made it miss before going on, catches every group up
+// after each login, and acknowledges per group the last seq shown. A
+// GroupStateStore (FileState is one) keeps that seq across restarts.
 package sdk
 
 import (
@@ -152,7 +160,22 @@ type Options struct {
 	// message this user sent (a delivered receipt). Receipts are not
 	// stored: a sender offline at that moment does not get one.
 	OnReceipt func(*pb.C2CReceipt)
-	// PageSize is the offline pull page size; 0 lets the server choose.
+	// OnGroup receives group messages, chat and system events (m.Event
+	// set: created, joined, left, dissolved), one at a time on the
+	// goroutine that runs OnC2C. Each group's messages come in seq order
+	// without gaps, each once: a notify lost in a connection cut is
+	// pulled again before the ones after it are delivered, and after
+	// every login the groups are caught up from this terminal's cursor
+	// before live notifies are let through. The messages this client
+	// sends with SendGroup come too, once their send is answered. The
+	// client acknowledges per group the last seq delivered, batched for
+	// AckDelay, and, when Options.State is a GroupStateStore, records it
+	// there after the callback returns, so a restarted app neither shows
+	// a group message again nor skips one. When OnGroup is nil, group
+	// notifies go to OnMessage and nothing is pulled for groups.
+	OnGroup func(*pb.C2CMessage)
+	// PageSize is the offline and group pull page size; 0 lets the server
+	// choose.
 	PageSize uint32
 	// DedupSize is how many recent msgids the receiver remembers (and
 	// loads from State). Default 16384.
@@ -290,9 +313,10 @@ func Dial(ctx context.Context, opts Options) (*Client, error) {
 	c.wg.Add(2)
 	go c.deliver()
 	go c.supervise()
-	if opts.OnC2C != nil || opts.OnS2C != nil {
+	if opts.OnC2C != nil || opts.OnS2C != nil || opts.OnGroup != nil {
 		c.inbox = newInbox(c)
 		c.inbox.remember(saved.Shown)
+		c.inbox.rememberGroups(saved.GroupSeqs)
 		c.wg.Add(1)
 		go c.inbox.loop()
 	}
@@ -709,6 +733,12 @@ func (c *Client) notified(l *link, h schema.Header, body []byte) {
 	case schema.CmdC2CNotify:
 		if c.inbox != nil && c.opts.OnC2C != nil {
 			c.inbox.notified(body)
+			return
+		}
+		c.queueMessage(h, body)
+	case schema.CmdGroupNotify:
+		if c.inbox != nil && c.opts.OnGroup != nil {
+			c.inbox.groupNotified(body)
 			return
 		}
 		c.queueMessage(h, body)

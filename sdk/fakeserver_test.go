@@ -27,6 +27,7 @@ type fakeServer struct {
 
 	mu    sync.Mutex
 	conns []net.Conn
+	wmu   sync.Mutex // serialises the writes of answers and pushes
 }
 
 func newFakeServer(t *testing.T, handle func(h schema.Header, body []byte) (schema.Status, proto.Message, bool)) *fakeServer {
@@ -79,9 +80,28 @@ func (fs *fakeServer) conn(nc net.Conn) {
 		}
 		h.Status = st
 		h.SetKind(schema.KindResponse)
-		if _, err := nc.Write(schema.AppendFrame(nil, &h, out)); err != nil || closeAfter {
+		fs.wmu.Lock()
+		_, err := nc.Write(schema.AppendFrame(nil, &h, out))
+		fs.wmu.Unlock()
+		if err != nil || closeAfter {
 			return
 		}
+	}
+}
+
+// push sends a notify of cmd with body m on every connection.
+func (fs *fakeServer) push(cmd schema.Cmd, m proto.Message) {
+	body, _ := proto.Marshal(m)
+	h := schema.Header{Cmd: cmd}
+	h.SetKind(schema.KindNotify)
+	frame := schema.AppendFrame(nil, &h, body)
+	fs.mu.Lock()
+	conns := slices.Clone(fs.conns)
+	fs.mu.Unlock()
+	fs.wmu.Lock()
+	defer fs.wmu.Unlock()
+	for _, c := range conns {
+		_, _ = c.Write(frame)
 	}
 }
 

@@ -52,39 +52,48 @@ type SavedState struct {
 	// SentMsgid is the highest msgid the terminal was answered for a
 	// message it sent (0 if none): the floor of its next send.
 	SentMsgid uint64
+	// GroupSeqs holds, per group id, the last seq shown to the app
+	// (OnGroup), as recorded by a GroupStateStore; nil from a store that
+	// is not one.
+	GroupSeqs map[uint64]uint64
 }
+
+var _ GroupStateStore = (*FileStore)(nil)
 
 // defaultKeep is how many shown ids FileState keeps by default: the
 // default Options.DedupSize.
 const defaultKeep = 16384
 
-// FileStore is the StateStore returned by FileState.
+// FileStore is the StateStore (and GroupStateStore) returned by FileState.
 type FileStore struct {
-	mu    sync.Mutex
-	path  string
-	keep  int
-	f     *os.File
-	shown []uint64 // the last keep ids, oldest first
-	sent  uint64
-	lines int  // records in the file, to know when to compact it
-	dirty bool // written since the last fsync
-	buf   []byte
+	mu     sync.Mutex
+	path   string
+	keep   int
+	f      *os.File
+	shown  []uint64 // the last keep ids, oldest first
+	sent   uint64
+	groups map[uint64]uint64 // the last seq shown per group
+	lines  int               // records in the file, to know when to compact it
+	dirty  bool              // written since the last fsync
+	buf    []byte
 }
 
 // FileState opens (or creates) the state file at path and returns a store
 // that keeps the last keep shown ids (keep <= 0 means 16384, the default
-// DedupSize; give the client's DedupSize if it is larger).
+// DedupSize; give the client's DedupSize if it is larger) and the last
+// seq shown of every group.
 //
 // The file is a log of text records, one a line, appended to with one
-// write per call. Fsync policy: SaveShown (called once per message shown)
-// only writes, which survives the process being killed; Sync, which the
+// write per call. Fsync policy: SaveShown and SaveGroupSeq (called once
+// per message shown) only write, which survives the process being killed; Sync, which the
 // client calls before each batch of acknowledgements (at most every
 // Options.AckDelay, and before each offline page is acknowledged), fsyncs,
 // so what was acknowledged also survives a crash of the device. SaveSent
 // writes and fsyncs at once. A last line torn by a crash during a write is
 // ignored and cut off when the file is opened again. When the log holds
-// about twice keep records it is rewritten (to a temporary file that is
-// fsynced and renamed over the old one), so it stays around keep lines.
+// about twice keep records (plus twice one per group) it is rewritten (to
+// a temporary file that is fsynced and renamed over the old one), so it
+// stays around keep lines and one per group.
 //
 // Call Close when no client uses the store any more; a client does not
 // close the store it was given.
@@ -131,16 +140,37 @@ func (s *FileStore) open() error {
 		return fmt.Errorf("sdk: state file: %w", err)
 	}
 	s.f = f
-	if s.lines > 2*s.keep {
+	if s.lines > s.limit() {
 		return s.compact()
 	}
 	return nil
 }
 
-// parse applies one record: "s <id>" (shown) or "a <msgid>" (sent floor).
-// A line that does not parse (a corrupt block) is skipped.
+// limit is how many records the log holds before it is compacted: twice
+// what a compaction leaves.
+func (s *FileStore) limit() int {
+	return 2 * (s.keep + len(s.groups))
+}
+
+// parse applies one record: "s <id>" (shown), "a <msgid>" (sent floor)
+// or "g <group> <seq>" (the last seq of a group shown). A line that does
+// not parse (a corrupt block) is skipped.
 func (s *FileStore) parse(line []byte) {
 	if len(line) < 3 || line[1] != ' ' {
+		return
+	}
+	if line[0] == 'g' {
+		g, seq, ok := bytes.Cut(line[2:], []byte(" "))
+		if !ok {
+			return
+		}
+		id, err1 := strconv.ParseUint(string(g), 10, 64)
+		v, err2 := strconv.ParseUint(string(seq), 10, 64)
+		if err1 != nil || err2 != nil {
+			return
+		}
+		s.setGroup(id, v)
+		s.lines++
 		return
 	}
 	v, err := strconv.ParseUint(string(line[2:]), 10, 64)
@@ -165,6 +195,13 @@ func (s *FileStore) addShown(id uint64) {
 	}
 }
 
+func (s *FileStore) setGroup(id, seq uint64) {
+	if s.groups == nil {
+		s.groups = make(map[uint64]uint64)
+	}
+	s.groups[id] = max(s.groups[id], seq)
+}
+
 // Load implements StateStore.
 func (s *FileStore) Load() (SavedState, error) {
 	s.mu.Lock()
@@ -173,7 +210,29 @@ func (s *FileStore) Load() (SavedState, error) {
 	if len(shown) > s.keep {
 		shown = shown[len(shown)-s.keep:]
 	}
-	return SavedState{Shown: append([]uint64(nil), shown...), SentMsgid: s.sent}, nil
+	st := SavedState{Shown: append([]uint64(nil), shown...), SentMsgid: s.sent}
+	if len(s.groups) > 0 {
+		st.GroupSeqs = make(map[uint64]uint64, len(s.groups))
+		for g, seq := range s.groups {
+			st.GroupSeqs[g] = seq
+		}
+	}
+	return st, nil
+}
+
+// SaveGroupSeq implements GroupStateStore. Like SaveShown it only writes;
+// Sync makes the record durable.
+func (s *FileStore) SaveGroupSeq(groupID, seq uint64) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if seq <= s.groups[groupID] {
+		return nil
+	}
+	s.setGroup(groupID, seq)
+	b := strconv.AppendUint(append(s.buf[:0], 'g', ' '), groupID, 10)
+	b = strconv.AppendUint(append(b, ' '), seq, 10)
+	s.buf = append(b, '\n')
+	return s.append(s.buf, 1, false)
 }
 
 // SaveShown implements StateStore.
@@ -242,13 +301,14 @@ func (s *FileStore) append(b []byte, n int, sync bool) error {
 		s.dirty = false
 	}
 	s.lines += n
-	if s.lines > 2*s.keep {
+	if s.lines > s.limit() {
 		return s.compact()
 	}
 	return nil
 }
 
-// compact rewrites the log with the last keep shown ids and the sent floor.
+// compact rewrites the log with the last keep shown ids, the sent floor
+// and the group positions.
 func (s *FileStore) compact() error {
 	if len(s.shown) > s.keep {
 		s.shown = append(s.shown[:0], s.shown[len(s.shown)-s.keep:]...)
@@ -261,6 +321,10 @@ func (s *FileStore) compact() error {
 	}
 	if s.sent > 0 {
 		b = append(strconv.AppendUint(append(b, 'a', ' '), s.sent, 10), '\n')
+	}
+	for g, seq := range s.groups {
+		b = strconv.AppendUint(append(b, 'g', ' '), g, 10)
+		b = append(strconv.AppendUint(append(b, ' '), seq, 10), '\n')
 	}
 	tmp := s.path + ".tmp"
 	err := writeSynced(tmp, b)
@@ -283,7 +347,7 @@ func (s *FileStore) compact() error {
 	}
 	s.f = f
 	s.dirty = false // the rewritten file was fsynced
-	s.lines = len(s.shown)
+	s.lines = len(s.shown) + len(s.groups)
 	if s.sent > 0 {
 		s.lines++
 	}
