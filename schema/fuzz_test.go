@@ -176,19 +176,25 @@ var clientBodies = []func() proto.Message{
 	func() proto.Message { return new(pb.OfflineCountRequest) },
 	func() proto.Message { return new(pb.OfflinePullRequest) },
 	func() proto.Message { return new(pb.HistorySyncRequest) },
+	func() proto.Message { return new(pb.GroupSyncRequest) },
+	func() proto.Message { return new(pb.GroupPullRequest) },
+	func() proto.Message { return new(pb.GroupAckRequest) },
 }
 
 func bodySeeds() map[string][]byte {
 	return map[string][]byte{
-		"empty":     {},
-		"login":     mustMarshal(&pb.LoginRequest{Token: "101.42.1893456000.sig", DeviceId: "dev-1", Platform: "android", SdkVersion: "1.0.0"}),
-		"keepalive": mustMarshal(&pb.KeepaliveRequest{ClientTimeMs: -1}),
-		"c2s":       mustMarshal(&pb.C2SRequest{Content: []byte{0, 1, 2, 0xff}, ClientMsgId: "c1"}),
-		"s2c-ack":   mustMarshal(&pb.S2CAck{PushIds: []uint64{1, 1 << 63, 0}}),
-		"c2c-send":  mustMarshal(&pb.C2CSendRequest{To: &pb.User{Account: 3, Uid: 1 << 40}, ClientMsgId: "x", Content: []byte("hi"), GroupId: 9}),
-		"c2c-ack":   mustMarshal(&pb.C2CAckRequest{Msgids: []uint64{5, 6, 7}}),
-		"pull":      mustMarshal(&pb.OfflinePullRequest{PageSize: 50, AfterMsgid: 100, AckMsgids: []uint64{98, 99}}),
-		"history":   mustMarshal(&pb.HistorySyncRequest{Peer: &pb.User{Account: 1, Uid: 2}, SinceMsgid: 3, Limit: 4}),
+		"empty":      {},
+		"login":      mustMarshal(&pb.LoginRequest{Token: "101.42.1893456000.sig", DeviceId: "dev-1", Platform: "android", SdkVersion: "1.0.0"}),
+		"keepalive":  mustMarshal(&pb.KeepaliveRequest{ClientTimeMs: -1}),
+		"c2s":        mustMarshal(&pb.C2SRequest{Content: []byte{0, 1, 2, 0xff}, ClientMsgId: "c1"}),
+		"s2c-ack":    mustMarshal(&pb.S2CAck{PushIds: []uint64{1, 1 << 63, 0}}),
+		"c2c-send":   mustMarshal(&pb.C2CSendRequest{To: &pb.User{Account: 3, Uid: 1 << 40}, ClientMsgId: "x", Content: []byte("hi"), GroupId: 9}),
+		"c2c-ack":    mustMarshal(&pb.C2CAckRequest{Msgids: []uint64{5, 6, 7}}),
+		"pull":       mustMarshal(&pb.OfflinePullRequest{PageSize: 50, AfterMsgid: 100, AckMsgids: []uint64{98, 99}}),
+		"history":    mustMarshal(&pb.HistorySyncRequest{Peer: &pb.User{Account: 1, Uid: 2}, SinceMsgid: 3, Limit: 4}),
+		"group-send": mustMarshal(&pb.C2CSendRequest{GroupId: 1 << 62, ClientMsgId: "g", Content: []byte("hi all"), AfterMsgid: 77}),
+		"group-pull": mustMarshal(&pb.GroupPullRequest{GroupId: 5, AfterSeq: 10, PageSize: 0, AckSeq: 10}),
+		"group-ack":  mustMarshal(&pb.GroupAckRequest{Cursors: []*pb.GroupCursor{{GroupId: 5, Seq: 11}, {GroupId: 6, Seq: 1 << 63}}}),
 		// repeated uint64 unpacked (field 1, varint), then an unknown field 15.
 		"unpacked-unknown": {0x08, 0x01, 0x08, 0x02, 0x78, 0x05},
 		// A length-delimited field running past the end.
