@@ -38,6 +38,16 @@ const (
 	CmdGroupSync   Cmd = 0x0061 // req: GroupSyncRequest -> GroupSyncResponse
 	CmdGroupPull   Cmd = 0x0062 // req: GroupPullRequest -> GroupPullResponse
 	CmdGroupAck    Cmd = 0x0063 // req: GroupAckRequest -> GroupAckResponse
+
+	CmdTransient Cmd = 0x0064 // notify s->c: TransientNotify (sent with CmdC2CSend, transient = true)
+
+	CmdConvSync Cmd = 0x0070 // req: ConvSyncRequest -> ConvSyncResponse
+	CmdConvRead Cmd = 0x0071 // req: ConvReadRequest -> ConvReadResponse
+	CmdConvMark Cmd = 0x0072 // notify s->c: ConvRead (a read mark of this user elsewhere, or of the peer)
+
+	CmdPresenceSubscribe Cmd = 0x0080 // req: PresenceSubscribeRequest -> PresenceSubscribeResponse
+	CmdPresenceNotify    Cmd = 0x0081 // notify s->c: PresenceNotify
+	CmdGroupPresence     Cmd = 0x0082 // req: GroupPresenceRequest -> GroupPresenceResponse
 )
 
 var cmdNames = map[Cmd]string{
@@ -60,6 +70,14 @@ var cmdNames = map[Cmd]string{
 	CmdGroupSync:    "group-sync",
 	CmdGroupPull:    "group-pull",
 	CmdGroupAck:     "group-ack",
+	CmdTransient:    "transient",
+	CmdConvSync:     "conv-sync",
+	CmdConvRead:     "conv-read",
+	CmdConvMark:     "conv-mark",
+
+	CmdPresenceSubscribe: "presence-subscribe",
+	CmdPresenceNotify:    "presence-notify",
+	CmdGroupPresence:     "group-presence",
 }
 
 // Known reports whether c is in the command table.

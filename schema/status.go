@@ -46,6 +46,7 @@ const (
 	StatusNotMember       Status = 4008 // the user is not a member of the group
 	StatusGroupFull       Status = 4009 // the group is at its maximum size
 	StatusGroupExists     Status = 4010 // a group with that id exists already
+	StatusTooManyFollowed Status = 4011 // a presence subscription over the server's bound
 
 	StatusInternal     Status = 5001 // a bug or unexpected failure; retrying may help
 	StatusUnavailable  Status = 5002 // a dependency (store, bus) is down; retry with backoff
@@ -83,6 +84,7 @@ var statusNames = map[Status]string{
 	StatusNotMember:       "not a member",
 	StatusGroupFull:       "group full",
 	StatusGroupExists:     "group exists",
+	StatusTooManyFollowed: "too many followed",
 	StatusInternal:        "internal error",
 	StatusUnavailable:     "unavailable",
 	StatusTimeout:         "timeout",

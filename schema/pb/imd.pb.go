@@ -941,7 +941,12 @@ type C2CSendRequest struct {
 	// sent (0 = none known). The server gives the new message a greater
 	// msgid, so one sender's messages keep their order whatever the clocks
 	// of the logic nodes that store them (PROTOCOL.md, "Order").
-	AfterMsgid    uint64 `protobuf:"varint,5,opt,name=after_msgid,json=afterMsgid,proto3" json:"after_msgid,omitempty"`
+	AfterMsgid uint64 `protobuf:"varint,5,opt,name=after_msgid,json=afterMsgid,proto3" json:"after_msgid,omitempty"`
+	// Transient: not stored, not retried, not pulled later; delivered only
+	// to the terminals online now, as a TransientNotify ("typing...", a
+	// shake). The answer carries no msgid, only how many terminals it
+	// reached. Rate limited per user (3001 beyond).
+	Transient     bool `protobuf:"varint,6,opt,name=transient,proto3" json:"transient,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1011,12 +1016,20 @@ func (x *C2CSendRequest) GetAfterMsgid() uint64 {
 	return 0
 }
 
+func (x *C2CSendRequest) GetTransient() bool {
+	if x != nil {
+		return x.Transient
+	}
+	return false
+}
+
 type C2CSendResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Msgid         uint64                 `protobuf:"varint,1,opt,name=msgid,proto3" json:"msgid,omitempty"`
 	StoredAtMs    int64                  `protobuf:"varint,2,opt,name=stored_at_ms,json=storedAtMs,proto3" json:"stored_at_ms,omitempty"`
 	Duplicate     bool                   `protobuf:"varint,3,opt,name=duplicate,proto3" json:"duplicate,omitempty"` // a retry of a message already stored; msgid is the original
 	Seq           uint64                 `protobuf:"varint,4,opt,name=seq,proto3" json:"seq,omitempty"`             // group messages: the message's seq in its group
+	Delivered     uint32                 `protobuf:"varint,5,opt,name=delivered,proto3" json:"delivered,omitempty"` // transient messages: the terminals it was queued on
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1075,6 +1088,13 @@ func (x *C2CSendResponse) GetDuplicate() bool {
 func (x *C2CSendResponse) GetSeq() uint64 {
 	if x != nil {
 		return x.Seq
+	}
+	return 0
+}
+
+func (x *C2CSendResponse) GetDelivered() uint32 {
+	if x != nil {
+		return x.Delivered
 	}
 	return 0
 }
@@ -2269,6 +2289,861 @@ func (x *HistorySyncResponse) GetMore() bool {
 	return false
 }
 
+// TransientNotify is a message sent with transient = true: shown if the
+// terminal is online, never stored, acknowledged or pulled.
+type TransientNotify struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	From          *User                  `protobuf:"bytes,1,opt,name=from,proto3" json:"from,omitempty"`
+	FromAppcode   uint32                 `protobuf:"varint,2,opt,name=from_appcode,json=fromAppcode,proto3" json:"from_appcode,omitempty"`
+	To            *User                  `protobuf:"bytes,3,opt,name=to,proto3" json:"to,omitempty"`                           // one-to-one; unset for a group
+	GroupId       uint64                 `protobuf:"varint,4,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"` // a group; 0 for one-to-one
+	Msgtype       uint32                 `protobuf:"varint,5,opt,name=msgtype,proto3" json:"msgtype,omitempty"`
+	Content       []byte                 `protobuf:"bytes,6,opt,name=content,proto3" json:"content,omitempty"`
+	SentAtMs      int64                  `protobuf:"varint,7,opt,name=sent_at_ms,json=sentAtMs,proto3" json:"sent_at_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TransientNotify) Reset() {
+	*x = TransientNotify{}
+	mi := &file_imd_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TransientNotify) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TransientNotify) ProtoMessage() {}
+
+func (x *TransientNotify) ProtoReflect() protoreflect.Message {
+	mi := &file_imd_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TransientNotify.ProtoReflect.Descriptor instead.
+func (*TransientNotify) Descriptor() ([]byte, []int) {
+	return file_imd_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *TransientNotify) GetFrom() *User {
+	if x != nil {
+		return x.From
+	}
+	return nil
+}
+
+func (x *TransientNotify) GetFromAppcode() uint32 {
+	if x != nil {
+		return x.FromAppcode
+	}
+	return 0
+}
+
+func (x *TransientNotify) GetTo() *User {
+	if x != nil {
+		return x.To
+	}
+	return nil
+}
+
+func (x *TransientNotify) GetGroupId() uint64 {
+	if x != nil {
+		return x.GroupId
+	}
+	return 0
+}
+
+func (x *TransientNotify) GetMsgtype() uint32 {
+	if x != nil {
+		return x.Msgtype
+	}
+	return 0
+}
+
+func (x *TransientNotify) GetContent() []byte {
+	if x != nil {
+		return x.Content
+	}
+	return nil
+}
+
+func (x *TransientNotify) GetSentAtMs() int64 {
+	if x != nil {
+		return x.SentAtMs
+	}
+	return 0
+}
+
+// ConvKey names a conversation: a peer (one-to-one) or a group.
+type ConvKey struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Peer          *User                  `protobuf:"bytes,1,opt,name=peer,proto3" json:"peer,omitempty"`
+	GroupId       uint64                 `protobuf:"varint,2,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConvKey) Reset() {
+	*x = ConvKey{}
+	mi := &file_imd_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConvKey) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConvKey) ProtoMessage() {}
+
+func (x *ConvKey) ProtoReflect() protoreflect.Message {
+	mi := &file_imd_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConvKey.ProtoReflect.Descriptor instead.
+func (*ConvKey) Descriptor() ([]byte, []int) {
+	return file_imd_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *ConvKey) GetPeer() *User {
+	if x != nil {
+		return x.Peer
+	}
+	return nil
+}
+
+func (x *ConvKey) GetGroupId() uint64 {
+	if x != nil {
+		return x.GroupId
+	}
+	return 0
+}
+
+// ConvVersion is what a client holds of one conversation: both numbers
+// are opaque; the server sends the conversation again when either differs
+// from its own.
+type ConvVersion struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           *ConvKey               `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	Version       uint64                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"` // the newest message (its msgid, or its seq in a group)
+	Read          uint64                 `protobuf:"varint,3,opt,name=read,proto3" json:"read,omitempty"`       // the user's read mark
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConvVersion) Reset() {
+	*x = ConvVersion{}
+	mi := &file_imd_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConvVersion) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConvVersion) ProtoMessage() {}
+
+func (x *ConvVersion) ProtoReflect() protoreflect.Message {
+	mi := &file_imd_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConvVersion.ProtoReflect.Descriptor instead.
+func (*ConvVersion) Descriptor() ([]byte, []int) {
+	return file_imd_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *ConvVersion) GetKey() *ConvKey {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+func (x *ConvVersion) GetVersion() uint64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *ConvVersion) GetRead() uint64 {
+	if x != nil {
+		return x.Read
+	}
+	return 0
+}
+
+type ConvSyncRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The versions the client holds; conversations it does not list are
+	// new to it. An empty list asks for every conversation (a full pull).
+	Known         []*ConvVersion `protobuf:"bytes,1,rep,name=known,proto3" json:"known,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConvSyncRequest) Reset() {
+	*x = ConvSyncRequest{}
+	mi := &file_imd_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConvSyncRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConvSyncRequest) ProtoMessage() {}
+
+func (x *ConvSyncRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_imd_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConvSyncRequest.ProtoReflect.Descriptor instead.
+func (*ConvSyncRequest) Descriptor() ([]byte, []int) {
+	return file_imd_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *ConvSyncRequest) GetKnown() []*ConvVersion {
+	if x != nil {
+		return x.Known
+	}
+	return nil
+}
+
+// Conversation is one conversation of the user as of the sync.
+type Conversation struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           *ConvKey               `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	Version       uint64                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	Read          uint64                 `protobuf:"varint,3,opt,name=read,proto3" json:"read,omitempty"`
+	Unread        uint32                 `protobuf:"varint,4,opt,name=unread,proto3" json:"unread,omitempty"` // messages from others after the read mark (capped at 1000)
+	Last          *C2CMessage            `protobuf:"bytes,5,opt,name=last,proto3" json:"last,omitempty"`      // the newest message
+	Left          bool                   `protobuf:"varint,6,opt,name=left,proto3" json:"left,omitempty"`     // a group the user left or that was dissolved
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Conversation) Reset() {
+	*x = Conversation{}
+	mi := &file_imd_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Conversation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Conversation) ProtoMessage() {}
+
+func (x *Conversation) ProtoReflect() protoreflect.Message {
+	mi := &file_imd_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Conversation.ProtoReflect.Descriptor instead.
+func (*Conversation) Descriptor() ([]byte, []int) {
+	return file_imd_proto_rawDescGZIP(), []int{41}
+}
+
+func (x *Conversation) GetKey() *ConvKey {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+func (x *Conversation) GetVersion() uint64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *Conversation) GetRead() uint64 {
+	if x != nil {
+		return x.Read
+	}
+	return 0
+}
+
+func (x *Conversation) GetUnread() uint32 {
+	if x != nil {
+		return x.Unread
+	}
+	return 0
+}
+
+func (x *Conversation) GetLast() *C2CMessage {
+	if x != nil {
+		return x.Last
+	}
+	return nil
+}
+
+func (x *Conversation) GetLeft() bool {
+	if x != nil {
+		return x.Left
+	}
+	return false
+}
+
+type ConvSyncResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Changed       []*Conversation        `protobuf:"bytes,1,rep,name=changed,proto3" json:"changed,omitempty"` // new or changed since the versions held
+	Gone          []*ConvKey             `protobuf:"bytes,2,rep,name=gone,proto3" json:"gone,omitempty"`       // held by the client, no longer the user's
+	Total         uint32                 `protobuf:"varint,3,opt,name=total,proto3" json:"total,omitempty"`    // the user's conversations in all
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConvSyncResponse) Reset() {
+	*x = ConvSyncResponse{}
+	mi := &file_imd_proto_msgTypes[42]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConvSyncResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConvSyncResponse) ProtoMessage() {}
+
+func (x *ConvSyncResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_imd_proto_msgTypes[42]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConvSyncResponse.ProtoReflect.Descriptor instead.
+func (*ConvSyncResponse) Descriptor() ([]byte, []int) {
+	return file_imd_proto_rawDescGZIP(), []int{42}
+}
+
+func (x *ConvSyncResponse) GetChanged() []*Conversation {
+	if x != nil {
+		return x.Changed
+	}
+	return nil
+}
+
+func (x *ConvSyncResponse) GetGone() []*ConvKey {
+	if x != nil {
+		return x.Gone
+	}
+	return nil
+}
+
+func (x *ConvSyncResponse) GetTotal() uint32 {
+	if x != nil {
+		return x.Total
+	}
+	return 0
+}
+
+// ConvReadRequest moves the user's read mark of a conversation (never
+// backwards): up_to is a msgid (one-to-one) or a seq (group). Every
+// terminal of the user shares it: reading on the phone lowers the PC's
+// unread count. The user's other terminals and, one-to-one, the peer get
+// a ConvRead notify.
+type ConvReadRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           *ConvKey               `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	UpTo          uint64                 `protobuf:"varint,2,opt,name=up_to,json=upTo,proto3" json:"up_to,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConvReadRequest) Reset() {
+	*x = ConvReadRequest{}
+	mi := &file_imd_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConvReadRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConvReadRequest) ProtoMessage() {}
+
+func (x *ConvReadRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_imd_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConvReadRequest.ProtoReflect.Descriptor instead.
+func (*ConvReadRequest) Descriptor() ([]byte, []int) {
+	return file_imd_proto_rawDescGZIP(), []int{43}
+}
+
+func (x *ConvReadRequest) GetKey() *ConvKey {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+func (x *ConvReadRequest) GetUpTo() uint64 {
+	if x != nil {
+		return x.UpTo
+	}
+	return 0
+}
+
+type ConvReadResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Read          uint64                 `protobuf:"varint,1,opt,name=read,proto3" json:"read,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConvReadResponse) Reset() {
+	*x = ConvReadResponse{}
+	mi := &file_imd_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConvReadResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConvReadResponse) ProtoMessage() {}
+
+func (x *ConvReadResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_imd_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConvReadResponse.ProtoReflect.Descriptor instead.
+func (*ConvReadResponse) Descriptor() ([]byte, []int) {
+	return file_imd_proto_rawDescGZIP(), []int{44}
+}
+
+func (x *ConvReadResponse) GetRead() uint64 {
+	if x != nil {
+		return x.Read
+	}
+	return 0
+}
+
+type ConvRead struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           *ConvKey               `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"` // as the receiving terminal names it (the peer is the other side)
+	By            *User                  `protobuf:"bytes,2,opt,name=by,proto3" json:"by,omitempty"`   // who read
+	UpTo          uint64                 `protobuf:"varint,3,opt,name=up_to,json=upTo,proto3" json:"up_to,omitempty"`
+	AtMs          int64                  `protobuf:"varint,4,opt,name=at_ms,json=atMs,proto3" json:"at_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConvRead) Reset() {
+	*x = ConvRead{}
+	mi := &file_imd_proto_msgTypes[45]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConvRead) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConvRead) ProtoMessage() {}
+
+func (x *ConvRead) ProtoReflect() protoreflect.Message {
+	mi := &file_imd_proto_msgTypes[45]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConvRead.ProtoReflect.Descriptor instead.
+func (*ConvRead) Descriptor() ([]byte, []int) {
+	return file_imd_proto_rawDescGZIP(), []int{45}
+}
+
+func (x *ConvRead) GetKey() *ConvKey {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+func (x *ConvRead) GetBy() *User {
+	if x != nil {
+		return x.By
+	}
+	return nil
+}
+
+func (x *ConvRead) GetUpTo() uint64 {
+	if x != nil {
+		return x.UpTo
+	}
+	return 0
+}
+
+func (x *ConvRead) GetAtMs() int64 {
+	if x != nil {
+		return x.AtMs
+	}
+	return 0
+}
+
+// PresenceSubscribeRequest sets the users this session follows (replacing
+// the previous list; at most the server's bound, else 4011). The answer
+// is their state now; every change after it comes as a PresenceNotify.
+// The list lives as long as the session.
+type PresenceSubscribeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Users         []*User                `protobuf:"bytes,1,rep,name=users,proto3" json:"users,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PresenceSubscribeRequest) Reset() {
+	*x = PresenceSubscribeRequest{}
+	mi := &file_imd_proto_msgTypes[46]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PresenceSubscribeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PresenceSubscribeRequest) ProtoMessage() {}
+
+func (x *PresenceSubscribeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_imd_proto_msgTypes[46]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PresenceSubscribeRequest.ProtoReflect.Descriptor instead.
+func (*PresenceSubscribeRequest) Descriptor() ([]byte, []int) {
+	return file_imd_proto_rawDescGZIP(), []int{46}
+}
+
+func (x *PresenceSubscribeRequest) GetUsers() []*User {
+	if x != nil {
+		return x.Users
+	}
+	return nil
+}
+
+type PresenceSubscribeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	States        []*PresenceNotify      `protobuf:"bytes,1,rep,name=states,proto3" json:"states,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PresenceSubscribeResponse) Reset() {
+	*x = PresenceSubscribeResponse{}
+	mi := &file_imd_proto_msgTypes[47]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PresenceSubscribeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PresenceSubscribeResponse) ProtoMessage() {}
+
+func (x *PresenceSubscribeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_imd_proto_msgTypes[47]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PresenceSubscribeResponse.ProtoReflect.Descriptor instead.
+func (*PresenceSubscribeResponse) Descriptor() ([]byte, []int) {
+	return file_imd_proto_rawDescGZIP(), []int{47}
+}
+
+func (x *PresenceSubscribeResponse) GetStates() []*PresenceNotify {
+	if x != nil {
+		return x.States
+	}
+	return nil
+}
+
+// PresenceNotify: a followed user came online (its first terminal) or went
+// offline (its last terminal left, or its gateway died). version grows
+// with every change of that user: drop one not above the last you applied.
+type PresenceNotify struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	User          *User                  `protobuf:"bytes,1,opt,name=user,proto3" json:"user,omitempty"`
+	Online        bool                   `protobuf:"varint,2,opt,name=online,proto3" json:"online,omitempty"`
+	Version       uint64                 `protobuf:"varint,3,opt,name=version,proto3" json:"version,omitempty"`
+	AtMs          int64                  `protobuf:"varint,4,opt,name=at_ms,json=atMs,proto3" json:"at_ms,omitempty"`
+	Appcodes      []uint32               `protobuf:"varint,5,rep,packed,name=appcodes,proto3" json:"appcodes,omitempty"` // the terminals online, when online
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PresenceNotify) Reset() {
+	*x = PresenceNotify{}
+	mi := &file_imd_proto_msgTypes[48]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PresenceNotify) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PresenceNotify) ProtoMessage() {}
+
+func (x *PresenceNotify) ProtoReflect() protoreflect.Message {
+	mi := &file_imd_proto_msgTypes[48]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PresenceNotify.ProtoReflect.Descriptor instead.
+func (*PresenceNotify) Descriptor() ([]byte, []int) {
+	return file_imd_proto_rawDescGZIP(), []int{48}
+}
+
+func (x *PresenceNotify) GetUser() *User {
+	if x != nil {
+		return x.User
+	}
+	return nil
+}
+
+func (x *PresenceNotify) GetOnline() bool {
+	if x != nil {
+		return x.Online
+	}
+	return false
+}
+
+func (x *PresenceNotify) GetVersion() uint64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *PresenceNotify) GetAtMs() int64 {
+	if x != nil {
+		return x.AtMs
+	}
+	return 0
+}
+
+func (x *PresenceNotify) GetAppcodes() []uint32 {
+	if x != nil {
+		return x.Appcodes
+	}
+	return nil
+}
+
+// GroupPresenceRequest pages the online members of a group (pulled, never
+// pushed): members whose (account, uid) is after `after`, in that order.
+type GroupPresenceRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	GroupId       uint64                 `protobuf:"varint,1,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"`
+	After         *User                  `protobuf:"bytes,2,opt,name=after,proto3" json:"after,omitempty"`
+	PageSize      uint32                 `protobuf:"varint,3,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GroupPresenceRequest) Reset() {
+	*x = GroupPresenceRequest{}
+	mi := &file_imd_proto_msgTypes[49]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GroupPresenceRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GroupPresenceRequest) ProtoMessage() {}
+
+func (x *GroupPresenceRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_imd_proto_msgTypes[49]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GroupPresenceRequest.ProtoReflect.Descriptor instead.
+func (*GroupPresenceRequest) Descriptor() ([]byte, []int) {
+	return file_imd_proto_rawDescGZIP(), []int{49}
+}
+
+func (x *GroupPresenceRequest) GetGroupId() uint64 {
+	if x != nil {
+		return x.GroupId
+	}
+	return 0
+}
+
+func (x *GroupPresenceRequest) GetAfter() *User {
+	if x != nil {
+		return x.After
+	}
+	return nil
+}
+
+func (x *GroupPresenceRequest) GetPageSize() uint32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+type GroupPresenceResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Online        []*PresenceNotify      `protobuf:"bytes,1,rep,name=online,proto3" json:"online,omitempty"`
+	More          bool                   `protobuf:"varint,2,opt,name=more,proto3" json:"more,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GroupPresenceResponse) Reset() {
+	*x = GroupPresenceResponse{}
+	mi := &file_imd_proto_msgTypes[50]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GroupPresenceResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GroupPresenceResponse) ProtoMessage() {}
+
+func (x *GroupPresenceResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_imd_proto_msgTypes[50]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GroupPresenceResponse.ProtoReflect.Descriptor instead.
+func (*GroupPresenceResponse) Descriptor() ([]byte, []int) {
+	return file_imd_proto_rawDescGZIP(), []int{50}
+}
+
+func (x *GroupPresenceResponse) GetOnline() []*PresenceNotify {
+	if x != nil {
+		return x.Online
+	}
+	return nil
+}
+
+func (x *GroupPresenceResponse) GetMore() bool {
+	if x != nil {
+		return x.More
+	}
+	return false
+}
+
 var File_imd_proto protoreflect.FileDescriptor
 
 const file_imd_proto_rawDesc = "" +
@@ -2325,20 +3200,22 @@ const file_imd_proto_rawDesc = "" +
 	"sent_at_ms\x18\x04 \x01(\x03R\bsentAtMs\x12\x19\n" +
 	"\bneed_ack\x18\x05 \x01(\bR\aneedAck\"#\n" +
 	"\x06S2CAck\x12\x19\n" +
-	"\bpush_ids\x18\x01 \x03(\x04R\apushIds\"\xa8\x01\n" +
+	"\bpush_ids\x18\x01 \x03(\x04R\apushIds\"\xc6\x01\n" +
 	"\x0eC2CSendRequest\x12\x1c\n" +
 	"\x02to\x18\x01 \x01(\v2\f.imd.v1.UserR\x02to\x12\"\n" +
 	"\rclient_msg_id\x18\x02 \x01(\tR\vclientMsgId\x12\x18\n" +
 	"\acontent\x18\x03 \x01(\fR\acontent\x12\x19\n" +
 	"\bgroup_id\x18\x04 \x01(\x04R\agroupId\x12\x1f\n" +
 	"\vafter_msgid\x18\x05 \x01(\x04R\n" +
-	"afterMsgid\"y\n" +
+	"afterMsgid\x12\x1c\n" +
+	"\ttransient\x18\x06 \x01(\bR\ttransient\"\x97\x01\n" +
 	"\x0fC2CSendResponse\x12\x14\n" +
 	"\x05msgid\x18\x01 \x01(\x04R\x05msgid\x12 \n" +
 	"\fstored_at_ms\x18\x02 \x01(\x03R\n" +
 	"storedAtMs\x12\x1c\n" +
 	"\tduplicate\x18\x03 \x01(\bR\tduplicate\x12\x10\n" +
-	"\x03seq\x18\x04 \x01(\x04R\x03seq\"\xe8\x02\n" +
+	"\x03seq\x18\x04 \x01(\x04R\x03seq\x12\x1c\n" +
+	"\tdelivered\x18\x05 \x01(\rR\tdelivered\"\xe8\x02\n" +
 	"\n" +
 	"C2CMessage\x12\x14\n" +
 	"\x05msgid\x18\x01 \x01(\x04R\x05msgid\x12 \n" +
@@ -2421,6 +3298,62 @@ const file_imd_proto_rawDesc = "" +
 	"\x05limit\x18\x03 \x01(\rR\x05limit\"Y\n" +
 	"\x13HistorySyncResponse\x12.\n" +
 	"\bmessages\x18\x01 \x03(\v2\x12.imd.v1.C2CMessageR\bmessages\x12\x12\n" +
+	"\x04more\x18\x02 \x01(\bR\x04more\"\xe1\x01\n" +
+	"\x0fTransientNotify\x12 \n" +
+	"\x04from\x18\x01 \x01(\v2\f.imd.v1.UserR\x04from\x12!\n" +
+	"\ffrom_appcode\x18\x02 \x01(\rR\vfromAppcode\x12\x1c\n" +
+	"\x02to\x18\x03 \x01(\v2\f.imd.v1.UserR\x02to\x12\x19\n" +
+	"\bgroup_id\x18\x04 \x01(\x04R\agroupId\x12\x18\n" +
+	"\amsgtype\x18\x05 \x01(\rR\amsgtype\x12\x18\n" +
+	"\acontent\x18\x06 \x01(\fR\acontent\x12\x1c\n" +
+	"\n" +
+	"sent_at_ms\x18\a \x01(\x03R\bsentAtMs\"F\n" +
+	"\aConvKey\x12 \n" +
+	"\x04peer\x18\x01 \x01(\v2\f.imd.v1.UserR\x04peer\x12\x19\n" +
+	"\bgroup_id\x18\x02 \x01(\x04R\agroupId\"^\n" +
+	"\vConvVersion\x12!\n" +
+	"\x03key\x18\x01 \x01(\v2\x0f.imd.v1.ConvKeyR\x03key\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\x04R\aversion\x12\x12\n" +
+	"\x04read\x18\x03 \x01(\x04R\x04read\"<\n" +
+	"\x0fConvSyncRequest\x12)\n" +
+	"\x05known\x18\x01 \x03(\v2\x13.imd.v1.ConvVersionR\x05known\"\xb3\x01\n" +
+	"\fConversation\x12!\n" +
+	"\x03key\x18\x01 \x01(\v2\x0f.imd.v1.ConvKeyR\x03key\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\x04R\aversion\x12\x12\n" +
+	"\x04read\x18\x03 \x01(\x04R\x04read\x12\x16\n" +
+	"\x06unread\x18\x04 \x01(\rR\x06unread\x12&\n" +
+	"\x04last\x18\x05 \x01(\v2\x12.imd.v1.C2CMessageR\x04last\x12\x12\n" +
+	"\x04left\x18\x06 \x01(\bR\x04left\"}\n" +
+	"\x10ConvSyncResponse\x12.\n" +
+	"\achanged\x18\x01 \x03(\v2\x14.imd.v1.ConversationR\achanged\x12#\n" +
+	"\x04gone\x18\x02 \x03(\v2\x0f.imd.v1.ConvKeyR\x04gone\x12\x14\n" +
+	"\x05total\x18\x03 \x01(\rR\x05total\"I\n" +
+	"\x0fConvReadRequest\x12!\n" +
+	"\x03key\x18\x01 \x01(\v2\x0f.imd.v1.ConvKeyR\x03key\x12\x13\n" +
+	"\x05up_to\x18\x02 \x01(\x04R\x04upTo\"&\n" +
+	"\x10ConvReadResponse\x12\x12\n" +
+	"\x04read\x18\x01 \x01(\x04R\x04read\"u\n" +
+	"\bConvRead\x12!\n" +
+	"\x03key\x18\x01 \x01(\v2\x0f.imd.v1.ConvKeyR\x03key\x12\x1c\n" +
+	"\x02by\x18\x02 \x01(\v2\f.imd.v1.UserR\x02by\x12\x13\n" +
+	"\x05up_to\x18\x03 \x01(\x04R\x04upTo\x12\x13\n" +
+	"\x05at_ms\x18\x04 \x01(\x03R\x04atMs\">\n" +
+	"\x18PresenceSubscribeRequest\x12\"\n" +
+	"\x05users\x18\x01 \x03(\v2\f.imd.v1.UserR\x05users\"K\n" +
+	"\x19PresenceSubscribeResponse\x12.\n" +
+	"\x06states\x18\x01 \x03(\v2\x16.imd.v1.PresenceNotifyR\x06states\"\x95\x01\n" +
+	"\x0ePresenceNotify\x12 \n" +
+	"\x04user\x18\x01 \x01(\v2\f.imd.v1.UserR\x04user\x12\x16\n" +
+	"\x06online\x18\x02 \x01(\bR\x06online\x12\x18\n" +
+	"\aversion\x18\x03 \x01(\x04R\aversion\x12\x13\n" +
+	"\x05at_ms\x18\x04 \x01(\x03R\x04atMs\x12\x1a\n" +
+	"\bappcodes\x18\x05 \x03(\rR\bappcodes\"r\n" +
+	"\x14GroupPresenceRequest\x12\x19\n" +
+	"\bgroup_id\x18\x01 \x01(\x04R\agroupId\x12\"\n" +
+	"\x05after\x18\x02 \x01(\v2\f.imd.v1.UserR\x05after\x12\x1b\n" +
+	"\tpage_size\x18\x03 \x01(\rR\bpageSize\"[\n" +
+	"\x15GroupPresenceResponse\x12.\n" +
+	"\x06online\x18\x01 \x03(\v2\x16.imd.v1.PresenceNotifyR\x06online\x12\x12\n" +
 	"\x04more\x18\x02 \x01(\bR\x04more*\x9a\x01\n" +
 	"\n" +
 	"KickReason\x12\x1b\n" +
@@ -2449,47 +3382,61 @@ func file_imd_proto_rawDescGZIP() []byte {
 }
 
 var file_imd_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_imd_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
+var file_imd_proto_msgTypes = make([]protoimpl.MessageInfo, 51)
 var file_imd_proto_goTypes = []any{
-	(KickReason)(0),              // 0: imd.v1.KickReason
-	(GroupEventKind)(0),          // 1: imd.v1.GroupEventKind
-	(*Error)(nil),                // 2: imd.v1.Error
-	(*LoginRequest)(nil),         // 3: imd.v1.LoginRequest
-	(*LoginResponse)(nil),        // 4: imd.v1.LoginResponse
-	(*LogoutRequest)(nil),        // 5: imd.v1.LogoutRequest
-	(*LogoutResponse)(nil),       // 6: imd.v1.LogoutResponse
-	(*KeepaliveRequest)(nil),     // 7: imd.v1.KeepaliveRequest
-	(*KeepaliveResponse)(nil),    // 8: imd.v1.KeepaliveResponse
-	(*Kickout)(nil),              // 9: imd.v1.Kickout
-	(*GoAway)(nil),               // 10: imd.v1.GoAway
-	(*User)(nil),                 // 11: imd.v1.User
-	(*C2SRequest)(nil),           // 12: imd.v1.C2SRequest
-	(*C2SResponse)(nil),          // 13: imd.v1.C2SResponse
-	(*S2CNotify)(nil),            // 14: imd.v1.S2CNotify
-	(*S2CAck)(nil),               // 15: imd.v1.S2CAck
-	(*C2CSendRequest)(nil),       // 16: imd.v1.C2CSendRequest
-	(*C2CSendResponse)(nil),      // 17: imd.v1.C2CSendResponse
-	(*C2CMessage)(nil),           // 18: imd.v1.C2CMessage
-	(*GroupEvent)(nil),           // 19: imd.v1.GroupEvent
-	(*GroupNotify)(nil),          // 20: imd.v1.GroupNotify
-	(*GroupState)(nil),           // 21: imd.v1.GroupState
-	(*GroupSyncRequest)(nil),     // 22: imd.v1.GroupSyncRequest
-	(*GroupSyncResponse)(nil),    // 23: imd.v1.GroupSyncResponse
-	(*GroupPullRequest)(nil),     // 24: imd.v1.GroupPullRequest
-	(*GroupPullResponse)(nil),    // 25: imd.v1.GroupPullResponse
-	(*GroupCursor)(nil),          // 26: imd.v1.GroupCursor
-	(*GroupAckRequest)(nil),      // 27: imd.v1.GroupAckRequest
-	(*GroupAckResponse)(nil),     // 28: imd.v1.GroupAckResponse
-	(*C2CNotify)(nil),            // 29: imd.v1.C2CNotify
-	(*C2CAckRequest)(nil),        // 30: imd.v1.C2CAckRequest
-	(*C2CAckResponse)(nil),       // 31: imd.v1.C2CAckResponse
-	(*C2CReceipt)(nil),           // 32: imd.v1.C2CReceipt
-	(*OfflineCountRequest)(nil),  // 33: imd.v1.OfflineCountRequest
-	(*OfflineCountResponse)(nil), // 34: imd.v1.OfflineCountResponse
-	(*OfflinePullRequest)(nil),   // 35: imd.v1.OfflinePullRequest
-	(*OfflinePullResponse)(nil),  // 36: imd.v1.OfflinePullResponse
-	(*HistorySyncRequest)(nil),   // 37: imd.v1.HistorySyncRequest
-	(*HistorySyncResponse)(nil),  // 38: imd.v1.HistorySyncResponse
+	(KickReason)(0),                   // 0: imd.v1.KickReason
+	(GroupEventKind)(0),               // 1: imd.v1.GroupEventKind
+	(*Error)(nil),                     // 2: imd.v1.Error
+	(*LoginRequest)(nil),              // 3: imd.v1.LoginRequest
+	(*LoginResponse)(nil),             // 4: imd.v1.LoginResponse
+	(*LogoutRequest)(nil),             // 5: imd.v1.LogoutRequest
+	(*LogoutResponse)(nil),            // 6: imd.v1.LogoutResponse
+	(*KeepaliveRequest)(nil),          // 7: imd.v1.KeepaliveRequest
+	(*KeepaliveResponse)(nil),         // 8: imd.v1.KeepaliveResponse
+	(*Kickout)(nil),                   // 9: imd.v1.Kickout
+	(*GoAway)(nil),                    // 10: imd.v1.GoAway
+	(*User)(nil),                      // 11: imd.v1.User
+	(*C2SRequest)(nil),                // 12: imd.v1.C2SRequest
+	(*C2SResponse)(nil),               // 13: imd.v1.C2SResponse
+	(*S2CNotify)(nil),                 // 14: imd.v1.S2CNotify
+	(*S2CAck)(nil),                    // 15: imd.v1.S2CAck
+	(*C2CSendRequest)(nil),            // 16: imd.v1.C2CSendRequest
+	(*C2CSendResponse)(nil),           // 17: imd.v1.C2CSendResponse
+	(*C2CMessage)(nil),                // 18: imd.v1.C2CMessage
+	(*GroupEvent)(nil),                // 19: imd.v1.GroupEvent
+	(*GroupNotify)(nil),               // 20: imd.v1.GroupNotify
+	(*GroupState)(nil),                // 21: imd.v1.GroupState
+	(*GroupSyncRequest)(nil),          // 22: imd.v1.GroupSyncRequest
+	(*GroupSyncResponse)(nil),         // 23: imd.v1.GroupSyncResponse
+	(*GroupPullRequest)(nil),          // 24: imd.v1.GroupPullRequest
+	(*GroupPullResponse)(nil),         // 25: imd.v1.GroupPullResponse
+	(*GroupCursor)(nil),               // 26: imd.v1.GroupCursor
+	(*GroupAckRequest)(nil),           // 27: imd.v1.GroupAckRequest
+	(*GroupAckResponse)(nil),          // 28: imd.v1.GroupAckResponse
+	(*C2CNotify)(nil),                 // 29: imd.v1.C2CNotify
+	(*C2CAckRequest)(nil),             // 30: imd.v1.C2CAckRequest
+	(*C2CAckResponse)(nil),            // 31: imd.v1.C2CAckResponse
+	(*C2CReceipt)(nil),                // 32: imd.v1.C2CReceipt
+	(*OfflineCountRequest)(nil),       // 33: imd.v1.OfflineCountRequest
+	(*OfflineCountResponse)(nil),      // 34: imd.v1.OfflineCountResponse
+	(*OfflinePullRequest)(nil),        // 35: imd.v1.OfflinePullRequest
+	(*OfflinePullResponse)(nil),       // 36: imd.v1.OfflinePullResponse
+	(*HistorySyncRequest)(nil),        // 37: imd.v1.HistorySyncRequest
+	(*HistorySyncResponse)(nil),       // 38: imd.v1.HistorySyncResponse
+	(*TransientNotify)(nil),           // 39: imd.v1.TransientNotify
+	(*ConvKey)(nil),                   // 40: imd.v1.ConvKey
+	(*ConvVersion)(nil),               // 41: imd.v1.ConvVersion
+	(*ConvSyncRequest)(nil),           // 42: imd.v1.ConvSyncRequest
+	(*Conversation)(nil),              // 43: imd.v1.Conversation
+	(*ConvSyncResponse)(nil),          // 44: imd.v1.ConvSyncResponse
+	(*ConvReadRequest)(nil),           // 45: imd.v1.ConvReadRequest
+	(*ConvReadResponse)(nil),          // 46: imd.v1.ConvReadResponse
+	(*ConvRead)(nil),                  // 47: imd.v1.ConvRead
+	(*PresenceSubscribeRequest)(nil),  // 48: imd.v1.PresenceSubscribeRequest
+	(*PresenceSubscribeResponse)(nil), // 49: imd.v1.PresenceSubscribeResponse
+	(*PresenceNotify)(nil),            // 50: imd.v1.PresenceNotify
+	(*GroupPresenceRequest)(nil),      // 51: imd.v1.GroupPresenceRequest
+	(*GroupPresenceResponse)(nil),     // 52: imd.v1.GroupPresenceResponse
 }
 var file_imd_proto_depIdxs = []int32{
 	0,  // 0: imd.v1.Kickout.reason:type_name -> imd.v1.KickReason
@@ -2508,11 +3455,28 @@ var file_imd_proto_depIdxs = []int32{
 	18, // 13: imd.v1.OfflinePullResponse.messages:type_name -> imd.v1.C2CMessage
 	11, // 14: imd.v1.HistorySyncRequest.peer:type_name -> imd.v1.User
 	18, // 15: imd.v1.HistorySyncResponse.messages:type_name -> imd.v1.C2CMessage
-	16, // [16:16] is the sub-list for method output_type
-	16, // [16:16] is the sub-list for method input_type
-	16, // [16:16] is the sub-list for extension type_name
-	16, // [16:16] is the sub-list for extension extendee
-	0,  // [0:16] is the sub-list for field type_name
+	11, // 16: imd.v1.TransientNotify.from:type_name -> imd.v1.User
+	11, // 17: imd.v1.TransientNotify.to:type_name -> imd.v1.User
+	11, // 18: imd.v1.ConvKey.peer:type_name -> imd.v1.User
+	40, // 19: imd.v1.ConvVersion.key:type_name -> imd.v1.ConvKey
+	41, // 20: imd.v1.ConvSyncRequest.known:type_name -> imd.v1.ConvVersion
+	40, // 21: imd.v1.Conversation.key:type_name -> imd.v1.ConvKey
+	18, // 22: imd.v1.Conversation.last:type_name -> imd.v1.C2CMessage
+	43, // 23: imd.v1.ConvSyncResponse.changed:type_name -> imd.v1.Conversation
+	40, // 24: imd.v1.ConvSyncResponse.gone:type_name -> imd.v1.ConvKey
+	40, // 25: imd.v1.ConvReadRequest.key:type_name -> imd.v1.ConvKey
+	40, // 26: imd.v1.ConvRead.key:type_name -> imd.v1.ConvKey
+	11, // 27: imd.v1.ConvRead.by:type_name -> imd.v1.User
+	11, // 28: imd.v1.PresenceSubscribeRequest.users:type_name -> imd.v1.User
+	50, // 29: imd.v1.PresenceSubscribeResponse.states:type_name -> imd.v1.PresenceNotify
+	11, // 30: imd.v1.PresenceNotify.user:type_name -> imd.v1.User
+	11, // 31: imd.v1.GroupPresenceRequest.after:type_name -> imd.v1.User
+	50, // 32: imd.v1.GroupPresenceResponse.online:type_name -> imd.v1.PresenceNotify
+	33, // [33:33] is the sub-list for method output_type
+	33, // [33:33] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_imd_proto_init() }
@@ -2526,7 +3490,7 @@ func file_imd_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_imd_proto_rawDesc), len(file_imd_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   37,
+			NumMessages:   51,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
