@@ -95,10 +95,10 @@ func (s *Service) c2cSend(ctx context.Context, sess router.Session, h *schema.He
 		case len(req.ClientMsgId) > s.c2c.MaxClientMsgID:
 			return nil, schema.Errorf(schema.StatusBadArgument, "client_msg_id is over %d bytes", s.c2c.MaxClientMsgID)
 		}
+		if req.Transient {
+			return s.transientSend(ctx, sess, h, &req)
+		}
 		return s.groupSend(ctx, sess, h, &req)
-	}
-	if err := s.needStore(); err != nil {
-		return nil, err
 	}
 	switch {
 	case to == nil || to.Uid == 0 || to.Account == 0:
@@ -111,6 +111,12 @@ func (s *Service) c2cSend(ctx context.Context, sess router.Session, h *schema.He
 		return nil, schema.Errorf(schema.StatusContentTooLarge, "content is %d bytes, over the maximum of %d", len(req.Content), s.c2c.MaxContent)
 	case len(req.ClientMsgId) > s.c2c.MaxClientMsgID:
 		return nil, schema.Errorf(schema.StatusBadArgument, "client_msg_id is over %d bytes", s.c2c.MaxClientMsgID)
+	}
+	if req.Transient {
+		return s.transientSend(ctx, sess, h, &req)
+	}
+	if err := s.needStore(); err != nil {
+		return nil, err
 	}
 	// Above the sender's floor: its messages sort in send order whatever
 	// the clocks of the nodes that stored them (logic/ids.go).

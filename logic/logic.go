@@ -100,6 +100,7 @@ type Options struct {
 	// das.GroupStore (both engines do), else serves no groups.
 	GroupStore das.GroupStore
 	Groups     Groups
+	Transient  Transient
 	// GroupChanged, when set, is called after this node changed a group's
 	// membership, to invalidate the members caches of the other logic
 	// nodes (the platform publishes through Redis).
@@ -136,6 +137,8 @@ type Service struct {
 	groupCache   *das.GroupCache
 	groupCfg     Groups
 	groupChanged func(ctx context.Context, id uint64)
+
+	transientLimits *limiters
 	bus      bus.Producer
 	routes   map[routeKey]string
 	c2sMax   int
@@ -155,6 +158,7 @@ type Service struct {
 	mGroup         *prometheus.CounterVec
 	mGroupNotifies prometheus.Counter
 	mGroupAcks     prometheus.Counter
+	mTransient     *prometheus.CounterVec
 }
 
 var _ API = (*Service)(nil)
@@ -183,6 +187,9 @@ func New(opts Options) (*Service, error) {
 	s.groupCfg = opts.Groups
 	s.groupCfg.setDefaults()
 	s.groupChanged = opts.GroupChanged
+	tr := opts.Transient
+	tr.setDefaults()
+	s.transientLimits = newLimiters(tr)
 	s.groups = opts.GroupStore
 	if s.groups == nil {
 		s.groups, _ = opts.Store.(das.GroupStore)
@@ -264,6 +271,10 @@ func New(opts Options) (*Service, error) {
 		Namespace: "imd", Subsystem: "logic", Name: "stale_sessions_dropped_total",
 		Help: "Sessions removed from the router because their gateway reported the connection gone during a push.",
 	})
+	s.mTransient = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "imd", Subsystem: "logic", Name: "transient_total",
+		Help: "Transient messages by result: sent (not stored), rate_limited (3001).",
+	}, []string{"result"})
 	s.mGroup = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "imd", Subsystem: "logic", Name: "group_sends_total",
 		Help: "Group send requests by result: stored, duplicate (a retry of a stored message), refused (not a member, unknown group, store error).",
@@ -311,7 +322,7 @@ func New(opts Options) (*Service, error) {
 			Namespace: "imd", Subsystem: "logic", Name: "online_sessions",
 			Help: "Sessions (logged-in terminals) in the router (the whole DC's when the router is shared).",
 		}, online(false))
-		for _, c := range []prometheus.Collector{s.mLogins, s.mKicks, s.mC2C, s.mC2CNotifies, s.mC2CAcks, s.mPush, s.mPushAcks, s.mC2S, s.mUndelivered, s.mStale, gUsers, gSessions, s.mGroup, s.mGroupNotifies, s.mGroupAcks} {
+		for _, c := range []prometheus.Collector{s.mLogins, s.mKicks, s.mC2C, s.mC2CNotifies, s.mC2CAcks, s.mPush, s.mPushAcks, s.mC2S, s.mUndelivered, s.mStale, gUsers, gSessions, s.mGroup, s.mGroupNotifies, s.mGroupAcks, s.mTransient} {
 			if err := opts.Registry.Register(c); err != nil {
 				return nil, fmt.Errorf("logic: metrics: %w", err)
 			}

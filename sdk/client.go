@@ -160,6 +160,11 @@ type Options struct {
 	// message this user sent (a delivered receipt). Receipts are not
 	// stored: a sender offline at that moment does not get one.
 	OnReceipt func(*pb.C2CReceipt)
+	// OnTransient receives transient messages ("typing...", a shake; see
+	// SendTransient): shown if they arrive, never stored, acknowledged or
+	// pulled later. Like OnReceipt it runs on the connection's reader:
+	// return quickly. When nil they go to OnMessage.
+	OnTransient func(*pb.TransientNotify)
 	// OnGroup receives group messages, chat and system events (m.Event
 	// set: created, joined, left, dissolved), one at a time on the
 	// goroutine that runs OnC2C. Each group's messages come in seq order
@@ -753,6 +758,15 @@ func (c *Client) notified(l *link, h schema.Header, body []byte) {
 			var r pb.C2CReceipt
 			if err := proto.Unmarshal(body, &r); err == nil {
 				c.opts.OnReceipt(&r)
+			}
+			return
+		}
+		c.queueMessage(h, body)
+	case schema.CmdTransient:
+		if c.opts.OnTransient != nil {
+			var n pb.TransientNotify
+			if err := proto.Unmarshal(body, &n); err == nil {
+				c.opts.OnTransient(&n)
 			}
 			return
 		}
