@@ -194,6 +194,13 @@ func (s *Service) groupSync(ctx context.Context, sess router.Session, h *schema.
 	}
 	resp := &pb.GroupSyncResponse{Groups: make([]*pb.GroupState, 0, len(ms))}
 	for i, m := range ms {
+		if m.LeftSeq != 0 && cursors[i] >= m.LeftSeq {
+			// Left (or dissolved) and acked to the end by this terminal:
+			// the group is over for it (PROTOCOL.md, "Groups", rule 5).
+			// The user's membership record stays for its other terminals
+			// and the HTTP API's list.
+			continue
+		}
 		g, err := s.groups.Group(ctx, m.GroupID)
 		if err != nil {
 			return nil, groupErr("group sync", err)

@@ -532,7 +532,6 @@ func TestGroupHTTPErrors(t *testing.T) {
 // removal (or a dissolve) a group leaves the terminal's group-sync once the
 // terminal acked up to it.
 func TestGroupLeavesSyncAfterAck(t *testing.T) {
-	t.Skip("the server never forgets a membership (nothing calls das.GroupStore.ForgetGroup): a group left or dissolved stays in group-sync with acked_seq = left_seq")
 	p := start(t, nil)
 	id := gtCreate(t, p, gtUser(1, 1), gtUser(1, 2))
 	r := &gtRec{name: "101/2"}
