@@ -1,6 +1,6 @@
 // Command imbench measures the platform for capacity planners. Each
-// scenario is a subcommand (`imbench conns`, `c2c`, `s2c`, `c2s`,
-// `offline`); by default a scenario starts its own `imd all` on loopback
+// scenario is a subcommand (`imbench conns`, `c2c`, `s2c`, `group`,
+// `c2s`, `offline`); by default a scenario starts its own `imd all` on loopback
 // with a throw-away data dir, drives it with clients on the same machine,
 // prints a table and can save a JSON document; sweeps (`--rates`,
 // `conns --steps`) also write an SVG chart. Run `imbench help`.
@@ -34,6 +34,7 @@ func commands() []command {
 		{name: "conns", summary: "cost of idle logged-in connections in the gateway, and login rate", run: runConns},
 		{name: "c2c", summary: "durable chat messages end to end at an offered rate: msgs/s and latency", run: runC2C},
 		{name: "s2c", summary: "HTTP pushes fanned out to online clients at an offered rate: deliveries/s and latency", run: runS2C},
+		{name: "group", summary: "group messages fanned out to online members at an offered rate: deliveries/s, latency to each and the last", run: runGroup},
 		{name: "c2s", summary: "client reports into the Kafka bus at an offered rate: acks/s and latency, topic verified", run: runC2S},
 		{name: "offline", summary: "store messages for offline users, then time their pull at login", run: runOffline},
 		{name: "worker", summary: "client worker process (started by the scenarios)", hidden: true, run: runWorker},
@@ -52,7 +53,7 @@ func usage(w io.Writer) {
 		"By default a scenario starts its own server from an `imd` binary found next\n"+
 		"to imbench or in PATH (--imd to choose one), on loopback ports, and stops it\n"+
 		"at the end; --addr/--http/--pid target a server that is already running.\n"+
-		"The load scenarios (c2c, s2c, c2s) are open loop at --rate; --rates 1000,2000\n"+
+		"The load scenarios (c2c, s2c, group, c2s) are open loop at --rate; --rates 1000,2000\n"+
 		"runs one rate after another and charts latency against throughput; conns\n"+
 		"--steps 1000,5000 charts memory per connection against connections.\n")
 }
