@@ -3,6 +3,7 @@ package router
 import (
 	"context"
 	"sync"
+	"time"
 )
 
 const memoryShards = 64
@@ -12,20 +13,23 @@ const memoryShards = 64
 // time, so there is no lock order to keep.
 type Memory struct {
 	shards [memoryShards]memShard
+	subs   memSubs // presence subscriptions (memory_presence.go)
 }
 
 type memShard struct {
 	mu    sync.RWMutex
 	users map[User][]Session
+	ver   map[User]uint64 // presence version of each user that changed
 }
 
-var _ Router = (*Memory)(nil)
+var _ Presence = (*Memory)(nil)
 
 // NewMemory returns an empty in-process router.
 func NewMemory() *Memory {
 	m := &Memory{}
 	for i := range m.shards {
 		m.shards[i].users = make(map[User][]Session)
+		m.shards[i].ver = make(map[User]uint64)
 	}
 	return m
 }
@@ -37,7 +41,13 @@ func (m *Memory) shard(u User) *memShard {
 }
 
 // Register implements Router.
-func (m *Memory) Register(_ context.Context, s Session, maxPerTerminal int) ([]Session, error) {
+func (m *Memory) Register(ctx context.Context, s Session, maxPerTerminal int) ([]Session, error) {
+	evicted, _, err := m.RegisterChange(ctx, s, maxPerTerminal)
+	return evicted, err
+}
+
+// RegisterChange implements Presence.
+func (m *Memory) RegisterChange(_ context.Context, s Session, maxPerTerminal int) ([]Session, Change, error) {
 	if maxPerTerminal < 1 {
 		maxPerTerminal = 1
 	}
@@ -49,7 +59,7 @@ func (m *Memory) Register(_ context.Context, s Session, maxPerTerminal int) ([]S
 	for i := range list {
 		if list[i].Same(&s) { // announced again (a gateway re-announcing): replace, evict nothing
 			list[i] = s
-			return nil, nil
+			return nil, Change{}, nil
 		}
 	}
 	same := 0
@@ -71,12 +81,31 @@ func (m *Memory) Register(_ context.Context, s Session, maxPerTerminal int) ([]S
 		}
 		list = kept
 	}
+	var ch Change
+	if len(sh.users[u]) == 0 {
+		ch = sh.change(u, true)
+		ch.Apps = []uint32{s.AppCode}
+	}
 	sh.users[u] = append(list, s)
-	return evicted, nil
+	return evicted, ch, nil
+}
+
+// change bumps u's presence version; the caller holds sh.mu.
+func (sh *memShard) change(u User, online bool) Change {
+	now := time.Now()
+	v := max(sh.ver[u]+1, uint64(now.UnixMicro()))
+	sh.ver[u] = v
+	return Change{User: u, Online: online, Version: v, AtMS: now.UnixMilli()}
 }
 
 // Unregister implements Router.
-func (m *Memory) Unregister(_ context.Context, s Session) (bool, error) {
+func (m *Memory) Unregister(ctx context.Context, s Session) (bool, error) {
+	ok, _, err := m.UnregisterChange(ctx, s)
+	return ok, err
+}
+
+// UnregisterChange implements Presence.
+func (m *Memory) UnregisterChange(_ context.Context, s Session) (bool, Change, error) {
 	u := s.User()
 	sh := m.shard(u)
 	sh.mu.Lock()
@@ -86,15 +115,15 @@ func (m *Memory) Unregister(_ context.Context, s Session) (bool, error) {
 		if list[i].Same(&s) {
 			if len(list) == 1 {
 				delete(sh.users, u)
-				return true, nil
+				return true, sh.change(u, false), nil
 			}
 			n := make([]Session, 0, len(list)-1)
 			n = append(n, list[:i]...)
 			sh.users[u] = append(n, list[i+1:]...)
-			return true, nil
+			return true, Change{}, nil
 		}
 	}
-	return false, nil
+	return false, Change{}, nil
 }
 
 // Lookup implements Router.
@@ -119,8 +148,15 @@ func (m *Memory) LookupMany(ctx context.Context, us []User) ([][]Session, error)
 }
 
 // PurgeGate implements Router.
-func (m *Memory) PurgeGate(_ context.Context, gate string) (int, error) {
-	n := 0
+func (m *Memory) PurgeGate(ctx context.Context, gate string) (int, error) {
+	purged, _, err := m.PurgeGateChanges(ctx, gate)
+	return len(purged), err
+}
+
+// PurgeGateChanges implements Presence.
+func (m *Memory) PurgeGateChanges(_ context.Context, gate string) ([]Session, []Change, error) {
+	var purged []Session
+	var offline []Change
 	for i := range m.shards {
 		sh := &m.shards[i]
 		sh.mu.Lock()
@@ -128,7 +164,7 @@ func (m *Memory) PurgeGate(_ context.Context, gate string) (int, error) {
 			kept := list[:0:0]
 			for _, s := range list {
 				if s.Gate == gate {
-					n++
+					purged = append(purged, s)
 					continue
 				}
 				kept = append(kept, s)
@@ -136,13 +172,14 @@ func (m *Memory) PurgeGate(_ context.Context, gate string) (int, error) {
 			switch {
 			case len(kept) == 0:
 				delete(sh.users, u)
+				offline = append(offline, sh.change(u, false))
 			case len(kept) != len(list):
 				sh.users[u] = kept
 			}
 		}
 		sh.mu.Unlock()
 	}
-	return n, nil
+	return purged, offline, nil
 }
 
 // Stats implements Router.

@@ -22,6 +22,9 @@ import (
 //	    field  "<appcode>:<epoch, 20 digits>:<conn>:<gate>"
 //	    value  "<loginMS>:<deviceID>"
 //	P g:{<gate>}                 set of "<account>:<uid>" with sessions on gate
+//	P v:{<account>:<uid>}        presence version of the user (luaBump)
+//	P pf:{<account>:<uid>}       presence: sessions following the user
+//	P pl:{<account>:<uid>}:<f>   presence: users that the user's session f follows
 //	P m:{<role>}                 set of node ids of a role (membership.go)
 //	P m:{<role>}:<id>            a node's heartbeat, with a TTL (membership.go)
 //
@@ -58,12 +61,35 @@ local function onGate(key, gate, del)
 end
 `
 
+// luaBump gives the user a new presence version, above the last one and at
+// least the server's clock in microseconds, so that a version key that
+// expired (they expire a week after the user went offline) never comes back
+// lower. The key has no TTL while the user is online. It returns {version,
+// unix milliseconds}, as strings: Lua numbers are doubles.
+const luaBump = `
+local function bump(vkey, online)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local v = (tonumber(redis.call('GET', vkey)) or 0) + 1
+  if now > v then v = now end
+  local s = string.format('%.0f', v)
+  if online then
+    redis.call('SET', vkey, s)
+  else
+    redis.call('SET', vkey, s, 'EX', 604800)
+  end
+  return {s, string.format('%.0f', math.floor(now / 1000))}
+end
+`
+
 // registerScript adds field ARGV[2] = ARGV[3] to the user hash KEYS[1] and
 // evicts the oldest other sessions of appcode ARGV[1] beyond ARGV[4]. It
 // returns {evicted field/value pairs oldest first, gates the user no longer
-// holds any session on}.
-var registerScript = rueidis.NewLuaScript(luaOnGate + `
+// holds any session on, the presence change (luaBump of KEYS[2]) when the
+// user had no session}.
+var registerScript = rueidis.NewLuaScript(luaOnGate + luaBump + `
 local key, app, new, max = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[4])
+local first = redis.call('EXISTS', key) == 0
 local same = {}
 for _, f in ipairs(redis.call('HKEYS', key)) do
   local a, e = string.match(f, '^(%d+):(%d+):%d+:')
@@ -90,22 +116,38 @@ redis.call('HSET', key, new, ARGV[3])
 for g in pairs(gates) do
   if onGate(key, g, false) == 0 then gone[#gone + 1] = g end
 end
-return {evicted, gone}
+local ver = {}
+if first then ver = bump(KEYS[2], true) end
+return {evicted, gone, ver}
 `)
 
-// unregisterScript deletes field ARGV[1] from KEYS[1]: 0 when it was not
-// there, 1 when deleted, 2 when deleted and the user has no session left on
-// gate ARGV[2].
-var unregisterScript = rueidis.NewLuaScript(luaOnGate + `
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
-if onGate(KEYS[1], ARGV[2], false) == 0 then return 2 end
-return 1
+// unregisterScript deletes field ARGV[1] from KEYS[1] and returns {0} when
+// it was not there, {1, change} when deleted, {2, change} when deleted and
+// the user has no session left on gate ARGV[2]; change is the presence
+// change (luaBump of KEYS[2]) when that was the user's last session, else
+// empty.
+var unregisterScript = rueidis.NewLuaScript(luaOnGate + luaBump + `
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return {0} end
+local ver = {}
+if redis.call('EXISTS', KEYS[1]) == 0 then ver = bump(KEYS[2], false) end
+if onGate(KEYS[1], ARGV[2], false) == 0 then return {2, ver} end
+return {1, ver}
 `)
 
 // purgeScript deletes the sessions of KEYS[1] on gate ARGV[1] and returns
-// how many.
-var purgeScript = rueidis.NewLuaScript(luaOnGate + `
-return onGate(KEYS[1], ARGV[1], true)
+// {their field/value pairs, the presence change when none is left}.
+var purgeScript = rueidis.NewLuaScript(luaBump + `
+local out = {}
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.match(f, '^%d+:%d+:%d+:(.*)$') == ARGV[1] then
+    out[#out + 1] = f
+    out[#out + 1] = redis.call('HGET', KEYS[1], f)
+    redis.call('HDEL', KEYS[1], f)
+  end
+end
+local ver = {}
+if #out > 0 and redis.call('EXISTS', KEYS[1]) == 0 then ver = bump(KEYS[2], false) end
+return {out, ver}
 `)
 
 // hasGateScript reports (1 or 0) whether KEYS[1] has a session on ARGV[1].
@@ -139,7 +181,7 @@ type Redis struct {
 	corrupt atomic.Uint64
 }
 
-var _ Router = (*Redis)(nil)
+var _ Presence = (*Redis)(nil)
 
 // NewRedis connects to Redis and returns a router on it. It fails when no
 // address answers.
@@ -268,17 +310,27 @@ func (r *Redis) decodeHash(u User, h map[string]string) []Session {
 // returns the error together with the sessions the script evicted, so
 // the caller can still kick them.
 func (r *Redis) Register(ctx context.Context, s Session, maxPerTerminal int) ([]Session, error) {
+	evicted, _, err := r.RegisterChange(ctx, s, maxPerTerminal)
+	return evicted, err
+}
+
+// RegisterChange implements Presence; see Register.
+func (r *Redis) RegisterChange(ctx context.Context, s Session, maxPerTerminal int) ([]Session, Change, error) {
 	maxPerTerminal = max(maxPerTerminal, 1)
 	u := s.User()
 	key, field, member := r.userKey(u), sessionField(&s), userMember(u)
-	res, err := registerScript.Exec(ctx, r.c, []string{key},
+	res, err := registerScript.Exec(ctx, r.c, []string{key, r.verKey(u)},
 		[]string{strconv.FormatUint(uint64(s.AppCode), 10), field, sessionValue(&s), strconv.Itoa(maxPerTerminal)}).ToArray()
 	if err != nil {
-		return nil, fmt.Errorf("router: redis register: %w", err)
+		return nil, Change{}, fmt.Errorf("router: redis register: %w", err)
 	}
 	var evicted []Session
 	var gone []string
-	if len(res) == 2 {
+	var ch Change
+	if len(res) == 3 {
+		if ch = decodeChange(u, true, res[2]); ch.Changed() {
+			ch.Apps = []uint32{s.AppCode}
+		}
 		pairs, _ := res[0].AsStrSlice()
 		for i := 0; i+1 < len(pairs); i += 2 {
 			e, derr := decodeSession(u, pairs[i], pairs[i+1])
@@ -296,17 +348,17 @@ func (r *Redis) Register(ctx context.Context, s Session, maxPerTerminal int) ([]
 		undo, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
 		defer cancel()
 		_, uerr := r.Unregister(undo, s)
-		return evicted, errors.Join(fmt.Errorf("router: redis register: index gate %q: %w", s.Gate, err), uerr)
+		return evicted, Change{}, errors.Join(fmt.Errorf("router: redis register: index gate %q: %w", s.Gate, err), uerr)
 	}
 	for _, g := range gone {
 		if g == s.Gate {
 			continue
 		}
 		if err := r.forget(ctx, g, member); err != nil {
-			return evicted, fmt.Errorf("router: redis register: %w", err)
+			return evicted, ch, fmt.Errorf("router: redis register: %w", err)
 		}
 	}
-	return evicted, nil
+	return evicted, ch, nil
 }
 
 // forget removes members from the index of gate after scripts found they
@@ -348,17 +400,31 @@ func execScript(ctx context.Context, c rueidis.Client, s *rueidis.Lua, calls []r
 
 // Unregister implements Router.
 func (r *Redis) Unregister(ctx context.Context, s Session) (bool, error) {
+	ok, _, err := r.UnregisterChange(ctx, s)
+	return ok, err
+}
+
+// UnregisterChange implements Presence; see Unregister.
+func (r *Redis) UnregisterChange(ctx context.Context, s Session) (bool, Change, error) {
 	u := s.User()
-	n, err := unregisterScript.Exec(ctx, r.c, []string{r.userKey(u)}, []string{sessionField(&s), s.Gate}).AsInt64()
+	res, err := unregisterScript.Exec(ctx, r.c, []string{r.userKey(u), r.verKey(u)}, []string{sessionField(&s), s.Gate}).ToArray()
+	if err != nil || len(res) == 0 {
+		return false, Change{}, fmt.Errorf("router: redis unregister: %w (%d replies)", err, len(res))
+	}
+	n, err := res[0].AsInt64()
 	if err != nil {
-		return false, fmt.Errorf("router: redis unregister: %w", err)
+		return false, Change{}, fmt.Errorf("router: redis unregister: %w", err)
+	}
+	var ch Change
+	if len(res) == 2 {
+		ch = decodeChange(u, false, res[1])
 	}
 	if n == 2 {
 		if err := r.forget(ctx, s.Gate, userMember(u)); err != nil {
-			return true, fmt.Errorf("router: redis unregister: %w", err)
+			return true, ch, fmt.Errorf("router: redis unregister: %w", err)
 		}
 	}
-	return n > 0, nil
+	return n > 0, ch, nil
 }
 
 // Lookup implements Router.
@@ -398,32 +464,61 @@ const purgeBatch = 256
 // costs O(users that had a session on gate), not O(table). Members without
 // a session on gate (stale entries) are skipped and dropped.
 func (r *Redis) PurgeGate(ctx context.Context, gate string) (int, error) {
+	n, _, _, err := r.purgeGate(ctx, gate)
+	return n, err
+}
+
+// PurgeGateChanges implements Presence; see PurgeGate.
+func (r *Redis) PurgeGateChanges(ctx context.Context, gate string) ([]Session, []Change, error) {
+	_, purged, offline, err := r.purgeGate(ctx, gate)
+	return purged, offline, err
+}
+
+// purgeGate returns how many fields it deleted (unreadable ones included),
+// the sessions among them and the users left without a session.
+func (r *Redis) purgeGate(ctx context.Context, gate string) (n int, purged []Session, offline []Change, _ error) {
 	gk := r.gateKey(gate)
-	total := 0
 	var cursor uint64
 	for {
 		e, err := r.c.Do(ctx, r.c.B().Sscan().Key(gk).Cursor(cursor).Count(purgeBatch).Build()).AsScanEntry()
 		if err != nil {
-			return total, fmt.Errorf("router: redis purge gate %q: %w", gate, err)
+			return n, purged, offline, fmt.Errorf("router: redis purge gate %q: %w", gate, err)
 		}
 		if len(e.Elements) > 0 {
 			calls := make([]rueidis.LuaExec, len(e.Elements))
 			for i, m := range e.Elements {
-				calls[i] = rueidis.LuaExec{Keys: []string{r.memberKey(m)}, Args: []string{gate}}
+				calls[i] = rueidis.LuaExec{Keys: []string{r.memberKey(m), r.prefix + "v:{" + m + "}"}, Args: []string{gate}}
 			}
-			for _, res := range execScript(ctx, r.c, purgeScript, calls) {
-				n, err := res.AsInt64()
-				if err != nil {
-					return total, fmt.Errorf("router: redis purge gate %q: %w", gate, err)
+			for i, res := range execScript(ctx, r.c, purgeScript, calls) {
+				arr, err := res.ToArray()
+				if err != nil || len(arr) != 2 {
+					return n, purged, offline, fmt.Errorf("router: redis purge gate %q: %w (%d replies)", gate, err, len(arr))
 				}
-				total += int(n)
+				u, uerr := parseMember(e.Elements[i])
+				if uerr != nil {
+					r.badEntry(gk, e.Elements[i], uerr)
+					continue
+				}
+				pairs, _ := arr[0].AsStrSlice()
+				n += len(pairs) / 2
+				for j := 0; j+1 < len(pairs); j += 2 {
+					s, derr := decodeSession(u, pairs[j], pairs[j+1])
+					if derr != nil {
+						r.badEntry(r.userKey(u), pairs[j], derr)
+						continue
+					}
+					purged = append(purged, s)
+				}
+				if ch := decodeChange(u, false, arr[1]); ch.Changed() {
+					offline = append(offline, ch)
+				}
 			}
 			if err := r.forget(ctx, gate, e.Elements...); err != nil {
-				return total, fmt.Errorf("router: redis purge gate: %w", err)
+				return n, purged, offline, fmt.Errorf("router: redis purge gate: %w", err)
 			}
 		}
 		if cursor = e.Cursor; cursor == 0 {
-			return total, nil
+			return n, purged, offline, nil
 		}
 	}
 }
