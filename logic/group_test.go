@@ -502,18 +502,25 @@ func TestGroupPullAndAckBounds(t *testing.T) {
 	var ack pb.GroupAckResponse
 	err := f.request(three, schema.CmdGroupAck, &pb.GroupAckRequest{Cursors: []*pb.GroupCursor{{GroupId: 920, Seq: 6}}}, &ack)
 	wantStatus(t, err, schema.StatusBadArgument)
-	if err := f.request(three, schema.CmdGroupAck, &pb.GroupAckRequest{Cursors: []*pb.GroupCursor{{GroupId: 920, Seq: 5}}}, &ack); err != nil {
+	if err := f.request(three, schema.CmdGroupAck, &pb.GroupAckRequest{Cursors: []*pb.GroupCursor{{GroupId: 920, Seq: 4}}}, &ack); err != nil {
 		t.Fatal(err)
 	}
-	if err := f.request(three, schema.CmdGroupAck, &pb.GroupAckRequest{Cursors: []*pb.GroupCursor{{GroupId: 920, Seq: 4}}}, &ack); err != nil {
+	if err := f.request(three, schema.CmdGroupAck, &pb.GroupAckRequest{Cursors: []*pb.GroupCursor{{GroupId: 920, Seq: 3}}}, &ack); err != nil {
 		t.Fatal(err)
 	}
 	var sync pb.GroupSyncResponse
 	if err := f.request(three, schema.CmdGroupSync, &pb.GroupSyncRequest{}, &sync); err != nil {
 		t.Fatal(err)
 	}
-	if len(sync.Groups) != 1 || sync.Groups[0].AckedSeq != 5 || sync.Groups[0].HeadSeq != 5 || sync.Groups[0].LeftSeq != 5 || sync.Groups[0].JoinSeq != 3 {
-		t.Fatalf("sync of uid 3: %v; want cursor 5 (never backwards), head 5, join 3, left 5", sync.Groups)
+	if len(sync.Groups) != 1 || sync.Groups[0].AckedSeq != 4 || sync.Groups[0].HeadSeq != 5 || sync.Groups[0].LeftSeq != 5 || sync.Groups[0].JoinSeq != 3 {
+		t.Fatalf("sync of uid 3: %v; want cursor 4 (never backwards), head 5, join 3, left 5", sync.Groups)
+	}
+	// Acked to its removal: the group leaves this terminal's sync.
+	if err := f.request(three, schema.CmdGroupAck, &pb.GroupAckRequest{Cursors: []*pb.GroupCursor{{GroupId: 920, Seq: 5}}}, &ack); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.request(three, schema.CmdGroupSync, &pb.GroupSyncRequest{}, &sync); err != nil || len(sync.Groups) != 0 {
+		t.Fatalf("sync after acking to the removal: %v %v; want no group", sync.Groups, err)
 	}
 	outsider := f.online("gate-a", 1, 101, 8)
 	wantStatus(t, f.request(outsider, schema.CmdGroupPull, &pb.GroupPullRequest{GroupId: 920}, &page), schema.StatusNotMember)
