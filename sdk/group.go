@@ -3,6 +3,7 @@ package sdk
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"slices"
 	"time"
 
@@ -155,6 +156,7 @@ func bySeq(a, b *pb.C2CMessage) int {
 // beyond a gap is held and its group pulled. Called under in.mu.
 func (in *inbox) liveLocked(msgs []*pb.C2CMessage) {
 	slices.SortStableFunc(msgs, bySeq)
+	var gaps []uint64
 	for _, m := range msgs {
 		if m.GroupId == 0 || m.Seq == 0 {
 			in.c.log.Warn("sdk: group message without group or seq", "group", m.GroupId, "seq", m.Seq, "msgid", m.Msgid)
@@ -172,9 +174,12 @@ func (in *inbox) liveLocked(msgs []*pb.C2CMessage) {
 			if !found {
 				gs.held = slices.Insert(gs.held, i, m)
 			}
+			if len(gaps) == 0 || gaps[len(gaps)-1] != m.GroupId {
+				gaps = append(gaps, m.GroupId)
+			}
 		}
 	}
-	in.pullGapsLocked()
+	in.pullGapsLocked(gaps)
 }
 
 // pulledLocked queues a message of a pulled page unless it is at or below
@@ -208,14 +213,15 @@ func (in *inbox) drainLocked(gs *groupState) {
 	}
 }
 
-// pullGapsLocked starts a pull for every group that holds messages beyond
-// a gap and has none running. Called under in.mu, not while catching up.
-func (in *inbox) pullGapsLocked() {
+// pullGapsLocked starts a pull for each group of ids that holds messages
+// beyond a gap and has none running. Called under in.mu; nothing is
+// pulled while catching up, which pulls every group anyway.
+func (in *inbox) pullGapsLocked(ids []uint64) {
 	if in.gsync {
 		return
 	}
-	for id, gs := range in.groups {
-		if len(gs.held) > 0 && gs.pulling != in.gen {
+	for _, id := range ids {
+		if gs := in.groups[id]; len(gs.held) > 0 && gs.pulling != in.gen {
 			gs.pulling = in.gen
 			in.c.wg.Add(1)
 			go in.gapPull(in.gen, id)
@@ -309,7 +315,7 @@ var errStop = errors.New("sdk: catch-up stopped")
 func (in *inbox) request(l *link, cmd schema.Cmd, req, resp proto.Message) error {
 	c := in.c
 	backoff := c.opts.SendBackoffMin
-	for {
+	for try := 1; ; try++ {
 		ctx, cancel := context.WithTimeout(context.Background(), c.opts.RequestTimeout)
 		err := l.roundTrip(ctx, schema.Header{Cmd: cmd}, req, resp)
 		cancel()
@@ -322,7 +328,13 @@ func (in *inbox) request(l *link, cmd schema.Cmd, req, resp proto.Message) error
 		if !IsRetryable(err) {
 			return err
 		}
-		c.log.Warn("sdk: group catch-up failed; retrying", "cmd", cmd, "err", err)
+		// A server with no group store answers 5002 for as long as it
+		// runs: one warning, then quieter.
+		lvl := slog.LevelDebug
+		if try == 1 {
+			lvl = slog.LevelWarn
+		}
+		c.log.Log(context.Background(), lvl, "sdk: group catch-up failed; retrying", "cmd", cmd, "try", try, "err", err)
 		select {
 		case <-time.After(backoff):
 		case <-c.stop:
@@ -362,9 +374,14 @@ func (in *inbox) groupSync(l *link, gen uint64) {
 	in.gsync = false
 	buf := in.gbuffer
 	in.gbuffer = nil
-	for _, gs := range in.groups {
+	var gaps []uint64
+	for id, gs := range in.groups {
 		in.drainLocked(gs) // held across the login
+		if len(gs.held) > 0 {
+			gaps = append(gaps, id)
+		}
 	}
+	in.pullGapsLocked(gaps)
 	in.liveLocked(buf)
 }
 
