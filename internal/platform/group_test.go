@@ -149,8 +149,9 @@ func gtCursorAt(t *testing.T, c *sdk.Client, id, seq uint64) {
 	})
 }
 
-// gtSettled waits until c's cursor of group id is at last or the group
-// left c's group-sync.
+// gtSettled waits until group id left c's group-sync, which it does once
+// c acked up to last, its removal or the dissolve (PROTOCOL.md, "Groups",
+// rule 5).
 func gtSettled(t *testing.T, c *sdk.Client, id, last uint64) {
 	t.Helper()
 	var got *pb.GroupState
@@ -164,11 +165,14 @@ func gtSettled(t *testing.T, c *sdk.Client, id, last uint64) {
 				got = g
 			}
 		}
-		if err == nil && (got == nil || got.AckedSeq == last) {
+		if got != nil && (got.AckedSeq > last || got.HeadSeq != last) {
+			t.Fatalf("group-sync shows group %d as %v, want head %d", id, got, last)
+		}
+		if err == nil && got == nil {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("group-sync shows group %d as %v (err %v), want its cursor at %d or the group gone", id, got, err, last)
+			t.Fatalf("group-sync still shows group %d as %v (err %v), want it gone once acked to %d", id, got, err, last)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -388,9 +392,8 @@ func TestGroupMembershipWindow(t *testing.T) {
 	if ev := all[13].GetEvent(); len(ev.GetUsers()) != 1 || ev.GetUsers()[0].GetUid() != 2 {
 		t.Fatalf("LEFT event %v, want user 2", ev)
 	}
-	// The removed member and the members of the dissolved group acked up
-	// to their last seq: the group leaves their group-sync (or shows that
-	// cursor until it does).
+	// The removed member and the members of the dissolved group ack up
+	// to their last seq, and the group leaves their group-sync.
 	for _, x := range []struct {
 		c    *sdk.Client
 		last uint64
