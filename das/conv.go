@@ -38,10 +38,11 @@ const MaxUnread = 1000
 type ConvStore interface {
 	// Conversations returns every one-to-one conversation of u that has a
 	// message still kept (retention), with its summary. Unread is
-	// computed only for the conversations whose key is in withUnread
-	// (nil: all), so that a sync of 200 conversations of which 3 changed
-	// counts 3; the others have Unread -1.
-	Conversations(ctx context.Context, u User, withUnread func(peer User) bool) ([]ConvSummary, error)
+	// computed only for the conversations withUnread selects (nil: all);
+	// it is called with the summary's Peer, Last and Read filled in, so
+	// that a sync of 200 conversations of which 3 changed counts 3. The
+	// others have Unread -1.
+	Conversations(ctx context.Context, u User, withUnread func(ConvSummary) bool) ([]ConvSummary, error)
 
 	// MarkRead moves u's read mark of the conversation with peer to upTo
 	// unless it is there or beyond, and returns the mark now.
