@@ -121,10 +121,10 @@ func (s *Store) addMessage(b *pebble.Batch, m *pb.C2CMessage, appcodes, senderAp
 		_ = b.Set(inboxKey(das.Terminal{Account: from.Account, UID: from.UID, AppCode: a}, m.Msgid), nil, nil)
 	}
 	_ = b.Set(timelineKey(from, m.Msgid), encodePeer(to), nil)
-	_ = b.Set(convKey(from, to, m.Msgid), nil, nil)
+	_ = b.Set(convKey(from, to, m.Msgid), []byte{convOutgoing}, nil)
 	if to != from {
 		_ = b.Set(timelineKey(to, m.Msgid), encodePeer(from), nil)
-		_ = b.Set(convKey(to, from, m.Msgid), nil, nil)
+		_ = b.Set(convKey(to, from, m.Msgid), []byte{convIncoming}, nil)
 	}
 }
 

@@ -16,7 +16,8 @@ import (
 //	m | msgid                                   -> header + pb.C2CMessage   (message, stored once)
 //	i | account | uid | appcode | msgid         -> ""                       (inbox of one terminal)
 //	t | account | uid | msgid                   -> peer account | peer uid  (timeline of one user)
-//	c | account | uid | peer acct | peer uid | msgid -> ""                  (conversation index)
+//	c | account | uid | peer acct | peer uid | msgid -> direction          (conversation index)
+//	e | account | uid | peer acct | peer uid    -> read mark (msgid)        (conversation read mark)
 //	k | account | uid | appcode | client_msg_id -> msgid | stored ms        (idempotency key)
 //	x | stored ms | k-key                       -> ""                       (idempotency expiry queue)
 //	g | msgid | event                           -> ""                       (collection candidate)
@@ -29,6 +30,7 @@ import (
 //	u | account | uid | group                   -> join seq | left seq      (a user's memberships)
 //	r | account | uid | group | appcode         -> seq                      (a terminal's group cursor)
 //	q | account | uid | appcode | client_msg_id -> msgid | stored ms | group | seq  (group idempotency key)
+//	w | account | uid | group                   -> read seq                 (a user's group read mark)
 //
 // Group idempotency keys share the x queue (and so the janitor's expiry)
 // with the c2c ones; their own tag keeps a client id of a c2c send from
@@ -53,6 +55,19 @@ import (
 // the whole timeline to fill one page of one conversation. The c rows cost
 // about 40 bytes per participant per message and are written in the same
 // batch, so both indexes are always equal.
+//
+// The conversation list (das.ConvStore, conv.go) is read from the c table
+// too: a user's conversations are the peers under the user's c prefix, and
+// each one's newest message is the last row of its range, so there is no
+// summary to keep up to date: the c rows are written in the message's
+// batch, concurrent PutC2C calls of one conversation cannot leave an older
+// message as the newest, and retention, which deletes timeline and c rows
+// together, removes a conversation from the list with its last message.
+// Each c row's value says whether the message came from the peer, for
+// unread counts: convOutgoing on the sender's row (and on the only row of
+// a note to oneself), convIncoming on the recipient's. Rows written before
+// the direction existed have an empty value: unknown, counted as unread
+// when they are above the read mark.
 const (
 	tagMessage   = 'm'
 	tagInbox     = 'i'
@@ -68,6 +83,15 @@ const (
 	tagUserGroup   = 'u'
 	tagGroupCursor = 'r'
 	tagGroupIdem   = 'q'
+
+	tagConvRead  = 'e'
+	tagGroupRead = 'w'
+)
+
+// Directions of a conversation index row (its value).
+const (
+	convOutgoing = 1
+	convIncoming = 2
 )
 
 const (
@@ -133,6 +157,20 @@ func convPrefix(u, peer das.User) []byte {
 
 func convKey(u, peer das.User, msgid uint64) []byte {
 	return binary.BigEndian.AppendUint64(convPrefix(u, peer), msgid)
+}
+
+// convReadKey is u's read mark of the conversation with peer.
+func convReadKey(u, peer das.User) []byte {
+	k := convPrefix(u, peer)
+	k[0] = tagConvRead
+	return k
+}
+
+// groupReadKey is u's read mark of group id.
+func groupReadKey(u das.User, id uint64) []byte {
+	k := userGroupKey(u, id)
+	k[0] = tagGroupRead
+	return k
 }
 
 // idemKey is the idempotency key of a sender terminal and client message
