@@ -165,6 +165,12 @@ type Options struct {
 	// pulled later. Like OnReceipt it runs on the connection's reader:
 	// return quickly. When nil they go to OnMessage.
 	OnTransient func(*pb.TransientNotify)
+	// OnConvMark receives read marks: this user read a conversation on
+	// another terminal (lower its unread count), or the peer of a
+	// one-to-one conversation read this user's messages (a read receipt:
+	// By is the peer). It runs on the connection's reader: return quickly.
+	// When nil they go to OnMessage.
+	OnConvMark func(*pb.ConvRead)
 	// OnGroup receives group messages, chat and system events (m.Event
 	// set: created, joined, left, dissolved), one at a time on the
 	// goroutine that runs OnC2C. Each group's messages come in seq order
@@ -187,10 +193,11 @@ type Options struct {
 	DedupSize int
 	// AckDelay is how long acks wait to be batched. Default 20ms.
 	AckDelay time.Duration
-	// SendAttempts bounds the tries of SendC2C. Default 6.
+	// SendAttempts bounds the tries of SendC2C and SendGroup. Default 6.
 	SendAttempts int
-	// SendBackoffMin and SendBackoffMax bound SendC2C's backoff between
-	// tries (exponential with jitter). Defaults 100ms and 3s.
+	// SendBackoffMin and SendBackoffMax bound the backoff of SendC2C and
+	// SendGroup between tries (exponential with jitter), and of the
+	// group pulls that are retried. Defaults 100ms and 3s.
 	SendBackoffMin, SendBackoffMax time.Duration
 
 	Logger *slog.Logger
@@ -758,6 +765,15 @@ func (c *Client) notified(l *link, h schema.Header, body []byte) {
 			var r pb.C2CReceipt
 			if err := proto.Unmarshal(body, &r); err == nil {
 				c.opts.OnReceipt(&r)
+			}
+			return
+		}
+		c.queueMessage(h, body)
+	case schema.CmdConvMark:
+		if c.opts.OnConvMark != nil {
+			var r pb.ConvRead
+			if err := proto.Unmarshal(body, &r); err == nil {
+				c.opts.OnConvMark(&r)
 			}
 			return
 		}
