@@ -265,7 +265,7 @@ func (s *Service) pushSessions(ctx context.Context, ss []router.Session, cmd sch
 // terminal is never touched.
 func (s *Service) dropStale(ctx context.Context, stale []router.Session, cmd schema.Cmd, logid uint64) {
 	for _, ss := range stale {
-		removed, err := s.router.Unregister(ctx, ss)
+		removed, err := s.unregister(ctx, ss, logid)
 		switch {
 		case err != nil:
 			s.log.Warn("push undeliverable: drop the stale session", "gate", ss.Gate, "conn", ss.Conn, "uid", ss.UID, "appcode", ss.AppCode, "err", err, "logid", logid)
@@ -449,6 +449,10 @@ func (s *Service) Handle(ctx context.Context, sess router.Session, h *schema.Hea
 		return s.groupPull(ctx, sess, h, body)
 	case schema.CmdGroupAck:
 		return s.groupAck(ctx, sess, h, body)
+	case schema.CmdPresenceSubscribe:
+		return s.presenceSubscribe(ctx, sess, h, body)
+	case schema.CmdGroupPresence:
+		return s.groupPresence(ctx, sess, h, body)
 	}
 	return nil, schema.Errorf(schema.StatusUnknownCmd, "command %s is not served by this server", h.Cmd)
 }

@@ -106,6 +106,10 @@ type Options struct {
 	// nodes (the platform publishes through Redis).
 	GroupChanged func(ctx context.Context, id uint64)
 
+	// Presence bounds presence subscriptions. Presence needs a router
+	// that implements router.Presence (both do).
+	Presence Presence
+
 	// Clock is the wall clock that msgids carry; nil is time.Now. Tests
 	// skew it.
 	Clock func() time.Time
@@ -154,6 +158,8 @@ type Service struct {
 	mC2S         *prometheus.CounterVec
 	mUndelivered *prometheus.CounterVec
 	mStale       prometheus.Counter
+
+	pres presence
 
 	mGroup         *prometheus.CounterVec
 	mGroupNotifies prometheus.Counter
@@ -328,6 +334,9 @@ func New(opts Options) (*Service, error) {
 			}
 		}
 	}
+	if err := s.initPresence(opts); err != nil {
+		return nil, err
+	}
 	return s, nil
 }
 
@@ -346,7 +355,7 @@ func (s *Service) DetachGate(ctx context.Context, id string) {
 	s.gatesMu.Lock()
 	delete(s.gates, id)
 	s.gatesMu.Unlock()
-	if n, err := s.router.PurgeGate(ctx, id); err != nil {
+	if n, err := s.purgeGate(ctx, id); err != nil {
 		s.log.Warn("purge gate sessions", "gate", id, "err", err)
 	} else if n > 0 {
 		s.log.Info("purged gate sessions", "gate", id, "sessions", n)
@@ -374,7 +383,7 @@ func (s *Service) Announce(ctx context.Context, sessions []router.Session) error
 		if app == nil || app.Account != ss.Account {
 			continue // the app was removed from the config: the session ends with its connection
 		}
-		evicted, err := s.router.Register(ctx, ss, app.MaxSessions)
+		evicted, err := s.register(ctx, ss, app.MaxSessions, 0)
 		if err != nil {
 			return schema.Errorf(schema.StatusUnavailable, "router: %v", err)
 		}
@@ -438,7 +447,7 @@ func (s *Service) login(ctx context.Context, in LoginInput) (LoginResult, error)
 		DeviceID: in.DeviceID,
 		LoginMS:  time.Now().UnixMilli(),
 	}
-	evicted, err := s.router.Register(ctx, sess, app.MaxSessions)
+	evicted, err := s.register(ctx, sess, app.MaxSessions, in.LogID)
 	if err != nil {
 		return LoginResult{}, schema.Errorf(schema.StatusUnavailable, "router: %v", err)
 	}
@@ -477,7 +486,7 @@ func (s *Service) kick(ctx context.Context, old router.Session, k *pb.Kickout, l
 
 // Logout implements API.
 func (s *Service) Logout(ctx context.Context, sess router.Session) error {
-	if _, err := s.router.Unregister(ctx, sess); err != nil {
+	if _, err := s.unregister(ctx, sess, 0); err != nil {
 		return schema.Errorf(schema.StatusUnavailable, "router: %v", err)
 	}
 	return nil
@@ -485,7 +494,7 @@ func (s *Service) Logout(ctx context.Context, sess router.Session) error {
 
 // Disconnected implements API.
 func (s *Service) Disconnected(ctx context.Context, sess router.Session) {
-	if _, err := s.router.Unregister(ctx, sess); err != nil {
+	if _, err := s.unregister(ctx, sess, 0); err != nil {
 		s.log.Warn("unregister on disconnect", "uid", sess.UID, "appcode", sess.AppCode, "err", err)
 	}
 }

@@ -52,6 +52,9 @@ type Config struct {
 	S2C       logic.S2C       `yaml:"s2c"`
 	C2S       logic.C2S       `yaml:"c2s"`
 	Bus       Bus             `yaml:"bus"`
+
+	// Presence bounds presence subscriptions.
+	Presence logic.Presence `yaml:"presence"`
 	// Cluster configures the many-process shape (imd logic, imd gateway).
 	Cluster Cluster `yaml:"cluster"`
 	// Apps maps each appcode to its account system and secrets. When it is
@@ -261,6 +264,7 @@ func (c *Config) ServerFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.Bus.Embedded.Addr, "kafka-addr", c.Bus.Embedded.Addr, "listen address of the embedded Kafka broker (default 127.0.0.1:9092)")
 	fs.IntVar(&c.C2C.PageSize, "page-size", c.C2C.PageSize, "offline pull page size when a client asks for 0 (default 50)")
 	fs.Float64Var(&c.Transient.Rate, "transient-rate", c.Transient.Rate, "transient messages (typing...) each user may send per second on one logic node (default 20)")
+	fs.IntVar(&c.Presence.MaxFollowed, "presence-max-followed", c.Presence.MaxFollowed, "users one session may follow with presence-subscribe (default 200)")
 	fs.IntVar(&c.Groups.MaxSize, "group-max-size", c.Groups.MaxSize, "largest group, in members (default 10000)")
 	fs.IntVar(&c.Groups.CacheEntries, "group-cache-entries", c.Groups.CacheEntries, "bound of the group members cache, in member entries over all cached groups (default 1048576)")
 	c.ClusterFlags(fs)

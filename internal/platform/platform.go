@@ -210,7 +210,7 @@ func (p *Platform) startLogic(cfg config.Config, log *slog.Logger, reg prometheu
 		}
 	}
 	svc, err := logic.New(logic.Options{
-		PushLedger: ledger, Groups: cfg.Groups, GroupChanged: groupChanged, Transient: cfg.Transient,
+		PushLedger: ledger, Groups: cfg.Groups, GroupChanged: groupChanged, Transient: cfg.Transient, Presence: cfg.Presence,
 		Apps: cfg.Apps, Router: p.Router, Logger: log.With("tier", "logic"), Registry: reg,
 		Store: store, NodeID: nodeID, C2C: cfg.C2C, S2C: cfg.S2C, C2S: cfg.C2S, Bus: p.producer,
 		Clock: cfg.Clock, MaxClockSkew: cfg.MaxClockSkew,
