@@ -18,10 +18,11 @@ import (
 // PutC2C implements das.Store.
 //
 // Rows: one logged batch holds every row of the message (the inbox row of
-// each recipient terminal, the timeline row, bucket row and conversation
-// row of sender and recipient, and the inbox row of each of the sender's
-// other terminals), all with one write timestamp derived from
-// the msgid (writeTime). Cassandra's batchlog makes the batch all or
+// each recipient terminal, the timeline row, bucket row, conversation
+// row and conversation summary of sender and recipient, and the inbox row
+// of each of the sender's other terminals), all with one write timestamp
+// derived from the msgid (writeTime) except the summaries, whose timestamp
+// is the msgid itself (conv.go). Cassandra's batchlog makes the batch all or
 // nothing: once any row is applied, every row is, possibly after a replay.
 // A message without a client id is that batch alone; resending the
 // identical message (same msgid) writes identical cells.
@@ -93,9 +94,10 @@ func (s *Store) putC2C(ctx context.Context, m *pb.C2CMessage, inbox, senderInbox
 
 // batchBytes estimates the size of a message's batch: its body in each
 // inbox row and on two timelines, and about 100 bytes of keys, timestamps
-// and framing per row, for those and for the key-only rows (two bucket
-// rows, two conversation rows, a late marker per inbox at most).
-func batchBytes(body, inboxes int) int { return (inboxes+2)*(body+100) + (4+inboxes)*100 }
+// and framing per row, for those and for the rows without the body (two
+// bucket rows, two conversation rows, two conversation summaries, a late
+// marker per inbox at most).
+func batchBytes(body, inboxes int) int { return (inboxes+2)*(body+100) + (6+inboxes)*100 }
 
 // claimed is an idempotency claim as stored.
 type claimed struct {
@@ -215,11 +217,13 @@ func (s *Store) writeMessage(ctx context.Context, m *pb.C2CMessage, body []byte,
 		if from.GetAccount() == to.GetAccount() && from.GetUid() == to.GetUid() {
 			sides = sides[:1] // a note to oneself is on one timeline once
 		}
-		for _, side := range sides {
+		for i, side := range sides {
 			u, peer := side[0], side[1]
 			add(b, stmtInsertTL, i32(u.GetAccount()), i64(u.GetUid()), bucket, id, body, ttl)
 			add(b, stmtInsertTLB, i32(u.GetAccount()), i64(u.GetUid()), bucket, bttl)
-			add(b, stmtInsertConv, i32(u.GetAccount()), i64(u.GetUid()), i32(peer.GetAccount()), i64(peer.GetUid()), id, ttl)
+			// The conversation row (incoming on the recipient's side)
+			// and the conversation summary (conv.go).
+			addConvRows(b, u, peer, id, i == 1, ttl)
 		}
 	}
 	if len(b.Entries) == 0 {

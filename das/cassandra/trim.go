@@ -315,10 +315,18 @@ func (s *Store) trimUser(ctx context.Context, u das.User, maxCount int) (removed
 	if removed == 0 {
 		return 0, more, nil
 	}
-	// Conversation rows first: if the round dies half way, a timeline row
-	// left in place is found again by the next trim, while a conversation
-	// row left without its timeline row could not be.
+	// Summaries and conversation rows first: if the round dies half way,
+	// a timeline row left in place is found again by the next trim, while
+	// a conversation row or summary left without its timeline row could
+	// not be. Every row of u's timeline up to last goes, so a conversation
+	// whose newest msgid is at most last is left with no message: its
+	// summary goes, by a deletion with timestamp last, which removes the
+	// summary cell only if its msgid (its timestamp, conv.go) is at most
+	// last and never the cell of a newer message written meanwhile.
 	for p := range peers {
+		if err := s.q(stmtTrimSummary, last, acc, uid, i32(p.Account), i64(p.UID)).ExecContext(ctx); err != nil {
+			return 0, false, err
+		}
 		if err := s.q(stmtTrimConv, acc, uid, i32(p.Account), i64(p.UID), last).ExecContext(ctx); err != nil {
 			return 0, false, err
 		}
