@@ -5,12 +5,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"runtime"
 	"slices"
 	"strconv"
 	"sync"
-	"time"
 	"weak"
 
 	gocql "github.com/apache/cassandra-gocql-driver/v2"
@@ -48,7 +46,7 @@ const (
 	streamShift = 12
 	// seqAttempts bounds the transactions of one append that lose to
 	// other writers before it gives up with das.ErrUnavailable.
-	seqAttempts = 64
+	seqAttempts = 256
 	// memberChunk is how many users' rows go into one logged batch.
 	memberChunk = 50
 	// inChunk bounds the values of one IN query.
@@ -334,20 +332,11 @@ func (s *Store) sequence(ctx context.Context, gid uint64, decide decideFunc) (*s
 		}
 		st = cur
 		gs.setHead(gid, st)
+		// A lost round means another writer's round succeeded: the group
+		// progresses, so trying again at once cannot livelock, and waiting
+		// would only hand the next round to a writer that does not wait.
 		if attempt+1 >= seqAttempts {
 			return nil, st, fmt.Errorf("%w: group %d: %d appends lost to other writers in a row", das.ErrUnavailable, gid, seqAttempts)
-		}
-		if attempt > 0 {
-			// Another process is appending too: step aside a little so
-			// that one of us wins the next round.
-			d := rand.N(time.Duration(min(1<<min(attempt, 5), 20)) * time.Millisecond)
-			t := time.NewTimer(d)
-			select {
-			case <-t.C:
-			case <-ctx.Done():
-				t.Stop()
-				return nil, st, storeErr("group append", ctx.Err())
-			}
 		}
 	}
 }
