@@ -326,7 +326,7 @@ func checkGroupCounts(t *testing.T, terms []*crashTerm, group, head uint64, sent
 }
 
 // TestGroupCrashKeepsOrder: `imd all` (embedded store) is killed with
-// SIGKILL while five members of a 20-member group send to it at once, and
+// SIGKILL while ten members of a 20-member group send to it at once, and
 // restarted on the same data directory and the same ports. The members'
 // terminals (two each) reconnect on their own, except a few that are
 // closed during the outage and come back as new clients over their state
@@ -338,8 +338,8 @@ func TestGroupCrashKeepsOrder(t *testing.T) {
 	const (
 		group     = 4242
 		members   = 20
-		senders   = 5
-		perSender = 60
+		senders   = 10
+		perSender = 30
 	)
 	dir := t.TempDir()
 	stateDir := t.TempDir()
@@ -454,8 +454,8 @@ func TestGroupLogicNodeKilled(t *testing.T) {
 	const (
 		group     = 4343
 		members   = 20
-		senders   = 5
-		perSender = 40
+		senders   = 10
+		perSender = 20
 	)
 	redis := testenv.Redis(t)
 	cass := needCassandra(t)
