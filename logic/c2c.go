@@ -23,6 +23,9 @@ type C2C struct {
 	MaxPage int `yaml:"max_page"`
 	// MaxClientMsgID bounds the client message id. Default 64 bytes.
 	MaxClientMsgID int `yaml:"max_client_msg_id"`
+	// MaxConversations bounds the versions a conversation sync may hold.
+	// Default 5000.
+	MaxConversations int `yaml:"max_conversations"`
 }
 
 func (c *C2C) setDefaults() {
@@ -40,6 +43,9 @@ func (c *C2C) setDefaults() {
 	}
 	if c.MaxClientMsgID <= 0 {
 		c.MaxClientMsgID = 64
+	}
+	if c.MaxConversations <= 0 {
+		c.MaxConversations = 5000
 	}
 }
 
@@ -449,6 +455,10 @@ func (s *Service) Handle(ctx context.Context, sess router.Session, h *schema.Hea
 		return s.groupPull(ctx, sess, h, body)
 	case schema.CmdGroupAck:
 		return s.groupAck(ctx, sess, h, body)
+	case schema.CmdConvSync:
+		return s.convSync(ctx, sess, h, body)
+	case schema.CmdConvRead:
+		return s.convRead(ctx, sess, h, body)
 	case schema.CmdPresenceSubscribe:
 		return s.presenceSubscribe(ctx, sess, h, body)
 	case schema.CmdGroupPresence:

@@ -91,6 +91,13 @@ func (s *Service) groupSend(ctx context.Context, sess router.Session, h *schema.
 	// Notify before answering, as for c2c: the sender's next message
 	// cannot overtake this one on any connection.
 	n := s.fanOutGroup(ctx, m, ap.MemberSeq, &sess, nil, h.LogID)
+	if s.conv != nil {
+		// What a member wrote is read by it: its own messages never count
+		// as unread on its other terminals.
+		if _, err := s.conv.MarkGroupRead(ctx, das.User{Account: sess.Account, UID: sess.UID}, m.GroupId, m.Seq); err != nil {
+			s.log.Warn("group read mark of the sender", "group", m.GroupId, "seq", m.Seq, "err", err, "logid", h.LogID)
+		}
+	}
 	s.log.Debug("group stored", "group", m.GroupId, "seq", m.Seq, "msgid", m.Msgid, "dup", ap.Dup, "uid", sess.UID, "notified", n, "logid", h.LogID)
 	return proto.Marshal(&pb.C2CSendResponse{Msgid: m.Msgid, Seq: m.Seq, StoredAtMs: now.UnixMilli(), Duplicate: ap.Dup})
 }

@@ -101,6 +101,9 @@ type Options struct {
 	GroupStore das.GroupStore
 	Groups     Groups
 	Transient  Transient
+	// ConvStore keeps conversation summaries and read marks; nil uses
+	// Store when it implements das.ConvStore (both engines do).
+	ConvStore das.ConvStore
 	// GroupChanged, when set, is called after this node changed a group's
 	// membership, to invalidate the members caches of the other logic
 	// nodes (the platform publishes through Redis).
@@ -143,6 +146,7 @@ type Service struct {
 	groupChanged func(ctx context.Context, id uint64)
 
 	transientLimits *limiters
+	conv            das.ConvStore
 	bus      bus.Producer
 	routes   map[routeKey]string
 	c2sMax   int
@@ -165,6 +169,8 @@ type Service struct {
 	mGroupNotifies prometheus.Counter
 	mGroupAcks     prometheus.Counter
 	mTransient     *prometheus.CounterVec
+	mConvSyncs     prometheus.Counter
+	mConvChanged   prometheus.Counter
 }
 
 var _ API = (*Service)(nil)
@@ -196,6 +202,10 @@ func New(opts Options) (*Service, error) {
 	tr := opts.Transient
 	tr.setDefaults()
 	s.transientLimits = newLimiters(tr)
+	s.conv = opts.ConvStore
+	if s.conv == nil {
+		s.conv, _ = opts.Store.(das.ConvStore)
+	}
 	s.groups = opts.GroupStore
 	if s.groups == nil {
 		s.groups, _ = opts.Store.(das.GroupStore)
@@ -277,6 +287,14 @@ func New(opts Options) (*Service, error) {
 		Namespace: "imd", Subsystem: "logic", Name: "stale_sessions_dropped_total",
 		Help: "Sessions removed from the router because their gateway reported the connection gone during a push.",
 	})
+	s.mConvSyncs = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "imd", Subsystem: "logic", Name: "conv_syncs_total",
+		Help: "Conversation list syncs served.",
+	})
+	s.mConvChanged = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "imd", Subsystem: "logic", Name: "conv_changed_total",
+		Help: "Conversations returned by syncs (new or changed since the versions the client held).",
+	})
 	s.mTransient = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "imd", Subsystem: "logic", Name: "transient_total",
 		Help: "Transient messages by result: sent (not stored), rate_limited (3001).",
@@ -328,7 +346,7 @@ func New(opts Options) (*Service, error) {
 			Namespace: "imd", Subsystem: "logic", Name: "online_sessions",
 			Help: "Sessions (logged-in terminals) in the router (the whole DC's when the router is shared).",
 		}, online(false))
-		for _, c := range []prometheus.Collector{s.mLogins, s.mKicks, s.mC2C, s.mC2CNotifies, s.mC2CAcks, s.mPush, s.mPushAcks, s.mC2S, s.mUndelivered, s.mStale, gUsers, gSessions, s.mGroup, s.mGroupNotifies, s.mGroupAcks, s.mTransient} {
+		for _, c := range []prometheus.Collector{s.mLogins, s.mKicks, s.mC2C, s.mC2CNotifies, s.mC2CAcks, s.mPush, s.mPushAcks, s.mC2S, s.mUndelivered, s.mStale, gUsers, gSessions, s.mGroup, s.mGroupNotifies, s.mGroupAcks, s.mTransient, s.mConvSyncs, s.mConvChanged} {
 			if err := opts.Registry.Register(c); err != nil {
 				return nil, fmt.Errorf("logic: metrics: %w", err)
 			}
