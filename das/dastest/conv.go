@@ -161,6 +161,18 @@ func testConvMarksForward(t *testing.T, f *cfixture) {
 	f.markRead(a, b, m1.Msgid, m3.Msgid)
 	f.wantConv(a, b, m3, m3.Msgid, 0)
 
+	// A mark of a conversation without messages is kept, and does not
+	// make it a conversation.
+	d := f.user()
+	early := NewMsgid()
+	f.markRead(a, d, early, early)
+	f.markRead(a, d, early-1, early)
+	if _, ok := f.convs(a, nil)[d]; ok {
+		t.Fatal("a read mark alone is listed as a conversation")
+	}
+	m4 := f.send(d, a, "4", 101)
+	f.wantConv(a, d, m4, early, 1)
+
 	// Concurrent marks of one conversation: the highest wins.
 	c := f.user()
 	var ids []uint64
