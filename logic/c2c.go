@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/imd-dev/imd/das"
@@ -117,6 +118,11 @@ func (s *Service) c2cSend(ctx context.Context, sess router.Session, h *schema.He
 		return nil, schema.Errorf(schema.StatusContentTooLarge, "content is %d bytes, over the maximum of %d", len(req.Content), s.c2c.MaxContent)
 	case len(req.ClientMsgId) > s.c2c.MaxClientMsgID:
 		return nil, schema.Errorf(schema.StatusBadArgument, "client_msg_id is over %d bytes", s.c2c.MaxClientMsgID)
+	case strings.HasPrefix(req.ClientMsgId, "group/"):
+		// The store keeps group sends' client ids under this prefix, in
+		// the same table (das/cassandra): a one-to-one id must not look
+		// like one.
+		return nil, schema.Errorf(schema.StatusBadArgument, "a one-to-one client_msg_id may not begin with \"group/\"")
 	}
 	if req.Transient {
 		return s.transientSend(ctx, sess, h, &req)
