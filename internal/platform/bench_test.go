@@ -19,6 +19,7 @@ import (
 	"github.com/imd-dev/imd/logic"
 	"github.com/imd-dev/imd/schema/pb"
 	"github.com/imd-dev/imd/sdk"
+	"google.golang.org/protobuf/proto"
 )
 
 // BenchmarkC2CEndToEnd: durable c2c messages through the SDK, the gateway,
@@ -200,4 +201,46 @@ func BenchmarkS2CFanOut(b *testing.B) {
 	b.ReportMetric(float64(want)/el.Seconds(), "deliveries/s")
 	b.ReportMetric(float64(hist.Quantile(0.50))/1e6, "p50-ms")
 	b.ReportMetric(float64(hist.Quantile(0.99))/1e6, "p99-ms")
+}
+
+// BenchmarkConvSync: the login-time conversation sync of a user with 200
+// one-to-one conversations and a group, against a full pull. "full" asks
+// with no versions held; "delta" holds every version and 3 conversations
+// changed since. Reports the response bytes per sync beside the time.
+//
+//	go test -run '^$' -bench ConvSync -benchtime 200x ./internal/platform/
+func BenchmarkConvSync(b *testing.B) {
+	p := start(b, nil)
+	w := newConvWorld(b, p, 73, 200)
+	pc := login(b, p, 102, w.me, nil)
+	ctx := context.Background()
+	var list sdk.ConvList
+	if _, err := list.Sync(ctx, pc); err != nil {
+		b.Fatal(err)
+	}
+	for _, peer := range []uint64{w.peers[1], w.peers[100], w.peers[199]} {
+		w.say(b, peer, false, "news")
+	}
+	known := list.Known()
+	for _, tc := range []struct {
+		name  string
+		known []*pb.ConvVersion
+		want  int
+	}{{"full", nil, 201}, {"delta", known, 3}} {
+		b.Run(tc.name, func(b *testing.B) {
+			var bytes int
+			for b.Loop() {
+				resp, err := pc.ConvSync(ctx, tc.known)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if len(resp.Changed) != tc.want {
+					b.Fatalf("%d changed, want %d", len(resp.Changed), tc.want)
+				}
+				bytes = proto.Size(resp)
+			}
+			b.ReportMetric(float64(bytes), "resp-bytes/op")
+			b.ReportMetric(float64(proto.Size(&pb.ConvSyncRequest{Known: tc.known})), "req-bytes/op")
+		})
+	}
 }

@@ -24,7 +24,7 @@ type convWorld struct {
 
 // newConvWorld gives uid me a conversation with each of n peers (me wrote
 // first) and a group with the first peer.
-func newConvWorld(t *testing.T, p *Platform, me uint64, n int) *convWorld {
+func newConvWorld(t testing.TB, p *Platform, me uint64, n int) *convWorld {
 	t.Helper()
 	w := &convWorld{p: p, me: me, sender: login(t, p, 101, me, nil)}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -45,7 +45,7 @@ func newConvWorld(t *testing.T, p *Platform, me uint64, n int) *convWorld {
 }
 
 // say sends text from peer to me (one-to-one, or in the group).
-func (w *convWorld) say(t *testing.T, peer uint64, group bool, text string) uint64 {
+func (w *convWorld) say(t testing.TB, peer uint64, group bool, text string) uint64 {
 	t.Helper()
 	c := login(t, w.p, 101, peer, nil)
 	defer c.Close()

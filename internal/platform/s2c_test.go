@@ -44,7 +44,7 @@ func driver(t *testing.T, p *Platform, appcode uint32, uid uint64, ps *pushes) *
 }
 
 // api calls the HTTP API with key and decodes the JSON answer into out.
-func api(t *testing.T, p *Platform, method, path, key string, body any, out any) int {
+func api(t testing.TB, p *Platform, method, path, key string, body any, out any) int {
 	t.Helper()
 	var rd io.Reader
 	switch b := body.(type) {
