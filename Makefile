@@ -76,6 +76,7 @@ bench: build ## short profile of every imbench scenario (~2-3 min on 2 cores): J
 	$(IMBENCH) conns   $(IMBENCH_ARGS) --json conns-cluster.json -n 30000 --gateways 2 --client raw --settle 5s
 	$(IMBENCH) c2c     $(IMBENCH_ARGS) --json c2c.json     --rates 1000,2000,4000 --duration 2s --repeat 3
 	$(IMBENCH) s2c     $(IMBENCH_ARGS) --json s2c.json     --rates 10,20,40 --duration 2s --repeat 3
+	$(IMBENCH) group   $(IMBENCH_ARGS) --json group.json   --members 1000 --online 500 --rates 10,20,40 --duration 2s --repeat 2
 	$(IMBENCH) c2s     $(IMBENCH_ARGS) --json c2s.json     --rates 2000,4000,8000 --duration 2s --repeat 3
 	$(IMBENCH) offline $(IMBENCH_ARGS) --json offline.json -n 20000 --page-size 500 --repeat 3
 
