@@ -134,11 +134,11 @@ type Service struct {
 	gatesMu sync.RWMutex
 	gates   map[string]Gate
 
-	store    das.Store
-	ids      *idGen
-	c2c      C2C
-	s2c      S2C
-	ledger   router.PushLedger
+	store  das.Store
+	ids    *idGen
+	c2c    C2C
+	s2c    S2C
+	ledger router.PushLedger
 
 	groups       das.GroupStore
 	groupCache   *das.GroupCache
@@ -147,10 +147,10 @@ type Service struct {
 
 	transientLimits *limiters
 	conv            das.ConvStore
-	bus      bus.Producer
-	routes   map[routeKey]string
-	c2sMax   int
-	accounts map[uint32][]uint32 // account system -> its appcodes (the inbox terminals)
+	bus             bus.Producer
+	routes          map[routeKey]string
+	c2sMax          int
+	accounts        map[uint32][]uint32 // account system -> its appcodes (the inbox terminals)
 
 	mLogins      *prometheus.CounterVec
 	mKicks       prometheus.Counter
