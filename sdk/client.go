@@ -171,6 +171,14 @@ type Options struct {
 	// By is the peer). It runs on the connection's reader: return quickly.
 	// When nil they go to OnMessage.
 	OnConvMark func(*pb.ConvRead)
+	// OnPresence receives the presence changes of the users this terminal
+	// follows (see Follow): online when a user's first terminal logged
+	// in, offline when its last one left. A change whose version is not
+	// above the last one applied for that user is dropped, so each comes
+	// once and never older than what was shown. It runs on the
+	// connection's reader: return quickly and make no request from it.
+	// When nil presence notifies go to OnMessage.
+	OnPresence func(*pb.PresenceNotify)
 	// OnGroup receives group messages, chat and system events (m.Event
 	// set: created, joined, left, dissolved), one at a time on the
 	// goroutine that runs OnC2C. Each group's messages come in seq order
@@ -290,6 +298,8 @@ type Client struct {
 	stop      chan struct{}
 	wg        sync.WaitGroup
 	reconnect chan struct{}
+
+	pres presenceState // presence.go
 }
 
 // Dial connects to the first reachable gateway in opts.Addrs. It does not
@@ -485,6 +495,7 @@ func (c *Client) online(l *link, resp *pb.LoginResponse) bool {
 		c.inbox.startSync(l)
 	}
 	c.setState(StateOnline, nil)
+	c.refollow(l)
 	iv := c.opts.KeepaliveInterval
 	if iv <= 0 {
 		iv = time.Duration(resp.KeepaliveMs) * time.Millisecond
@@ -778,6 +789,8 @@ func (c *Client) notified(l *link, h schema.Header, body []byte) {
 			return
 		}
 		c.queueMessage(h, body)
+	case schema.CmdPresenceNotify:
+		c.presenceNotified(h, body)
 	case schema.CmdTransient:
 		if c.opts.OnTransient != nil {
 			var n pb.TransientNotify
