@@ -29,6 +29,17 @@
 // connection cut made it miss before going on, catches every group up
 // after each login, and acknowledges per group the last seq shown. A
 // GroupStateStore (FileState is one) keeps that seq across restarts.
+//
+// # Presence
+//
+// Follow sets the users this terminal follows and answers their state now;
+// their changes (online at the first terminal's login, offline when the
+// last one leaves or its gateway dies) come to OnPresence, each once and
+// in version order: a notify whose version is not above the last one
+// applied for that user is dropped. The server forgets the list with the
+// session, so the client sends it again after every reconnect and login
+// and hands OnPresence the states that changed meanwhile. The members of
+// a group are pulled, never pushed: GroupPresence pages its online ones.
 package sdk
 
 import (
