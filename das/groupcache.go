@@ -39,6 +39,7 @@ type cachedGroup struct {
 	id      uint64
 	members []Member
 	version uint64
+	index   map[User]uint64 // user -> join seq, built on the first Member call
 }
 
 // DefaultGroupCacheEntries bounds a GroupCache when the caller gives 0:
@@ -99,6 +100,45 @@ func (c *GroupCache) Members(ctx context.Context, id, minVersion uint64) ([]Memb
 	return members, version, nil
 }
 
+// Member reports whether u is a member of group id as the cache knows it
+// (loading the group when it has none), and its join seq. The answer may
+// be as old as the cached version: use it where a stale answer is
+// harmless.
+func (c *GroupCache) Member(ctx context.Context, id uint64, u User) (joinSeq uint64, ok bool, err error) {
+	for range 2 {
+		c.mu.Lock()
+		if e, found := c.groups[id]; found {
+			g := e.Value.(*cachedGroup)
+			if g.index == nil {
+				g.index = make(map[User]uint64, len(g.members))
+				for _, m := range g.members {
+					g.index[m.User] = m.JoinSeq
+				}
+			}
+			joinSeq, ok = g.index[u]
+			c.lru.MoveToFront(e)
+			c.mu.Unlock()
+			c.mHits.Inc()
+			return joinSeq, ok, nil
+		}
+		c.mu.Unlock()
+		if _, _, err := c.Members(ctx, id, 0); err != nil {
+			return 0, false, err
+		}
+	}
+	// Too large to cache: look through the store's answer.
+	members, _, err := c.store.Members(ctx, id)
+	if err != nil {
+		return 0, false, err
+	}
+	for _, m := range members {
+		if m.User == u {
+			return m.JoinSeq, true, nil
+		}
+	}
+	return 0, false, nil
+}
+
 // put caches members at version unless a newer version is cached already
 // (a concurrent reload), and evicts the least recently used groups beyond
 // the bound. A group larger than the whole bound is not cached.
@@ -114,7 +154,7 @@ func (c *GroupCache) put(id uint64, members []Member, version uint64) {
 			return
 		}
 		c.entries += len(members) - len(g.members)
-		g.members, g.version = members, version
+		g.members, g.version, g.index = members, version, nil
 		c.lru.MoveToFront(e)
 	} else {
 		c.groups[id] = c.lru.PushFront(&cachedGroup{id: id, members: members, version: version})

@@ -89,3 +89,34 @@ func TestGroupCache(t *testing.T) {
 	}
 	t.Fatal("no imd_das_group_cache_hits_total")
 }
+
+func TestGroupCacheMember(t *testing.T) {
+	st := &countingMembers{members: map[uint64][]Member{
+		1: {{User: User{Account: 1, UID: 10}, JoinSeq: 1}, {User: User{Account: 2, UID: 10}, JoinSeq: 4}},
+	}, version: map[uint64]uint64{1: 4}}
+	c, err := NewGroupCache(st, 10, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	for _, tc := range []struct {
+		u    User
+		join uint64
+		ok   bool
+	}{{User{1, 10}, 1, true}, {User{2, 10}, 4, true}, {User{1, 11}, 0, false}} {
+		join, ok, err := c.Member(ctx, 1, tc.u)
+		if err != nil || ok != tc.ok || join != tc.join {
+			t.Fatalf("Member(%v) = %d, %v, %v; want %d, %v", tc.u, join, ok, err, tc.join, tc.ok)
+		}
+	}
+	if st.reads != 1 {
+		t.Fatalf("%d store reads for three lookups, want 1", st.reads)
+	}
+	// A group larger than the whole cache is read from the store each time.
+	big := make([]Member, 11)
+	big[5] = Member{User: User{Account: 1, UID: 99}, JoinSeq: 7}
+	st.members[2], st.version[2] = big, 1
+	if join, ok, err := c.Member(ctx, 2, User{Account: 1, UID: 99}); err != nil || !ok || join != 7 {
+		t.Fatalf("Member of an uncacheable group = %d, %v, %v", join, ok, err)
+	}
+}
