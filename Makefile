@@ -50,7 +50,7 @@ test-real: ## the suites that run on real Redis, Cassandra and Kafka (services-u
 	@echo "== c2s end to end into the real Kafka:"
 	$(WITH_SERVICES) IMD_TEST_BUS=kafka $(GO) test -race -count=1 -timeout 10m -run 'C2S' ./internal/platform/
 	@echo "== c2c, s2c and the 20,000-message soak end to end with --store cassandra:"
-	$(WITH_SERVICES) IMD_TEST_STORE=cassandra $(GO) test -count=1 -timeout 20m -run 'C2C|History|S2C|OpenAPI|Cluster|Group|Push|Trace' -v ./internal/platform/ | grep -E '^(---|ok|FAIL|PASS|panic)|soak_test'
+	$(WITH_SERVICES) IMD_TEST_STORE=cassandra $(GO) test -count=1 -timeout 20m -run 'C2C|History|S2C|OpenAPI|Cluster|Group|Push|Trace|Conv|Transient|Presence' -v ./internal/platform/ | grep -E '^(---|ok|FAIL|PASS|panic)|soak_test'
 	@echo "== the end-to-end suite again over the many-process wiring: logic and gateway linked by the internal RPC, router and membership in Redis:"
 	$(WITH_SERVICES) CI=true IMD_TEST_SHAPE=split $(GO) test -race -count=1 -timeout 20m ./internal/platform/
 	@echo "== fault tests: Cassandra, then Kafka, stopped and restarted under load:"
