@@ -53,7 +53,7 @@ func (r *presRec) states(t *testing.T, uid uint64) []bool {
 // while that nothing else arrives.
 func (r *presRec) waitStates(t *testing.T, uid uint64, want ...bool) {
 	t.Helper()
-	eventually(t, 5*time.Second, fmt.Sprintf("presence of uid %d to be %v", uid, want), func() bool {
+	eventually(t, 15*time.Second, fmt.Sprintf("presence of uid %d to be %v", uid, want), func() bool {
 		return len(r.states(t, uid)) >= len(want)
 	})
 	time.Sleep(300 * time.Millisecond)
@@ -221,6 +221,6 @@ func TestPresenceCluster(t *testing.T) {
 
 	b.members.cancel()
 	<-b.members.done
-	eventually(t, 5*time.Second, "node a to purge node b's gateway", func() bool { return len(sessions(t, a, 1, 2)) == 0 })
+	eventually(t, 15*time.Second, "node a to purge node b's gateway", func() bool { return len(sessions(t, a, 1, 2)) == 0 })
 	rec.waitStates(t, 2, true, false)
 }
