@@ -65,18 +65,3 @@ type sessionKey struct {
 func keyOf(s *Session) sessionKey {
 	return sessionKey{Account: s.Account, AppCode: s.AppCode, UID: s.UID, Gate: s.Gate, Conn: s.Conn, Epoch: s.Epoch}
 }
-
-// appsOf lists the distinct appcodes of ss in order of first appearance.
-func appsOf(ss []Session) []uint32 {
-	var out []uint32
-	for i := range ss {
-		seen := false
-		for _, a := range out {
-			seen = seen || a == ss[i].AppCode
-		}
-		if !seen {
-			out = append(out, ss[i].AppCode)
-		}
-	}
-	return out
-}
