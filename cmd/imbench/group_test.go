@@ -55,9 +55,10 @@ func TestGroupEndToEnd(t *testing.T) {
 			g.CursorWrites, g.CursorWritesPerMs, g.AckBatches, g.CursorWritesPerAck)
 	}
 	// The members were cached at the creation (or the warm-up) and never
-	// changed: every fan-out of the run was a hit.
-	if g.CacheHits != 20 || g.CacheMisses != 0 || g.CacheHitRate != 1 || g.MemberRowsRead != 0 {
-		t.Errorf("cache: %v hits, %v misses (rate %v), %v member rows read: want 20 hits", g.CacheHits, g.CacheMisses, g.CacheHitRate, g.MemberRowsRead)
+	// changed: every fan-out of the run and every ack's membership check
+	// was a hit.
+	if g.CacheHits < 20 || g.CacheMisses != 0 || g.CacheHitRate != 1 || g.MemberRowsRead != 0 {
+		t.Errorf("cache: %v hits, %v misses (rate %v), %v member rows read: want at least 20 hits and no miss", g.CacheHits, g.CacheMisses, g.CacheHitRate, g.MemberRowsRead)
 	}
 	if g.ServerCPUUsPerMsg <= 0 || !strings.HasPrefix(g.StoreBatchesPerMs, "1 by design") {
 		t.Errorf("server us/msg %v, store batches %q", g.ServerCPUUsPerMsg, g.StoreBatchesPerMs)
