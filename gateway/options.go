@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"os"
 	"strconv"
 	"syscall"
@@ -49,6 +50,21 @@ type Options struct {
 	// on Linux: an idle logged-in connection costs it about 1.2 KB of RSS
 	// against 7 KB with a goroutine (imbench conns, 10k connections).
 	Engine string
+	// WebAddr is the web listener's address (WebSocket at /ws, HTTP
+	// long-poll under /lp/, the demo page under /demo/). Empty: no web
+	// listener. The gateway has no default for it; the platform's
+	// configuration defaults it to ":7072".
+	WebAddr string
+	// WebOrigins are the browser origins (e.g. "https://chat.example.com")
+	// allowed on the web listener; "*" allows any. A request without an
+	// Origin header (a non-browser client) is always allowed. Empty allows,
+	// besides those, only pages served by the same host as the request
+	// (the Origin's host equals the request's Host), which is the demo
+	// page's case; anything else is refused with 403.
+	WebOrigins []string
+	// WebStatic, when set, serves the web listener's /demo/ paths; nil
+	// answers them 404.
+	WebStatic http.Handler
 
 	Logger   *slog.Logger
 	Registry prometheus.Registerer

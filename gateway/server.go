@@ -41,6 +41,7 @@ type Server struct {
 	lnMu  sync.Mutex
 	ln    net.Listener
 	ready chan struct{}
+	web   webListener
 
 	reqs     *reqCtxs // the contexts of calls into logic
 	eng      engine
@@ -98,6 +99,10 @@ func (s *Server) Listen() error {
 	if err != nil {
 		return fmt.Errorf("gateway: listen %s: %w", s.opts.Addr, err)
 	}
+	if err := s.listenWeb(); err != nil {
+		_ = ln.Close()
+		return err
+	}
 	s.lnMu.Lock()
 	s.ln = ln
 	s.lnMu.Unlock()
@@ -121,6 +126,7 @@ func (s *Server) Addr() net.Addr {
 func (s *Server) Serve() error {
 	<-s.ready
 	s.log.Info("gateway serving", "addr", s.ln.Addr().String(), "engine", s.eng.name(), "max_conns", s.opts.MaxConns)
+	s.serveWeb()
 	return s.eng.serve(s.ln)
 }
 
@@ -283,6 +289,8 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	s.eng.closeListener()
 	s.lnMu.Unlock()
+	webDone := make(chan struct{})
+	go func() { defer close(webDone); s.shutdownWeb(ctx) }()
 	n := s.Conns()
 	s.log.Info("gateway draining", "conns", n)
 	ga := &pb.GoAway{Reason: "server shutting down", ReconnectAfterMs: 1000}
@@ -302,6 +310,8 @@ wait:
 	}
 	left := s.Conns()
 	s.each(func(c *conn) { c.close("server shutdown") })
+	s.closeWeb()
+	<-webDone
 	// Every connection is closed; the engine's own goroutines (event loops)
 	// stop before the wait below, so none of them starts another goroutine.
 	s.eng.stop()

@@ -25,6 +25,7 @@ func startDemo(secret string) (p *platform.Platform, stop func()) {
 	cfg := config.Default()
 	cfg.DataDir = dir
 	cfg.Gateway.Addr, cfg.HTTP.Addr, cfg.Bus.Embedded.Addr = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
+	cfg.Gateway.WebAddr = ""
 	cfg.Apps = []logic.App{{AppCode: 101, Name: "freight-android", Account: 1, Secrets: []string{secret}}}
 	p, err = platform.Start(cfg, nil)
 	if err != nil {

@@ -280,6 +280,7 @@ func (sf *serverFlags) startProc(ctx context.Context, t *target, role string, cf
 	}
 	cfg.HTTP.Addr = pr.HTTP
 	cfg.Gateway.Addr = ""
+	cfg.Gateway.WebAddr = "" // imbench measures the TCP port
 	if role != "logic" {
 		if pr.Gateway, err = freeLoopbackAddr(); err != nil {
 			return nil, err

@@ -16,7 +16,7 @@ func TestSecondImdOnDataDir(t *testing.T) {
 	first := startImdIn(t, dir, 0)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, imdBinary(t), "all", "--data-dir", dir, "--gateway-addr", "127.0.0.1:0",
+	out, err := exec.CommandContext(ctx, imdBinary(t), "all", "--data-dir", dir, "--gateway-addr", "127.0.0.1:0", "--web-addr", "127.0.0.1:0",
 		"--http-addr", "127.0.0.1:0", "--kafka-addr", "127.0.0.1:0", "--rpc-addr", "127.0.0.1:0").CombinedOutput()
 	if err == nil || ctx.Err() != nil {
 		t.Fatalf("second imd on %s: %v (context %v)\n%s", dir, err, ctx.Err(), out)

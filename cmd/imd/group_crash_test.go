@@ -343,7 +343,7 @@ func TestGroupCrashKeepsOrder(t *testing.T) {
 	)
 	dir := t.TempDir()
 	stateDir := t.TempDir()
-	addrs := []string{"--gateway-addr", freeAddr(t), "--http-addr", freeAddr(t)}
+	addrs := []string{"--gateway-addr", freeAddr(t), "--web-addr", "127.0.0.1:0", "--http-addr", freeAddr(t)}
 	p := startImdIn(t, dir, 0, addrs...)
 	code, out, errOut := runCmd("token", "--api-key", "--data-dir", dir, "--appcode", "101")
 	if code != 0 {

@@ -89,7 +89,7 @@ func startRole(t *testing.T, role, dataDir string, nofile int, args ...string) *
 	t.Helper()
 	bin := imdBinary(t)
 	p := &proc{dataDir: dataDir, exited: make(chan struct{})}
-	full := append([]string{role, "--data-dir", p.dataDir, "--gateway-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0",
+	full := append([]string{role, "--data-dir", p.dataDir, "--gateway-addr", "127.0.0.1:0", "--web-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0",
 		"--kafka-addr", "127.0.0.1:0", "--rpc-addr", "127.0.0.1:0", "--log-format", "json"}, args...)
 	if nofile > 0 {
 		script := fmt.Sprintf(`ulimit -n %d && exec "$0" "$@"`, nofile)

@@ -23,6 +23,7 @@ func TestDispatchNearbyDrivers(t *testing.T) {
 	cfg := config.Default()
 	cfg.DataDir = t.TempDir()
 	cfg.Gateway.Addr, cfg.HTTP.Addr, cfg.Bus.Embedded.Addr = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
+	cfg.Gateway.WebAddr = ""
 	if demo, err := cfg.ResolveApps(); err != nil || !demo {
 		t.Fatalf("demo config: %v %v", demo, err)
 	}

@@ -86,6 +86,13 @@ type Gateway struct {
 	WriteTimeout      time.Duration `yaml:"write_timeout"`
 	MaxInFlight       int           `yaml:"max_in_flight"`
 	MaxQueueBytes     int           `yaml:"max_queue_bytes"`
+	// WebAddr is the web listener (WebSocket at /ws, HTTP long-poll under
+	// /lp/); empty turns it off. Default :7072.
+	WebAddr string `yaml:"web_addr"`
+	// WebOrigins are the browser origins allowed on the web listener ("*":
+	// any). Empty allows pages of the gateway's own host only; requests
+	// without an Origin (non-browser clients) are always allowed.
+	WebOrigins []string `yaml:"web_origins"`
 }
 
 // Store configures message storage.
@@ -195,7 +202,7 @@ func Default() Config {
 	return Config{
 		DataDir:       "./data",
 		Log:           Log{Level: "info", Format: "text"},
-		Gateway:       Gateway{Addr: ":7070", LoginTimeout: 10 * time.Second, IdleTimeout: 90 * time.Second, MaxBody: 64 << 10},
+		Gateway:       Gateway{Addr: ":7070", WebAddr: ":7072", LoginTimeout: 10 * time.Second, IdleTimeout: 90 * time.Second, MaxBody: 64 << 10},
 		HTTP:          HTTP{Addr: ":8080"},
 		ShutdownGrace: 15 * time.Second,
 		NodeID:        -1,
@@ -237,6 +244,8 @@ func (c *Config) Flags(fs *flag.FlagSet) *string {
 func (c *Config) ServerFlags(fs *flag.FlagSet) {
 	g := &c.Gateway
 	fs.StringVar(&g.Addr, "gateway-addr", g.Addr, "gateway TCP listen address")
+	fs.StringVar(&g.WebAddr, "web-addr", g.WebAddr, "gateway web listener (WebSocket /ws, HTTP long-poll /lp/); empty turns it off")
+	listVar(fs, &g.WebOrigins, "web-origins", "browser origins allowed on the web listener, comma-separated (* for any; default: the gateway's own host only)")
 	fs.StringVar(&g.Engine, "gateway-engine", g.Engine, "gateway connection engine: epoll or goroutine (default epoll on Linux)")
 	fs.StringVar(&g.ID, "gateway-id", g.ID, "gateway id, unique among live gateways (default hostname/boot nonce)")
 	fs.IntVar(&g.MaxConns, "max-conns", g.MaxConns, "most connections held at once (default: open-file limit less a reserve)")

@@ -34,6 +34,7 @@ func testConfig() config.Config {
 	// `IMD_GATEWAY_ENGINE=goroutine go test` runs the suite on the other engine.
 	cfg.Gateway.Engine = os.Getenv("IMD_GATEWAY_ENGINE")
 	cfg.Gateway.Addr = "127.0.0.1:0"
+	cfg.Gateway.WebAddr = "127.0.0.1:0"
 	cfg.HTTP.Addr = "127.0.0.1:0"
 	cfg.Bus.Embedded.Addr = "127.0.0.1:0"
 	cfg.Cluster.RPCAddr = "127.0.0.1:0"

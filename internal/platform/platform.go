@@ -141,6 +141,9 @@ func StartRole(role string, cfg config.Config, log *slog.Logger) (p *Platform, e
 	attrs := []any{"role", role, "http", p.httpLn.Addr().String()}
 	if p.Gateway != nil {
 		attrs = append(attrs, "gateway", p.Gateway.Addr().String(), "gate_id", p.Gateway.ID())
+		if a := p.Gateway.WebAddr(); a != nil {
+			attrs = append(attrs, "web", a.String())
+		}
 	}
 	if p.rpcLn != nil {
 		attrs = append(attrs, "rpc", p.rpcLn.Addr().String())
@@ -268,7 +271,8 @@ func (p *Platform) startGateway(cfg config.Config, log *slog.Logger, reg prometh
 		Engine: g.Engine, Addr: g.Addr, ID: g.ID, MaxConns: g.MaxConns, MaxBody: g.MaxBody,
 		LoginTimeout: g.LoginTimeout, IdleTimeout: g.IdleTimeout, KeepaliveInterval: g.KeepaliveInterval,
 		RequestTimeout: g.RequestTimeout, WriteTimeout: g.WriteTimeout, MaxInFlight: g.MaxInFlight,
-		MaxQueueBytes: g.MaxQueueBytes, Logger: log.With("tier", "gateway"), Registry: reg,
+		MaxQueueBytes: g.MaxQueueBytes, WebAddr: g.WebAddr, WebOrigins: g.WebOrigins,
+		Logger: log.With("tier", "gateway"), Registry: reg,
 	}
 	direct := p.Logic != nil && !cfg.Cluster.Split
 	var api logic.API = p.Logic
