@@ -61,6 +61,13 @@ type Config struct {
 	// empty, imd runs the demo apps (DemoApps) with secrets generated once
 	// into <data_dir>/secrets.yaml.
 	Apps []logic.App `yaml:"apps"`
+	// Demo serves the demo chat page on the gateway's web listener
+	// (/demo/). Unset: on when imd runs the demo apps, off otherwise; a
+	// production config leaves it off.
+	Demo *bool `yaml:"demo"`
+	// DemoAppsInUse is set by ResolveApps when the demo apps run: only
+	// then does the demo page mint login tokens (/demo/token).
+	DemoAppsInUse bool `yaml:"-"`
 }
 
 // Log configures logging.
@@ -260,6 +267,11 @@ func (c *Config) ServerFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&g.KeepaliveInterval, "keepalive-interval", g.KeepaliveInterval, "keepalive interval advertised to clients (default idle-timeout/3)")
 	fs.DurationVar(&g.RequestTimeout, "request-timeout", g.RequestTimeout, "bound on each request inside the platform (default 10s)")
 	fs.IntVar(&g.MaxInFlight, "max-in-flight", g.MaxInFlight, "concurrent requests per connection (default 64)")
+	fs.BoolFunc("demo", "serve the demo chat page at /demo/ on the web listener (default: on with the generated demo apps only)", func(v string) error {
+		on, err := strconv.ParseBool(v)
+		c.Demo = &on
+		return err
+	})
 	fs.StringVar(&c.HTTP.Addr, "http-addr", c.HTTP.Addr, "HTTP API listen address (health, metrics, s2c)")
 	fs.StringVar(&c.HTTP.DebugAddr, "debug-addr", c.HTTP.DebugAddr, "serve Go's profiler (/debug/pprof/) on this address, e.g. 127.0.0.1:6060 (default off; not authenticated)")
 	fs.DurationVar(&c.ShutdownGrace, "shutdown-grace", c.ShutdownGrace, "how long a graceful shutdown may take")
@@ -373,9 +385,16 @@ func EnvName(flagName string) string {
 
 // ResolveApps fills in the demo apps, their generated secret and API key,
 // and (unless routes are configured) the demo c2s routes when no apps are
-// configured. It reports whether the demo apps are in
-// use.
+// configured. It reports whether the demo apps are in use, and turns the
+// demo page on with them unless Demo says otherwise.
 func (c *Config) ResolveApps() (demo bool, err error) {
+	defer func() {
+		c.DemoAppsInUse = demo && err == nil
+		if c.Demo == nil {
+			on := c.DemoAppsInUse
+			c.Demo = &on
+		}
+	}()
 	if len(c.Apps) > 0 {
 		return false, nil
 	}

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/imd-dev/imd/logic"
 )
 
 func load(t *testing.T, args []string, env map[string]string) (Config, error) {
@@ -156,5 +158,48 @@ func TestDemoSecretsPersist(t *testing.T) {
 	c3.DataDir = dir
 	if _, err := c3.ResolveApps(); err == nil {
 		t.Fatal("a too-short demo secret was accepted")
+	}
+}
+
+// The demo page is on by default with the generated demo apps only, and
+// --demo or IMD_DEMO overrides that either way.
+func TestDemoPageDefault(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		apps  bool
+		args  []string
+		env   map[string]string
+		want  bool
+		mints bool
+	}{
+		{name: "demo apps", want: true, mints: true},
+		{name: "demo apps, --demo=false", args: []string{"--demo=false"}, want: false, mints: true},
+		{name: "configured apps", apps: true, want: false},
+		{name: "configured apps, IMD_DEMO=true", apps: true, env: map[string]string{"IMD_DEMO": "true"}, want: true},
+		{name: "configured apps, --demo", apps: true, args: []string{"--demo"}, want: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := Default()
+			c.DataDir = t.TempDir()
+			if tc.apps {
+				c.Apps = []logic.App{{AppCode: 7, Account: 1, Secrets: []string{"0123456789abcdef"}}}
+			}
+			fs := flag.NewFlagSet("t", flag.ContinueOnError)
+			path := c.Flags(fs)
+			c.ServerFlags(fs)
+			if err := fs.Parse(tc.args); err != nil {
+				t.Fatal(err)
+			}
+			env := func(k string) (string, bool) { v, ok := tc.env[k]; return v, ok }
+			if err := c.Load(fs, path, tc.args, env); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := c.ResolveApps(); err != nil {
+				t.Fatal(err)
+			}
+			if c.Demo == nil || *c.Demo != tc.want || c.DemoAppsInUse != tc.mints {
+				t.Fatalf("demo page %v (want %v), demo apps in use %v (want %v)", c.Demo, tc.want, c.DemoAppsInUse, tc.mints)
+			}
+		})
 	}
 }

@@ -22,6 +22,7 @@ import (
 	"github.com/imd-dev/imd/gateway"
 	"github.com/imd-dev/imd/internal/config"
 	"github.com/imd-dev/imd/internal/rpc"
+	"github.com/imd-dev/imd/internal/web"
 	"github.com/imd-dev/imd/logic"
 	"github.com/imd-dev/imd/router"
 	"github.com/prometheus/client_golang/prometheus"
@@ -273,6 +274,13 @@ func (p *Platform) startGateway(cfg config.Config, log *slog.Logger, reg prometh
 		RequestTimeout: g.RequestTimeout, WriteTimeout: g.WriteTimeout, MaxInFlight: g.MaxInFlight,
 		MaxQueueBytes: g.MaxQueueBytes, WebAddr: g.WebAddr, WebOrigins: g.WebOrigins,
 		Logger: log.With("tier", "gateway"), Registry: reg,
+	}
+	if cfg.Demo != nil && *cfg.Demo {
+		wo := web.Options{Logger: log.With("tier", "web")}
+		if cfg.DemoAppsInUse { // never mint tokens for configured apps
+			wo.Mint = web.AppsMint(cfg.Apps)
+		}
+		opts.WebStatic = web.Handler(wo)
 	}
 	direct := p.Logic != nil && !cfg.Cluster.Split
 	var api logic.API = p.Logic
