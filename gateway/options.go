@@ -65,6 +65,11 @@ type Options struct {
 	// WebStatic, when set, serves the web listener's /demo/ paths; nil
 	// answers them 404.
 	WebStatic http.Handler
+	// PollTimeout is how long an HTTP long-poll waits for a frame before
+	// it answers empty (poll_ms of /lp/open). Default 30s, or a third of
+	// IdleTimeout when that is shorter; it must be shorter than
+	// IdleTimeout, which closes a session with no poll.
+	PollTimeout time.Duration
 
 	Logger   *slog.Logger
 	Registry prometheus.Registerer
@@ -120,6 +125,9 @@ func (o *Options) setDefaults() error {
 	if o.MaxQueueBytes == 0 {
 		o.MaxQueueBytes = 4 << 20
 	}
+	if o.PollTimeout == 0 {
+		o.PollTimeout = min(30*time.Second, o.IdleTimeout/3)
+	}
 	engine, engineErr := resolveEngine(o.Engine)
 	o.Engine = engine
 	if o.Logger == nil {
@@ -134,6 +142,9 @@ func (o *Options) setDefaults() error {
 	}
 	if o.KeepaliveInterval >= o.IdleTimeout {
 		errs = append(errs, fmt.Errorf("keepalive interval %s must be shorter than the idle timeout %s", o.KeepaliveInterval, o.IdleTimeout))
+	}
+	if o.PollTimeout < 0 || o.PollTimeout >= o.IdleTimeout {
+		errs = append(errs, fmt.Errorf("poll timeout %s must be positive and shorter than the idle timeout %s", o.PollTimeout, o.IdleTimeout))
 	}
 	if o.MaxInFlight < 0 || o.MaxQueueBytes < 0 {
 		errs = append(errs, errors.New("max in flight and max queue bytes must be >= 0"))
