@@ -197,6 +197,7 @@ type inbox struct {
 	ackMu      sync.Mutex
 	gdone      map[uint64]uint64 // per group, the last seq delivered
 	gpending   map[uint64]uint64 // per group, the cursor to acknowledge with the next batch
+	gAckedAt   time.Time         // when group cursors last went out (GroupAckDelay)
 	gpulled    map[uint64]uint64 // per group, the last seq delivered from a catch-up page; its next pull acknowledges it
 	pending    []uint64          // delivered from a c2c notify or the last page, not yet acknowledged
 	pendingS2C []uint64          // live pushes delivered, not yet acknowledged
@@ -320,7 +321,7 @@ func (in *inbox) loop() {
 			}
 			if it.group {
 				if in.deliverGroup(it) {
-					in.flushAcks()
+					in.flushAcks(true)
 				}
 				continue
 			}
@@ -377,13 +378,13 @@ func (in *inbox) loop() {
 				// the copy.
 				in.syncState()
 			} else if n >= 200 {
-				in.flushAcks()
+				in.flushAcks(false)
 			}
 		}
 		select {
 		case <-in.wake:
 		case <-tick.C:
-			in.flushAcks()
+			in.flushAcks(false)
 		case <-in.c.stop:
 			return
 		}
@@ -483,13 +484,24 @@ func (in *inbox) finish(ctx context.Context) {
 // client closes first (Close sends them too, if it can), the messages stay
 // in the inbox, come back at the next login, are recognised as duplicates
 // (within DedupSize, or through Options.State) and acked then.
-func (in *inbox) flushAcks() {
+//
+// Group cursors go out every GroupAckDelay (or at once when many groups
+// wait, allCursors): a cursor covers every seq below it, so waiting longer
+// costs nothing but a few messages pulled again after a crash, which the
+// dedup drops, while each cursor the server moves is a store write per
+// member terminal.
+func (in *inbox) flushAcks(allCursors bool) {
 	in.flushMu <- struct{}{}
 	defer func() { <-in.flushMu }()
 	in.ackMu.Lock()
 	ids, pushes := in.pending, in.pendingS2C
 	in.pending, in.pendingS2C = nil, nil
-	cursors := in.takeCursors()
+	var cursors []*pb.GroupCursor
+	if allCursors || time.Since(in.gAckedAt) >= in.c.opts.GroupAckDelay {
+		if cursors = in.takeCursors(); len(cursors) > 0 {
+			in.gAckedAt = time.Now()
+		}
+	}
 	in.ackMu.Unlock()
 	in.syncState() // the ids taken were recorded before they were queued
 	if len(ids) == 0 && len(pushes) == 0 && len(cursors) == 0 {

@@ -212,6 +212,11 @@ type Options struct {
 	DedupSize int
 	// AckDelay is how long acks wait to be batched. Default 20ms.
 	AckDelay time.Duration
+	// GroupAckDelay is how long group cursors wait to be batched: one
+	// cursor covers every message of its group up to it, and each one the
+	// server moves is a store write, so they go out less often than
+	// message acks. Default 250ms; Close and Logout send them at once.
+	GroupAckDelay time.Duration
 	// SendAttempts bounds the tries of SendC2C and SendGroup. Default 6.
 	SendAttempts int
 	// SendBackoffMin and SendBackoffMax bound the backoff of SendC2C and
@@ -249,6 +254,9 @@ func (o *Options) setDefaults() error {
 	}
 	if o.AckDelay <= 0 {
 		o.AckDelay = 20 * time.Millisecond
+	}
+	if o.GroupAckDelay <= 0 {
+		o.GroupAckDelay = 250 * time.Millisecond
 	}
 	if o.SendAttempts <= 0 {
 		o.SendAttempts = 6
