@@ -14,7 +14,15 @@ require (
 	gopkg.in/yaml.v3 v3.0.1
 )
 
-require golang.org/x/time v0.16.0
+require (
+	github.com/gobwas/ws v1.4.0
+	golang.org/x/time v0.16.0
+)
+
+require (
+	github.com/gobwas/httphead v0.1.0 // indirect
+	github.com/gobwas/pool v0.2.1 // indirect
+)
 
 require (
 	github.com/pierrec/lz4/v4 v4.1.33 // indirect

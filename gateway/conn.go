@@ -42,6 +42,16 @@ type conn struct {
 	flushing bool      // the engine has been asked to write the queue and has not finished
 	closing  bool      // close once the queue is flushed
 	closed   bool
+	failed   schema.Status // the error status that is closing the connection (fail), if any
+}
+
+// closeFramer is a connIO whose transport ends a connection with a frame
+// of its own (a WebSocket close frame). closeFrame is called once, with
+// c.mu held, when the connection starts closing; failed is the status of
+// the error response that closes it (0 for a close without one). It
+// returns the encoded frame to queue last, or nil.
+type closeFramer interface {
+	closeFrame(failed schema.Status) *[]byte
 }
 
 // connIO is an engine's half of a connection.
@@ -366,13 +376,23 @@ func (c *conn) respondError(req *schema.Header, err error) {
 
 // fail answers with an error and closes the connection once it has left.
 func (c *conn) fail(req *schema.Header, st schema.Status, msg string) {
+	c.setFailed(st)
 	c.respondErr(req, st, msg)
 	c.closeAfterFlush()
 }
 
 func (c *conn) failErr(req *schema.Header, err error) {
+	c.setFailed(statusOf(err))
 	c.respondError(req, err)
 	c.closeAfterFlush()
+}
+
+func (c *conn) setFailed(st schema.Status) {
+	c.mu.Lock()
+	if c.failed == 0 {
+		c.failed = st
+	}
+	c.mu.Unlock()
 }
 
 // notify pushes a server notify.
@@ -453,11 +473,23 @@ func (c *conn) closeAfterFlush() {
 		return
 	}
 	c.closing = true
+	start := false
+	if cf, ok := c.io.(closeFramer); ok {
+		if bp := cf.closeFrame(c.failed); bp != nil {
+			c.out = append(c.out, bp)
+			c.outBytes += len(*bp)
+			start = !c.flushing
+			c.flushing = true
+		}
+	}
 	idle := !c.flushing
 	if !idle {
 		c.io.closeLater()
 	}
 	c.mu.Unlock()
+	if start {
+		c.io.startFlush()
+	}
 	if idle {
 		c.close("closed")
 	}

@@ -198,7 +198,11 @@ func (e *epollEngine) reject(fd int, st schema.Status) {
 }
 
 // adopt serves the non-blocking socket fd; it owns fd from here on.
-func (e *epollEngine) adopt(fd int) error {
+func (e *epollEngine) adopt(fd int) error { return e.adoptAs(fd, false) }
+
+// adoptAs is adopt for a TCP connection or (ws) a WebSocket one whose
+// upgrade is done.
+func (e *epollEngine) adoptAs(fd int, ws bool) error {
 	s := e.s
 	if err := e.start(); err != nil {
 		_ = unix.Close(fd)
@@ -206,12 +210,24 @@ func (e *epollEngine) adopt(fd int) error {
 	}
 	_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1) // fails harmlessly on a unix socket
 	l := e.loops[e.next.Add(1)%uint32(len(e.loops))]
-	c := &epConn{l: l, fd: int32(fd)}
-	c.conn = conn{srv: s, io: c, id: s.nextConn.Add(1)}
+	var c *epConn
+	if ws {
+		w := &wsEpConn{}
+		c = &w.epConn
+		c.conn = conn{srv: s, io: w, id: s.nextConn.Add(1)}
+	} else {
+		c = &epConn{}
+		c.conn = conn{srv: s, io: c, id: s.nextConn.Add(1)}
+	}
+	c.l, c.fd = l, int32(fd)
 	c.rdl.Store(e.after(s.opts.LoginTimeout))
 	var err error
 	if !s.track(&c.conn, func() { err = l.add(c) }) {
-		e.reject(fd, schema.StatusShuttingDown)
+		if ws { // no frame before the WebSocket framing: just close
+			_ = unix.Close(fd)
+		} else {
+			e.reject(fd, schema.StatusShuttingDown)
+		}
 		return ErrServerClosed
 	}
 	if err != nil {

@@ -107,7 +107,9 @@ func (c *epConn) readable(ev uint32) {
 		}
 		c.dropPart()
 	default:
-		if c.feed(c.l.buf[:n], false) == actStop {
+		if w := c.wsConn(); w != nil {
+			w.read(c.l.buf[:n])
+		} else if c.feed(c.l.buf[:n], false) == actStop {
 			c.stopReading()
 		}
 	}
@@ -322,9 +324,17 @@ func (c *epConn) writable() {
 // peer that takes nothing for WriteTimeout.
 func (c *epConn) flush() {
 	s := c.srv
+	w := c.wsConn()
 	c.mu.Lock()
 	for !c.closed && len(c.out) > 0 {
-		n, tried, err := writev(int(c.fd), c.out, int(c.woff))
+		if w != nil && w.ws.pending == 0 {
+			w.frameOut()
+		}
+		bufs := c.out
+		if w != nil { // one WebSocket message (or control frame) at a time
+			bufs = bufs[:w.ws.pending]
+		}
+		n, tried, err := writev(int(c.fd), bufs, int(c.woff))
 		s.m.writes.Inc()
 		if n > 0 {
 			c.wrote(n)
@@ -386,6 +396,9 @@ func (c *epConn) wrote(n int) {
 func (c *epConn) flushed(k int) {
 	for _, p := range c.out[:k] {
 		schema.PutBuf(p)
+	}
+	if w := c.wsConn(); w != nil {
+		w.ws.pending = max(w.ws.pending-k, 0)
 	}
 	n := copy(c.out, c.out[k:])
 	clear(c.out[n:])

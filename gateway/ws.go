@@ -1,8 +1,48 @@
 package gateway
 
-import "net/http"
+import (
+	"net"
+	"net/http"
 
-// serveWS upgrades a request to a WebSocket connection.
-func (s *Server) serveWS(w http.ResponseWriter, _ *http.Request) {
-	http.Error(w, "websocket not built yet", http.StatusNotImplemented)
+	"github.com/gobwas/ws"
+	"github.com/imd-dev/imd/schema"
+)
+
+// wsEngine is an engine that serves WebSocket connections once upgraded.
+type wsEngine interface {
+	adoptWS(nc net.Conn) error
+}
+
+// serveWS upgrades GET /ws to a WebSocket connection (PROTOCOL.md, "Web
+// transports") and hands it to the engine, after which it is a connection
+// of the gateway like a TCP one. A gateway that cannot hold another
+// connection, or is draining, answers 503 before the upgrade.
+func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
+	eng, ok := s.eng.(wsEngine)
+	if !ok {
+		http.Error(w, "WebSocket needs the epoll engine", http.StatusNotImplemented)
+		return
+	}
+	if st := s.admission(); st != schema.StatusOK {
+		s.m.rejected.WithLabelValues(st.String()).Inc()
+		http.Error(w, st.String(), http.StatusServiceUnavailable)
+		return
+	}
+	nc, brw, _, err := ws.HTTPUpgrader{}.Upgrade(r, w)
+	if err != nil {
+		if nc != nil {
+			_ = nc.Close()
+		}
+		return
+	}
+	if brw != nil && brw.Reader.Buffered() > 0 {
+		// RFC 6455 has the client wait for the handshake's answer before
+		// it sends a frame.
+		_ = nc.Close()
+		return
+	}
+	s.m.accepted.Inc()
+	if err := eng.adoptWS(nc); err != nil {
+		s.log.Info("websocket not adopted", "err", err)
+	}
 }
