@@ -100,6 +100,10 @@ type Gateway struct {
 	// any). Empty allows pages of the gateway's own host only; requests
 	// without an Origin (non-browser clients) are always allowed.
 	WebOrigins []string `yaml:"web_origins"`
+	// PollTimeout is how long an HTTP long-poll waits for a frame before
+	// it answers empty. Default 30s (a third of idle_timeout when that is
+	// shorter).
+	PollTimeout time.Duration `yaml:"poll_timeout"`
 }
 
 // Store configures message storage.
@@ -267,6 +271,7 @@ func (c *Config) ServerFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&g.KeepaliveInterval, "keepalive-interval", g.KeepaliveInterval, "keepalive interval advertised to clients (default idle-timeout/3)")
 	fs.DurationVar(&g.RequestTimeout, "request-timeout", g.RequestTimeout, "bound on each request inside the platform (default 10s)")
 	fs.IntVar(&g.MaxInFlight, "max-in-flight", g.MaxInFlight, "concurrent requests per connection (default 64)")
+	fs.DurationVar(&g.PollTimeout, "poll-timeout", g.PollTimeout, "how long an HTTP long-poll waits for a frame before it answers empty (default 30s)")
 	fs.BoolFunc("demo", "serve the demo chat page at /demo/ on the web listener (default: on with the generated demo apps only)", func(v string) error {
 		on, err := strconv.ParseBool(v)
 		c.Demo = &on
