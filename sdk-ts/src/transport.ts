@@ -286,18 +286,21 @@ class LongPoll implements Transport {
           at += p.length;
         }
         let res: Response;
+        const limit = withTimeout(this.abort.signal, this.requestTimeoutMs * 2);
         try {
           res = await this.fetchFn(this.endpoint("send"), {
             method: "POST",
             headers: { "content-type": "application/octet-stream" },
             body,
-            signal: AbortSignal.any([this.abort.signal, AbortSignal.timeout(this.requestTimeoutMs * 2)]),
+            signal: limit.signal,
           });
+          await res.arrayBuffer();
         } catch (err) {
           this.fail(new Error(`imd: long-poll send: ${errText(err)}`));
           return;
+        } finally {
+          limit.done();
         }
-        void res.body?.cancel();
         if (res.status === 404) {
           this.fail(new Error("imd: long-poll session closed by the server"));
           return;
@@ -316,13 +319,11 @@ class LongPoll implements Transport {
     while (!this.closed) {
       let res: Response;
       let data: Uint8Array;
+      // A poll that the server holds longer than poll_ms plus a grace has
+      // been lost on the way (a proxy, a sleeping laptop).
+      const limit = withTimeout(this.abort.signal, this.pollMs + 15000);
       try {
-        res = await this.fetchFn(this.endpoint("poll"), {
-          method: "POST",
-          // A poll that the server holds longer than poll_ms plus a grace
-          // has been lost on the way (a proxy, a sleeping laptop).
-          signal: AbortSignal.any([this.abort.signal, AbortSignal.timeout(this.pollMs + 15000)]),
-        });
+        res = await this.fetchFn(this.endpoint("poll"), { method: "POST", signal: limit.signal });
         if (res.status === 404) {
           this.fail(new Error("imd: long-poll session closed by the server"));
           return;
@@ -336,6 +337,8 @@ class LongPoll implements Transport {
       } catch (err) {
         this.fail(new Error(`imd: long-poll poll: ${errText(err)}`));
         return;
+      } finally {
+        limit.done();
       }
       if (this.closed) {
         return;
@@ -367,6 +370,27 @@ class LongPoll implements Transport {
       .catch(() => {});
     this.fail(err ?? new Error("imd: closed"));
   }
+}
+
+/**
+ * A signal that aborts with parent or after ms, whichever comes first
+ * (AbortSignal.any is too recent for some browsers still in use). Call
+ * done once the request is over: it drops the timer and the listener.
+ */
+function withTimeout(parent: AbortSignal, ms: number): { signal: AbortSignal; done(): void } {
+  const ac = new AbortController();
+  const timer = setTimeout(() => ac.abort(new DOMException("timed out", "TimeoutError")), ms);
+  const onAbort = () => ac.abort(parent.reason);
+  const done = () => {
+    clearTimeout(timer);
+    parent.removeEventListener("abort", onAbort);
+  };
+  if (parent.aborted) {
+    onAbort();
+  } else {
+    parent.addEventListener("abort", onAbort, { once: true });
+  }
+  return { signal: ac.signal, done };
 }
 
 function errText(err: unknown): string {
