@@ -1,5 +1,6 @@
 // The demo chat page: logs in through the TypeScript SDK (imd-sdk.js, the
-// browser bundle of sdk-ts) over the gateway's WebSocket, lists the
+// browser bundle of sdk-ts) over the gateway's WebSocket (or long-poll
+// where WebSocket cannot connect), lists the
 // one-to-one conversations found in the roaming history and in what
 // arrives, and chats. Every message is kept once, by msgid, and each
 // conversation is shown in msgid order, which keeps each sender's order.
@@ -77,22 +78,36 @@ async function login() {
   const uid = BigInt($("uid").value.trim());
   const token = $("token").value.trim();
   setState("connecting");
-  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const client = imd.connect({ url: `${scheme}//${location.host}/ws` });
-  client.onC2C((m) => received(m));
-  client.onReceipt((r) => {
-    state.receipts.add(String(r.msgid));
-    render();
-  });
-  client.onKickout(() => {
-    setState("offline");
-    showError("chat-error", "Logged in elsewhere: this page is offline.");
+  // Notifies can come before login() returns (the offline inbox is pulled
+  // as soon as the server answers): they wait here until the page knows
+  // who it is.
+  const early = [];
+  // ?transport=websocket or ?transport=longpoll keeps the page on one;
+  // by default the SDK tries WebSocket, then long-poll.
+  const only = new URLSearchParams(location.search).get("transport");
+  const client = new imd.Client({
+    urls: [location.origin],
+    transports: only ? [only] : undefined,
+    platform: "web",
+    // Called through a closure: the browser's fetch throws "Illegal
+    // invocation" when it is called as a method of another object.
+    fetch: (input, init) => fetch(input, init),
+    onC2C: (m) => (state.me ? received(m) : early.push(m)),
+    onReceipt: (r) => {
+      state.receipts.add(String(r.msgid));
+      render();
+    },
+    onKickout: () => showError("chat-error", "Logged in elsewhere: this page is offline."),
+    onState: (s, err) => {
+      setState(s, client.onlineLink()?.endpoint.kind);
+      if (s === "closed" && err && state.me) showError("chat-error", err);
+    },
   });
   let resp;
   try {
-    resp = await client.login({ appcode, uid, token, platform: "web" });
+    resp = await client.login({ appcode, uid, token });
   } catch (err) {
-    client.close();
+    await client.close();
     setState("offline");
     throw err;
   }
@@ -103,12 +118,13 @@ async function login() {
   $("login").hidden = true;
   $("chat").hidden = false;
   $("logout").hidden = false;
-  setState("online");
+  setState(client.getState(), client.onlineLink()?.endpoint.kind);
+  for (const m of early.splice(0)) store(m, true);
   await loadHistory();
 }
 
-function logout() {
-  state.client?.close();
+async function logout() {
+  await state.client?.logout().catch(() => {});
   location.reload();
 }
 
@@ -116,7 +132,7 @@ function logout() {
 async function loadHistory() {
   let since = 0n;
   for (;;) {
-    const page = await state.client.syncHistory({ sinceMsgid: since, limit: 200 });
+    const page = await state.client.syncHistory(null, since, 200);
     for (const m of page.messages) {
       store(m, false);
       if (big(m.msgid) > since) since = big(m.msgid);
@@ -162,7 +178,7 @@ async function send(key, text) {
   state.pending.set(local, { key, text, failed: false });
   render();
   try {
-    const resp = await state.client.sendC2C({ account: c.peer.account, uid: c.peer.uid }, enc.encode(text));
+    const resp = await state.client.sendC2C(c.peer, 0, enc.encode(text));
     state.pending.delete(local);
     const id = String(resp.msgid);
     if (!c.msgs.has(id)) c.msgs.set(id, { msgid: big(resp.msgid), mine: true, text, at: Number(resp.storedAtMs ?? Date.now()) });
@@ -245,9 +261,10 @@ function el(tag, cls, text) {
   return e;
 }
 
-function setState(s) {
+function setState(s, transport) {
   $("state").dataset.state = s;
-  $("state").textContent = s;
+  $("state").dataset.transport = s === "online" ? (transport ?? "") : "";
+  $("state").textContent = s === "online" && transport ? `online · ${transport}` : s;
 }
 
 function showError(id, err) {
