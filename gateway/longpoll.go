@@ -39,6 +39,21 @@ type lpRefused struct {
 
 func (h *lpHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Cache-Control", "no-store")
+	if origin := r.Header.Get("Origin"); origin != "" {
+		// The web listener let this origin through, so its page may read
+		// the answers: a page on another origin needs CORS for POSTs of
+		// application/octet-stream, starting with a preflight.
+		hd := w.Header()
+		hd.Set("Access-Control-Allow-Origin", origin)
+		hd.Add("Vary", "Origin")
+		if r.Method == http.MethodOptions {
+			hd.Set("Access-Control-Allow-Methods", http.MethodPost)
+			hd.Set("Access-Control-Allow-Headers", "Content-Type")
+			hd.Set("Access-Control-Max-Age", "600")
+			w.WriteHeader(http.StatusNoContent)
+			return
+		}
+	}
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
 		http.Error(w, "long-poll requests are POSTs", http.StatusMethodNotAllowed)

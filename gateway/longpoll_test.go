@@ -553,3 +553,32 @@ func TestLongPollOrigin(t *testing.T) {
 		t.Fatalf("close from the gateway's own origin: %d, want 204", code)
 	}
 }
+
+// A page of another allowed origin gets CORS answers, preflight included.
+func TestLongPollCORS(t *testing.T) {
+	const page = "https://chat.example.com"
+	s := startWebServer(t, func(o *Options) { o.WebOrigins = []string{page} })
+	c := newLPClient(t, s)
+	req, _ := http.NewRequest(http.MethodOptions, c.base+"/lp/send?s=x", nil)
+	req.Header.Set("Origin", page)
+	req.Header.Set("Access-Control-Request-Method", "POST")
+	res, err := c.hc.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode != http.StatusNoContent || res.Header.Get("Access-Control-Allow-Origin") != page ||
+		!strings.Contains(res.Header.Get("Access-Control-Allow-Methods"), "POST") {
+		t.Fatalf("preflight: %d %v", res.StatusCode, res.Header)
+	}
+	hreq, _ := http.NewRequest(http.MethodPost, c.base+"/lp/open", nil)
+	hreq.Header.Set("Origin", page)
+	res, err = c.hc.Do(hreq)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode != http.StatusOK || res.Header.Get("Access-Control-Allow-Origin") != page {
+		t.Fatalf("open from %s: %d %v", page, res.StatusCode, res.Header)
+	}
+}
