@@ -405,8 +405,11 @@ export class Client {
           l = null;
           continue;
         }
-        // The server closes after a refused login; so do we.
-        l.close(asError(err));
+        // The server closes after a refused login; so do we. A login
+        // refused on a link that is logged in already (1009) leaves it be.
+        if (!l.online) {
+          l.close(asError(err));
+        }
         throw err;
       }
       // The credentials are set before the link is marked online, so that
