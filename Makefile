@@ -95,3 +95,19 @@ proto: ## regenerate schema/pb (needs protoc and protoc-gen-go)
 
 clean:
 	rm -rf $(BIN) results
+
+# The demo chat page (internal/web). Its SDK bundle is committed, so only
+# these targets need Node; CI (.ci/run) installs Chromium and the npm
+# packages first.
+.PHONY: web test-web
+test: test-web
+
+web: ## rebuild the demo page's SDK bundle (internal/web/static/imd-sdk.js) from sdk-ts with esbuild
+	cd sdk-ts && npm ci --no-audit --no-fund
+	cd internal/web && npm ci --no-audit --no-fund && node build.mjs
+
+test-web: ## the demo page in headless Chromium against a real imd all (Node 20, Debian's chromium)
+	@for d in sdk-ts internal/web; do [ -d $$d/node_modules ] || (cd $$d && npm ci --no-audit --no-fund); done
+	cd internal/web && node build.mjs --check
+	$(GO) build -o $(BIN)/imd ./cmd/imd
+	cd internal/web && IMD_BIN=$(abspath $(BIN))/imd node --test --test-concurrency=1 test/
