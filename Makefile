@@ -99,15 +99,25 @@ clean:
 # The demo chat page (internal/web). Its SDK bundle is committed, so only
 # these targets need Node; CI (.ci/run) installs Chromium and the npm
 # packages first.
-.PHONY: web test-web
-test: test-web
+.PHONY: web test-web test-ts web-deps
+test: test-ts test-web
+
+# The browser test drives Debian's Chromium and both Node folders need their
+# npm packages: install what is missing, so `make test` works on a fresh
+# machine (apt needs root; CI runs as root).
+web-deps:
+	@command -v chromium >/dev/null || { sudo=; [ "$$(id -u)" = 0 ] || sudo=sudo; $$sudo apt-get update -qq && $$sudo apt-get install -y -qq chromium; }
+	@for d in sdk-ts internal/web; do [ -d $$d/node_modules ] || (cd $$d && npm ci --no-audit --no-fund); done
+
+test-ts: web-deps ## the TypeScript SDK (sdk-ts): build, then its tests against a real imd over WebSocket and long-poll
+	$(GO) build -o $(BIN)/ ./cmd/imd ./internal/testpeer
+	cd sdk-ts && npm run build && IMD_BIN=$(abspath $(BIN))/imd IMD_TESTPEER_BIN=$(abspath $(BIN))/testpeer npm test
 
 web: ## rebuild the demo page's SDK bundle (internal/web/static/imd-sdk.js) from sdk-ts with esbuild
 	cd sdk-ts && npm ci --no-audit --no-fund
 	cd internal/web && npm ci --no-audit --no-fund && node build.mjs
 
-test-web: ## the demo page in headless Chromium against a real imd all (Node 20, Debian's chromium)
-	@for d in sdk-ts internal/web; do [ -d $$d/node_modules ] || (cd $$d && npm ci --no-audit --no-fund); done
+test-web: web-deps ## the demo page in headless Chromium against a real imd all (Node 20, Debian's chromium)
 	cd internal/web && node build.mjs --check
 	$(GO) build -o $(BIN)/imd ./cmd/imd
 	cd internal/web && IMD_BIN=$(abspath $(BIN))/imd node --test --test-concurrency=1 test/

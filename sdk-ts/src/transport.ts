@@ -223,10 +223,13 @@ interface OpenAnswer {
  * flight (the order of frames is the order of sends).
  */
 export async function openLongPoll(base: string, handlers: TransportHandlers, env: TransportEnv = {}): Promise<Transport> {
-  const f = env.fetch ?? globalThis.fetch;
-  if (typeof f !== "function") {
+  // A browser's fetch must be called with the global object as this: kept
+  // as a method of the transport it throws "Illegal invocation".
+  const given = env.fetch ?? globalThis.fetch;
+  if (typeof given !== "function") {
     throw new Error("imd: no fetch in this environment");
   }
+  const f: typeof fetch = (input, init) => given.call(globalThis, input, init);
   const timeoutMs = env.connectTimeoutMs ?? 5000;
   const res = await f(`${base}/open`, { method: "POST", signal: AbortSignal.timeout(timeoutMs) });
   if (!res.ok) {

@@ -89,9 +89,6 @@ async function login() {
     urls: [location.origin],
     transports: only ? [only] : undefined,
     platform: "web",
-    // Called through a closure: the browser's fetch throws "Illegal
-    // invocation" when it is called as a method of another object.
-    fetch: (input, init) => fetch(input, init),
     onC2C: (m) => (state.me ? received(m) : early.push(m)),
     onReceipt: (r) => {
       state.receipts.add(String(r.msgid));
