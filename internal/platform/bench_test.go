@@ -14,9 +14,12 @@ import (
 	"testing"
 	"time"
 
+	"fmt"
+	"github.com/gobwas/ws"
 	"github.com/imd-dev/imd/bench"
 	"github.com/imd-dev/imd/internal/config"
 	"github.com/imd-dev/imd/logic"
+	"github.com/imd-dev/imd/schema"
 	"github.com/imd-dev/imd/schema/pb"
 	"github.com/imd-dev/imd/sdk"
 	"google.golang.org/protobuf/proto"
@@ -243,4 +246,131 @@ func BenchmarkConvSync(b *testing.B) {
 			b.ReportMetric(float64(proto.Size(&pb.ConvSyncRequest{Known: tc.known})), "req-bytes/op")
 		})
 	}
+}
+
+// BenchmarkS2CFanOutWS is BenchmarkS2CFanOut with the 500 recipients on
+// WebSocket instead of TCP: browser-like clients (frames in binary
+// messages, by hand) that log in, take every push and acknowledge it, as
+// the SDKs do. Run both to compare the transports:
+//
+//	go test -run '^$' -bench 'S2CFanOut' -benchtime 200x ./internal/platform/
+func BenchmarkS2CFanOutWS(b *testing.B) {
+	const drivers, pushers = 500, 4
+	p := start(b, nil)
+	var mu sync.Mutex
+	var hist bench.Histogram
+	var delivered atomic.Int64
+	addr := "ws://" + p.Gateway.WebAddr().String() + "/ws"
+	for i := range drivers {
+		uid := uint64(1 + i)
+		nc, _, _, err := ws.Dialer{Timeout: 5 * time.Second}.Dial(context.Background(), addr)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { _ = nc.Close() })
+		send := func(h schema.Header, m proto.Message) error {
+			body, _ := proto.Marshal(m)
+			return ws.WriteFrame(nc, ws.MaskFrame(ws.NewBinaryFrame(schema.AppendFrame(nil, &h, body))))
+		}
+		if err := send(schema.Header{Cmd: schema.CmdLogin, AppCode: 101, UID: uid, Seq: 1}, &pb.LoginRequest{Token: token(101, uid)}); err != nil {
+			b.Fatal(err)
+		}
+		logged := make(chan error, 1)
+		go func() {
+			first := true
+			for {
+				h, err := ws.ReadHeader(nc)
+				if err != nil {
+					return
+				}
+				msg := make([]byte, h.Length)
+				if _, err := io.ReadFull(nc, msg); err != nil {
+					return
+				}
+				var acks []uint64
+				for len(msg) >= schema.HeaderLen {
+					fh, err := schema.ParseHeader(msg, 1<<20)
+					if err != nil {
+						return
+					}
+					n := schema.HeaderLen + int(fh.BodyLen)
+					switch {
+					case fh.Cmd == schema.CmdLogin && first:
+						first = false
+						if fh.Status != schema.StatusOK {
+							logged <- fmt.Errorf("login %d: status %s", uid, fh.Status)
+						} else {
+							logged <- nil
+						}
+					case fh.Cmd == schema.CmdS2C:
+						var m pb.S2CNotify
+						if proto.Unmarshal(msg[schema.HeaderLen:n], &m) == nil {
+							d := time.Since(time.UnixMilli(m.SentAtMs))
+							mu.Lock()
+							hist.Record(d)
+							mu.Unlock()
+							delivered.Add(1)
+							acks = append(acks, m.PushId)
+						}
+					}
+					msg = msg[n:]
+				}
+				if len(acks) > 0 {
+					h := schema.Header{Cmd: schema.CmdS2CAck}
+					h.SetKind(schema.KindNotify)
+					if send(h, &pb.S2CAck{PushIds: acks}) != nil {
+						return
+					}
+				}
+			}
+		}()
+		if err := <-logged; err != nil {
+			b.Fatal(err)
+		}
+	}
+	to := make([]map[string]any, drivers)
+	for i := range to {
+		to[i] = map[string]any{"appcode": 101, "uid": 1 + i}
+	}
+	body, _ := json.Marshal(map[string]any{"to": to, "msgtype": 2, "text": strings.Repeat("o", 100)})
+	url := "http://" + p.HTTPAddr() + "/v1/push"
+	var next atomic.Int64
+	b.ResetTimer()
+	began := time.Now()
+	var wg sync.WaitGroup
+	for range pushers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for next.Add(1) <= int64(b.N) {
+				req, _ := http.NewRequest("POST", url, bytes.NewReader(body))
+				req.Header.Set("Authorization", "Bearer "+testAPIKey)
+				resp, err := http.DefaultClient.Do(req)
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				_, _ = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != 200 {
+					b.Errorf("push: HTTP %d", resp.StatusCode)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	want := int64(b.N) * drivers
+	deadline := time.Now().Add(60 * time.Second)
+	for delivered.Load() < want && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	el := time.Since(began)
+	b.StopTimer()
+	if delivered.Load() < want {
+		b.Fatalf("%d of %d deliveries", delivered.Load(), want)
+	}
+	b.ReportMetric(float64(want)/el.Seconds(), "deliveries/s")
+	b.ReportMetric(float64(hist.Quantile(0.50))/1e6, "p50-ms")
+	b.ReportMetric(float64(hist.Quantile(0.99))/1e6, "p99-ms")
 }
