@@ -6,13 +6,17 @@
 // Input lines:
 //
 //	{"op":"send","id":"r1","to_account":1,"to_uid":2,"msgtype":1,"content":"hi","client_msg_id":"..."}
+//	{"op":"send_group","id":"r2","group_id":"7","msgtype":1,"content":"hi","client_msg_id":"..."}
 //	{"op":"close"}
 //
 // Output lines: {"event":"ready","account":1} after the login,
 // {"event":"sent","id":"r1","msgid":"...","duplicate":false} or
 // {"event":"send_error","id":"r1","error":"..."} for each send,
 // {"event":"c2c","msgid":"...","from_uid":"...","content":"..."} for each
-// message received and {"event":"receipt","msgid":"..."} for each receipt.
+// message received, {"event":"group","group_id":"...","seq":"...","msgid":"...",
+// "from_uid":"...","content":"...","kind":0} for each group message (kind is
+// the GroupEventKind of a system message, 0 for chat; a group send's answer
+// adds "seq") and {"event":"receipt","msgid":"..."} for each receipt.
 // 64-bit ids are decimal strings, as JSON numbers cannot hold them.
 package main
 
@@ -36,6 +40,7 @@ type input struct {
 	ID          string `json:"id"`
 	ToAccount   uint32 `json:"to_account"`
 	ToUID       uint64 `json:"to_uid,string"`
+	GroupID     uint64 `json:"group_id,string"`
 	MsgType     uint32 `json:"msgtype"`
 	Content     string `json:"content"`
 	ClientMsgID string `json:"client_msg_id"`
@@ -73,6 +78,18 @@ func run(addr string, appcode uint32, uid uint64, token string) error {
 				"content":  string(m.Content),
 			})
 		},
+		OnGroup: func(m *pb.C2CMessage) {
+			emit(map[string]any{
+				"event":    "group",
+				"group_id": strconv.FormatUint(m.GroupId, 10),
+				"seq":      strconv.FormatUint(m.Seq, 10),
+				"msgid":    strconv.FormatUint(m.Msgid, 10),
+				"from_uid": strconv.FormatUint(m.GetFrom().GetUid(), 10),
+				"msgtype":  m.Msgtype,
+				"content":  string(m.Content),
+				"kind":     int32(m.GetEvent().GetKind()),
+			})
+		},
 		OnReceipt: func(r *pb.C2CReceipt) {
 			emit(map[string]any{"event": "receipt", "msgid": strconv.FormatUint(r.Msgid, 10)})
 		},
@@ -108,6 +125,22 @@ func run(addr string, appcode uint32, uid uint64, token string) error {
 				continue
 			}
 			emit(map[string]any{"event": "sent", "id": in.ID, "msgid": strconv.FormatUint(r.Msgid, 10), "duplicate": r.Duplicate})
+		case "send_group":
+			sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			id := in.ClientMsgID
+			if id == "" {
+				id = sdk.NewClientMsgID()
+			}
+			r, err := c.SendGroupWithID(sctx, in.GroupID, in.MsgType, id, []byte(in.Content))
+			cancel()
+			if err != nil {
+				emit(map[string]any{"event": "send_error", "id": in.ID, "error": err.Error()})
+				continue
+			}
+			emit(map[string]any{
+				"event": "sent", "id": in.ID, "msgid": strconv.FormatUint(r.Msgid, 10),
+				"seq": strconv.FormatUint(r.Seq, 10), "duplicate": r.Duplicate,
+			})
 		case "close":
 			return nil
 		default:

@@ -9,11 +9,20 @@ import { create, fromBinary, type DescMessage, type MessageInitShape, type Messa
 import {
   C2CAckRequestSchema,
   C2CAckResponseSchema,
+  C2CMessageSchema,
   C2CNotifySchema,
   C2CReceiptSchema,
   C2CSendRequestSchema,
   C2CSendResponseSchema,
   GoAwaySchema,
+  GroupAckRequestSchema,
+  GroupAckResponseSchema,
+  GroupCursorSchema,
+  GroupNotifySchema,
+  GroupPullRequestSchema,
+  GroupPullResponseSchema,
+  GroupSyncRequestSchema,
+  GroupSyncResponseSchema,
   HistorySyncRequestSchema,
   HistorySyncResponseSchema,
   KeepaliveRequestSchema,
@@ -34,7 +43,10 @@ import {
   UserSchema,
   type C2CMessage,
   type C2CReceipt,
+  type C2CSendRequest,
   type C2CSendResponse,
+  type GroupCursor,
+  type GroupState,
   type HistorySyncResponse,
   type Kickout,
   type LoginResponse,
@@ -153,7 +165,32 @@ export interface ClientOptions extends ConnectTarget, TransportEnv {
   onState?: (s: State, err?: Error) => void;
   /** Transient messages ("typing..."): never stored, acknowledged or pulled. */
   onTransient?: (n: TransientNotify) => void;
-  /** Every other notify (groups, read marks, presence), undecoded. */
+  /**
+   * Group messages, chat and system events (m.event set: created, joined,
+   * left, dissolved), one at a time on the same queue as onC2C. Each
+   * group's messages come in seq order without gaps, each once: a notify
+   * lost in a connection cut is pulled again before the ones after it are
+   * delivered, and after every login the groups are caught up from this
+   * terminal's cursor before live notifies are let through. The messages
+   * this client sends with sendGroup come too, once their send is
+   * answered. Per group the last seq delivered is acknowledged (a cursor,
+   * batched for groupAckDelayMs). Without onGroup, group notifies go to
+   * onMessage and nothing is pulled for groups.
+   */
+  onGroup?: (m: C2CMessage) => void | Promise<void>;
+  /** How long group cursors wait to be batched. Default 250 ms; close() and logout() send them at once. */
+  groupAckDelayMs?: number;
+  /**
+   * Per group, the last seq shown by an earlier run of this terminal (as
+   * kept through onGroupSeq): those seqs are not shown again.
+   */
+  groupSeqs?: Map<bigint, bigint>;
+  /**
+   * Called after onGroup returned, with the group and the seq just shown,
+   * so that the app can keep them across restarts (groupSeqs).
+   */
+  onGroupSeq?: (groupId: bigint, seq: bigint) => void;
+  /** Every other notify (read marks, presence; groups without onGroup), undecoded. */
   onMessage?: (m: RawMessage) => void;
   logger?: Logger;
 }
@@ -168,6 +205,7 @@ type Tunables = Required2<
     | "maxBody"
     | "dedupSize"
     | "ackDelayMs"
+    | "groupAckDelayMs"
     | "sendAttempts"
     | "sendBackoffMinMs"
     | "sendBackoffMaxMs"
@@ -264,6 +302,7 @@ export class Client {
       maxBody: opts.maxBody ?? 1 << 20,
       dedupSize: opts.dedupSize ?? 16384,
       ackDelayMs: opts.ackDelayMs ?? 20,
+      groupAckDelayMs: opts.groupAckDelayMs ?? 250,
       sendAttempts: opts.sendAttempts ?? 6,
       sendBackoffMinMs,
       sendBackoffMaxMs: Math.max(opts.sendBackoffMaxMs ?? 3000, sendBackoffMinMs),
@@ -272,8 +311,9 @@ export class Client {
       platform: opts.platform ?? "web",
     };
     this.sentMsgid = opts.sentMsgid ?? 0n;
-    this.inbox = opts.onC2C || opts.onS2C ? new Inbox(this, this.t, opts) : null;
+    this.inbox = opts.onC2C || opts.onS2C || opts.onGroup ? new Inbox(this, this.t, opts) : null;
     this.inbox?.remember(opts.shownMsgids ?? []);
+    this.inbox?.rememberGroups(opts.groupSeqs);
   }
 
   /** Creates a client and connects it (without logging in): connection errors surface here. */
@@ -682,6 +722,18 @@ export class Client {
             return;
           }
           break;
+        case Cmd.GroupNotify:
+          if (this.inbox && this.opts.onGroup) {
+            const n = fromBinary(GroupNotifySchema, f.body);
+            for (const m of n.messages) {
+              if (m.groupId === 0n) {
+                m.groupId = n.groupId;
+              }
+            }
+            this.inbox.takeGroup(n.messages);
+            return;
+          }
+          break;
         case Cmd.S2C:
           if (this.inbox && this.opts.onS2C) {
             this.inbox.pushed(fromBinary(S2CNotifySchema, f.body));
@@ -753,6 +805,57 @@ export class Client {
       clientMsgId: opts.clientMsgId ?? newClientMsgId(),
       content: typeof content === "string" ? textEncoder.encode(content) : content,
     });
+    return this.send(req, msgtype);
+  }
+
+  /**
+   * Sends content to group groupId and resolves once the platform has
+   * stored it; the answer carries the message's seq in the group. It
+   * retries like sendC2C (same client message id on every try, backoff,
+   * the send floor), and a status no retry can cure rejects at once: 4007
+   * (the group does not exist or was dissolved) and 4008 (this user is not
+   * a member) among them. With onGroup set, the message is delivered to
+   * onGroup too, in its place in the group's order: the platform does not
+   * notify the sending terminal of its own message.
+   */
+  async sendGroup(
+    groupId: bigint | number,
+    msgtype: number,
+    content: Uint8Array | string,
+    opts: { clientMsgId?: string } = {},
+  ): Promise<C2CSendResponse> {
+    const gid = BigInt(groupId);
+    const req = create(C2CSendRequestSchema, {
+      groupId: gid,
+      clientMsgId: opts.clientMsgId ?? newClientMsgId(),
+      content: typeof content === "string" ? textEncoder.encode(content) : content,
+    });
+    const resp = await this.send(req, msgtype);
+    const cred = this.cred;
+    const login = this.loginResp;
+    if (this.inbox && this.opts.onGroup && resp.seq !== 0n && cred && login) {
+      // The stored message as far as the answer tells it (its logid
+      // excepted); a pull that brings it first wins.
+      this.inbox.takeGroup([
+        create(C2CMessageSchema, {
+          msgid: resp.msgid,
+          from: { account: login.account, uid: BigInt(cred.uid) },
+          fromAppcode: cred.appcode,
+          to: {},
+          msgtype,
+          content: req.content,
+          sentAtMs: resp.storedAtMs,
+          clientMsgId: req.clientMsgId,
+          groupId: gid,
+          seq: resp.seq,
+        }),
+      ]);
+    }
+    return resp;
+  }
+
+  /** Sends req with retries (see sendC2C) and raises the send floor to its answer. */
+  private async send(req: C2CSendRequest, msgtype: number): Promise<C2CSendResponse> {
     const resp = await this.retry(async (timeoutMs) => {
       // Every try carries the current floor: the answer to a concurrent
       // send may have raised it since the last try.
@@ -978,10 +1081,42 @@ export class Client {
 
 interface QItem {
   m?: C2CMessage; // a push has a zero from (see isPush)
+  group?: boolean; // a group message: delivered in its group's seq order
   live?: boolean; // a live s2c notify: acked with S2CAck, not from the inbox
-  fromPull?: boolean; // an offline page: the next pull acks it
+  fromPull?: boolean; // an offline or group catch-up page: the next pull acks it
   barrier?: () => void;
 }
+
+/** What the client knows of one group. */
+interface GroupPos {
+  /** The last seq queued for delivery. */
+  queued: bigint;
+  /** Live messages beyond a gap, by seq. */
+  held: C2CMessage[];
+  /** The login generation of the gap pull in flight; 0 none. */
+  pulling: number;
+}
+
+/** Orders group messages by group, then seq. */
+function bySeq(a: C2CMessage, b: C2CMessage): number {
+  if (a.groupId !== b.groupId) {
+    return a.groupId < b.groupId ? -1 : 1;
+  }
+  return a.seq < b.seq ? -1 : a.seq > b.seq ? 1 : 0;
+}
+
+/** Raises the cursor of group id in cursors to seq. */
+function raise(cursors: Map<bigint, bigint>, id: bigint, seq: bigint): void {
+  if (seq > (cursors.get(id) ?? 0n)) {
+    cursors.set(id, seq);
+  }
+}
+
+/** The most cursors one group-ack request carries. */
+const MAX_CURSORS = 100;
+
+/** Thrown inside the group catch-up when its link died or the client closed: the next login catches up again. */
+const STOP = new Error("imd: catch-up stopped");
 
 /** Reports whether m is an app-server push (stored with no sender). */
 function isPush(m: C2CMessage): boolean {
@@ -996,6 +1131,19 @@ function isPush(m: C2CMessage): boolean {
  * offline messages first and no message twice. A message of a kind the app
  * has no callback for is neither delivered nor acknowledged: it stays in
  * the inbox.
+ *
+ * Group messages go through the same queue, each group in seq order. Each
+ * group has its own position (queued, the last seq handed to the queue): a
+ * live message whose seq is queued+1 is queued; one at or below is a copy
+ * and dropped; one beyond is held, and the group is pulled from queued
+ * until the gap is filled (a notify was lost in a connection cut). Pulled
+ * pages are the store's word: their messages are queued from the first seq
+ * above queued, whatever it is (a member's first page starts at its join).
+ * The loop records per group the last seq delivered and acknowledges it
+ * with batched group cursors. After every login live group messages wait
+ * while group-sync and group-pull catch every group up from max(this
+ * terminal's cursor, queued); then they go through the live path, which
+ * drops what the pages brought.
  */
 class Inbox {
   private gen = 0;
@@ -1020,6 +1168,15 @@ class Inbox {
   private ackTimer: ReturnType<typeof setTimeout> | null = null;
   private flushing: Promise<void> | null = null;
 
+  private readonly groups = new Map<bigint, GroupPos>();
+  private gsync = false; // catching the groups up after a login: live group messages wait in gbuffer
+  private gbuffer: C2CMessage[] = [];
+  private readonly gdone = new Map<bigint, bigint>(); // per group, the last seq delivered
+  private readonly gpending = new Map<bigint, bigint>(); // cursors to acknowledge
+  private readonly gpulled = new Map<bigint, bigint>(); // delivered from a catch-up page: its next pull acks it
+  private gackTimer: ReturnType<typeof setTimeout> | null = null;
+  private gflushing: Promise<void> | null = null;
+
   constructor(
     private readonly c: Client,
     private readonly t: Tunables,
@@ -1030,6 +1187,14 @@ class Inbox {
   remember(ids: bigint[]): void {
     for (const id of ids.slice(-this.t.dedupSize)) {
       this.firstTime(id);
+    }
+  }
+
+  /** Sets the positions of the groups shown by an earlier run. */
+  rememberGroups(seqs: Map<bigint, bigint> | undefined): void {
+    for (const [g, seq] of seqs ?? []) {
+      this.groups.set(g, { queued: seq, held: [], pulling: 0 });
+      this.gdone.set(g, seq);
     }
   }
 
@@ -1096,18 +1261,21 @@ class Inbox {
           continue;
         }
         const m = it.m!;
-        if (!this.handles(it) || this.closing) {
+        if (this.closing) {
           continue; // closing: nothing more is shown or acknowledged
+        }
+        if (it.group) {
+          await this.deliverGroup(it, m);
+          continue;
+        }
+        if (!this.handles(it)) {
+          continue;
         }
         const first = this.firstTime(m.msgid);
         if (first) {
-          let release!: () => void;
-          this.busy = new Promise((r) => (release = r));
-          try {
-            this.inCallback = true;
-            let r: void | Promise<void>;
-            try {
-              r = isPush(m)
+          await this.call(
+            () =>
+              isPush(m)
                 ? this.opts.onS2C!(
                     create(S2CNotifySchema, {
                       pushId: m.msgid,
@@ -1117,18 +1285,9 @@ class Inbox {
                       needAck: !!it.live,
                     }),
                   )
-                : this.opts.onC2C!(m);
-            } finally {
-              this.inCallback = false;
-            }
-            await r;
-          } catch (err) {
-            // The message reached the app; showing it again would not help.
-            this.c["log"].warn?.("imd: message callback threw", err);
-          }
-          this.queueAck(it, m);
-          this.busy = null;
-          release();
+                : this.opts.onC2C!(m),
+            () => this.queueAck(it, m),
+          );
         } else {
           // Ack duplicates too: a message shown before and delivered again
           // is still in the inbox because its ack was lost.
@@ -1138,6 +1297,149 @@ class Inbox {
     } finally {
       this.running = false;
     }
+  }
+
+  /**
+   * Runs an app callback and then done (which records the delivery),
+   * marking the inbox busy meanwhile so that close() can wait for it.
+   */
+  private async call(cb: () => void | Promise<void>, done: () => void): Promise<void> {
+    let release!: () => void;
+    this.busy = new Promise((r) => (release = r));
+    try {
+      this.inCallback = true;
+      let r: void | Promise<void>;
+      try {
+        r = cb();
+      } finally {
+        this.inCallback = false;
+      }
+      await r;
+    } catch (err) {
+      // The message reached the app; showing it again would not help.
+      this.c["log"].warn?.("imd: message callback threw", err);
+    }
+    done();
+    this.busy = null;
+    release();
+  }
+
+  /** Hands a group message to onGroup unless its seq was delivered, and queues its cursor. */
+  private async deliverGroup(it: QItem, m: C2CMessage): Promise<void> {
+    const g = m.groupId;
+    if (m.seq <= (this.gdone.get(g) ?? 0n)) {
+      return;
+    }
+    await this.call(
+      () => this.opts.onGroup!(m),
+      () => {
+        this.gdone.set(g, m.seq);
+        try {
+          this.opts.onGroupSeq?.(g, m.seq);
+        } catch (err) {
+          this.c["log"].warn?.("imd: onGroupSeq threw", err);
+        }
+        if (it.fromPull) {
+          this.gpulled.set(g, m.seq);
+        } else {
+          raise(this.gpending, g, m.seq);
+          this.scheduleGroupAck();
+        }
+      },
+    );
+  }
+
+  /** Arms the timer of the batched group cursors, or flushes them when many groups wait. */
+  private scheduleGroupAck(): void {
+    if (this.gpending.size >= 200) {
+      void this.flushGroupAcks();
+    } else if (this.gpending.size > 0 && !this.gackTimer && !this.stopped && !this.closing) {
+      this.gackTimer = setTimeout(() => {
+        this.gackTimer = null;
+        void this.flushGroupAcks();
+      }, this.t.groupAckDelayMs);
+    }
+  }
+
+  /** Empties the pending group cursors. */
+  private takeCursors(): GroupCursor[] {
+    const out = [...this.gpending].map(([groupId, seq]) => create(GroupCursorSchema, { groupId, seq }));
+    this.gpending.clear();
+    return out;
+  }
+
+  /**
+   * Sends the pending group cursors on the current link. Those that
+   * cannot go now wait for the next flush: a cursor never moves backwards
+   * on the server, so sending one again is harmless.
+   */
+  private flushGroupAcks(): Promise<void> {
+    if (this.gackTimer) {
+      clearTimeout(this.gackTimer);
+      this.gackTimer = null;
+    }
+    const run = async (): Promise<void> => {
+      if (this.gflushing) {
+        await this.gflushing.catch(() => {});
+      }
+      const cs = this.takeCursors();
+      if (cs.length === 0) {
+        return;
+      }
+      const l = this.c.onlineLink();
+      const left = l ? await this.sendCursors(l, cs, this.t.requestTimeoutMs) : cs;
+      for (const cur of left) {
+        raise(this.gpending, cur.groupId, cur.seq);
+      }
+      if (left.length > 0 && !this.stopped && !this.closing && !this.gackTimer) {
+        this.gackTimer = setTimeout(() => {
+          this.gackTimer = null;
+          void this.flushGroupAcks();
+        }, Math.max(this.t.groupAckDelayMs, 500));
+      }
+    };
+    const p = run();
+    this.gflushing = p;
+    void p.finally(() => {
+      if (this.gflushing === p) {
+        this.gflushing = null;
+      }
+    });
+    return p;
+  }
+
+  /**
+   * Acknowledges cursors on l and returns those to try again later. A
+   * cursor the server refuses for good (the group went away: 4007, 4008)
+   * is dropped; when a request of many is refused, they go again one by
+   * one so that one such group does not hold the others back.
+   */
+  private async sendCursors(l: Link, cs: GroupCursor[], timeoutMs: number): Promise<GroupCursor[]> {
+    const left: GroupCursor[] = [];
+    for (let i = 0; i < cs.length; i += MAX_CURSORS) {
+      const batch = cs.slice(i, i + MAX_CURSORS);
+      try {
+        await l.roundTrip(
+          { cmd: Cmd.GroupAck },
+          GroupAckRequestSchema,
+          create(GroupAckRequestSchema, { cursors: batch }),
+          GroupAckResponseSchema,
+          timeoutMs,
+        );
+      } catch (err) {
+        if (isRetryable(err) || l.err) {
+          this.c["log"].debug?.("imd: group ack failed; will retry", batch.length, err);
+          left.push(...batch);
+        } else if (batch.length > 1) {
+          for (const cur of batch) {
+            left.push(...(await this.sendCursors(l, [cur], timeoutMs)));
+          }
+        } else {
+          this.c["log"].info?.("imd: group ack refused; dropped", batch[0].groupId, batch[0].seq, err);
+        }
+      }
+    }
+    return left;
   }
 
   private queueAck(it: QItem, m: C2CMessage): void {
@@ -1241,20 +1543,33 @@ class Inbox {
     });
   }
 
+  /** Resolves true once everything queued before it was handed to the app, false if the client closes first. */
+  private barrier(): Promise<boolean> {
+    return this.deliverAndWait([]);
+  }
+
   /** Called before a login request is sent: live notifies wait from then on. */
   beginLogin(): void {
     this.gen++;
     this.syncing = true;
+    this.gsync = !!this.opts.onGroup;
   }
 
-  /** Begins pulling the offline inbox on link l after a login. */
+  /** Begins pulling the offline inbox and catching the groups up on link l after a login. */
   startSync(l: Link): void {
     void this.sync(l, this.gen);
+    if (this.opts.onGroup) {
+      void this.groupSync(l, this.gen);
+    }
   }
 
   private async sync(l: Link, gen: number): Promise<void> {
     let after = 0n;
+    // A client with only onGroup leaves the offline inbox alone.
     for (;;) {
+      if (!this.opts.onC2C && !this.opts.onS2C) {
+        break;
+      }
       // The pull acknowledges what the previous page showed.
       const ack = this.pulled;
       this.pulled = [];
@@ -1299,6 +1614,333 @@ class Inbox {
     this.push(...held);
   }
 
+  // ---- groups ----
+
+  /** The position of group id, created at 0. */
+  private group(id: bigint): GroupPos {
+    let gs = this.groups.get(id);
+    if (!gs) {
+      gs = { queued: 0n, held: [], pulling: 0 };
+      this.groups.set(id, gs);
+    }
+    return gs;
+  }
+
+  /** Takes live group messages: held back while the groups are caught up after a login, else put in their groups' order. */
+  takeGroup(msgs: C2CMessage[]): void {
+    if (this.stopped) {
+      return;
+    }
+    if (this.gsync) {
+      this.gbuffer.push(...msgs);
+      return;
+    }
+    this.live(msgs);
+  }
+
+  /**
+   * Puts live messages in their groups' order: the next seq is queued
+   * (with the held ones it lets through), a copy is dropped, a seq beyond
+   * a gap is held and its group pulled.
+   */
+  private live(msgs: C2CMessage[]): void {
+    const gaps: bigint[] = [];
+    for (const m of [...msgs].sort(bySeq)) {
+      if (m.groupId === 0n || m.seq === 0n) {
+        this.c["log"].warn?.("imd: group message without group or seq", m.groupId, m.seq, m.msgid);
+        continue;
+      }
+      const gs = this.group(m.groupId);
+      if (m.seq <= gs.queued) {
+        continue; // a copy: a retry, or a pull that overtook the notify
+      }
+      if (m.seq === gs.queued + 1n) {
+        this.queueGroup(gs, m, false);
+        this.drain(gs);
+        continue;
+      }
+      let i = 0;
+      while (i < gs.held.length && gs.held[i].seq < m.seq) {
+        i++;
+      }
+      if (i === gs.held.length || gs.held[i].seq !== m.seq) {
+        gs.held.splice(i, 0, m);
+      }
+      if (gaps[gaps.length - 1] !== m.groupId) {
+        gaps.push(m.groupId);
+      }
+    }
+    this.pullGaps(gaps);
+  }
+
+  /** Queues a message of a pulled page unless it is at or below the group's position. */
+  private pulledOne(gs: GroupPos, m: C2CMessage, fromPull: boolean): void {
+    if (m.seq <= gs.queued) {
+      return;
+    }
+    this.queueGroup(gs, m, fromPull);
+    this.drain(gs);
+  }
+
+  private queueGroup(gs: GroupPos, m: C2CMessage, fromPull: boolean): void {
+    gs.queued = m.seq;
+    this.push({ m, group: true, fromPull });
+  }
+
+  /** Queues the held messages that follow the position and drops those at or below it. */
+  private drain(gs: GroupPos): void {
+    while (gs.held.length > 0) {
+      const h = gs.held[0];
+      if (h.seq === gs.queued + 1n) {
+        this.queueGroup(gs, h, false);
+      } else if (h.seq > gs.queued) {
+        return;
+      }
+      gs.held.shift();
+    }
+  }
+
+  /**
+   * Starts a pull for each group of ids that holds messages beyond a gap
+   * and has none running. Nothing is pulled while catching up, which
+   * pulls every group anyway.
+   */
+  private pullGaps(ids: bigint[]): void {
+    if (this.gsync || this.stopped) {
+      return;
+    }
+    for (const id of ids) {
+      const gs = this.groups.get(id);
+      if (gs && gs.held.length > 0 && gs.pulling !== this.gen) {
+        gs.pulling = this.gen;
+        void this.gapPull(this.gen, id, gs);
+      }
+    }
+  }
+
+  /**
+   * Pulls group id from its position until the messages it holds follow
+   * on, so that they can be delivered. A later login stops it: its
+   * catch-up pulls the group instead.
+   */
+  private async gapPull(gen: number, id: bigint, gs: GroupPos): Promise<void> {
+    let backoff = this.t.sendBackoffMinMs;
+    let empty = 0;
+    try {
+      for (;;) {
+        // After pages that brought nothing the held messages wait for the
+        // next notify of the group or the next login.
+        if (this.gen !== gen || this.stopped || gs.held.length === 0 || empty >= 3) {
+          return;
+        }
+        const after = gs.queued;
+        try {
+          const l = await this.c.waitOnline(this.t.requestTimeoutMs);
+          const resp = await l.roundTrip(
+            { cmd: Cmd.GroupPull },
+            GroupPullRequestSchema,
+            create(GroupPullRequestSchema, { groupId: id, afterSeq: after, pageSize: this.t.pageSize }),
+            GroupPullResponseSchema,
+            this.t.requestTimeoutMs,
+          );
+          if (this.gen !== gen) {
+            return;
+          }
+          const before = gs.queued;
+          for (const m of resp.messages.sort(bySeq)) {
+            m.groupId = id;
+            this.pulledOne(gs, m, false);
+          }
+          if (gs.queued > before) {
+            empty = 0;
+            backoff = this.t.sendBackoffMinMs;
+            continue;
+          }
+          empty++;
+        } catch (err) {
+          if (err instanceof StatusError && !isRetryable(err)) {
+            // The group is gone for this user (4007, 4008): what it holds
+            // will never follow on.
+            if (this.gen === gen) {
+              this.c["log"].info?.("imd: group pull refused; dropping the held messages", id, gs.held.length, err);
+              gs.held = [];
+            }
+            return;
+          }
+          if (!isRetryable(err)) {
+            return; // closed or logged out
+          }
+          this.c["log"].debug?.("imd: group pull failed; retrying", id, err);
+        }
+        await sleep(backoff, this.c.stopSignal);
+        backoff = Math.min(2 * backoff, this.t.sendBackoffMaxMs);
+      }
+    } finally {
+      if (gs.pulling === gen) {
+        gs.pulling = 0;
+      }
+    }
+  }
+
+  /**
+   * Sends a request of the catch-up on l, retrying statuses and timeouts
+   * that may pass with backoff. It throws STOP when l dies or the client
+   * closes, or the error of a refusal no retry can cure.
+   */
+  private async catchUpRequest<I extends DescMessage, O extends DescMessage>(
+    l: Link,
+    cmd: number,
+    reqSchema: I,
+    req: MessageShape<I>,
+    respSchema: O,
+  ): Promise<MessageShape<O>> {
+    let backoff = this.t.sendBackoffMinMs;
+    for (let n = 1; ; n++) {
+      try {
+        return await l.roundTrip({ cmd }, reqSchema, req, respSchema, this.t.requestTimeoutMs);
+      } catch (err) {
+        if (l.err || this.stopped) {
+          throw STOP;
+        }
+        if (!isRetryable(err)) {
+          throw err;
+        }
+        // A server with no group store answers 5002 for as long as it
+        // runs: one warning, then quieter.
+        (n === 1 ? this.c["log"].warn : this.c["log"].debug)?.("imd: group catch-up failed; retrying", cmd, n, err);
+        await sleep(backoff, this.c.stopSignal);
+        if (l.err || this.stopped) {
+          throw STOP;
+        }
+        backoff = Math.min(2 * backoff, this.t.sendBackoffMaxMs);
+      }
+    }
+  }
+
+  /**
+   * Catches the user's groups up after the login of generation gen on l
+   * (group-sync, then group-pull pages of every group behind), then lets
+   * the live messages held back meanwhile through.
+   */
+  private async groupSync(l: Link, gen: number): Promise<void> {
+    let groups: GroupState[] = [];
+    try {
+      const resp = await this.catchUpRequest(
+        l,
+        Cmd.GroupSync,
+        GroupSyncRequestSchema,
+        create(GroupSyncRequestSchema, {}),
+        GroupSyncResponseSchema,
+      );
+      groups = resp.groups;
+    } catch (err) {
+      if (err === STOP) {
+        return;
+      }
+      // A server without groups (or refusing): nothing to catch up; the
+      // live messages still go through.
+      this.c["log"].warn?.("imd: group sync refused", err);
+    }
+    for (const st of groups) {
+      if (!(await this.catchUp(l, gen, st))) {
+        return;
+      }
+    }
+    if (this.gen !== gen || this.stopped) {
+      return; // a newer login owns the catch-up now
+    }
+    this.gsync = false;
+    const buf = this.gbuffer;
+    this.gbuffer = [];
+    const gaps: bigint[] = [];
+    for (const [id, gs] of this.groups) {
+      this.drain(gs); // held across the login
+      if (gs.held.length > 0) {
+        gaps.push(id);
+      }
+    }
+    this.pullGaps(gaps);
+    this.live(buf);
+  }
+
+  /**
+   * Pulls group st from max(this terminal's cursor, the client's
+   * position) to its head, waiting for each page to be delivered before
+   * the next pull acknowledges it; the batched cursors take the last
+   * page. It returns false when the catch-up has to stop.
+   */
+  private async catchUp(l: Link, gen: number, st: GroupState): Promise<boolean> {
+    const id = st.groupId;
+    if (this.gen !== gen) {
+      return false;
+    }
+    const gs = this.group(id);
+    if (st.ackedSeq > gs.queued) {
+      // Acknowledged by this terminal before (by an earlier client whose
+      // state is lost, say): not shown again.
+      gs.queued = st.ackedSeq;
+      this.drain(gs);
+    }
+    let after = gs.queued;
+    const done = this.gdone.get(id) ?? 0n;
+    if (done > st.ackedSeq && done <= st.headSeq) {
+      // Shown, but the cursor was lost (a cut, a close without a link).
+      raise(this.gpending, id, done);
+      this.scheduleGroupAck();
+    }
+    if (st.headSeq <= after) {
+      return true;
+    }
+    let ack = 0n;
+    const putBack = () => {
+      if (ack > 0n) {
+        raise(this.gpending, id, ack);
+        this.scheduleGroupAck();
+      }
+    };
+    for (;;) {
+      let resp;
+      try {
+        resp = await this.catchUpRequest(
+          l,
+          Cmd.GroupPull,
+          GroupPullRequestSchema,
+          create(GroupPullRequestSchema, { groupId: id, afterSeq: after, pageSize: this.t.pageSize, ackSeq: ack }),
+          GroupPullResponseSchema,
+        );
+      } catch (err) {
+        putBack();
+        if (err === STOP) {
+          return false;
+        }
+        // 4007 or 4008: the group went away since the sync.
+        this.c["log"].info?.("imd: group pull refused", id, err);
+        return true;
+      }
+      ack = 0n;
+      if (this.gen !== gen) {
+        return false;
+      }
+      for (const m of resp.messages.sort(bySeq)) {
+        m.groupId = id;
+        this.pulledOne(gs, m, true);
+        if (m.seq > after) {
+          after = m.seq;
+        }
+      }
+      if (!(await this.barrier())) {
+        return false;
+      }
+      ack = this.gpulled.get(id) ?? 0n;
+      this.gpulled.delete(id);
+      if (!resp.more || resp.messages.length === 0) {
+        break;
+      }
+    }
+    putBack(); // the last page goes with the batched cursors
+    return true;
+  }
+
   /**
    * Stops the delivery of messages and sends the acks of those shown,
    * waiting for a connection up to timeoutMs: close() and logout() call
@@ -1314,16 +1956,28 @@ class Inbox {
     if (this.flushing) {
       await Promise.race([this.flushing.catch(() => {}), sleep(Math.max(0, deadline - Date.now()))]);
     }
+    if (this.gflushing) {
+      await Promise.race([this.gflushing.catch(() => {}), sleep(Math.max(0, deadline - Date.now()))]);
+    }
     if (this.ackTimer) {
       clearTimeout(this.ackTimer);
       this.ackTimer = null;
+    }
+    if (this.gackTimer) {
+      clearTimeout(this.gackTimer);
+      this.gackTimer = null;
     }
     const ids = this.pending.concat(this.pulled);
     const pushes = this.pendingS2C;
     this.pending = [];
     this.pulled = [];
     this.pendingS2C = [];
-    if (ids.length === 0 && pushes.length === 0) {
+    for (const [g, seq] of this.gpulled) {
+      raise(this.gpending, g, seq);
+    }
+    this.gpulled.clear();
+    const cursors = this.takeCursors();
+    if (ids.length === 0 && pushes.length === 0 && cursors.length === 0) {
       return;
     }
     let l: Link;
@@ -1338,6 +1992,12 @@ class Inbox {
         this.c.ackS2C(l, pushes);
       } catch {
         // Statistics only.
+      }
+    }
+    if (cursors.length > 0) {
+      const left = await this.sendCursors(l, cursors, Math.max(1, deadline - Date.now()));
+      if (left.length > 0) {
+        this.c["log"].info?.("imd: group cursors not sent before closing", left.length);
       }
     }
     for (let sent = 0; sent < ids.length; sent += 500) {
@@ -1355,9 +2015,17 @@ class Inbox {
     this.stopped = true;
     this.queue = [];
     this.buffered = [];
+    this.gbuffer = [];
+    for (const gs of this.groups.values()) {
+      gs.held = [];
+    }
     if (this.ackTimer) {
       clearTimeout(this.ackTimer);
       this.ackTimer = null;
+    }
+    if (this.gackTimer) {
+      clearTimeout(this.gackTimer);
+      this.gackTimer = null;
     }
   }
 }

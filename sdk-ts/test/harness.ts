@@ -140,6 +140,35 @@ export class Imd {
     return stdout.trim();
   }
 
+  /** The demo HTTP API key of appcode 101. */
+  async apiKey(appcode = 101): Promise<string> {
+    const { stdout } = await run(this.bins.imd, [
+      "token", "--api-key", "--data-dir", this.dataDir, "--appcode", String(appcode),
+    ]);
+    return stdout.trim();
+  }
+
+  /**
+   * Creates a group of users of account 1 over the HTTP API (POST
+   * /v1/groups) and returns its id; its seq 1 is the CREATED event.
+   */
+  async createGroup(uids: (number | bigint)[]): Promise<bigint> {
+    const res = await fetch(`http://${this.addrs!.http}/v1/groups`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${await this.apiKey()}`, "content-type": "application/json" },
+      body: JSON.stringify({ members: uids.map((uid) => ({ account: 1, uid: Number(uid) })) }),
+    });
+    const text = await res.text();
+    if (res.status !== 200) {
+      throw new Error(`create group: HTTP ${res.status}: ${text}`);
+    }
+    const body = JSON.parse(text) as { group_id: string; seq: number };
+    if (body.seq !== 1) {
+      throw new Error(`create group: seq ${body.seq}`);
+    }
+    return BigInt(body.group_id);
+  }
+
   async cleanup(): Promise<void> {
     await this.kill();
     rmSync(this.dataDir, { recursive: true, force: true });
@@ -213,6 +242,24 @@ export class Peer {
       throw new Error(`peer send failed: ${JSON.stringify(e)}`);
     }
     return e;
+  }
+
+  /** Makes the peer send content to group groupId and waits for the answer (which adds its seq). */
+  async sendGroup(groupId: bigint, content: string, msgtype = 1): Promise<PeerEvent> {
+    const id = `r${++this.reqs}`;
+    this.proc.stdin!.write(
+      JSON.stringify({ op: "send_group", id, group_id: String(groupId), msgtype, content }) + "\n",
+    );
+    const e = await this.waitFor((e) => e.id === id, 40000);
+    if (e.event !== "sent") {
+      throw new Error(`peer group send failed: ${JSON.stringify(e)}`);
+    }
+    return e;
+  }
+
+  /** The group messages of groupId received, in order. */
+  groupEvents(groupId: bigint): PeerEvent[] {
+    return this.events.filter((e) => e.event === "group" && e.group_id === String(groupId));
   }
 
   /** The contents of the chat messages received, in order. */
