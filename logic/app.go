@@ -22,6 +22,10 @@ type App struct {
 	// presence) as this appcode: `Authorization: Bearer <key>`. Empty: the
 	// app has no HTTP access.
 	APIKeys []string `yaml:"api_keys" json:"-"`
+	// Auth chooses how the appcode's logins are checked: HMAC tokens
+	// signed with Secrets (the default), JWTs verified with the account
+	// system's public keys, or the app-server's own check over HTTP.
+	Auth AuthConfig `yaml:"auth" json:"auth"`
 }
 
 // Validate reports what is wrong with a.
@@ -33,7 +37,7 @@ func (a *App) Validate() error {
 	if a.Account == 0 {
 		errs = append(errs, fmt.Errorf("appcode %d: account must be > 0", a.AppCode))
 	}
-	if len(a.Secrets) == 0 {
+	if len(a.Secrets) == 0 && a.AuthKind() == AuthHMAC {
 		errs = append(errs, fmt.Errorf("appcode %d: at least one secret is required", a.AppCode))
 	}
 	for _, s := range a.Secrets {
@@ -48,6 +52,7 @@ func (a *App) Validate() error {
 			break
 		}
 	}
+	errs = append(errs, a.validateAuth()...)
 	if a.MaxSessions < 0 {
 		errs = append(errs, fmt.Errorf("appcode %d: max_sessions must be >= 0", a.AppCode))
 	}

@@ -76,7 +76,7 @@ type LoginResult struct {
 // Options configures a Service.
 type Options struct {
 	Apps     []App
-	Auth     Authenticator // nil: HMACAuth
+	Auth     Authenticator // apps of kind hmac; nil: HMACAuth (jwt and http apps get their own)
 	Router   router.Router
 	Logger   *slog.Logger
 	Registry prometheus.Registerer // nil: metrics are not registered
@@ -101,8 +101,6 @@ type Options struct {
 	GroupStore das.GroupStore
 	Groups     Groups
 	Transient  Transient
-	// Limits are the per-node rate limits (limits.go); off by default.
-	Limits Limits
 	// ConvStore keeps conversation summaries and read marks; nil uses
 	// Store when it implements das.ConvStore (both engines do).
 	ConvStore das.ConvStore
@@ -128,6 +126,7 @@ type Options struct {
 type Service struct {
 	apps   map[uint32]*App
 	auth   Authenticator
+	auths  map[uint32]Authenticator // each appcode's login check, by its Auth.Kind
 	router router.Router
 	log    *slog.Logger
 
@@ -148,7 +147,6 @@ type Service struct {
 	groupChanged func(ctx context.Context, id uint64)
 
 	transientLimits *limiters
-	limits          *limits
 	conv            das.ConvStore
 	bus             bus.Producer
 	routes          map[routeKey]string
@@ -185,6 +183,7 @@ func New(opts Options) (*Service, error) {
 	}
 	s := &Service{
 		apps:     make(map[uint32]*App, len(opts.Apps)),
+		auths:    make(map[uint32]Authenticator, len(opts.Apps)),
 		auth:     opts.Auth,
 		router:   opts.Router,
 		log:      opts.Logger,
@@ -205,11 +204,6 @@ func New(opts Options) (*Service, error) {
 	tr := opts.Transient
 	tr.setDefaults()
 	s.transientLimits = newLimiters(tr)
-	lim, limErr := newLimits(opts.Limits, opts.Registry)
-	if limErr != nil {
-		return nil, limErr
-	}
-	s.limits = lim
 	s.conv = opts.ConvStore
 	if s.conv == nil {
 		s.conv, _ = opts.Store.(das.ConvStore)
@@ -254,7 +248,13 @@ func New(opts Options) (*Service, error) {
 			errs = append(errs, fmt.Errorf("appcode %d configured twice", a.AppCode))
 			continue
 		}
+		auth, err := newAuthenticator(&a, s.auth, s.log)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
 		s.apps[a.AppCode] = &a
+		s.auths[a.AppCode] = auth
 		for _, k := range a.APIKeys {
 			if other, dup := keys[k]; dup {
 				errs = append(errs, fmt.Errorf("appcodes %d and %d share an api key: a key must name one app", other, a.AppCode))
@@ -460,7 +460,7 @@ func (s *Service) login(ctx context.Context, in LoginInput) (LoginResult, error)
 	if in.UID == 0 {
 		return LoginResult{}, schema.Errorf(schema.StatusTokenMismatch, "uid 0 cannot log in")
 	}
-	if err := s.auth.Authenticate(ctx, app, in.UID, in.Token); err != nil {
+	if err := s.auths[app.AppCode].Authenticate(ctx, app, in.UID, in.Token); err != nil {
 		return LoginResult{}, err
 	}
 	sess := router.Session{
