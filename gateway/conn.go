@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -111,6 +112,11 @@ func (c *conn) handle(f *frame) action {
 		}
 		return actBlock
 	}
+	if c.srv.lim.perConn {
+		if a, over := c.overBudget(f); over {
+			return a
+		}
+	}
 	// Logged in: the header's uid and appcode are checked, never trusted.
 	if (h.UID != 0 && h.UID != c.sess.UID) || (h.AppCode != 0 && h.AppCode != c.sess.AppCode) {
 		f.release()
@@ -214,6 +220,15 @@ func (c *conn) login(h *schema.Header, body []byte) action {
 		c.fail(h, schema.StatusBadBody, "login body: "+err.Error())
 		return actStop
 	}
+	var src netip.Addr // read only when a login limit needs it: it costs a system call
+	if s.lim.byAddr {
+		src = parseAddr(c.io.remoteAddr())
+	}
+	if msg := s.loginRate(src, h.UID); msg != "" {
+		s.log.Info("login refused", "conn", c.id, "remote", src.String(), "appcode", h.AppCode, "uid", h.UID, "status", schema.StatusRateLimited.String(), "logid", h.LogID, "err", msg)
+		c.fail(h, schema.StatusRateLimited, msg)
+		return actStop
+	}
 	ctx, cancel := context.WithTimeout(s.ctx, s.opts.RequestTimeout)
 	res, err := s.api.Login(ctx, logic.LoginInput{
 		AppCode: h.AppCode, UID: h.UID, Token: req.Token, DeviceID: req.DeviceId,
@@ -223,6 +238,7 @@ func (c *conn) login(h *schema.Header, body []byte) action {
 	if err != nil {
 		st := statusOf(err)
 		s.log.Info("login refused", "conn", c.id, "appcode", h.AppCode, "uid", h.UID, "status", st.String(), "logid", h.LogID, "err", err)
+		s.loginFailed(src, st)
 		c.failErr(h, err)
 		return actStop
 	}

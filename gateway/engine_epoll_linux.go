@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"runtime"
 	"sync"
@@ -122,11 +123,12 @@ func (e *epollEngine) serve(ln net.Listener) error {
 	var backoff time.Duration
 	for {
 		var fd int
+		var sa unix.Sockaddr
 		var aerr error
 		// RawConn.Read parks in Go's netpoller until the listener is
 		// readable, and fails once closeListener has closed it.
 		err := rc.Read(func(lfd uintptr) bool {
-			fd, _, aerr = unix.Accept4(int(lfd), unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
+			fd, sa, aerr = unix.Accept4(int(lfd), unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
 			return aerr != unix.EAGAIN
 		})
 		if err != nil {
@@ -146,12 +148,23 @@ func (e *epollEngine) serve(ln net.Listener) error {
 		}
 		backoff = 0
 		s.m.accepted.Inc()
-		if st := s.admission(); st != schema.StatusOK {
+		if st := s.admission(sockaddrAddr(sa)); st != schema.StatusOK {
 			e.reject(fd, st)
 			continue
 		}
 		_ = e.adopt(fd)
 	}
+}
+
+// sockaddrAddr returns the IP address of sa, or the zero Addr.
+func sockaddrAddr(sa unix.Sockaddr) netip.Addr {
+	switch a := sa.(type) {
+	case *unix.SockaddrInet4:
+		return netip.AddrFrom4(a.Addr)
+	case *unix.SockaddrInet6:
+		return netip.AddrFrom16(a.Addr)
+	}
+	return netip.Addr{}
 }
 
 // listen returns the raw listening socket to accept from. A net.Listener

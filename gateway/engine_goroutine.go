@@ -34,7 +34,7 @@ func (e *goEngine) serve(ln net.Listener) error {
 		}
 		backoff = 0
 		s.m.accepted.Inc()
-		if st := s.admission(); st != schema.StatusOK {
+		if st := s.admission(addrOf(nc.RemoteAddr())); st != schema.StatusOK {
 			e.reject(nc, st)
 			continue
 		}

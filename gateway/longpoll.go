@@ -91,14 +91,14 @@ func (h *lpHandler) open(w http.ResponseWriter, r *http.Request) {
 	s := h.hub.s
 	c, st := h.hub.open(r.RemoteAddr)
 	if st != schema.StatusOK {
-		msg := "gateway is at its connection limit"
-		if st == schema.StatusShuttingDown {
-			msg = "gateway is shutting down"
+		code := http.StatusServiceUnavailable
+		if st == schema.StatusRateLimited {
+			code = http.StatusTooManyRequests
 		}
 		w.Header().Set("Content-Type", "application/json")
 		w.Header().Set("Retry-After", "1")
-		w.WriteHeader(http.StatusServiceUnavailable)
-		_ = json.NewEncoder(w).Encode(lpRefused{Code: uint16(st), Message: msg, Retryable: st.Retryable()})
+		w.WriteHeader(code)
+		_ = json.NewEncoder(w).Encode(lpRefused{Code: uint16(st), Message: refusal(st), Retryable: st.Retryable()})
 		return
 	}
 	w.Header().Set("Content-Type", "application/json")

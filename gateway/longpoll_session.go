@@ -97,7 +97,7 @@ var _ connIO = (*lpConn)(nil)
 func (h *lpHub) open(remote string) (*lpConn, schema.Status) {
 	s := h.s
 	s.m.accepted.Inc()
-	if st := s.admission(); st != schema.StatusOK {
+	if st := s.admission(parseAddr(remote)); st != schema.StatusOK {
 		s.m.rejected.WithLabelValues(st.String()).Inc()
 		return nil, st
 	}

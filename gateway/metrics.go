@@ -17,6 +17,7 @@ type metrics struct {
 	framesOut    prometheus.Counter
 	writes       prometheus.Counter
 	errorsOut    *prometheus.CounterVec
+	rateLimited  *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -35,9 +36,11 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		framesOut:    prometheus.NewCounter(opts("frames_out_total", "Frames written to clients.")),
 		writes:       prometheus.NewCounter(opts("writes_total", "Write system calls; frames_out/writes is the batching factor.")),
 		errorsOut:    prometheus.NewCounterVec(opts("error_responses_total", "Error responses sent, by status."), []string{"status"}),
+		rateLimited: prometheus.NewCounterVec(opts("rate_limited_total",
+			"Refusals for a rate limit (status 3001), by limit: conns_per_ip, conns, logins_per_ip, logins_per_uid, login_lockout, frames, bytes; closed counts connections closed for keeping on over their budget."), []string{"limit"}),
 	}
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.conns, m.accepted, m.acceptErrors, m.rejected, m.closed, m.kicked, m.framesIn, m.framesOut, m.writes, m.errorsOut} {
+		for _, c := range []prometheus.Collector{m.conns, m.accepted, m.acceptErrors, m.rejected, m.closed, m.kicked, m.framesIn, m.framesOut, m.writes, m.errorsOut, m.rateLimited} {
 			if err := reg.Register(c); err != nil {
 				return nil, fmt.Errorf("gateway: metrics: %w", err)
 			}

@@ -70,6 +70,8 @@ type Options struct {
 	// IdleTimeout when that is shorter; it must be shorter than
 	// IdleTimeout, which closes a session with no poll.
 	PollTimeout time.Duration
+	// Limits are the rate limits (limits.go); all are off by default.
+	Limits Limits
 
 	Logger   *slog.Logger
 	Registry prometheus.Registerer
@@ -128,12 +130,13 @@ func (o *Options) setDefaults() error {
 	if o.PollTimeout == 0 {
 		o.PollTimeout = min(30*time.Second, o.IdleTimeout/3)
 	}
+	limitsErr := o.Limits.setDefaults(o.MaxBody)
 	engine, engineErr := resolveEngine(o.Engine)
 	o.Engine = engine
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
-	errs := []error{engineErr}
+	errs := []error{engineErr, limitsErr}
 	if o.MaxConns < 0 {
 		errs = append(errs, errors.New("max conns must be >= 0"))
 	}

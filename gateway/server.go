@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -44,6 +45,7 @@ type Server struct {
 	web   webListener
 
 	reqs     *reqCtxs // the contexts of calls into logic
+	lim      *limiter // the rate limits (Options.Limits)
 	eng      engine
 	nextConn atomic.Uint64
 	nconns   atomic.Int64
@@ -58,6 +60,9 @@ type Server struct {
 type connShard struct {
 	mu sync.Mutex
 	m  map[uint64]*conn
+
+	bmu     sync.Mutex         // guards budgets, apart from mu, which pushes take
+	budgets map[uint64]*budget // of busy connections, when Limits.Frames or Bytes is on
 }
 
 var _ logic.Gate = (*Server)(nil)
@@ -77,6 +82,7 @@ func New(opts Options, api logic.API) (*Server, error) {
 	s := &Server{opts: opts, api: api, log: opts.Logger.With("gate", opts.ID), m: m, ready: make(chan struct{})}
 	s.ctx, s.stop = context.WithCancel(context.Background())
 	s.reqs = newReqCtxs(s.ctx, opts.RequestTimeout)
+	s.lim = newLimiter(opts.Limits)
 	for i := range s.shards {
 		s.shards[i].m = make(map[uint64]*conn)
 	}
@@ -140,27 +146,39 @@ func (s *Server) acceptFailed(err error, backoff *time.Duration) {
 	time.Sleep(*backoff)
 }
 
-// admission returns StatusOK when a newly accepted connection may be held,
-// else the status to refuse it with.
-func (s *Server) admission() schema.Status {
+// admission returns StatusOK when a newly accepted connection from src
+// (the zero Addr when unknown) may be held, else the status to refuse it
+// with: draining, at MaxConns, or over a new-connection rate limit
+// (StatusRateLimited). Only a connection that passes the first two takes
+// a token of the rate limits.
+func (s *Server) admission(src netip.Addr) schema.Status {
 	switch {
 	case s.draining.Load():
 		return schema.StatusShuttingDown
 	case s.nconns.Load() >= int64(s.opts.MaxConns):
 		return schema.StatusTooManyConns
+	case !s.admitRate(src):
+		return schema.StatusRateLimited
 	}
 	return schema.StatusOK
+}
+
+// refusal is the message that goes with an admission status.
+func refusal(st schema.Status) string {
+	switch st {
+	case schema.StatusShuttingDown:
+		return "gateway is shutting down"
+	case schema.StatusRateLimited:
+		return "too many new connections; retry later"
+	}
+	return "gateway is at its connection limit"
 }
 
 // rejectFrame counts a refused connection and returns the error frame it
 // gets.
 func (s *Server) rejectFrame(st schema.Status) []byte {
 	s.m.rejected.WithLabelValues(st.String()).Inc()
-	msg := "gateway is at its connection limit"
-	if st == schema.StatusShuttingDown {
-		msg = "gateway is shutting down"
-	}
-	return errorFrame(nil, &schema.Header{}, st, msg)
+	return errorFrame(nil, &schema.Header{}, st, refusal(st))
 }
 
 // ListenAndServe is Listen followed by Serve.
@@ -196,6 +214,9 @@ func (s *Server) removeConn(c *conn) {
 	_, ok := sh.m[c.id]
 	delete(sh.m, c.id)
 	sh.mu.Unlock()
+	if s.lim.perConn {
+		sh.dropBudget(c.id)
+	}
 	if ok {
 		s.nconns.Add(-1)
 		s.m.conns.Dec()

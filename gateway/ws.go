@@ -3,6 +3,7 @@ package gateway
 import (
 	"net"
 	"net/http"
+	"strconv"
 
 	"github.com/gobwas/ws"
 	"github.com/imd-dev/imd/schema"
@@ -23,9 +24,14 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "WebSocket needs the epoll engine", http.StatusNotImplemented)
 		return
 	}
-	if st := s.admission(); st != schema.StatusOK {
+	if st := s.admission(parseAddr(r.RemoteAddr)); st != schema.StatusOK {
 		s.m.rejected.WithLabelValues(st.String()).Inc()
-		http.Error(w, st.String(), http.StatusServiceUnavailable)
+		code := http.StatusServiceUnavailable
+		if st == schema.StatusRateLimited {
+			code = http.StatusTooManyRequests
+		}
+		w.Header().Set("Retry-After", "1")
+		http.Error(w, strconv.Itoa(int(st))+" "+st.String()+": "+refusal(st), code)
 		return
 	}
 	nc, brw, _, err := ws.HTTPUpgrader{}.Upgrade(r, w)

@@ -127,6 +127,9 @@ func (s *Service) c2cSend(ctx context.Context, sess router.Session, h *schema.He
 	if req.Transient {
 		return s.transientSend(ctx, sess, h, &req)
 	}
+	if err := s.limits.allowSend(das.User{Account: sess.Account, UID: sess.UID}); err != nil {
+		return nil, err
+	}
 	if err := s.needStore(); err != nil {
 		return nil, err
 	}

@@ -59,6 +59,9 @@ func (s *Service) groupSend(ctx context.Context, sess router.Session, h *schema.
 	if err := s.needGroups(); err != nil {
 		return nil, err
 	}
+	if err := s.limits.allowSend(das.User{Account: sess.Account, UID: sess.UID}); err != nil {
+		return nil, err
+	}
 	id, err := s.newID(req.AfterMsgid, h.LogID)
 	if err != nil {
 		return nil, err

@@ -316,6 +316,8 @@ func writeStatusError(ctx *fasthttp.RequestCtx, err error) {
 		code = fasthttp.StatusNotFound
 	case se.Status == schema.StatusGroupExists:
 		code = fasthttp.StatusConflict
+	case se.Status == schema.StatusRateLimited:
+		code = fasthttp.StatusTooManyRequests
 	case se.Status.Retryable():
 		code = fasthttp.StatusServiceUnavailable
 	}

@@ -101,6 +101,8 @@ type Options struct {
 	GroupStore das.GroupStore
 	Groups     Groups
 	Transient  Transient
+	// Limits are the per-node rate limits (limits.go); off by default.
+	Limits Limits
 	// ConvStore keeps conversation summaries and read marks; nil uses
 	// Store when it implements das.ConvStore (both engines do).
 	ConvStore das.ConvStore
@@ -147,6 +149,7 @@ type Service struct {
 	groupChanged func(ctx context.Context, id uint64)
 
 	transientLimits *limiters
+	limits          *limits
 	conv            das.ConvStore
 	bus             bus.Producer
 	routes          map[routeKey]string
@@ -204,6 +207,11 @@ func New(opts Options) (*Service, error) {
 	tr := opts.Transient
 	tr.setDefaults()
 	s.transientLimits = newLimiters(tr)
+	lim, limErr := newLimits(opts.Limits, opts.Registry)
+	if limErr != nil {
+		return nil, limErr
+	}
+	s.limits = lim
 	s.conv = opts.ConvStore
 	if s.conv == nil {
 		s.conv, _ = opts.Store.(das.ConvStore)

@@ -122,6 +122,9 @@ func (s *Service) Push(ctx context.Context, caller *App, req *PushRequest) (*Pus
 	case len(req.Content) > s.s2c.MaxContent:
 		return nil, schema.Errorf(schema.StatusContentTooLarge, "content is %d bytes, over the maximum of %d", len(req.Content), s.s2c.MaxContent)
 	}
+	if err := s.limits.allowPush(caller.AppCode); err != nil {
+		return nil, err
+	}
 	users := make([]router.User, len(req.To))
 	apps := make([]*App, len(req.To))
 	for i, r := range req.To {

@@ -2,14 +2,13 @@ package logic
 
 import (
 	"context"
-	"sync"
 	"time"
 
 	"github.com/imd-dev/imd/das"
+	"github.com/imd-dev/imd/internal/ratelimit"
 	"github.com/imd-dev/imd/router"
 	"github.com/imd-dev/imd/schema"
 	"github.com/imd-dev/imd/schema/pb"
-	"golang.org/x/time/rate"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -32,44 +31,11 @@ func (t *Transient) setDefaults() {
 	}
 }
 
-// limiters holds a token bucket per user, dropping buckets idle for a
-// minute so that memory follows the users active now.
-type limiters struct {
-	mu      sync.Mutex
-	limit   rate.Limit
-	burst   int
-	m       map[das.User]*userLimiter
-	sweptAt time.Time
-}
-
-type userLimiter struct {
-	l    *rate.Limiter
-	used time.Time
-}
+// limiters is the per-user bucket of transient messages.
+type limiters = ratelimit.Keyed[das.User]
 
 func newLimiters(t Transient) *limiters {
-	return &limiters{limit: rate.Limit(t.Rate), burst: t.Burst, m: make(map[das.User]*userLimiter)}
-}
-
-// allow takes a token of u's bucket and reports whether there was one.
-func (l *limiters) allow(u das.User, now time.Time) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if now.Sub(l.sweptAt) > time.Minute {
-		for k, v := range l.m {
-			if now.Sub(v.used) > time.Minute {
-				delete(l.m, k)
-			}
-		}
-		l.sweptAt = now
-	}
-	ul := l.m[u]
-	if ul == nil {
-		ul = &userLimiter{l: rate.NewLimiter(l.limit, l.burst)}
-		l.m[u] = ul
-	}
-	ul.used = now
-	return ul.l.AllowN(now, 1)
+	return ratelimit.NewKeyed[das.User](ratelimit.Rate{Rate: t.Rate, Burst: t.Burst})
 }
 
 // transientSend delivers a transient message to the online terminals of
@@ -78,9 +44,10 @@ func (l *limiters) allow(u das.User, now time.Time) bool {
 // validation of the common fields is c2cSend's.
 func (s *Service) transientSend(ctx context.Context, sess router.Session, h *schema.Header, req *pb.C2CSendRequest) ([]byte, error) {
 	from := das.User{Account: sess.Account, UID: sess.UID}
-	if !s.transientLimits.allow(from, time.Now()) {
+	if !s.transientLimits.Allow(from, time.Now()) {
 		s.mTransient.WithLabelValues("rate_limited").Inc()
-		return nil, schema.Errorf(schema.StatusRateLimited, "over %g transient messages a second", float64(s.transientLimits.limit))
+		s.limits.m.WithLabelValues(limTransient).Inc()
+		return nil, schema.Errorf(schema.StatusRateLimited, "over %g transient messages a second", s.transientLimits.Rate().Rate)
 	}
 	n := &pb.TransientNotify{
 		From: &pb.User{Account: sess.Account, Uid: sess.UID}, FromAppcode: sess.AppCode,

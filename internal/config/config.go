@@ -17,6 +17,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/imd-dev/imd/gateway"
 	"github.com/imd-dev/imd/logic"
 	"gopkg.in/yaml.v3"
 )
@@ -55,6 +56,9 @@ type Config struct {
 
 	// Presence bounds presence subscriptions.
 	Presence logic.Presence `yaml:"presence"`
+	// Limits are the rate limits of the gateway and of logic, all off by
+	// default (docs/operations.md, "Limits that protect the gateway").
+	Limits Limits `yaml:"limits"`
 	// Cluster configures the many-process shape (imd logic, imd gateway).
 	Cluster Cluster `yaml:"cluster"`
 	// Apps maps each appcode to its account system and secrets. When it is
@@ -104,6 +108,30 @@ type Gateway struct {
 	// it answers empty. Default 30s (a third of idle_timeout when that is
 	// shorter).
 	PollTimeout time.Duration `yaml:"poll_timeout"`
+}
+
+// Limits gathers the gateway's and logic's rate limits under one
+// `limits:` section; each rate is {rate: per second, burst: bucket size}.
+type Limits struct {
+	Gateway gateway.Limits `yaml:",inline"`
+	Logic   logic.Limits   `yaml:",inline"`
+}
+
+// LimitFlags binds the rate limits' flags. A rate is RATE or RATE:BURST
+// (per second, bucket size); 0 is off.
+func (c *Config) LimitFlags(fs *flag.FlagSet) {
+	g, l := &c.Limits.Gateway, &c.Limits.Logic
+	fs.Var(&g.ConnsPerIP, "limit-conns-per-ip", "new connections a second per source address, RATE[:BURST] (default 0: off)")
+	fs.Var(&g.Conns, "limit-conns", "new connections a second to the gateway in all, RATE[:BURST] (default 0: off)")
+	fs.Var(&g.LoginsPerIP, "limit-logins-per-ip", "login attempts a second per source address, RATE[:BURST] (default 0: off)")
+	fs.Var(&g.LoginsPerUID, "limit-logins-per-uid", "login attempts a second per uid, RATE[:BURST] (default 0: off)")
+	fs.IntVar(&g.LoginFailures, "limit-login-failures", g.LoginFailures, "failed logins per source address within limit-login-failure-window before it is shut out (default 0: off)")
+	fs.DurationVar(&g.LoginFailureWindow, "limit-login-failure-window", g.LoginFailureWindow, "the window limit-login-failures counts in (default 1m)")
+	fs.DurationVar(&g.LoginLockout, "limit-login-lockout", g.LoginLockout, "how long an address over limit-login-failures may not log in (default 5m)")
+	fs.Var(&g.Frames, "limit-frames", "frames a second per logged-in connection, RATE[:BURST] (default 0: off)")
+	fs.Var(&g.Bytes, "limit-bytes", "bytes a second per logged-in connection, RATE[:BURST] (default 0: off)")
+	fs.Var(&l.C2CSendsPerUser, "limit-c2c-sends-per-user", "one-to-one and group messages a second per user on one logic node, RATE[:BURST] (default 0: off)")
+	fs.Var(&l.PushesPerApp, "limit-pushes-per-app", "s2c pushes a second per app on one logic node, RATE[:BURST] (default 0: off)")
 }
 
 // Store configures message storage.
@@ -290,6 +318,7 @@ func (c *Config) ServerFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.Bus.Embedded.Addr, "kafka-addr", c.Bus.Embedded.Addr, "listen address of the embedded Kafka broker (default 127.0.0.1:9092)")
 	fs.IntVar(&c.C2C.PageSize, "page-size", c.C2C.PageSize, "offline pull page size when a client asks for 0 (default 50)")
 	fs.Float64Var(&c.Transient.Rate, "transient-rate", c.Transient.Rate, "transient messages (typing...) each user may send per second on one logic node (default 20)")
+	c.LimitFlags(fs)
 	fs.IntVar(&c.Presence.MaxFollowed, "presence-max-followed", c.Presence.MaxFollowed, "users one session may follow with presence-subscribe (default 200)")
 	fs.IntVar(&c.Groups.MaxSize, "group-max-size", c.Groups.MaxSize, "largest group, in members (default 10000)")
 	fs.IntVar(&c.Groups.CacheEntries, "group-cache-entries", c.Groups.CacheEntries, "bound of the group members cache, in member entries over all cached groups (default 1048576)")

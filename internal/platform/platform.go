@@ -217,7 +217,7 @@ func (p *Platform) startLogic(cfg config.Config, log *slog.Logger, reg prometheu
 		PushLedger: ledger, Groups: cfg.Groups, GroupChanged: groupChanged, Transient: cfg.Transient, Presence: cfg.Presence,
 		Apps: cfg.Apps, Router: p.Router, Logger: log.With("tier", "logic"), Registry: reg,
 		Store: store, NodeID: nodeID, C2C: cfg.C2C, S2C: cfg.S2C, C2S: cfg.C2S, Bus: p.producer,
-		Clock: cfg.Clock, MaxClockSkew: cfg.MaxClockSkew,
+		Clock: cfg.Clock, MaxClockSkew: cfg.MaxClockSkew, Limits: cfg.Limits.Logic,
 	})
 	if err != nil {
 		return err
@@ -273,6 +273,7 @@ func (p *Platform) startGateway(cfg config.Config, log *slog.Logger, reg prometh
 		LoginTimeout: g.LoginTimeout, IdleTimeout: g.IdleTimeout, KeepaliveInterval: g.KeepaliveInterval,
 		RequestTimeout: g.RequestTimeout, WriteTimeout: g.WriteTimeout, MaxInFlight: g.MaxInFlight,
 		MaxQueueBytes: g.MaxQueueBytes, WebAddr: g.WebAddr, WebOrigins: g.WebOrigins, PollTimeout: g.PollTimeout,
+		Limits: cfg.Limits.Gateway,
 		Logger: log.With("tier", "gateway"), Registry: reg,
 	}
 	if cfg.Demo != nil && *cfg.Demo {
