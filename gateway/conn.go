@@ -3,8 +3,10 @@ package gateway
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -36,6 +38,7 @@ type conn struct {
 	state    atomic.Int32
 	inflight atomic.Int32
 	sess     router.Session // written once at login, before state becomes stateLoggedIn
+	compress atomic.Bool    // login negotiated body compression (schema.CompressionS2)
 
 	mu       sync.Mutex
 	out      []*[]byte // queued encoded frames in pooled buffers
@@ -104,6 +107,12 @@ func (c *conn) handle(f *frame) action {
 	if h.LogID == 0 {
 		h.LogID = schema.NewLogID()
 	}
+	if h.Flags&schema.FlagCompressed != 0 && !c.compress.Load() {
+		// Compression is used only once login negotiated it.
+		f.release()
+		c.badFrame(h, errNotNegotiated)
+		return actStop
+	}
 	if c.state.Load() != stateLoggedIn {
 		if h.Kind() != schema.KindRequest || h.Cmd != schema.CmdLogin {
 			f.release()
@@ -114,6 +123,11 @@ func (c *conn) handle(f *frame) action {
 	}
 	if c.srv.lim.perConn {
 		if a, over := c.overBudget(f); over {
+			return a
+		}
+	}
+	if h.Flags&schema.FlagCompressed != 0 {
+		if a, bad := c.inflate(f); bad {
 			return a
 		}
 	}
@@ -155,6 +169,43 @@ func (c *conn) handle(f *frame) action {
 	}
 	c.dispatch(f, true)
 	return actNext
+}
+
+var errNotNegotiated = fmt.Errorf("%w: compressed body on a connection whose login did not negotiate compression", schema.ErrBadFlags)
+
+// inflate replaces the compressed body of f with the decompressed one. A
+// body that would decompress to more than MaxBody is refused from its
+// length prefix, before anything is inflated (1003, and the connection is
+// closed); a corrupt one is answered with 1004. bad reports that f was
+// released and the caller returns a.
+func (c *conn) inflate(f *frame) (a action, bad bool) {
+	h := &f.Header
+	n, err := schema.DecompressedLen(f.Body, c.srv.opts.MaxBody)
+	if errors.Is(err, schema.ErrBodyTooLarge) {
+		f.release()
+		c.badFrame(h, err)
+		return actStop, true
+	}
+	var bp *[]byte
+	if err == nil {
+		bp = schema.GetBuf(n)
+		err = schema.Decompress(*bp, f.Body)
+	}
+	if err != nil {
+		if bp != nil {
+			schema.PutBuf(bp)
+		}
+		f.release()
+		if h.Kind() == schema.KindRequest {
+			c.respondErr(h, schema.StatusBadBody, err.Error())
+		}
+		return actNext, true
+	}
+	f.release()
+	f.buf, f.Body = bp, *bp
+	h.BodyLen = uint32(n)
+	h.Flags &^= schema.FlagCompressed
+	return actNext, false
 }
 
 // blocking serves a frame handle answered actBlock for: a login on a new
@@ -245,6 +296,11 @@ func (c *conn) login(h *schema.Header, body []byte) action {
 	c.mu.Lock() // readers on other goroutines take c.mu or see state first
 	c.sess = res.Session
 	c.mu.Unlock()
+	var compression string
+	if s.opts.CompressMin >= 0 && slices.Contains(req.AcceptCompression, schema.CompressionS2) {
+		compression = schema.CompressionS2
+		c.compress.Store(true)
+	}
 	c.state.Store(stateLoggedIn)
 	c.respond(h, &pb.LoginResponse{
 		Epoch:         res.Session.Epoch,
@@ -254,6 +310,7 @@ func (c *conn) login(h *schema.Header, body []byte) action {
 		GateId:        s.opts.ID,
 		MaxBody:       s.opts.MaxBody,
 		Account:       res.Session.Account,
+		Compression:   compression,
 	})
 	s.log.Debug("login", "conn", c.id, "appcode", h.AppCode, "uid", h.UID, "epoch", res.Session.Epoch, "logid", h.LogID)
 	c.mu.Lock()
@@ -439,13 +496,37 @@ func (c *conn) notifyAndClose(cmd schema.Cmd, m proto.Message, reason string, lo
 }
 
 // enqueue encodes a frame into a pooled buffer and queues it; false means
-// the connection is closing or was just closed as a slow consumer.
+// the connection is closing or was just closed as a slow consumer. On a
+// connection that negotiated compression a body of CompressMin bytes or
+// more is compressed here, per connection, so a body shared by many
+// connections is encoded once and compressed only for those that asked.
 func (c *conn) enqueue(h *schema.Header, body []byte) bool {
+	if len(body) >= c.srv.opts.CompressMin && c.compress.Load() {
+		if bp := compressedFrame(h, body); bp != nil {
+			return c.enqueueBuf(bp)
+		}
+	}
 	bp := schema.GetBuf(schema.HeaderLen + len(body))
 	h.BodyLen = uint32(len(body))
 	h.Put(*bp)
 	copy((*bp)[schema.HeaderLen:], body)
 	return c.enqueueBuf(bp)
+}
+
+// compressedFrame encodes a frame with a compressed body into a pooled
+// buffer, or returns nil when compression would not make it smaller.
+func compressedFrame(h *schema.Header, body []byte) *[]byte {
+	bp := schema.GetBuf(schema.HeaderLen + schema.CompressBound(len(body)))
+	n := schema.Compress((*bp)[schema.HeaderLen:], body)
+	if n == 0 {
+		schema.PutBuf(bp)
+		return nil
+	}
+	*bp = (*bp)[:schema.HeaderLen+n]
+	h.Flags |= schema.FlagCompressed
+	h.BodyLen = uint32(n)
+	h.Put(*bp)
+	return bp
 }
 
 // enqueueBuf queues an encoded frame and asks the engine to write it unless

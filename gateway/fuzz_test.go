@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"io"
 	"testing"
@@ -11,6 +12,7 @@ import (
 	"github.com/imd-dev/imd/router"
 	"github.com/imd-dev/imd/schema"
 	"github.com/imd-dev/imd/schema/pb"
+	"github.com/klauspost/compress/s2"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -33,8 +35,17 @@ func fuzzSeeds() [][]byte {
 	logout := fuzzFrame(schema.Header{Cmd: schema.CmdLogout, Seq: 3}, &pb.LogoutRequest{})
 	unknown := fuzzFrame(schema.Header{Cmd: 0x7777, Seq: 4}, nil)
 	c2c := fuzzFrame(schema.Header{Cmd: schema.CmdC2CSend, Seq: 5}, &pb.C2CSendRequest{})
+	loginS2 := fuzzFrame(schema.Header{Cmd: schema.CmdLogin, AppCode: 101, UID: 5, Seq: 1},
+		&pb.LoginRequest{Token: logic.MintToken(fuzzSecret, 101, 5, time.Now().Add(24*365*time.Hour)), DeviceId: "d",
+			AcceptCompression: []string{schema.CompressionS2}})
+	kaS2 := append([]byte(nil), ka...) // compressed keepalive: flag bit 2, s2 block body
+	kaS2[3] |= schema.FlagCompressed
+	kaS2 = append(kaS2[:schema.HeaderLen], s2.Encode(nil, ka[schema.HeaderLen:])...)
+	binary.BigEndian.PutUint32(kaS2[36:], uint32(len(kaS2)-schema.HeaderLen))
 	cat := func(parts ...[]byte) []byte { return bytes.Join(parts, nil) }
 	return [][]byte{
+		cat(loginS2, kaS2, ka, logout),
+		cat(login, kaS2),
 		cat(login, ka, logout),
 		cat(login, ka, ka, unknown, c2c, ka),
 		cat(login, login),

@@ -44,6 +44,11 @@ type Options struct {
 	// MaxQueueBytes closes a connection (slow consumer) whose unsent frames
 	// exceed it. Default 4 MiB.
 	MaxQueueBytes int
+	// CompressMin is the smallest body the gateway compresses on a
+	// connection whose login negotiated compression (PROTOCOL.md, Flags).
+	// Default 512 bytes; negative turns compression off (logins are
+	// answered with no scheme).
+	CompressMin int
 	// Engine chooses how connections are served: EngineEpoll (event loops,
 	// Linux only; elsewhere the gateway falls back to goroutines) or
 	// EngineGoroutine (a reader goroutine per connection). Default epoll
@@ -126,6 +131,9 @@ func (o *Options) setDefaults() error {
 	}
 	if o.MaxQueueBytes == 0 {
 		o.MaxQueueBytes = 4 << 20
+	}
+	if o.CompressMin == 0 {
+		o.CompressMin = 512
 	}
 	if o.PollTimeout == 0 {
 		o.PollTimeout = min(30*time.Second, o.IdleTimeout/3)

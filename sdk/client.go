@@ -96,6 +96,12 @@ type Message struct {
 	Body    []byte // protobuf body of the command; the callback may keep it
 }
 
+// Values of Options.Compression.
+const (
+	CompressionS2  = schema.CompressionS2 // the default
+	CompressionOff = "off"
+)
+
 // Options configures a Client. Zero values get defaults.
 type Options struct {
 	// Addrs are the gateways to use. The client starts with the first and
@@ -132,6 +138,12 @@ type Options struct {
 	NoReconnect bool
 	// MaxBody bounds the frames the client accepts. Default 1 MiB.
 	MaxBody uint32
+	// Compression is the body compression the client offers at login:
+	// "" (the default) offers CompressionS2, CompressionOff offers none.
+	// When the server takes it, bodies of 512 bytes or more are sent
+	// compressed and compressed frames from the server are decompressed
+	// (one that would exceed MaxBody is refused before it is inflated).
+	Compression string
 	// State, when set, keeps across process restarts the ids this terminal
 	// has shown (so a message shown before the app was killed is not
 	// shown again by the next process) and the highest msgid it was
@@ -484,9 +496,16 @@ func (c *Client) loginOn(ctx context.Context, l *link, cred *Credentials) (*pb.L
 	if c.inbox != nil {
 		c.inbox.beginLogin()
 	}
-	err := l.roundTrip(ctx, h, &pb.LoginRequest{Token: token, DeviceId: c.opts.DeviceID, Platform: c.opts.Platform, SdkVersion: Version}, &resp)
+	req := &pb.LoginRequest{Token: token, DeviceId: c.opts.DeviceID, Platform: c.opts.Platform, SdkVersion: Version}
+	if c.opts.Compression != CompressionOff {
+		req.AcceptCompression = []string{schema.CompressionS2}
+	}
+	err := l.roundTrip(ctx, h, req, &resp)
 	if err != nil {
 		return nil, err
+	}
+	if resp.Compression == schema.CompressionS2 && c.opts.Compression != CompressionOff {
+		l.compress.Store(true)
 	}
 	return &resp, nil
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/imd-dev/imd/schema"
@@ -26,6 +27,10 @@ type link struct {
 
 	wmu sync.Mutex // serialises frame writes
 	wb  []byte
+
+	// compress is set once the login on this link negotiated body
+	// compression: bodies of compressMin bytes or more go out compressed.
+	compress atomic.Bool
 
 	mu      sync.Mutex
 	pending map[uint32]chan result
@@ -63,8 +68,12 @@ func (l *link) readLoop() {
 			l.fail(fmt.Errorf("%w: %v", ErrConnLost, err))
 			return
 		}
-		body := append([]byte(nil), f.Body...)
+		body, err := l.body(&f)
 		f.Release()
+		if err != nil {
+			l.fail(fmt.Errorf("%w: %v", ErrConnLost, err))
+			return
+		}
 		switch f.Kind() {
 		case schema.KindResponse:
 			l.mu.Lock()
@@ -84,6 +93,32 @@ func (l *link) readLoop() {
 			l.cl.notified(l, f.Header, body)
 		}
 	}
+}
+
+// compressMin is the smallest body the client compresses.
+const compressMin = 512
+
+// body returns a copy of f's body, decompressed when the frame says it is
+// compressed (and the client offered compression): a body that would
+// decompress to more than MaxBody is refused before it is inflated.
+func (l *link) body(f *schema.Frame) ([]byte, error) {
+	if f.Flags&schema.FlagCompressed == 0 {
+		return append([]byte(nil), f.Body...), nil
+	}
+	if l.cl.opts.Compression == CompressionOff {
+		return nil, errors.New("compressed frame, but the client did not offer compression")
+	}
+	n, err := schema.DecompressedLen(f.Body, l.cl.opts.MaxBody)
+	if err != nil {
+		return nil, err
+	}
+	body := make([]byte, n)
+	if err := schema.Decompress(body, f.Body); err != nil {
+		return nil, err
+	}
+	f.Flags &^= schema.FlagCompressed
+	f.BodyLen = uint32(n)
+	return body, nil
 }
 
 // fail marks the link dead with err, closes the socket and wakes every
@@ -176,7 +211,23 @@ func (l *link) send(h schema.Header, m proto.Message) error {
 func (l *link) write(h *schema.Header, body []byte) error {
 	l.wmu.Lock()
 	defer l.wmu.Unlock()
-	l.wb = schema.AppendFrame(l.wb[:0], h, body)
+	if len(body) >= compressMin && l.compress.Load() {
+		need := schema.HeaderLen + schema.CompressBound(len(body))
+		if cap(l.wb) < need {
+			l.wb = make([]byte, need)
+		}
+		l.wb = l.wb[:need]
+		if n := schema.Compress(l.wb[schema.HeaderLen:], body); n > 0 {
+			h.Flags |= schema.FlagCompressed
+			h.BodyLen = uint32(n)
+			h.Put(l.wb)
+			l.wb = l.wb[:schema.HeaderLen+n]
+		} else {
+			l.wb = schema.AppendFrame(l.wb[:0], h, body)
+		}
+	} else {
+		l.wb = schema.AppendFrame(l.wb[:0], h, body)
+	}
 	_ = l.nc.SetWriteDeadline(time.Now().Add(l.cl.opts.RequestTimeout))
 	_, err := l.nc.Write(l.wb)
 	if cap(l.wb) > 64<<10 {

@@ -97,6 +97,9 @@ type Gateway struct {
 	WriteTimeout      time.Duration `yaml:"write_timeout"`
 	MaxInFlight       int           `yaml:"max_in_flight"`
 	MaxQueueBytes     int           `yaml:"max_queue_bytes"`
+	// CompressMin is the smallest body compressed for clients that
+	// negotiated compression at login. Default 512; negative: never.
+	CompressMin int `yaml:"compress_min"`
 	// WebAddr is the web listener (WebSocket at /ws, HTTP long-poll under
 	// /lp/); empty turns it off. Default :7072.
 	WebAddr string `yaml:"web_addr"`

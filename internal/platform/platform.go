@@ -272,7 +272,7 @@ func (p *Platform) startGateway(cfg config.Config, log *slog.Logger, reg prometh
 		Engine: g.Engine, Addr: g.Addr, ID: g.ID, MaxConns: g.MaxConns, MaxBody: g.MaxBody,
 		LoginTimeout: g.LoginTimeout, IdleTimeout: g.IdleTimeout, KeepaliveInterval: g.KeepaliveInterval,
 		RequestTimeout: g.RequestTimeout, WriteTimeout: g.WriteTimeout, MaxInFlight: g.MaxInFlight,
-		MaxQueueBytes: g.MaxQueueBytes, WebAddr: g.WebAddr, WebOrigins: g.WebOrigins, PollTimeout: g.PollTimeout,
+		MaxQueueBytes: g.MaxQueueBytes, CompressMin: g.CompressMin, WebAddr: g.WebAddr, WebOrigins: g.WebOrigins, PollTimeout: g.PollTimeout,
 		Limits: cfg.Limits.Gateway,
 		Logger: log.With("tier", "gateway"), Registry: reg,
 	}

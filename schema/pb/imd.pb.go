@@ -209,13 +209,16 @@ func (x *Error) GetRetryAfterMs() uint32 {
 }
 
 type LoginRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Token         string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`                       // authenticator-specific; default: HMAC token (PROTOCOL.md)
-	DeviceId      string                 `protobuf:"bytes,2,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"` // stable id of the install, shown to the kicked session
-	Platform      string                 `protobuf:"bytes,3,opt,name=platform,proto3" json:"platform,omitempty"`                 // "android", "ios", "pc", "web", ...
-	SdkVersion    string                 `protobuf:"bytes,4,opt,name=sdk_version,json=sdkVersion,proto3" json:"sdk_version,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Token      string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`                       // authenticator-specific; default: HMAC token (PROTOCOL.md)
+	DeviceId   string                 `protobuf:"bytes,2,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"` // stable id of the install, shown to the kicked session
+	Platform   string                 `protobuf:"bytes,3,opt,name=platform,proto3" json:"platform,omitempty"`                 // "android", "ios", "pc", "web", ...
+	SdkVersion string                 `protobuf:"bytes,4,opt,name=sdk_version,json=sdkVersion,proto3" json:"sdk_version,omitempty"`
+	// Body compression schemes the client can read and write, best first
+	// ("s2"); empty: none. The server picks one (LoginResponse.compression).
+	AcceptCompression []string `protobuf:"bytes,5,rep,name=accept_compression,json=acceptCompression,proto3" json:"accept_compression,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *LoginRequest) Reset() {
@@ -276,6 +279,13 @@ func (x *LoginRequest) GetSdkVersion() string {
 	return ""
 }
 
+func (x *LoginRequest) GetAcceptCompression() []string {
+	if x != nil {
+		return x.AcceptCompression
+	}
+	return nil
+}
+
 type LoginResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Epoch         uint64                 `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"` // session epoch: grows with every login of (appcode, uid)
@@ -285,6 +295,7 @@ type LoginResponse struct {
 	GateId        string                 `protobuf:"bytes,5,opt,name=gate_id,json=gateId,proto3" json:"gate_id,omitempty"`
 	MaxBody       uint32                 `protobuf:"varint,6,opt,name=max_body,json=maxBody,proto3" json:"max_body,omitempty"` // largest body the server accepts
 	Account       uint32                 `protobuf:"varint,7,opt,name=account,proto3" json:"account,omitempty"`                // account system of the appcode
+	Compression   string                 `protobuf:"bytes,8,opt,name=compression,proto3" json:"compression,omitempty"`         // scheme chosen from accept_compression ("s2"); empty: none
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -366,6 +377,13 @@ func (x *LoginResponse) GetAccount() uint32 {
 		return x.Account
 	}
 	return 0
+}
+
+func (x *LoginResponse) GetCompression() string {
+	if x != nil {
+		return x.Compression
+	}
+	return ""
 }
 
 type LogoutRequest struct {
@@ -3153,13 +3171,14 @@ const file_imd_proto_rawDesc = "" +
 	"\x04code\x18\x01 \x01(\rR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x1c\n" +
 	"\tretryable\x18\x03 \x01(\bR\tretryable\x12$\n" +
-	"\x0eretry_after_ms\x18\x04 \x01(\rR\fretryAfterMs\"~\n" +
+	"\x0eretry_after_ms\x18\x04 \x01(\rR\fretryAfterMs\"\xad\x01\n" +
 	"\fLoginRequest\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\tR\bdeviceId\x12\x1a\n" +
 	"\bplatform\x18\x03 \x01(\tR\bplatform\x12\x1f\n" +
 	"\vsdk_version\x18\x04 \x01(\tR\n" +
-	"sdkVersion\"\xe4\x01\n" +
+	"sdkVersion\x12-\n" +
+	"\x12accept_compression\x18\x05 \x03(\tR\x11acceptCompression\"\x86\x02\n" +
 	"\rLoginResponse\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12$\n" +
 	"\x0eserver_time_ms\x18\x02 \x01(\x03R\fserverTimeMs\x12!\n" +
@@ -3167,7 +3186,8 @@ const file_imd_proto_rawDesc = "" +
 	"\x0fidle_timeout_ms\x18\x04 \x01(\rR\ridleTimeoutMs\x12\x17\n" +
 	"\agate_id\x18\x05 \x01(\tR\x06gateId\x12\x19\n" +
 	"\bmax_body\x18\x06 \x01(\rR\amaxBody\x12\x18\n" +
-	"\aaccount\x18\a \x01(\rR\aaccount\"\x0f\n" +
+	"\aaccount\x18\a \x01(\rR\aaccount\x12 \n" +
+	"\vcompression\x18\b \x01(\tR\vcompression\"\x0f\n" +
 	"\rLogoutRequest\"\x10\n" +
 	"\x0eLogoutResponse\"8\n" +
 	"\x10KeepaliveRequest\x12$\n" +
