@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"testing"
 )
 
@@ -71,4 +72,36 @@ func TestCompressZeroAllocs(t *testing.T) {
 	if allocs != 0 {
 		t.Fatalf("compress and decompress: %v allocs, want 0", allocs)
 	}
+}
+
+// BenchmarkCompress1K: the per-connection cost compression adds to a 1 KiB
+// order-like body on the gateway (Compress) and the client (Decompress).
+//
+//	go test -run '^$' -bench Compress1K ./schema/
+func BenchmarkCompress1K(b *testing.B) {
+	var body []byte
+	for i := 0; len(body) < 1024; i++ {
+		body = fmt.Appendf(body, `{"order":%d,"pickup":"%d Baker Street","lat":51.%04d,"fare":%d.%02d},`, 100000+i*7, 1+i%300, (i*37)%10000, 5+i%40, i%100)
+	}
+	body = body[:1024]
+	dst := make([]byte, CompressBound(len(body)))
+	n := Compress(dst, body)
+	b.Run("compress", func(b *testing.B) {
+		b.SetBytes(int64(len(body)))
+		b.ReportAllocs()
+		for b.Loop() {
+			Compress(dst, body)
+		}
+		b.ReportMetric(float64(n), "out-B")
+	})
+	b.Run("decompress", func(b *testing.B) {
+		out := make([]byte, len(body))
+		b.SetBytes(int64(len(body)))
+		b.ReportAllocs()
+		for b.Loop() {
+			if err := Decompress(out, dst[:n]); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }
