@@ -271,11 +271,14 @@ func (c *conn) login(h *schema.Header, body []byte) action {
 		c.fail(h, schema.StatusBadBody, "login body: "+err.Error())
 		return actStop
 	}
-	var src netip.Addr // read only when a login limit needs it: it costs a system call
-	if s.lim.byAddr {
+	var src netip.Addr // read only when a login limit or the ACL needs it: it costs a system call
+	if s.lim.byAddr || s.opts.ACL.HasAllow() {
 		src = parseAddr(c.io.remoteAddr())
 	}
-	if msg := s.loginRate(src, h.UID); msg != "" {
+	allowed := s.opts.ACL.AllowedIP(src) // an allowed range bypasses the login limits
+	if allowed {
+		src = netip.Addr{} // nor is it locked out for its failures
+	} else if msg := s.loginRate(src, h.UID); msg != "" {
 		s.log.Info("login refused", "conn", c.id, "remote", src.String(), "appcode", h.AppCode, "uid", h.UID, "status", schema.StatusRateLimited.String(), "logid", h.LogID, "err", msg)
 		c.fail(h, schema.StatusRateLimited, msg)
 		return actStop

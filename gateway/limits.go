@@ -232,7 +232,11 @@ func (s *Server) budgetOf(c *conn) *budget {
 	if b != nil {
 		return b
 	}
-	b = s.lim.newBudget()
+	if s.opts.ACL.HasAllow() && s.opts.ACL.AllowedIP(parseAddr(c.io.remoteAddr())) {
+		b = &budget{} // an allowed range bypasses the frames and bytes limits
+	} else {
+		b = s.lim.newBudget()
+	}
 	sh.mu.Lock() // then bmu: the one order both are taken in
 	if sh.m[c.id] == c {
 		sh.bmu.Lock()

@@ -91,10 +91,7 @@ func (h *lpHandler) open(w http.ResponseWriter, r *http.Request) {
 	s := h.hub.s
 	c, st := h.hub.open(r.RemoteAddr)
 	if st != schema.StatusOK {
-		code := http.StatusServiceUnavailable
-		if st == schema.StatusRateLimited {
-			code = http.StatusTooManyRequests
-		}
+		code := refusalCode(st)
 		w.Header().Set("Content-Type", "application/json")
 		w.Header().Set("Retry-After", "1")
 		w.WriteHeader(code)

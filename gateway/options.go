@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/imd-dev/imd/internal/acl"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -77,6 +78,10 @@ type Options struct {
 	PollTimeout time.Duration
 	// Limits are the rate limits (limits.go); all are off by default.
 	Limits Limits
+	// ACL, when set, refuses connections from its blocked ranges at
+	// accept (StatusForbidden) and exempts its allowed ranges from Limits.
+	// It may change while the gateway runs; nil blocks and allows nothing.
+	ACL *acl.ACL
 
 	Logger   *slog.Logger
 	Registry prometheus.Registerer

@@ -148,16 +148,19 @@ func (s *Server) acceptFailed(err error, backoff *time.Duration) {
 
 // admission returns StatusOK when a newly accepted connection from src
 // (the zero Addr when unknown) may be held, else the status to refuse it
-// with: draining, at MaxConns, or over a new-connection rate limit
-// (StatusRateLimited). Only a connection that passes the first two takes
-// a token of the rate limits.
+// with: draining, from a blocked range (StatusForbidden), at MaxConns, or
+// over a new-connection rate limit (StatusRateLimited). Only a connection
+// that passes the first three takes a token of the rate limits, and one
+// from an allowed range (Options.ACL) takes none.
 func (s *Server) admission(src netip.Addr) schema.Status {
 	switch {
 	case s.draining.Load():
 		return schema.StatusShuttingDown
+	case s.opts.ACL.BlockedIP(src):
+		return schema.StatusForbidden
 	case s.nconns.Load() >= int64(s.opts.MaxConns):
 		return schema.StatusTooManyConns
-	case !s.admitRate(src):
+	case !s.opts.ACL.AllowedIP(src) && !s.admitRate(src):
 		return schema.StatusRateLimited
 	}
 	return schema.StatusOK
@@ -170,6 +173,8 @@ func refusal(st schema.Status) string {
 		return "gateway is shutting down"
 	case schema.StatusRateLimited:
 		return "too many new connections; retry later"
+	case schema.StatusForbidden:
+		return "connections from this address are not allowed"
 	}
 	return "gateway is at its connection limit"
 }

@@ -26,10 +26,7 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 	}
 	if st := s.admission(parseAddr(r.RemoteAddr)); st != schema.StatusOK {
 		s.m.rejected.WithLabelValues(st.String()).Inc()
-		code := http.StatusServiceUnavailable
-		if st == schema.StatusRateLimited {
-			code = http.StatusTooManyRequests
-		}
+		code := refusalCode(st)
 		w.Header().Set("Retry-After", "1")
 		http.Error(w, strconv.Itoa(int(st))+" "+st.String()+": "+refusal(st), code)
 		return
@@ -51,4 +48,15 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 	if err := eng.adoptWS(nc); err != nil {
 		s.log.Info("websocket not adopted", "err", err)
 	}
+}
+
+// refusalCode is the HTTP status of a web connection refused at admission.
+func refusalCode(st schema.Status) int {
+	switch st {
+	case schema.StatusRateLimited:
+		return http.StatusTooManyRequests
+	case schema.StatusForbidden:
+		return http.StatusForbidden
+	}
+	return http.StatusServiceUnavailable
 }

@@ -2,6 +2,7 @@ package logic
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/imd-dev/imd/internal/acl"
 	"github.com/imd-dev/imd/schema"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -33,6 +35,13 @@ type HTTPOptions struct {
 	// that reaches either with no request begun is closed with nothing
 	// written.
 	ReadTimeout, IdleTimeout time.Duration
+	// AdminKey authenticates the admin API (GET/PUT /v1/admin/acl) with
+	// `Authorization: Bearer <admin key>`; app API keys are refused there.
+	// Empty: the admin API is off (404).
+	AdminKey string
+	// SetACL applies lists PUT on the admin API; nil: Service.SetACL (one
+	// node). A cluster stores them in Redis for every node as well.
+	SetACL func(ctx context.Context, l acl.Lists) error
 }
 
 // NewHTTPServer returns the fasthttp server of the HTTP API:
@@ -40,7 +49,9 @@ type HTTPOptions struct {
 //   - /healthz, /readyz and /metrics for operators;
 //   - the app-server API (schema/openapi.yaml), authenticated per app with
 //     `Authorization: Bearer <api key>`: POST /v1/push, GET /v1/push/{id},
-//     GET /v1/presence?uid=N.
+//     GET /v1/presence?uid=N;
+//   - the admin API, authenticated with its own key (HTTPOptions.AdminKey):
+//     GET/PUT /v1/admin/acl.
 //
 // Bodies larger than S2C.MaxBody are refused with 413. With a nil svc (a
 // gateway-only node) it serves the operator endpoints only.
@@ -91,6 +102,8 @@ func NewHTTPServer(svc *Service, o HTTPOptions) *fasthttp.Server {
 			metrics(ctx)
 		case svc == nil:
 			writeError(ctx, fasthttp.StatusNotFound, 0, "this node is a gateway: the app-server API is served by logic nodes")
+		case path == "/v1/admin/acl":
+			handleAdminACL(svc, o, ctx, log, logid)
 		case path == "/v1/push":
 			if !ctx.IsPost() {
 				writeError(ctx, fasthttp.StatusMethodNotAllowed, 0, "use POST")

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"github.com/imd-dev/imd/bus"
 	"github.com/imd-dev/imd/das"
+	"github.com/imd-dev/imd/internal/acl"
 	"log/slog"
 	"math"
 	"sync"
@@ -103,6 +104,10 @@ type Options struct {
 	Transient  Transient
 	// Limits are the per-node rate limits (limits.go); off by default.
 	Limits Limits
+	// ACL, when set, refuses its blocked uids at login (StatusForbidden);
+	// SetACL changes it and kicks the users it newly blocks. nil: an
+	// empty ACL of this service's own.
+	ACL *acl.ACL
 	// ConvStore keeps conversation summaries and read marks; nil uses
 	// Store when it implements das.ConvStore (both engines do).
 	ConvStore das.ConvStore
@@ -150,6 +155,7 @@ type Service struct {
 
 	transientLimits *limiters
 	limits          *limits
+	acl             *acl.ACL
 	conv            das.ConvStore
 	bus             bus.Producer
 	routes          map[routeKey]string
@@ -196,6 +202,10 @@ func New(opts Options) (*Service, error) {
 		s2c:      opts.S2C,
 		accounts: make(map[uint32][]uint32),
 		ledger:   opts.PushLedger,
+		acl:      opts.ACL,
+	}
+	if s.acl == nil {
+		s.acl, _ = acl.New(acl.Lists{})
 	}
 	if s.ledger == nil {
 		s.ledger = &router.MemoryLedger{}
@@ -471,6 +481,9 @@ func (s *Service) login(ctx context.Context, in LoginInput) (LoginResult, error)
 	if err := s.auths[app.AppCode].Authenticate(ctx, app, in.UID, in.Token); err != nil {
 		return LoginResult{}, err
 	}
+	if s.acl.BlockedUID(app.Account, in.UID) {
+		return LoginResult{}, errBlockedUID(app.Account, in.UID)
+	}
 	sess := router.Session{
 		Account:  app.Account,
 		AppCode:  app.AppCode,
@@ -484,6 +497,17 @@ func (s *Service) login(ctx context.Context, in LoginInput) (LoginResult, error)
 	evicted, err := s.register(ctx, sess, app.MaxSessions, in.LogID)
 	if err != nil {
 		return LoginResult{}, schema.Errorf(schema.StatusUnavailable, "router: %v", err)
+	}
+	if s.acl.BlockedUID(app.Account, in.UID) {
+		// Blocked while this login registered: SetACL's kick may have
+		// looked the user up before this session was in the router.
+		if _, err := s.unregister(ctx, sess, in.LogID); err != nil {
+			s.log.Warn("unregister a blocked login", "uid", in.UID, "appcode", in.AppCode, "err", err)
+		}
+		for _, old := range evicted {
+			s.kick(ctx, old, adminKick(), in.LogID)
+		}
+		return LoginResult{}, errBlockedUID(app.Account, in.UID)
 	}
 	for _, old := range evicted {
 		k := &pb.Kickout{

@@ -30,6 +30,7 @@ const (
 	StatusTokenMalformed Status = 2003 // the token cannot be parsed
 	StatusUnknownAppCode Status = 2004 // the appcode is not configured
 	StatusTokenMismatch  Status = 2005 // the token was minted for another appcode or uid
+	StatusForbidden      Status = 2006 // the source address or the uid is blacklisted; the connection is closed
 
 	StatusRateLimited     Status = 3001 // too many requests; retry later
 	StatusTooManyConns    Status = 3002 // the gateway is at its connection limit; try another
@@ -70,6 +71,7 @@ var statusNames = map[Status]string{
 	StatusTokenMalformed:  "token malformed",
 	StatusUnknownAppCode:  "unknown appcode",
 	StatusTokenMismatch:   "token mismatch",
+	StatusForbidden:       "forbidden",
 	StatusRateLimited:     "rate limited",
 	StatusTooManyConns:    "too many connections",
 	StatusLoginTimeout:    "login timeout",

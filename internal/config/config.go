@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/imd-dev/imd/gateway"
+	"github.com/imd-dev/imd/internal/acl"
 	"github.com/imd-dev/imd/logic"
 	"gopkg.in/yaml.v3"
 )
@@ -59,6 +60,12 @@ type Config struct {
 	// Limits are the rate limits of the gateway and of logic, all off by
 	// default (docs/operations.md, "Limits that protect the gateway").
 	Limits Limits `yaml:"limits"`
+	// ACL are the black and white lists of address ranges and uids, empty
+	// by default (docs/operations.md, "Black and white lists"). The admin
+	// API changes them at run time.
+	ACL acl.Lists `yaml:"acl"`
+	// Admin configures the admin API (GET/PUT /v1/admin/acl).
+	Admin Admin `yaml:"admin"`
 	// Cluster configures the many-process shape (imd logic, imd gateway).
 	Cluster Cluster `yaml:"cluster"`
 	// Apps maps each appcode to its account system and secrets. When it is
@@ -72,6 +79,14 @@ type Config struct {
 	// DemoAppsInUse is set by ResolveApps when the demo apps run: only
 	// then does the demo page mint login tokens (/demo/token).
 	DemoAppsInUse bool `yaml:"-"`
+}
+
+// Admin configures the admin API of logic nodes' HTTP API.
+type Admin struct {
+	// APIKey authenticates the admin API (`Authorization: Bearer
+	// <api_key>`); it is not an app's API key. Empty: the admin API is
+	// off. Better from IMD_ADMIN_API_KEY.
+	APIKey string `yaml:"api_key"`
 }
 
 // Log configures logging.
@@ -322,6 +337,7 @@ func (c *Config) ServerFlags(fs *flag.FlagSet) {
 	fs.IntVar(&c.C2C.PageSize, "page-size", c.C2C.PageSize, "offline pull page size when a client asks for 0 (default 50)")
 	fs.Float64Var(&c.Transient.Rate, "transient-rate", c.Transient.Rate, "transient messages (typing...) each user may send per second on one logic node (default 20)")
 	c.LimitFlags(fs)
+	fs.StringVar(&c.Admin.APIKey, "admin-api-key", c.Admin.APIKey, "key of the admin API (/v1/admin/acl); empty turns it off (prefer IMD_ADMIN_API_KEY)")
 	fs.IntVar(&c.Presence.MaxFollowed, "presence-max-followed", c.Presence.MaxFollowed, "users one session may follow with presence-subscribe (default 200)")
 	fs.IntVar(&c.Groups.MaxSize, "group-max-size", c.Groups.MaxSize, "largest group, in members (default 10000)")
 	fs.IntVar(&c.Groups.CacheEntries, "group-cache-entries", c.Groups.CacheEntries, "bound of the group members cache, in member entries over all cached groups (default 1048576)")

@@ -20,6 +20,7 @@ import (
 	"github.com/imd-dev/imd/das/cassandra"
 	"github.com/imd-dev/imd/das/embedded"
 	"github.com/imd-dev/imd/gateway"
+	"github.com/imd-dev/imd/internal/acl"
 	"github.com/imd-dev/imd/internal/config"
 	"github.com/imd-dev/imd/internal/rpc"
 	"github.com/imd-dev/imd/internal/web"
@@ -70,6 +71,8 @@ type Platform struct {
 	members   *membership
 	stopSubs  context.CancelFunc // ends the group change subscription
 	idLease   *idLease           // logic's node id lease; nil without Redis
+	acl       *acl.ACL           // the black and white lists (acl.go)
+	aclSync   aclSync
 
 	log       *slog.Logger
 	http      *fasthttp.Server
@@ -112,6 +115,9 @@ func StartRole(role string, cfg config.Config, log *slog.Logger) (p *Platform, e
 	if err := p.openCluster(cfg); err != nil {
 		return p, err
 	}
+	if err := p.openACL(cfg); err != nil {
+		return p, err
+	}
 	if role != RoleGateway {
 		if err := p.startLogic(cfg, log, reg); err != nil {
 			return p, err
@@ -127,6 +133,7 @@ func StartRole(role string, cfg config.Config, log *slog.Logger) (p *Platform, e
 	}
 	if p.redis != nil {
 		p.members = startMembership(p, cfg.Cluster) // its first round points the gateway at logic nodes
+		p.startACLPoll()
 	}
 	if p.Logic == nil || cfg.Cluster.Split {
 		// The gateway serves nothing until a logic node answers: wait for
@@ -217,7 +224,7 @@ func (p *Platform) startLogic(cfg config.Config, log *slog.Logger, reg prometheu
 		PushLedger: ledger, Groups: cfg.Groups, GroupChanged: groupChanged, Transient: cfg.Transient, Presence: cfg.Presence,
 		Apps: cfg.Apps, Router: p.Router, Logger: log.With("tier", "logic"), Registry: reg,
 		Store: store, NodeID: nodeID, C2C: cfg.C2C, S2C: cfg.S2C, C2S: cfg.C2S, Bus: p.producer,
-		Clock: cfg.Clock, MaxClockSkew: cfg.MaxClockSkew, Limits: cfg.Limits.Logic,
+		Clock: cfg.Clock, MaxClockSkew: cfg.MaxClockSkew, Limits: cfg.Limits.Logic, ACL: p.acl,
 	})
 	if err != nil {
 		return err
@@ -297,6 +304,7 @@ func (p *Platform) startGateway(cfg config.Config, log *slog.Logger, reg prometh
 			api = p.rpcClient
 		}
 	}
+	opts.ACL = p.acl
 	gw, err := gateway.New(opts, api)
 	if err != nil {
 		return err
@@ -338,7 +346,8 @@ func (p *Platform) startHTTP(cfg config.Config) error {
 		}
 		return p.Logic != nil || p.rpcClient.Links() > 0
 	}
-	p.http = logic.NewHTTPServer(p.Logic, logic.HTTPOptions{Gatherer: p.Registry, Logger: p.log.With("tier", "http"), Ready: ready})
+	p.http = logic.NewHTTPServer(p.Logic, logic.HTTPOptions{Gatherer: p.Registry, Logger: p.log.With("tier", "http"), Ready: ready,
+		AdminKey: cfg.Admin.APIKey, SetACL: p.putACL})
 	go func() {
 		if err := p.http.Serve(ln); err != nil {
 			p.serveErr <- fmt.Errorf("http: %w", err)
@@ -569,6 +578,7 @@ func (p *Platform) stop(ctx context.Context) error {
 	if p.stopSubs != nil {
 		p.stopSubs()
 	}
+	p.stopACLPoll()
 	if p.redis != nil {
 		p.redis.Close()
 	}
