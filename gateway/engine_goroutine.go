@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
@@ -14,8 +15,14 @@ import (
 // net.Conn.Read (Go's netpoller underneath) and, while frames are queued, a
 // writer goroutine. It runs everywhere; an idle connection costs its
 // parked reader's stack (about 4 KiB) on top of the heap.
+//
+// With tls set it serves the TLS listener: each connection is wrapped in a
+// tls.Conn whose handshake runs in the reader's first read, under the
+// login deadline.
 type goEngine struct {
-	s *Server
+	s        *Server
+	tls      *tls.Config   // nil: plain TCP
+	refusals chan struct{} // with tls: a token per goroutine refusing a connection
 }
 
 func (e *goEngine) name() string { return EngineGoroutine }
@@ -46,9 +53,34 @@ func (e *goEngine) serve(ln net.Listener) error {
 // closes it, without blocking the accept loop for long.
 func (e *goEngine) reject(nc net.Conn, st schema.Status) {
 	frame := e.s.rejectFrame(st)
+	if e.tls != nil {
+		e.rejectTLS(nc, frame)
+		return
+	}
 	_ = nc.SetWriteDeadline(time.Now().Add(50 * time.Millisecond))
 	_, _ = nc.Write(frame)
 	_ = nc.Close()
+}
+
+// rejectTLS refuses a TLS connection on a goroutine of its own, since the
+// frame can only go after a handshake; when maxTLSRefusals are under way
+// the connection is closed without one.
+func (e *goEngine) rejectTLS(nc net.Conn, frame []byte) {
+	select {
+	case e.refusals <- struct{}{}:
+	default:
+		_ = nc.Close()
+		return
+	}
+	if _, ok := nc.(*tls.Conn); !ok {
+		nc = tls.Server(nc, e.tls)
+	}
+	go func() {
+		defer func() { <-e.refusals }()
+		_ = nc.SetDeadline(time.Now().Add(time.Second))
+		_, _ = nc.Write(frame)
+		_ = nc.Close()
+	}()
 }
 
 func (e *goEngine) start(nc net.Conn) {
@@ -56,6 +88,9 @@ func (e *goEngine) start(nc net.Conn) {
 	if tc, ok := nc.(*net.TCPConn); ok {
 		_ = tc.SetNoDelay(true)
 		_ = tc.SetKeepAlive(false) // application keepalive does this job
+	}
+	if e.tls != nil {
+		nc = tls.Server(nc, e.tls)
 	}
 	c := &goConn{nc: nc}
 	c.conn = conn{srv: s, io: c, id: s.nextConn.Add(1)}

@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -76,6 +77,14 @@ type Options struct {
 	// IdleTimeout when that is shorter; it must be shorter than
 	// IdleTimeout, which closes a session with no poll.
 	PollTimeout time.Duration
+	// TLSAddr, when set, is a second client listener whose connections
+	// speak TLS (with TLS) and then the same frames as Addr. They are
+	// served by the goroutine engine whatever Engine says, so Addr keeps
+	// its engine's memory budget. Empty: no TLS listener.
+	TLSAddr string
+	// TLS configures the TLS listener; it is required with TLSAddr (see
+	// ServerTLSConfig). A zero MinVersion is taken as TLS 1.3.
+	TLS *tls.Config
 	// Limits are the rate limits (limits.go); all are off by default.
 	Limits Limits
 	// ACL, when set, refuses connections from its blocked ranges at
@@ -161,6 +170,13 @@ func (o *Options) setDefaults() error {
 	}
 	if o.PollTimeout < 0 || o.PollTimeout >= o.IdleTimeout {
 		errs = append(errs, fmt.Errorf("poll timeout %s must be positive and shorter than the idle timeout %s", o.PollTimeout, o.IdleTimeout))
+	}
+	if o.TLSAddr != "" && (o.TLS == nil || (o.TLS.GetCertificate == nil && len(o.TLS.Certificates) == 0 && o.TLS.GetConfigForClient == nil)) {
+		errs = append(errs, errors.New("a TLS listener needs a TLS config with a certificate"))
+	}
+	if o.TLS != nil && o.TLS.MinVersion == 0 {
+		o.TLS = o.TLS.Clone()
+		o.TLS.MinVersion = tls.VersionTLS13
 	}
 	if o.MaxInFlight < 0 || o.MaxQueueBytes < 0 {
 		errs = append(errs, errors.New("max in flight and max queue bytes must be >= 0"))

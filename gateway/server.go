@@ -6,6 +6,7 @@ package gateway
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -41,12 +42,14 @@ type Server struct {
 	stop  context.CancelFunc
 	lnMu  sync.Mutex
 	ln    net.Listener
+	tlsLn net.Listener // Options.TLSAddr; nil without it
 	ready chan struct{}
 	web   webListener
 
 	reqs     *reqCtxs // the contexts of calls into logic
 	lim      *limiter // the rate limits (Options.Limits)
 	eng      engine
+	tlsEng   *goEngine // serves tlsLn
 	nextConn atomic.Uint64
 	nconns   atomic.Int64
 	admitMu  sync.RWMutex // draining is set under the write lock, new connections are tracked under the read lock
@@ -89,6 +92,9 @@ func New(opts Options, api logic.API) (*Server, error) {
 	now := uint64(time.Now().UnixNano())
 	s.nextConn.Store(now &^ (1<<20 - 1)) // ids stay unique across restarts within one gate id
 	s.eng = newEngine(s)
+	if opts.TLSAddr != "" {
+		s.tlsEng = &goEngine{s: s, tls: s.opts.TLS, refusals: make(chan struct{}, maxTLSRefusals)}
+	}
 	s.opts.Engine = s.eng.name()
 	return s, nil
 }
@@ -105,12 +111,23 @@ func (s *Server) Listen() error {
 	if err != nil {
 		return fmt.Errorf("gateway: listen %s: %w", s.opts.Addr, err)
 	}
+	var tlsLn net.Listener
+	if s.opts.TLSAddr != "" {
+		if tlsLn, err = net.Listen("tcp", s.opts.TLSAddr); err != nil {
+			_ = ln.Close()
+			return fmt.Errorf("gateway: tls listen %s: %w", s.opts.TLSAddr, err)
+		}
+	}
 	if err := s.listenWeb(); err != nil {
 		_ = ln.Close()
+		if tlsLn != nil {
+			_ = tlsLn.Close()
+		}
 		return err
 	}
 	s.lnMu.Lock()
 	s.ln = ln
+	s.tlsLn = tlsLn
 	s.lnMu.Unlock()
 	close(s.ready)
 	return nil
@@ -126,6 +143,17 @@ func (s *Server) Addr() net.Addr {
 	return s.ln.Addr()
 }
 
+// TLSAddr returns the TLS listener's address once Listen has succeeded,
+// or nil when there is none.
+func (s *Server) TLSAddr() net.Addr {
+	s.lnMu.Lock()
+	defer s.lnMu.Unlock()
+	if s.tlsLn == nil {
+		return nil
+	}
+	return s.tlsLn.Addr()
+}
+
 // Serve accepts connections until Shutdown. It returns ErrServerClosed after
 // Shutdown and never fails on a transient accept error such as running out
 // of file descriptors: it logs, backs off and goes on.
@@ -133,6 +161,10 @@ func (s *Server) Serve() error {
 	<-s.ready
 	s.log.Info("gateway serving", "addr", s.ln.Addr().String(), "engine", s.eng.name(), "max_conns", s.opts.MaxConns)
 	s.serveWeb()
+	if s.tlsLn != nil {
+		s.log.Info("gateway tls serving", "addr", s.tlsLn.Addr().String(), "engine", s.tlsEng.name(), "min_version", tls.VersionName(s.opts.TLS.MinVersion))
+		go func() { _ = s.tlsEng.serve(s.tlsLn) }() // returns ErrServerClosed only
+	}
 	return s.eng.serve(s.ln)
 }
 
@@ -312,6 +344,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.lnMu.Lock()
 	if s.ln != nil {
 		_ = s.ln.Close()
+	}
+	if s.tlsLn != nil {
+		_ = s.tlsLn.Close()
 	}
 	s.eng.closeListener()
 	s.lnMu.Unlock()

@@ -44,6 +44,7 @@ package sdk
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -123,6 +124,12 @@ type Options struct {
 	// Dialer, when set, opens the TCP connections instead of a net.Dialer
 	// (to pick a source address, or to go through a proxy).
 	Dialer func(ctx context.Context, network, addr string) (net.Conn, error)
+	// TLS, when set, makes every connection a TLS one (the gateway's TLS
+	// port, --tls-addr), with a handshake within DialTimeout. Set RootCAs
+	// to trust a private CA (nil: the system's roots) and ServerName to
+	// the name in the gateway's certificate when the address does not
+	// carry it (empty: the address's host).
+	TLS *tls.Config
 	// RequestTimeout applies to calls whose context has no deadline, and
 	// to keepalives. Default 10s.
 	RequestTimeout time.Duration

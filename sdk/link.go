@@ -3,6 +3,7 @@ package sdk
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -47,17 +48,45 @@ func dialLink(ctx context.Context, cl *Client, idx int) (*link, error) {
 	addr := cl.opts.Addrs[idx]
 	ctx, cancel := context.WithTimeout(ctx, cl.opts.DialTimeout)
 	defer cancel()
-	dial := cl.opts.Dialer
-	if dial == nil {
-		dial = (&net.Dialer{}).DialContext
-	}
-	nc, err := dial(ctx, "tcp", addr)
+	nc, err := dialConn(ctx, &cl.opts, addr)
 	if err != nil {
 		return nil, err
 	}
 	l := &link{cl: cl, nc: nc, addr: addr, idx: idx, pending: make(map[uint32]chan result), done: make(chan struct{})}
 	go l.readLoop()
 	return l, nil
+}
+
+// dialConn opens the connection to addr: TCP, then a TLS handshake when
+// Options.TLS is set (its ServerName defaulting to addr's host).
+func dialConn(ctx context.Context, o *Options, addr string) (net.Conn, error) {
+	if o.TLS != nil && o.Dialer == nil {
+		d := tls.Dialer{Config: o.TLS}
+		return d.DialContext(ctx, "tcp", addr)
+	}
+	dial := o.Dialer
+	if dial == nil {
+		dial = (&net.Dialer{}).DialContext
+	}
+	nc, err := dial(ctx, "tcp", addr)
+	if err != nil || o.TLS == nil {
+		return nc, err
+	}
+	cfg := o.TLS
+	if cfg.ServerName == "" {
+		host, _, serr := net.SplitHostPort(addr)
+		if serr != nil {
+			host = addr
+		}
+		cfg = cfg.Clone()
+		cfg.ServerName = host
+	}
+	tc := tls.Client(nc, cfg)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		_ = nc.Close()
+		return nil, err
+	}
+	return tc, nil
 }
 
 func (l *link) readLoop() {

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"io"
+	"log/slog"
 	"os"
 	"os/signal"
 	"syscall"
@@ -30,6 +31,23 @@ func runGateway(args []string, stdout, stderr io.Writer) error {
 		"to logic nodes over the internal RPC. It finds logic nodes in the Redis\n"+
 		"membership (--redis-addrs) and at --logic-addrs. It needs no store, no bus\n"+
 		"and no app config. SIGTERM or SIGINT drains its clients gracefully.", args, stdout, stderr)
+}
+
+// reloadOnHUP reads the TLS certificate and key again at each SIGHUP; a
+// failed reload keeps the certificate in use. It ends when the process
+// does.
+func reloadOnHUP(p *platform.Platform, hup <-chan os.Signal, log *slog.Logger) {
+	for range hup {
+		expires, ok, err := p.ReloadTLS()
+		switch {
+		case !ok:
+			log.Info("SIGHUP: nothing to reload (no TLS listener)")
+		case err != nil:
+			log.Error("SIGHUP: tls certificate reload failed; keeping the certificate in use", "err", err, "expires", expires)
+		default:
+			log.Info("SIGHUP: tls certificate reloaded", "expires", expires)
+		}
+	}
 }
 
 func runRole(role, synopsis string, args []string, stdout, stderr io.Writer) error {
@@ -65,6 +83,10 @@ func runRole(role, synopsis string, args []string, stdout, stderr io.Writer) err
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sig)
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	go reloadOnHUP(p, hup, log)
 	var serveErr error
 	select {
 	case s := <-sig:

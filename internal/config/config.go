@@ -126,6 +126,15 @@ type Gateway struct {
 	// it answers empty. Default 30s (a third of idle_timeout when that is
 	// shorter).
 	PollTimeout time.Duration `yaml:"poll_timeout"`
+	// TLSAddr, when set, is a client listener that speaks TLS, then the
+	// same frames as addr (docs/operations.md, "TLS"). It needs TLSCert
+	// and TLSKey, PEM files read at start and again on SIGHUP.
+	TLSAddr string `yaml:"tls_addr"`
+	TLSCert string `yaml:"tls_cert"`
+	TLSKey  string `yaml:"tls_key"`
+	// TLSMinVersion is the oldest TLS version accepted: 1.3 (the
+	// default) or 1.2.
+	TLSMinVersion string `yaml:"tls_min_version"`
 }
 
 // Limits gathers the gateway's and logic's rate limits under one
@@ -303,6 +312,10 @@ func (c *Config) ServerFlags(fs *flag.FlagSet) {
 	fs.StringVar(&g.Addr, "gateway-addr", g.Addr, "gateway TCP listen address")
 	fs.StringVar(&g.WebAddr, "web-addr", g.WebAddr, "gateway web listener (WebSocket /ws, HTTP long-poll /lp/); empty turns it off")
 	listVar(fs, &g.WebOrigins, "web-origins", "browser origins allowed on the web listener, comma-separated (* for any; default: the gateway's own host only)")
+	fs.StringVar(&g.TLSAddr, "tls-addr", g.TLSAddr, "gateway TLS listen address for clients (default: none)")
+	fs.StringVar(&g.TLSCert, "tls-cert", g.TLSCert, "PEM certificate chain of the TLS listener, read again on SIGHUP")
+	fs.StringVar(&g.TLSKey, "tls-key", g.TLSKey, "PEM private key of the TLS listener, read again on SIGHUP")
+	fs.StringVar(&g.TLSMinVersion, "tls-min-version", g.TLSMinVersion, "oldest TLS version accepted: 1.3 or 1.2 (default 1.3)")
 	fs.StringVar(&g.Engine, "gateway-engine", g.Engine, "gateway connection engine: epoll or goroutine (default epoll on Linux)")
 	fs.StringVar(&g.ID, "gateway-id", g.ID, "gateway id, unique among live gateways (default hostname/boot nonce)")
 	fs.IntVar(&g.MaxConns, "max-conns", g.MaxConns, "most connections held at once (default: open-file limit less a reserve)")

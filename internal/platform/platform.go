@@ -67,7 +67,8 @@ type Platform struct {
 	rpcAddr   string      // advertised
 	rpcClient *rpc.Client // gateway side
 	rpcM      *rpc.Metrics
-	gateAddr  string // the gateway's advertised address
+	gateAddr  string               // the gateway's advertised address
+	tlsCert   *gateway.Certificate // the TLS listener's; nil without one
 	members   *membership
 	stopSubs  context.CancelFunc // ends the group change subscription
 	idLease   *idLease           // logic's node id lease; nil without Redis
@@ -151,6 +152,9 @@ func StartRole(role string, cfg config.Config, log *slog.Logger) (p *Platform, e
 		attrs = append(attrs, "gateway", p.Gateway.Addr().String(), "gate_id", p.Gateway.ID())
 		if a := p.Gateway.WebAddr(); a != nil {
 			attrs = append(attrs, "web", a.String())
+		}
+		if a := p.Gateway.TLSAddr(); a != nil {
+			attrs = append(attrs, "tls", a.String(), "tls_cert_expires", p.tlsCert.NotAfter())
 		}
 	}
 	if p.rpcLn != nil {
@@ -282,6 +286,21 @@ func (p *Platform) startGateway(cfg config.Config, log *slog.Logger, reg prometh
 		MaxQueueBytes: g.MaxQueueBytes, CompressMin: g.CompressMin, WebAddr: g.WebAddr, WebOrigins: g.WebOrigins, PollTimeout: g.PollTimeout,
 		Limits: cfg.Limits.Gateway,
 		Logger: log.With("tier", "gateway"), Registry: reg,
+	}
+	if g.TLSAddr != "" {
+		if g.TLSCert == "" || g.TLSKey == "" {
+			return errors.New("gateway: --tls-addr needs --tls-cert and --tls-key")
+		}
+		minVersion, err := gateway.ParseTLSVersion(g.TLSMinVersion)
+		if err != nil {
+			return fmt.Errorf("gateway: %w", err)
+		}
+		cert, err := gateway.LoadCertificate(g.TLSCert, g.TLSKey)
+		if err != nil {
+			return err
+		}
+		p.tlsCert = cert
+		opts.TLSAddr, opts.TLS = g.TLSAddr, gateway.ServerTLSConfig(cert, minVersion)
 	}
 	if cfg.Demo != nil && *cfg.Demo {
 		wo := web.Options{Logger: log.With("tier", "web")}
@@ -523,6 +542,29 @@ func (p *Platform) closeBackends(ctx context.Context) error {
 
 // GatewayAddr is the gateway's listen address.
 func (p *Platform) GatewayAddr() string { return p.Gateway.Addr().String() }
+
+// TLSAddr returns the gateway's TLS listener address, or "" when it has
+// none.
+func (p *Platform) TLSAddr() string {
+	if p.Gateway == nil || p.Gateway.TLSAddr() == nil {
+		return ""
+	}
+	return p.Gateway.TLSAddr().String()
+}
+
+// ReloadTLS reads the TLS listener's certificate and key files again: the
+// handshakes that follow use them, connections already up stay. On an
+// error the certificate in use stays. It returns the new certificate's
+// expiry; ok is false when there is no TLS listener.
+func (p *Platform) ReloadTLS() (expires time.Time, ok bool, err error) {
+	if p.tlsCert == nil {
+		return time.Time{}, false, nil
+	}
+	if err := p.tlsCert.Reload(); err != nil {
+		return p.tlsCert.NotAfter(), true, err
+	}
+	return p.tlsCert.NotAfter(), true, nil
+}
 
 // HTTPAddr is the HTTP API's listen address.
 func (p *Platform) HTTPAddr() string { return p.httpLn.Addr().String() }
