@@ -38,7 +38,6 @@ type conn struct {
 	state    atomic.Int32
 	inflight atomic.Int32
 	sess     router.Session // written once at login, before state becomes stateLoggedIn
-	compress atomic.Bool    // login negotiated body compression (schema.CompressionS2)
 
 	mu       sync.Mutex
 	out      []*[]byte // queued encoded frames in pooled buffers
@@ -46,6 +45,11 @@ type conn struct {
 	flushing bool      // the engine has been asked to write the queue and has not finished
 	closing  bool      // close once the queue is flushed
 	closed   bool
+	// compress: login negotiated body compression (schema.CompressionS2).
+	// Like sess it is written once, before state leaves stateNew, and read
+	// without c.mu only after a state load that saw it leave; it sits here
+	// in the padding so that the connection structs keep their size class.
+	compress bool
 	failed   schema.Status // the error status that is closing the connection (fail), if any
 }
 
@@ -107,7 +111,7 @@ func (c *conn) handle(f *frame) action {
 	if h.LogID == 0 {
 		h.LogID = schema.NewLogID()
 	}
-	if h.Flags&schema.FlagCompressed != 0 && !c.compress.Load() {
+	if h.Flags&schema.FlagCompressed != 0 && (c.state.Load() == stateNew || !c.compress) {
 		// Compression is used only once login negotiated it.
 		f.release()
 		c.badFrame(h, errNotNegotiated)
@@ -302,7 +306,7 @@ func (c *conn) login(h *schema.Header, body []byte) action {
 	var compression string
 	if s.opts.CompressMin >= 0 && slices.Contains(req.AcceptCompression, schema.CompressionS2) {
 		compression = schema.CompressionS2
-		c.compress.Store(true)
+		c.compress = true
 	}
 	c.state.Store(stateLoggedIn)
 	c.respond(h, &pb.LoginResponse{
@@ -504,7 +508,7 @@ func (c *conn) notifyAndClose(cmd schema.Cmd, m proto.Message, reason string, lo
 // more is compressed here, per connection, so a body shared by many
 // connections is encoded once and compressed only for those that asked.
 func (c *conn) enqueue(h *schema.Header, body []byte) bool {
-	if len(body) >= c.srv.opts.CompressMin && c.compress.Load() {
+	if len(body) >= c.srv.opts.CompressMin && c.state.Load() != stateNew && c.compress {
 		if bp := compressedFrame(h, body); bp != nil {
 			return c.enqueueBuf(bp)
 		}
