@@ -85,6 +85,10 @@ type Options struct {
 	// TLS configures the TLS listener; it is required with TLSAddr (see
 	// ServerTLSConfig). A zero MinVersion is taken as TLS 1.3.
 	TLS *tls.Config
+	// NoPlain, with TLSAddr, leaves out the plain-TCP listener: every
+	// client then comes in over TLS, and Addr is not bound. Without
+	// TLSAddr it is an error.
+	NoPlain bool
 	// Limits are the rate limits (limits.go); all are off by default.
 	Limits Limits
 	// ACL, when set, refuses connections from its blocked ranges at
@@ -108,6 +112,9 @@ func openFileLimit() int {
 }
 
 func (o *Options) setDefaults() error {
+	if o.NoPlain && o.TLSAddr == "" {
+		return errors.New("gateway: no plain listener and no TLS listener: set TLSAddr")
+	}
 	if o.Addr == "" {
 		o.Addr = ":7070"
 	}

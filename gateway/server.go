@@ -107,19 +107,26 @@ func (s *Server) Options() Options { return s.opts }
 
 // Listen binds the configured address; Serve then accepts on it.
 func (s *Server) Listen() error {
-	ln, err := net.Listen("tcp", s.opts.Addr)
-	if err != nil {
-		return fmt.Errorf("gateway: listen %s: %w", s.opts.Addr, err)
+	var ln, tlsLn net.Listener
+	var err error
+	if !s.opts.NoPlain {
+		if ln, err = net.Listen("tcp", s.opts.Addr); err != nil {
+			return fmt.Errorf("gateway: listen %s: %w", s.opts.Addr, err)
+		}
 	}
-	var tlsLn net.Listener
+	closePlain := func() {
+		if ln != nil {
+			_ = ln.Close()
+		}
+	}
 	if s.opts.TLSAddr != "" {
 		if tlsLn, err = net.Listen("tcp", s.opts.TLSAddr); err != nil {
-			_ = ln.Close()
+			closePlain()
 			return fmt.Errorf("gateway: tls listen %s: %w", s.opts.TLSAddr, err)
 		}
 	}
 	if err := s.listenWeb(); err != nil {
-		_ = ln.Close()
+		closePlain()
 		if tlsLn != nil {
 			_ = tlsLn.Close()
 		}
@@ -133,7 +140,8 @@ func (s *Server) Listen() error {
 	return nil
 }
 
-// Addr returns the listen address once Listen has succeeded, else nil.
+// Addr returns the plain-TCP listen address once Listen has succeeded,
+// else nil; it stays nil with Options.NoPlain (see ClientAddr).
 func (s *Server) Addr() net.Addr {
 	s.lnMu.Lock()
 	defer s.lnMu.Unlock()
@@ -154,15 +162,29 @@ func (s *Server) TLSAddr() net.Addr {
 	return s.tlsLn.Addr()
 }
 
+// ClientAddr returns the address clients dial: the plain-TCP listener's,
+// or the TLS listener's when there is no plain one; nil before Listen.
+func (s *Server) ClientAddr() net.Addr {
+	if a := s.Addr(); a != nil {
+		return a
+	}
+	return s.TLSAddr()
+}
+
 // Serve accepts connections until Shutdown. It returns ErrServerClosed after
 // Shutdown and never fails on a transient accept error such as running out
 // of file descriptors: it logs, backs off and goes on.
 func (s *Server) Serve() error {
 	<-s.ready
-	s.log.Info("gateway serving", "addr", s.ln.Addr().String(), "engine", s.eng.name(), "max_conns", s.opts.MaxConns)
+	if s.ln != nil {
+		s.log.Info("gateway serving", "addr", s.ln.Addr().String(), "engine", s.eng.name(), "max_conns", s.opts.MaxConns)
+	}
 	s.serveWeb()
 	if s.tlsLn != nil {
-		s.log.Info("gateway tls serving", "addr", s.tlsLn.Addr().String(), "engine", s.tlsEng.name(), "min_version", tls.VersionName(s.opts.TLS.MinVersion))
+		s.log.Info("gateway tls serving", "addr", s.tlsLn.Addr().String(), "engine", s.tlsEng.name(), "min_version", tls.VersionName(s.opts.TLS.MinVersion), "max_conns", s.opts.MaxConns)
+		if s.ln == nil {
+			return s.tlsEng.serve(s.tlsLn) // Options.NoPlain
+		}
 		go func() { _ = s.tlsEng.serve(s.tlsLn) }() // returns ErrServerClosed only
 	}
 	return s.eng.serve(s.ln)

@@ -309,7 +309,7 @@ func (c *Config) Flags(fs *flag.FlagSet) *string {
 // ServerFlags binds the flags of the serving subcommands.
 func (c *Config) ServerFlags(fs *flag.FlagSet) {
 	g := &c.Gateway
-	fs.StringVar(&g.Addr, "gateway-addr", g.Addr, "gateway TCP listen address")
+	fs.StringVar(&g.Addr, "gateway-addr", g.Addr, "gateway plain-TCP listen address (empty with --tls-addr: TLS only, no plain port)")
 	fs.StringVar(&g.WebAddr, "web-addr", g.WebAddr, "gateway web listener (WebSocket /ws, HTTP long-poll /lp/); empty turns it off")
 	listVar(fs, &g.WebOrigins, "web-origins", "browser origins allowed on the web listener, comma-separated (* for any; default: the gateway's own host only)")
 	fs.StringVar(&g.TLSAddr, "tls-addr", g.TLSAddr, "gateway TLS listen address for clients (default: none)")

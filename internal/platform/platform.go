@@ -149,7 +149,10 @@ func StartRole(role string, cfg config.Config, log *slog.Logger) (p *Platform, e
 	}
 	attrs := []any{"role", role, "http", p.httpLn.Addr().String()}
 	if p.Gateway != nil {
-		attrs = append(attrs, "gateway", p.Gateway.Addr().String(), "gate_id", p.Gateway.ID())
+		if a := p.Gateway.Addr(); a != nil {
+			attrs = append(attrs, "gateway", a.String())
+		}
+		attrs = append(attrs, "gate_id", p.Gateway.ID())
 		if a := p.Gateway.WebAddr(); a != nil {
 			attrs = append(attrs, "web", a.String())
 		}
@@ -301,6 +304,8 @@ func (p *Platform) startGateway(cfg config.Config, log *slog.Logger, reg prometh
 		}
 		p.tlsCert = cert
 		opts.TLSAddr, opts.TLS = g.TLSAddr, gateway.ServerTLSConfig(cert, minVersion)
+		// An empty --gateway-addr with a TLS address: no plain-TCP port.
+		opts.NoPlain = g.Addr == ""
 	}
 	if cfg.Demo != nil && *cfg.Demo {
 		wo := web.Options{Logger: log.With("tier", "web")}
@@ -332,7 +337,7 @@ func (p *Platform) startGateway(cfg config.Config, log *slog.Logger, reg prometh
 		return err
 	}
 	p.Gateway = gw
-	p.gateAddr = advertise(cfg.Cluster.Advertise, gw.Addr())
+	p.gateAddr = advertise(cfg.Cluster.Advertise, gw.ClientAddr()) // the TLS port when there is no plain one
 	if direct {
 		p.Logic.AttachGate(gw.ID(), gw)
 	}
@@ -360,7 +365,7 @@ func (p *Platform) startHTTP(cfg config.Config) error {
 	}
 	p.httpLn = ln
 	ready := func() bool {
-		if p.Gateway != nil && (p.Gateway.Addr() == nil || p.Gateway.Draining()) {
+		if p.Gateway != nil && (p.Gateway.ClientAddr() == nil || p.Gateway.Draining()) {
 			return false
 		}
 		return p.Logic != nil || p.rpcClient.Links() > 0
@@ -540,8 +545,9 @@ func (p *Platform) closeBackends(ctx context.Context) error {
 	return err
 }
 
-// GatewayAddr is the gateway's listen address.
-func (p *Platform) GatewayAddr() string { return p.Gateway.Addr().String() }
+// GatewayAddr is the address clients dial: the gateway's plain-TCP
+// listen address, or its TLS one when it has no plain listener.
+func (p *Platform) GatewayAddr() string { return p.Gateway.ClientAddr().String() }
 
 // TLSAddr returns the gateway's TLS listener address, or "" when it has
 // none.
@@ -590,7 +596,7 @@ func (p *Platform) Shutdown(ctx context.Context) error {
 // stop undoes whatever StartRole started, in order.
 func (p *Platform) stop(ctx context.Context) error {
 	var err error
-	if p.Gateway != nil && p.Gateway.Addr() != nil {
+	if p.Gateway != nil && p.Gateway.ClientAddr() != nil {
 		err = p.Gateway.Shutdown(ctx)
 		if p.Logic != nil {
 			p.Logic.DetachGate(context.Background(), p.Gateway.ID())
