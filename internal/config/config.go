@@ -241,6 +241,16 @@ type Cluster struct {
 	// Secret, when set on logic nodes, is required in every gateway's
 	// hello (HMAC-signed, never sent): set the same on every node.
 	Secret string `yaml:"secret"`
+	// RPCTLSCert, RPCTLSKey and RPCTLSCA, when set (all three, on every
+	// node), put the internal RPC under mutual TLS: a logic node serves
+	// RPCTLSCert and accepts only gateways whose client certificate
+	// RPCTLSCA signed; a gateway presents RPCTLSCert and accepts only a
+	// logic node whose certificate RPCTLSCA signed, for the address it
+	// dials. The certificate needs the server and the client extended key
+	// usage when a node is both. The HMAC hello (Secret) is unchanged.
+	RPCTLSCert string `yaml:"rpc_tls_cert"`
+	RPCTLSKey  string `yaml:"rpc_tls_key"`
+	RPCTLSCA   string `yaml:"rpc_tls_ca"`
 	// Split runs `imd all` as a logic node and a gateway linked by the
 	// internal RPC over loopback, in one process: tests use it to run the
 	// end-to-end suite over the many-process wiring.
@@ -368,6 +378,9 @@ func (c *Config) ClusterFlags(fs *flag.FlagSet) {
 	listVar(fs, &k.LogicAddrs, "logic-addrs", "gateway: logic nodes to dial, comma-separated host:port (besides those in the Redis membership)")
 	fs.StringVar(&k.DC, "dc", k.DC, "this node's data center")
 	fs.StringVar(&k.Secret, "rpc-secret", k.Secret, "cluster secret that signs internal RPC hellos; the same on every node (prefer IMD_RPC_SECRET)")
+	fs.StringVar(&k.RPCTLSCert, "rpc-tls-cert", k.RPCTLSCert, "internal RPC mutual TLS: this node's certificate chain, PEM (with --rpc-tls-key and --rpc-tls-ca; default: no TLS)")
+	fs.StringVar(&k.RPCTLSKey, "rpc-tls-key", k.RPCTLSKey, "internal RPC mutual TLS: this node's private key, PEM")
+	fs.StringVar(&k.RPCTLSCA, "rpc-tls-ca", k.RPCTLSCA, "internal RPC mutual TLS: the CA certificates, PEM, that sign every node's certificate")
 	fs.DurationVar(&k.Heartbeat, "heartbeat", k.Heartbeat, "membership heartbeat interval (default 2s)")
 	fs.DurationVar(&k.NodeTTL, "node-ttl", k.NodeTTL, "a node silent this long is dead (default 10s)")
 }

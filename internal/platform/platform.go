@@ -4,6 +4,7 @@ package platform
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -257,6 +258,10 @@ func (p *Platform) startLogic(cfg config.Config, log *slog.Logger, reg prometheu
 	if addr == "" {
 		addr = ":7071"
 	}
+	srvTLS, _, err := rpcTLS(cfg.Cluster)
+	if err != nil {
+		return err
+	}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return fmt.Errorf("rpc: listen %s: %w", addr, err)
@@ -268,7 +273,7 @@ func (p *Platform) startLogic(cfg config.Config, log *slog.Logger, reg prometheu
 	if err != nil {
 		return err
 	}
-	p.rpcServer = rpc.NewServer(svc, rpc.ServerOptions{Node: node, Version: Version, LocalRouter: p.redis == nil, Logger: log.With("tier", "rpc"), Metrics: m, Secret: cfg.Cluster.Secret})
+	p.rpcServer = rpc.NewServer(svc, rpc.ServerOptions{Node: node, Version: Version, LocalRouter: p.redis == nil, Logger: log.With("tier", "rpc"), Metrics: m, Secret: cfg.Cluster.Secret, TLS: srvTLS})
 	if cfg.Cluster.Secret == "" && !isLoopback(ln.Addr()) {
 		log.Warn("the internal RPC listens beyond loopback with no --rpc-secret: anyone who reaches it can act as a gateway", "rpc", ln.Addr().String())
 	}
@@ -323,7 +328,11 @@ func (p *Platform) startGateway(cfg config.Config, log *slog.Logger, reg prometh
 		if err != nil {
 			return err
 		}
-		p.rpcClient = rpc.NewClient(rpc.ClientOptions{Version: Version, Logger: log.With("tier", "rpc"), Metrics: m, Registry: reg, Secret: cfg.Cluster.Secret})
+		_, cliTLS, err := rpcTLS(cfg.Cluster)
+		if err != nil {
+			return err
+		}
+		p.rpcClient = rpc.NewClient(rpc.ClientOptions{Version: Version, Logger: log.With("tier", "rpc"), Metrics: m, Registry: reg, Secret: cfg.Cluster.Secret, TLS: cliTLS})
 		if !direct {
 			api = p.rpcClient
 		}
@@ -412,6 +421,15 @@ func (p *Platform) rpcMetrics() (*rpc.Metrics, error) {
 func isLoopback(a net.Addr) bool {
 	ta, ok := a.(*net.TCPAddr)
 	return ok && ta.IP.IsLoopback()
+}
+
+// rpcTLS returns the internal RPC's mutual TLS configurations, both nil
+// when none of --rpc-tls-cert, --rpc-tls-key and --rpc-tls-ca is set.
+func rpcTLS(k config.Cluster) (server, client *tls.Config, err error) {
+	if k.RPCTLSCert == "" && k.RPCTLSKey == "" && k.RPCTLSCA == "" {
+		return nil, nil, nil
+	}
+	return rpc.MutualTLS(k.RPCTLSCert, k.RPCTLSKey, k.RPCTLSCA)
 }
 
 // advertise is the address others dial for a listener: configured, or

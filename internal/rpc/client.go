@@ -2,6 +2,7 @@ package rpc
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -25,6 +26,10 @@ type ClientOptions struct {
 	Version string // goes in the hello, for logs
 	// Secret signs the hello for logic nodes that require it.
 	Secret string
+	// TLS, when set, puts every link under TLS (see MutualTLS): the
+	// gateway presents its Certificates and verifies the logic node's
+	// against RootCAs, for the host it dials unless ServerName is set.
+	TLS *tls.Config
 	// DialTimeout bounds one dial plus hello. Default 5s.
 	DialTimeout time.Duration
 	Logger      *slog.Logger
@@ -226,6 +231,11 @@ func (c *Client) dial(ctx context.Context, addr string) (*Link, error) {
 	nc, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, err
+	}
+	if c.opts.TLS != nil {
+		if nc, err = clientTLS(ctx, nc, c.opts.TLS, addr); err != nil {
+			return nil, err
+		}
 	}
 	gb := c.gate.Load()
 	if gb == nil {

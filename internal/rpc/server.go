@@ -2,6 +2,7 @@ package rpc
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -35,6 +36,10 @@ type Server struct {
 	local  bool
 	m      *Metrics
 	secret string
+	tls    *tls.Config // ServerOptions.TLS
+	// hsCtx bounds TLS handshakes under way; Close cancels it first.
+	hsCtx    context.Context
+	hsCancel context.CancelFunc
 
 	mu       sync.Mutex
 	ln       net.Listener
@@ -59,6 +64,10 @@ type ServerOptions struct {
 	// Secret, when set, is the cluster secret every gateway's hello must
 	// be signed with.
 	Secret string
+	// TLS, when set, puts every link under TLS (see MutualTLS): with
+	// ClientAuth RequireAndVerifyClientCert, a gateway without a client
+	// certificate its ClientCAs signed cannot link.
+	TLS *tls.Config
 }
 
 // NewServer returns a server for svc.
@@ -67,9 +76,10 @@ func NewServer(svc *logic.Service, o ServerOptions) *Server {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{svc: svc, node: o.Node, version: o.Version, local: o.LocalRouter, log: log, m: o.Metrics, secret: o.Secret,
+	s := &Server{svc: svc, node: o.Node, version: o.Version, local: o.LocalRouter, log: log, m: o.Metrics, secret: o.Secret, tls: o.TLS,
 		links: make(map[*Link]struct{}), gates: make(map[string]*Link)}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.hsCtx, s.hsCancel = context.WithCancel(context.Background())
 	return s
 }
 
@@ -102,19 +112,50 @@ func (s *Server) Serve(ln net.Listener) error {
 			continue
 		}
 		delay = 0
+		if s.tls == nil {
+			if !s.addLink(nc) {
+				return nil
+			}
+			continue
+		}
+		// The handshake runs on a goroutine of its own (counted in wg, so
+		// Close waits for it), not to hold up the accept loop.
 		s.mu.Lock()
 		if s.draining {
 			s.mu.Unlock()
 			_ = nc.Close()
 			return nil
 		}
-		l := newLink(s.ctx, nc, s.serve, s.log, s.m)
-		s.links[l] = struct{}{}
-		s.m.link("logic", 1)
 		s.wg.Add(1)
 		s.mu.Unlock()
-		go s.watch(l)
+		go func() {
+			defer s.wg.Done()
+			tc, err := s.serverTLS(nc)
+			if err != nil {
+				s.log.Warn("rpc link refused: tls handshake failed", "remote", nc.RemoteAddr().String(), "err", err)
+				return
+			}
+			s.addLink(tc)
+		}()
 	}
+}
+
+// addLink serves a gateway's link on nc; false (nc closed) once Close
+// has begun.
+func (s *Server) addLink(nc net.Conn) bool {
+	s.mu.Lock()
+	if s.draining {
+		s.mu.Unlock()
+		_ = nc.Close()
+		return false
+	}
+	l := newLink(s.ctx, nc, s.serve, s.log, s.m)
+	s.links[l] = struct{}{}
+	s.m.link("logic", 1)
+	s.wg.Add(1)
+	s.mu.Unlock()
+	go s.watch(l)
+	return true
 }
 
 // watch waits for l to close and forgets the gateway it served.
@@ -165,6 +206,7 @@ func (s *Server) Close(ctx context.Context) {
 		_ = s.ln.Close()
 	}
 	s.mu.Unlock()
+	s.hsCancel() // handshakes under way fail: their links would not be served
 	done := make(chan struct{})
 	go func() { s.serving.Wait(); close(done) }()
 	select {
