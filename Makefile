@@ -7,7 +7,7 @@ STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # Iterations per fuzz target in `make test` (a count, not a time: Go's
 # -fuzztime with a duration can overrun on a loaded machine).
 FUZZ_N      ?= 3000
-FUZZ_TARGETS = ./schema:FuzzDecoder ./schema:FuzzBodies ./gateway:FuzzConnInput ./internal/rpc:FuzzLinkInput
+FUZZ_TARGETS = ./schema:FuzzDecoder ./schema:FuzzBodies ./gateway:FuzzConnInput ./gateway:FuzzTLSConnInput ./internal/rpc:FuzzLinkInput
 SERVICES    = bash scripts/services.sh
 # Exports IMD_TEST_CASSANDRA, IMD_TEST_KAFKA and IMD_TEST_REDIS for the
 # real-server suites.
