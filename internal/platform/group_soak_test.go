@@ -94,36 +94,40 @@ func TestGroupSoak(t *testing.T) {
 	// dialTerm logs tm in through the cutting proxy on its kept state. It
 	// may run on any goroutine: it reports, it does not stop the test.
 	dialTerm := func(tm *soakTerm) error {
-		st, err := sdk.FileState(tm.state, 1<<16)
-		if err != nil {
-			return err
-		}
-		c, err := sdk.Dial(ctx, sdk.Options{
-			Addrs: []string{px.addr()}, OnGroup: tm.log.on, State: st, PageSize: 50,
-			DeviceID:   fmt.Sprintf("soak-%d-%d", tm.uid, tm.appcode),
-			BackoffMin: 5 * time.Millisecond, BackoffMax: 50 * time.Millisecond,
-			SendBackoffMin: 5 * time.Millisecond, SendBackoffMax: 100 * time.Millisecond,
-			SendAttempts: 50, RequestTimeout: 3 * time.Second,
-		})
-		if err != nil {
-			return err
-		}
-		t.Cleanup(func() { _ = c.Close() })
-		for attempt := 0; ; attempt++ {
-			lctx, lcancel := context.WithTimeout(ctx, 5*time.Second)
+		// A login that timed out on a slow store may still have succeeded
+		// on its connection (a second login there would get 1009): each
+		// try is a new client, and a failed one is closed.
+		var err error
+		for attempt := 0; attempt < 5; attempt++ {
+			var st *sdk.FileStore
+			if st, err = sdk.FileState(tm.state, 1<<16); err != nil {
+				return err
+			}
+			var c *sdk.Client
+			c, err = sdk.Dial(ctx, sdk.Options{
+				Addrs: []string{px.addr()}, OnGroup: tm.log.on, State: st, PageSize: 50,
+				DeviceID:   fmt.Sprintf("soak-%d-%d", tm.uid, tm.appcode),
+				BackoffMin: 5 * time.Millisecond, BackoffMax: 50 * time.Millisecond,
+				SendBackoffMin: 5 * time.Millisecond, SendBackoffMax: 100 * time.Millisecond,
+				SendAttempts: 50, RequestTimeout: 5 * time.Second,
+			})
+			if err != nil {
+				continue
+			}
+			lctx, lcancel := context.WithTimeout(ctx, 15*time.Second)
 			_, err = c.Login(lctx, creds(tm.appcode, tm.uid))
 			lcancel()
-			if err == nil || attempt == 20 {
-				break
+			if err != nil {
+				_ = c.Close()
+				continue
 			}
+			t.Cleanup(func() { _ = c.Close() })
+			tm.mu.Lock()
+			tm.c = c
+			tm.mu.Unlock()
+			return nil
 		}
-		if err != nil {
-			return fmt.Errorf("login %d/%d: %w", tm.appcode, tm.uid, err)
-		}
-		tm.mu.Lock()
-		tm.c = c
-		tm.mu.Unlock()
-		return nil
+		return fmt.Errorf("login %d/%d: %w", tm.appcode, tm.uid, err)
 	}
 	newTerm := func(uid uint64, appcode uint32) *soakTerm {
 		return &soakTerm{uid: uid, appcode: appcode, log: &groupLog{}, from: map[uint64]uint64{}, to: map[uint64]uint64{},
