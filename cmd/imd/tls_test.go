@@ -17,7 +17,7 @@ func TestSIGHUPReloadsTLS(t *testing.T) {
 	ca := testcert.NewCA(t, "imd test CA")
 	dir := t.TempDir()
 	certFile, keyFile := ca.Issue(t, dir, 2)
-	p := startImd(t, 0, "--tls-addr", "127.0.0.1:0", "--tls-cert", certFile, "--tls-key", keyFile)
+	p := startImd(t, 0, "--tls-addr", "127.0.0.1:0", "--tls-cert", certFile, "--tls-key", keyFile, "--plain-tcp")
 	var addr string
 	for _, l := range p.log() {
 		if l["msg"] == "node started" {

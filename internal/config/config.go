@@ -132,6 +132,11 @@ type Gateway struct {
 	TLSAddr string `yaml:"tls_addr"`
 	TLSCert string `yaml:"tls_cert"`
 	TLSKey  string `yaml:"tls_key"`
+	// PlainTCP opens the plain-TCP client port (addr) beside the TLS one:
+	// with TLSAddr set, clients get plain TCP only when the operator asks
+	// for it. Without TLSAddr the plain port is the client port and this
+	// is ignored.
+	PlainTCP bool `yaml:"plain_tcp"`
 	// TLSMinVersion is the oldest TLS version accepted: 1.3 (the
 	// default) or 1.2.
 	TLSMinVersion string `yaml:"tls_min_version"`
@@ -323,6 +328,7 @@ func (c *Config) ServerFlags(fs *flag.FlagSet) {
 	fs.StringVar(&g.WebAddr, "web-addr", g.WebAddr, "gateway web listener (WebSocket /ws, HTTP long-poll /lp/); empty turns it off")
 	listVar(fs, &g.WebOrigins, "web-origins", "browser origins allowed on the web listener, comma-separated (* for any; default: the gateway's own host only)")
 	fs.StringVar(&g.TLSAddr, "tls-addr", g.TLSAddr, "gateway TLS listen address for clients (default: none)")
+	fs.BoolVar(&g.PlainTCP, "plain-tcp", g.PlainTCP, "with --tls-addr, also open the plain-TCP client port (--gateway-addr); off by default")
 	fs.StringVar(&g.TLSCert, "tls-cert", g.TLSCert, "PEM certificate chain of the TLS listener, read again on SIGHUP")
 	fs.StringVar(&g.TLSKey, "tls-key", g.TLSKey, "PEM private key of the TLS listener, read again on SIGHUP")
 	fs.StringVar(&g.TLSMinVersion, "tls-min-version", g.TLSMinVersion, "oldest TLS version accepted: 1.3 or 1.2 (default 1.3)")

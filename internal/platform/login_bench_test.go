@@ -156,6 +156,7 @@ func TestLoginBenchServer(t *testing.T) {
 	certFile, keyFile, _ := strings.Cut(files, ",")
 	p := start(t, func(c *config.Config) {
 		c.Gateway.TLSAddr = "127.0.0.1:0"
+		c.Gateway.PlainTCP = true
 		c.Gateway.TLSCert, c.Gateway.TLSKey = certFile, keyFile
 		c.Gateway.WebAddr = ""
 	})

@@ -309,8 +309,9 @@ func (p *Platform) startGateway(cfg config.Config, log *slog.Logger, reg prometh
 		}
 		p.tlsCert = cert
 		opts.TLSAddr, opts.TLS = g.TLSAddr, gateway.ServerTLSConfig(cert, minVersion)
-		// An empty --gateway-addr with a TLS address: no plain-TCP port.
-		opts.NoPlain = g.Addr == ""
+		// With a TLS address, the plain-TCP port opens only when the
+		// operator asks for it (--plain-tcp) and names an address.
+		opts.NoPlain = g.Addr == "" || !g.PlainTCP
 	}
 	if cfg.Demo != nil && *cfg.Demo {
 		wo := web.Options{Logger: log.With("tier", "web")}

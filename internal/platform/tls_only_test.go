@@ -31,3 +31,20 @@ func TestTLSOnlyGateway(t *testing.T) {
 	}
 	eventually(t, 5*time.Second, "the message over a TLS-only gateway", func() bool { return got.len() == 1 })
 }
+
+// TestTLSPlainPortOnlyWhenAsked: with a TLS address, a gateway address
+// alone opens no plain-TCP port; --plain-tcp does.
+func TestTLSPlainPortOnlyWhenAsked(t *testing.T) {
+	ca := testcert.NewCA(t, "imd test CA")
+	p := startTLS(t, ca, t.TempDir(), func(c *config.Config) { c.Gateway.PlainTCP = false })
+	if a := p.Gateway.Addr(); a != nil {
+		t.Fatalf("a plain listener at %s without --plain-tcp", a)
+	}
+	if p.GatewayAddr() != p.TLSAddr() {
+		t.Fatalf("GatewayAddr %q, want the TLS address %q", p.GatewayAddr(), p.TLSAddr())
+	}
+	q := startTLS(t, ca, t.TempDir(), nil) // startTLS asks for the plain port
+	if q.Gateway.Addr() == nil || q.GatewayAddr() == q.TLSAddr() {
+		t.Fatal("no plain listener with --plain-tcp")
+	}
+}

@@ -23,6 +23,7 @@ func startTLS(t *testing.T, ca *testcert.CA, dir string, mod func(*config.Config
 	return start(t, func(c *config.Config) {
 		c.Gateway.TLSAddr = "127.0.0.1:0"
 		c.Gateway.TLSCert, c.Gateway.TLSKey = certFile, keyFile
+		c.Gateway.PlainTCP = true // the tests' plain clients beside the TLS ones
 		if mod != nil {
 			mod(c)
 		}
