@@ -159,49 +159,8 @@ func BenchmarkS2CFanOut(b *testing.B) {
 			}
 		})
 	}
-	to := make([]map[string]any, drivers)
-	for i := range to {
-		to[i] = map[string]any{"appcode": 101, "uid": 1 + i}
-	}
-	body, _ := json.Marshal(map[string]any{"to": to, "msgtype": 2, "text": strings.Repeat("o", 100)})
-	url := "http://" + p.HTTPAddr() + "/v1/push"
-	var next atomic.Int64
-	b.ResetTimer()
-	began := time.Now()
-	var wg sync.WaitGroup
-	for range pushers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for next.Add(1) <= int64(b.N) {
-				req, _ := http.NewRequest("POST", url, bytes.NewReader(body))
-				req.Header.Set("Authorization", "Bearer "+testAPIKey)
-				resp, err := http.DefaultClient.Do(req)
-				if err != nil {
-					b.Error(err)
-					return
-				}
-				_, _ = io.Copy(io.Discard, resp.Body)
-				resp.Body.Close()
-				if resp.StatusCode != 200 {
-					b.Errorf("push: HTTP %d", resp.StatusCode)
-					return
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	want := int64(b.N) * drivers
-	deadline := time.Now().Add(60 * time.Second)
-	for delivered.Load() < want && time.Now().Before(deadline) {
-		time.Sleep(time.Millisecond)
-	}
-	el := time.Since(began)
-	b.StopTimer()
-	if delivered.Load() < want {
-		b.Fatalf("%d of %d deliveries", delivered.Load(), want)
-	}
-	b.ReportMetric(float64(want)/el.Seconds(), "deliveries/s")
+	el := pushToAll(b, p, drivers, pushers, strings.Repeat("o", 100), &delivered)
+	b.ReportMetric(float64(int64(b.N)*drivers)/el.Seconds(), "deliveries/s")
 	b.ReportMetric(float64(hist.Quantile(0.50))/1e6, "p50-ms")
 	b.ReportMetric(float64(hist.Quantile(0.99))/1e6, "p99-ms")
 }
@@ -328,11 +287,52 @@ func BenchmarkS2CFanOutWS(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
-	to := make([]map[string]any, drivers)
+	el := pushToAll(b, p, drivers, pushers, strings.Repeat("o", 100), &delivered)
+	b.ReportMetric(float64(int64(b.N)*drivers)/el.Seconds(), "deliveries/s")
+	b.ReportMetric(float64(hist.Quantile(0.50))/1e6, "p50-ms")
+	b.ReportMetric(float64(hist.Quantile(0.99))/1e6, "p99-ms")
+}
+
+// BenchmarkS2CCompress: BenchmarkS2CFanOut with 1 KiB order-like bodies
+// (about 2.5:1 under s2), with body compression negotiated by every
+// driver ("on", the SDK default) and with it off. Reports deliveries/s and
+// the bytes the drivers read per delivery.
+//
+//	go test -run '^$' -bench S2CCompress -benchtime 100x -count 3 ./internal/platform/
+func BenchmarkS2CCompress(b *testing.B) {
+	for _, mode := range []struct{ name, opt string }{{"on", sdk.CompressionS2}, {"off", sdk.CompressionOff}} {
+		b.Run(mode.name, func(b *testing.B) {
+			const drivers, pushers = 500, 4
+			p := start(b, nil)
+			var delivered, in, out atomic.Int64
+			for i := range drivers {
+				login(b, p, 101, uint64(1+i), func(o *sdk.Options) {
+					o.Compression = mode.opt
+					o.Dialer = countingDialer(&in, &out)
+					o.OnS2C = func(*pb.S2CNotify) { delivered.Add(1) }
+				})
+			}
+			inBefore := in.Load()
+			el := pushToAll(b, p, drivers, pushers, string(compressibleText(1<<10)), &delivered)
+			want := int64(b.N) * drivers
+			b.ReportMetric(float64(want)/el.Seconds(), "deliveries/s")
+			b.ReportMetric(float64(in.Load()-inBefore)/float64(want), "wire-B/delivery")
+		})
+	}
+}
+
+// pushToAll is the load of the s2c fan-out benchmarks: b.N pushes of text
+// to uids 1..n of appcode 101 from pushers concurrent HTTP clients. It
+// resets the timer, waits (60 s at most) until delivered reaches b.N*n,
+// stops the timer and returns the time taken; a failed push or a missing
+// delivery fails the benchmark.
+func pushToAll(b *testing.B, p *Platform, n, pushers int, text string, delivered *atomic.Int64) time.Duration {
+	b.Helper()
+	to := make([]map[string]any, n)
 	for i := range to {
 		to[i] = map[string]any{"appcode": 101, "uid": 1 + i}
 	}
-	body, _ := json.Marshal(map[string]any{"to": to, "msgtype": 2, "text": strings.Repeat("o", 100)})
+	body, _ := json.Marshal(map[string]any{"to": to, "msgtype": 2, "text": text})
 	url := "http://" + p.HTTPAddr() + "/v1/push"
 	var next atomic.Int64
 	b.ResetTimer()
@@ -360,7 +360,7 @@ func BenchmarkS2CFanOutWS(b *testing.B) {
 		}()
 	}
 	wg.Wait()
-	want := int64(b.N) * drivers
+	want := int64(b.N) * int64(n)
 	deadline := time.Now().Add(60 * time.Second)
 	for delivered.Load() < want && time.Now().Before(deadline) {
 		time.Sleep(time.Millisecond)
@@ -370,74 +370,5 @@ func BenchmarkS2CFanOutWS(b *testing.B) {
 	if delivered.Load() < want {
 		b.Fatalf("%d of %d deliveries", delivered.Load(), want)
 	}
-	b.ReportMetric(float64(want)/el.Seconds(), "deliveries/s")
-	b.ReportMetric(float64(hist.Quantile(0.50))/1e6, "p50-ms")
-	b.ReportMetric(float64(hist.Quantile(0.99))/1e6, "p99-ms")
-}
-
-// BenchmarkS2CCompress: BenchmarkS2CFanOut with 1 KiB order-like bodies
-// (about 2.5:1 under s2), with body compression negotiated by every
-// driver ("on", the SDK default) and with it off. Reports deliveries/s and
-// the bytes the drivers read per delivery.
-//
-//	go test -run '^$' -bench S2CCompress -benchtime 100x -count 3 ./internal/platform/
-func BenchmarkS2CCompress(b *testing.B) {
-	for _, mode := range []struct{ name, opt string }{{"on", sdk.CompressionS2}, {"off", sdk.CompressionOff}} {
-		b.Run(mode.name, func(b *testing.B) {
-			const drivers, pushers = 500, 4
-			p := start(b, nil)
-			var delivered, in, out atomic.Int64
-			for i := range drivers {
-				login(b, p, 101, uint64(1+i), func(o *sdk.Options) {
-					o.Compression = mode.opt
-					o.Dialer = countingDialer(&in, &out)
-					o.OnS2C = func(*pb.S2CNotify) { delivered.Add(1) }
-				})
-			}
-			to := make([]map[string]any, drivers)
-			for i := range to {
-				to[i] = map[string]any{"appcode": 101, "uid": 1 + i}
-			}
-			body, _ := json.Marshal(map[string]any{"to": to, "msgtype": 2, "text": string(compressibleText(1 << 10))})
-			url := "http://" + p.HTTPAddr() + "/v1/push"
-			var next atomic.Int64
-			b.ResetTimer()
-			began, inBefore := time.Now(), in.Load()
-			var wg sync.WaitGroup
-			for range pushers {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					for next.Add(1) <= int64(b.N) {
-						req, _ := http.NewRequest("POST", url, bytes.NewReader(body))
-						req.Header.Set("Authorization", "Bearer "+testAPIKey)
-						resp, err := http.DefaultClient.Do(req)
-						if err != nil {
-							b.Error(err)
-							return
-						}
-						_, _ = io.Copy(io.Discard, resp.Body)
-						resp.Body.Close()
-						if resp.StatusCode != 200 {
-							b.Errorf("push: HTTP %d", resp.StatusCode)
-							return
-						}
-					}
-				}()
-			}
-			wg.Wait()
-			want := int64(b.N) * drivers
-			deadline := time.Now().Add(60 * time.Second)
-			for delivered.Load() < want && time.Now().Before(deadline) {
-				time.Sleep(time.Millisecond)
-			}
-			el := time.Since(began)
-			b.StopTimer()
-			if delivered.Load() < want {
-				b.Fatalf("%d of %d deliveries", delivered.Load(), want)
-			}
-			b.ReportMetric(float64(want)/el.Seconds(), "deliveries/s")
-			b.ReportMetric(float64(in.Load()-inBefore)/float64(want), "wire-B/delivery")
-		})
-	}
+	return el
 }
