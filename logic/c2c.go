@@ -201,8 +201,17 @@ func (s *Service) pushUser(ctx context.Context, u das.User, skip *router.Session
 	if skip != nil {
 		sessions = slices.DeleteFunc(sessions, func(o router.Session) bool { return o.AppCode == skip.AppCode })
 	}
-	queued := make([]bool, len(sessions))
-	s.pushSessions(ctx, sessions, cmd, msgtype, body, queued, logid)
+	return s.pushCount(ctx, sessions, cmd, msgtype, body, logid)
+}
+
+// pushCount pushes to every session in ss (pushSessions) and returns how
+// many took the notify.
+func (s *Service) pushCount(ctx context.Context, ss []router.Session, cmd schema.Cmd, msgtype uint32, body []byte, logid uint64) int {
+	if len(ss) == 0 {
+		return 0
+	}
+	queued := make([]bool, len(ss))
+	s.pushSessions(ctx, ss, cmd, msgtype, body, queued, logid)
 	n := 0
 	for _, q := range queued {
 		if q {
@@ -210,6 +219,22 @@ func (s *Service) pushUser(ctx context.Context, u das.User, skip *router.Session
 		}
 	}
 	return n
+}
+
+// otherTerminals flattens the sessions of a LookupMany, leaving out those
+// of the sending terminal (skip's user and appcode; nil skips none): it
+// has the answer to its request.
+func otherTerminals(sessions [][]router.Session, skip *router.Session) []router.Session {
+	var out []router.Session
+	for _, ss := range sessions {
+		for _, x := range ss {
+			if skip != nil && x.AppCode == skip.AppCode && x.UID == skip.UID && x.Account == skip.Account {
+				continue
+			}
+			out = append(out, x)
+		}
+	}
+	return out
 }
 
 // pushSessions queues one notify on every session in ss with one Gate.Push

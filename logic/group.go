@@ -134,27 +134,12 @@ func (s *Service) fanOutGroup(ctx context.Context, m *pb.C2CMessage, memberSeq u
 		s.log.Warn("group fan-out: router", "group", m.GroupId, "seq", m.Seq, "err", err, "logid", logid)
 		return 0
 	}
-	var targets []router.Session
-	for _, ss := range sessions {
-		for _, x := range ss {
-			if skip != nil && x.AppCode == skip.AppCode && x.UID == skip.UID && x.Account == skip.Account {
-				continue // the sending terminal has the answer
-			}
-			targets = append(targets, x)
-		}
-	}
+	targets := otherTerminals(sessions, skip)
 	if len(targets) == 0 {
 		return 0
 	}
 	body, _ := proto.Marshal(&pb.GroupNotify{GroupId: m.GroupId, Messages: []*pb.C2CMessage{m}})
-	queued := make([]bool, len(targets))
-	s.pushSessions(ctx, targets, schema.CmdGroupNotify, m.Msgtype, body, queued, logid)
-	n := 0
-	for _, q := range queued {
-		if q {
-			n++
-		}
-	}
+	n := s.pushCount(ctx, targets, schema.CmdGroupNotify, m.Msgtype, body, logid)
 	s.mGroupNotifies.Add(float64(n))
 	return n
 }

@@ -162,15 +162,7 @@ func (s *Service) publish(ctx context.Context, ch router.Change, logid uint64) {
 		AtMs:     ch.AtMS,
 		Appcodes: ch.Apps,
 	})
-	queued := make([]bool, len(live))
-	s.pushSessions(ctx, live, schema.CmdPresenceNotify, 0, body, queued, logid)
-	n := 0
-	for _, q := range queued {
-		if q {
-			n++
-		}
-	}
-	s.pres.mNotifies.Add(float64(n))
+	s.pres.mNotifies.Add(float64(s.pushCount(ctx, live, schema.CmdPresenceNotify, 0, body, logid)))
 }
 
 // liveSessions returns the sessions of subs that the router still holds,

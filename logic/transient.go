@@ -89,25 +89,10 @@ func (s *Service) transientSend(ctx context.Context, sess router.Session, h *sch
 	if err != nil {
 		return nil, schema.Errorf(schema.StatusUnavailable, "router: %v", err)
 	}
-	var targets []router.Session
-	for _, ss := range sessions {
-		for _, x := range ss {
-			if x.Account == sess.Account && x.UID == sess.UID && x.AppCode == sess.AppCode {
-				continue // the sending terminal
-			}
-			targets = append(targets, x)
-		}
-	}
 	delivered := 0
-	if len(targets) > 0 {
+	if targets := otherTerminals(sessions, &sess); len(targets) > 0 {
 		body, _ := proto.Marshal(n)
-		queued := make([]bool, len(targets))
-		s.pushSessions(ctx, targets, schema.CmdTransient, h.MsgType, body, queued, h.LogID)
-		for _, q := range queued {
-			if q {
-				delivered++
-			}
-		}
+		delivered = s.pushCount(ctx, targets, schema.CmdTransient, h.MsgType, body, h.LogID)
 	}
 	s.mTransient.WithLabelValues("sent").Inc()
 	return proto.Marshal(&pb.C2CSendResponse{Delivered: uint32(delivered)})
