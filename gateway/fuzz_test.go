@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"syscall"
 	"testing"
 	"time"
 
@@ -93,34 +94,7 @@ func FuzzConnInput(f *testing.F) {
 func fuzzOne(t *testing.T, s *Server, data []byte) {
 	client := engineConn(t, s)
 	read := make(chan error, 1)
-	go func() {
-		dec := schema.NewDecoder(client, 1<<20)
-		for {
-			var fr schema.Frame
-			err := dec.ReadFrame(&fr)
-			if err != nil {
-				// The stream may end inside a frame: a close by either side
-				// cuts a frame in flight short, which is not a malformed one.
-				if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.ErrClosedPipe) {
-					err = nil
-				}
-				read <- err
-				return
-			}
-			if k := fr.Kind(); k != schema.KindResponse && k != schema.KindNotify {
-				read <- errors.New("gateway sent a frame of kind " + k.String())
-				return
-			}
-			if fr.Status != schema.StatusOK {
-				var e pb.Error
-				if err := proto.Unmarshal(fr.Body, &e); err != nil || e.Code != uint32(fr.Status) {
-					read <- errors.New("error response without a matching Error body")
-					return
-				}
-			}
-			fr.Release()
-		}
-	}()
+	go func() { read <- readAnswers(client) }()
 	_ = client.SetWriteDeadline(time.Now().Add(2 * time.Second))
 	_, _ = client.Write(data)
 	// A socket is half-closed, so every answer can still be read; a pipe
@@ -141,5 +115,34 @@ func fuzzOne(t *testing.T, s *Server, data []byte) {
 			t.Fatalf("%s: gateway still holds %d connections after the peer left", s.opts.Engine, s.Conns())
 		}
 		time.Sleep(time.Millisecond)
+	}
+}
+
+// readAnswers reads a fuzzed connection's answers to the end and reports
+// the first that breaks the protocol: a frame that is neither a response
+// nor a notify, or an error response without a matching Error body. The
+// stream may end inside a frame (a close by either side cuts one in
+// flight short) or with a reset when the gateway closes on unread data:
+// neither is a bad frame.
+func readAnswers(r io.Reader) error {
+	dec := schema.NewDecoder(r, 1<<20)
+	for {
+		var fr schema.Frame
+		if err := dec.ReadFrame(&fr); err != nil {
+			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.ErrClosedPipe) || errors.Is(err, syscall.ECONNRESET) {
+				return nil
+			}
+			return err
+		}
+		if k := fr.Kind(); k != schema.KindResponse && k != schema.KindNotify {
+			return errors.New("gateway sent a frame of kind " + k.String())
+		}
+		if fr.Status != schema.StatusOK {
+			var e pb.Error
+			if err := proto.Unmarshal(fr.Body, &e); err != nil || e.Code != uint32(fr.Status) {
+				return errors.New("error response without a matching Error body")
+			}
+		}
+		fr.Release()
 	}
 }

@@ -4,18 +4,13 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
-	"io"
 	"net"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/imd-dev/imd/internal/testcert"
 	"github.com/imd-dev/imd/logic"
 	"github.com/imd-dev/imd/router"
-	"github.com/imd-dev/imd/schema"
-	"github.com/imd-dev/imd/schema/pb"
-	"google.golang.org/protobuf/proto"
 )
 
 // FuzzTLSConnInput is FuzzConnInput over the TLS listener: each input
@@ -79,35 +74,7 @@ func FuzzTLSConnInput(f *testing.F) {
 func fuzzTLSOne(t *testing.T, s *Server, client *tls.Conn, data []byte) {
 	defer client.Close()
 	read := make(chan error, 1)
-	go func() {
-		dec := schema.NewDecoder(client, 1<<20)
-		for {
-			var fr schema.Frame
-			err := dec.ReadFrame(&fr)
-			if err != nil {
-				// The stream may end inside a frame (a close by either side
-				// cuts one in flight short), or with a reset when the
-				// gateway closes on unread data: neither is a bad frame.
-				if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET) {
-					err = nil
-				}
-				read <- err
-				return
-			}
-			if k := fr.Kind(); k != schema.KindResponse && k != schema.KindNotify {
-				read <- errors.New("gateway sent a frame of kind " + k.String())
-				return
-			}
-			if fr.Status != schema.StatusOK {
-				var e pb.Error
-				if err := proto.Unmarshal(fr.Body, &e); err != nil || e.Code != uint32(fr.Status) {
-					read <- errors.New("error response without a matching Error body")
-					return
-				}
-			}
-			fr.Release()
-		}
-	}()
+	go func() { read <- readAnswers(client) }()
 	_ = client.SetWriteDeadline(time.Now().Add(2 * time.Second))
 	_, _ = client.Write(data)
 	_ = client.CloseWrite() // close_notify; answers can still be read
