@@ -481,11 +481,7 @@ func (s *Service) DissolveGroup(ctx context.Context, caller *App, id uint64, log
 	for i, m := range members {
 		extra[i] = m.User
 	}
-	s.groupCache.Invalidate(id)
-	if s.groupChanged != nil {
-		s.groupChanged(ctx, id)
-	}
-	s.fanOutGroup(ctx, ev, seq, nil, extra, logid)
+	s.changed(ctx, ev, extra, logid)
 	s.log.Info("group dissolved", "group", id, "seq", seq, "appcode", caller.AppCode, "logid", logid)
 	return &GroupChange{GroupID: id, Seq: seq}, nil
 }
