@@ -105,6 +105,10 @@ func (s *Service) c2cSend(ctx context.Context, sess router.Session, h *schema.He
 		if req.Transient {
 			return s.transientSend(ctx, sess, h, &req)
 		}
+		if home, remote := s.groupHome(req.GroupId); remote {
+			// One point orders each group: its home DC.
+			return s.rooms.Forward(ctx, home, sess, h, body)
+		}
 		return s.groupSend(ctx, sess, h, &req)
 	}
 	switch {
@@ -344,6 +348,7 @@ func (s *Service) ack(ctx context.Context, sess router.Session, msgids []uint64,
 	}
 	if len(missing) > 0 {
 		s.log.Debug("ack of msgids not in the inbox", "uid", sess.UID, "appcode", sess.AppCode, "missing", len(missing), "logid", logid)
+		s.forwardAcks(sess, missing, logid)
 	}
 	now := time.Now().UnixMilli()
 	var pushes []uint64

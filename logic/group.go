@@ -390,10 +390,16 @@ func (s *Service) CreateGroup(ctx context.Context, caller *App, id uint64, membe
 	if err != nil {
 		return nil, err
 	}
-	if id == 0 {
+	for id == 0 {
 		if id, err = s.newID(0, logid); err != nil {
 			return nil, err
 		}
+		if _, remote := s.groupHome(id); remote {
+			id = 0 // a group this DC orders
+		}
+	}
+	if err := s.needHome(id); err != nil {
+		return nil, err
 	}
 	ev, err := s.event(id, pb.GroupEventKind_GROUP_EVENT_CREATED, us, caller, logid)
 	if err != nil {
@@ -412,6 +418,9 @@ func (s *Service) CreateGroup(ctx context.Context, caller *App, id uint64, membe
 // AddGroupMembers adds members to group id.
 func (s *Service) AddGroupMembers(ctx context.Context, caller *App, id uint64, members []GroupMember, logid uint64) (*GroupChange, error) {
 	if err := s.needGroups(); err != nil {
+		return nil, err
+	}
+	if err := s.needHome(id); err != nil {
 		return nil, err
 	}
 	us, err := s.groupUsers(caller, members)
@@ -439,6 +448,9 @@ func (s *Service) RemoveGroupMembers(ctx context.Context, caller *App, id uint64
 	if err := s.needGroups(); err != nil {
 		return nil, err
 	}
+	if err := s.needHome(id); err != nil {
+		return nil, err
+	}
 	us, err := s.groupUsers(caller, members)
 	if err != nil {
 		return nil, err
@@ -462,6 +474,9 @@ func (s *Service) RemoveGroupMembers(ctx context.Context, caller *App, id uint64
 // DissolveGroup ends group id; every member gets the last message.
 func (s *Service) DissolveGroup(ctx context.Context, caller *App, id uint64, logid uint64) (*GroupChange, error) {
 	if err := s.needGroups(); err != nil {
+		return nil, err
+	}
+	if err := s.needHome(id); err != nil {
 		return nil, err
 	}
 	members, _, err := s.groups.Members(ctx, id)

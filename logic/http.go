@@ -329,6 +329,8 @@ func writeStatusError(ctx *fasthttp.RequestCtx, err error) {
 		code = fasthttp.StatusNotFound
 	case se.Status == schema.StatusGroupExists:
 		code = fasthttp.StatusConflict
+	case se.Status == schema.StatusOtherDC:
+		code = fasthttp.StatusMisdirectedRequest
 	case se.Status == schema.StatusRateLimited:
 		code = fasthttp.StatusTooManyRequests
 	case se.Status.Retryable():

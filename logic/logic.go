@@ -137,7 +137,8 @@ type Service struct {
 	router router.Router
 	log    *slog.Logger
 
-	epoch atomic.Uint64
+	epoch atomic.Uint64 // the last login's epoch (nextEpoch)
+	rooms Rooms         // the other DCs; nil: one DC
 
 	gatesMu sync.RWMutex
 	gates   map[string]Gate
@@ -450,6 +451,11 @@ func (s *Service) Gates() []string {
 }
 
 func (s *Service) gate(id string) Gate {
+	if s.rooms != nil {
+		if dc, gate, ok := SplitMirrorGate(id); ok {
+			return s.rooms.Gate(dc, gate)
+		}
+	}
 	s.gatesMu.RLock()
 	defer s.gatesMu.RUnlock()
 	return s.gates[id]
@@ -490,7 +496,7 @@ func (s *Service) login(ctx context.Context, in LoginInput) (LoginResult, error)
 		UID:      in.UID,
 		Gate:     in.Gate,
 		Conn:     in.Conn,
-		Epoch:    s.epoch.Add(1),
+		Epoch:    s.nextEpoch(),
 		DeviceID: in.DeviceID,
 		LoginMS:  time.Now().UnixMilli(),
 	}
@@ -539,6 +545,20 @@ func (s *Service) kick(ctx context.Context, old router.Session, k *pb.Kickout, l
 		// the connection is gone or its gateway unreachable.
 		s.mUndelivered.WithLabelValues("kick").Inc()
 		s.log.Info("kick undeliverable", "gate", old.Gate, "conn", old.Conn, "uid", old.UID, "appcode", old.AppCode, "err", err, "logid", logid)
+	}
+}
+
+// nextEpoch returns a login epoch: a hybrid clock, the wall clock in
+// nanoseconds unless the last epoch was at or past it, so that epochs of
+// different logic nodes (and DCs) order logins by time and one node's
+// never repeat.
+func (s *Service) nextEpoch() uint64 {
+	for {
+		last := s.epoch.Load()
+		next := max(last+1, uint64(time.Now().UnixNano()))
+		if s.epoch.CompareAndSwap(last, next) {
+			return next
+		}
 	}
 }
 

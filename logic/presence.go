@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 
 	"github.com/imd-dev/imd/das"
 	"github.com/imd-dev/imd/router"
@@ -71,7 +72,11 @@ func (s *Service) initPresence(opts Options) error {
 // their subscriptions; the caller kicks them.
 func (s *Service) register(ctx context.Context, sess router.Session, maxPerTerminal int, logid uint64) ([]router.Session, error) {
 	if s.pres.p == nil {
-		return s.router.Register(ctx, sess, maxPerTerminal)
+		evicted, err := s.router.Register(ctx, sess, maxPerTerminal)
+		if err == nil {
+			s.roomsChanged(&sess, true)
+		}
+		return evicted, err
 	}
 	evicted, ch, err := s.pres.p.RegisterChange(ctx, sess, maxPerTerminal)
 	for _, old := range evicted {
@@ -80,6 +85,7 @@ func (s *Service) register(ctx context.Context, sess router.Session, maxPerTermi
 	if err != nil {
 		return evicted, err
 	}
+	s.roomsChanged(&sess, true)
 	s.publish(ctx, ch, logid)
 	return evicted, nil
 }
@@ -89,13 +95,18 @@ func (s *Service) register(ctx context.Context, sess router.Session, maxPerTermi
 // last session.
 func (s *Service) unregister(ctx context.Context, sess router.Session, logid uint64) (bool, error) {
 	if s.pres.p == nil {
-		return s.router.Unregister(ctx, sess)
+		removed, err := s.router.Unregister(ctx, sess)
+		if removed {
+			s.roomsChanged(&sess, false)
+		}
+		return removed, err
 	}
 	removed, ch, err := s.pres.p.UnregisterChange(ctx, sess)
 	if err != nil {
 		return false, err
 	}
 	if removed {
+		s.roomsChanged(&sess, false)
 		s.unfollow(ctx, sess)
 	}
 	s.publish(ctx, ch, logid)
@@ -105,6 +116,9 @@ func (s *Service) unregister(ctx context.Context, sess router.Session, logid uin
 // purgeGate removes the sessions of a gateway that stopped, with their
 // subscriptions, and tells the followers of every user left offline.
 func (s *Service) purgeGate(ctx context.Context, gate string) (int, error) {
+	if s.rooms != nil && !strings.HasPrefix(gate, "@") {
+		s.rooms.GatePurged(gate)
+	}
 	if s.pres.p == nil {
 		return s.router.PurgeGate(ctx, gate)
 	}

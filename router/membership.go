@@ -191,7 +191,7 @@ func (r *Redis) Expired(ctx context.Context, role string) ([]string, error) {
 func (r *Redis) nodeIDPrefix() string { return r.prefix + "n:{ids}:" }
 
 // acquireNodeIDScript takes the lease of id ARGV[3] (-1: the first free id
-// from 1023 down) for holder ARGV[1] with TTL ARGV[2] ms, and writes its
+// from ARGV[7] down to ARGV[6]) for holder ARGV[1] with TTL ARGV[2] ms, and writes its
 // ceiling: max(ARGV[4], previous ceiling + ARGV[5]). It returns {id,
 // previous ceiling, ceiling}, {-1, holder, pttl} when the id asked for is
 // held, or {-2} when every id is.
@@ -211,7 +211,7 @@ if want >= 0 then
   local k = KEYS[1] .. want
   return {-1, redis.call('GET', k) or '', redis.call('PTTL', k)}
 end
-for n = 1023, 0, -1 do
+for n = tonumber(ARGV[7]), tonumber(ARGV[6]), -1 do
   local got = take(n)
   if got then return got end
 end
@@ -262,20 +262,29 @@ func (e *NodeIDHeldError) Error() string {
 	return fmt.Sprintf("node id %d is leased by %s (%v left on its lease)", e.ID, e.Holder, e.TTL.Round(time.Millisecond))
 }
 
-// ErrNoNodeID is AcquireNodeID's error when all 1024 ids are leased.
-var ErrNoNodeID = errors.New("router: every node id 0-1023 is leased")
+// ErrNoNodeID is AcquireNodeID's error when every id of its range is
+// leased.
+var ErrNoNodeID = errors.New("router: every node id of the range is leased")
 
 // AcquireNodeID leases node id id (-1: any free id, from 1023 down) for
 // holder, a token unique to this process, for ttl. The lease's ceiling is
 // set to max(ceiling, the previous ceiling + window). An id held by
 // another is a *NodeIDHeldError.
 func (r *Redis) AcquireNodeID(ctx context.Context, id int64, holder string, ttl time.Duration, ceiling, window int64) (NodeIDLease, error) {
-	if id < -1 || id > 1023 || holder == "" || ttl < time.Millisecond {
+	return r.AcquireNodeIDIn(ctx, id, 0, 1023, holder, ttl, ceiling, window)
+}
+
+// AcquireNodeIDIn is AcquireNodeID with the free ids sought from hi down
+// to lo only: each DC of a many-DC deployment leases from its own range,
+// so msgids of different DCs never collide.
+func (r *Redis) AcquireNodeIDIn(ctx context.Context, id, lo, hi int64, holder string, ttl time.Duration, ceiling, window int64) (NodeIDLease, error) {
+	if id < -1 || id > 1023 || lo < 0 || hi > 1023 || lo > hi || holder == "" || ttl < time.Millisecond {
 		return NodeIDLease{}, fmt.Errorf("router: acquire node id %d: bad arguments", id)
 	}
 	vals, err := acquireNodeIDScript.Exec(ctx, r.c, []string{r.nodeIDPrefix()}, []string{
 		holder, strconv.FormatInt(ttl.Milliseconds(), 10), strconv.FormatInt(id, 10),
 		strconv.FormatInt(ceiling, 10), strconv.FormatInt(window, 10),
+		strconv.FormatInt(lo, 10), strconv.FormatInt(hi, 10),
 	}).ToArray()
 	if err != nil {
 		return NodeIDLease{}, fmt.Errorf("router: acquire node id %d: %w", id, err)
@@ -327,4 +336,41 @@ func (r *Redis) ReleaseNodeID(ctx context.Context, id int64, holder string, last
 		return fmt.Errorf("router: release node id %d: %w", id, err)
 	}
 	return nil
+}
+
+// Announce generation: a logic node asks every gateway of its DC to
+// announce its sessions again (another DC's router needs them for its
+// mirror) by changing P a:{gen}; gateways read it with each heartbeat.
+
+func (r *Redis) announceKey() string { return r.prefix + "a:{gen}" }
+
+// BumpAnnounce changes the announce generation unless it changed in the
+// last quiet (a DC link coming back on many nodes at once asks once), and
+// reports whether it did.
+func (r *Redis) BumpAnnounce(ctx context.Context, quiet time.Duration) (bool, error) {
+	k := r.announceKey()
+	ok, err := r.c.Do(ctx, r.c.B().Set().Key(k+":quiet").Value("1").Nx().Px(quiet).Build()).AsBool()
+	if rueidis.IsRedisNil(err) {
+		return false, nil
+	}
+	if err != nil || !ok {
+		return false, err
+	}
+	if err := r.c.Do(ctx, r.c.B().Incr().Key(k).Build()).Error(); err != nil {
+		return false, fmt.Errorf("router: bump the announce generation: %w", err)
+	}
+	return true, nil
+}
+
+// AnnounceGen returns the announce generation ("" before the first bump,
+// or after its Redis master came back empty: a change either way).
+func (r *Redis) AnnounceGen(ctx context.Context) (string, error) {
+	v, err := r.c.Do(ctx, r.c.B().Get().Key(r.announceKey()).Build()).ToString()
+	if rueidis.IsRedisNil(err) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("router: announce generation: %w", err)
+	}
+	return v, nil
 }

@@ -16,6 +16,15 @@ const (
 	RPCPush         Cmd = 0x7F10 // logic -> gateway request: RPCPush -> RPCPushResponse
 	RPCKick         Cmd = 0x7F11 // logic -> gateway request: RPCKick -> RPCEmpty
 	RPCPing         Cmd = 0x7F20 // either way request: RPCEmpty -> RPCEmpty
+
+	// Links between the logic tiers of data centers, either way.
+	RPCPeerHello   Cmd = 0x7F30 // request: PeerHello -> PeerHelloResponse
+	RPCPeerMirror  Cmd = 0x7F31 // request: PeerMirror -> RPCEmpty
+	RPCPeerPush    Cmd = 0x7F32 // request: PeerPush -> RPCPushResponse
+	RPCPeerKick    Cmd = 0x7F33 // request: PeerKick -> RPCEmpty
+	RPCPeerForward Cmd = 0x7F34 // request: PeerForward -> the client's response body
+	RPCPeerAck     Cmd = 0x7F35 // request: PeerAck -> RPCEmpty
+	RPCPeerResync  Cmd = 0x7F36 // request: RPCEmpty -> RPCEmpty: announce your DC's sessions again
 )
 
 var rpcNames = map[Cmd]string{
@@ -28,6 +37,13 @@ var rpcNames = map[Cmd]string{
 	RPCPush:         "rpc-push",
 	RPCKick:         "rpc-kick",
 	RPCPing:         "rpc-ping",
+	RPCPeerHello:    "peer-hello",
+	RPCPeerMirror:   "peer-mirror",
+	RPCPeerPush:     "peer-push",
+	RPCPeerKick:     "peer-kick",
+	RPCPeerForward:  "peer-forward",
+	RPCPeerAck:      "peer-ack",
+	RPCPeerResync:   "peer-resync",
 }
 
 // IsRPC reports whether c is in the internal RPC table.

@@ -48,6 +48,7 @@ const (
 	StatusGroupFull       Status = 4009 // the group is at its maximum size
 	StatusGroupExists     Status = 4010 // a group with that id exists already
 	StatusTooManyFollowed Status = 4011 // a presence subscription over the server's bound
+	StatusOtherDC         Status = 4012 // HTTP API: another data center orders this group; call its API
 
 	StatusInternal     Status = 5001 // a bug or unexpected failure; retrying may help
 	StatusUnavailable  Status = 5002 // a dependency (store, bus) is down; retry with backoff
@@ -87,6 +88,7 @@ var statusNames = map[Status]string{
 	StatusGroupFull:       "group full",
 	StatusGroupExists:     "group exists",
 	StatusTooManyFollowed: "too many followed",
+	StatusOtherDC:         "other data center",
 	StatusInternal:        "internal error",
 	StatusUnavailable:     "unavailable",
 	StatusTimeout:         "timeout",

@@ -260,6 +260,34 @@ type Cluster struct {
 	// internal RPC over loopback, in one process: tests use it to run the
 	// end-to-end suite over the many-process wiring.
 	Split bool `yaml:"split"`
+
+	// Rooms lists every data center of the deployment, the same list on
+	// every node (docs/two-dc.md). Empty: one DC. With two or more, DC
+	// must name one of them, and logic nodes link to the other DCs'
+	// logic nodes through PeerAddr.
+	Rooms []Room `yaml:"rooms"`
+	// PeerAddr is where a logic node accepts links from the logic nodes
+	// of the other DCs (with Rooms). Default :7074.
+	PeerAddr string `yaml:"peer_addr"`
+	// PeerQueueBytes bounds, per other DC, what a logic node keeps for
+	// that DC while its link is down (notifies, kicks, session changes),
+	// sent when the link is back. Default 64 MiB.
+	PeerQueueBytes int `yaml:"peer_queue_bytes"`
+}
+
+// Room is one data center of a many-DC deployment.
+type Room struct {
+	// DC names it, as Cluster.DC does on its nodes.
+	DC string `yaml:"dc"`
+	// Peers are the peer-link addresses (PeerAddr) of its logic nodes,
+	// as the other DCs reach them. A logic node of another DC links to
+	// one of them and moves to the next when it fails.
+	Peers []string `yaml:"peers"`
+	// NodeIDs is the range of snowflake node ids its logic nodes lease,
+	// "lo-hi" within 0-1023; ranges of DCs must not overlap, so msgids
+	// minted in different DCs never collide, and a msgid tells the DC
+	// that stored it.
+	NodeIDs string `yaml:"node_ids"`
 }
 
 // Redis reaches the Redis that holds membership and the router.
@@ -387,6 +415,12 @@ func (c *Config) ClusterFlags(fs *flag.FlagSet) {
 	fs.StringVar(&k.RPCTLSCert, "rpc-tls-cert", k.RPCTLSCert, "internal RPC mutual TLS: this node's certificate chain, PEM (with --rpc-tls-key and --rpc-tls-ca; default: no TLS)")
 	fs.StringVar(&k.RPCTLSKey, "rpc-tls-key", k.RPCTLSKey, "internal RPC mutual TLS: this node's private key, PEM")
 	fs.StringVar(&k.RPCTLSCA, "rpc-tls-ca", k.RPCTLSCA, "internal RPC mutual TLS: the CA certificates, PEM, that sign every node's certificate")
+	fs.Func("rooms", "every data center of a many-DC deployment, the same on every node: dc=lo-hi@peer,peer;dc2=... (node id range and logic peer-link addresses of each; default: one DC)", func(v string) error {
+		r, err := ParseRooms(v)
+		k.Rooms = r
+		return err
+	})
+	fs.StringVar(&k.PeerAddr, "peer-addr", k.PeerAddr, "logic, many DCs: listen address for the other DCs' logic nodes (default :7074)")
 	fs.DurationVar(&k.Heartbeat, "heartbeat", k.Heartbeat, "membership heartbeat interval (default 2s)")
 	fs.DurationVar(&k.NodeTTL, "node-ttl", k.NodeTTL, "a node silent this long is dead (default 10s)")
 }
@@ -400,6 +434,23 @@ func (c *Config) CassandraFlags(fs *flag.FlagSet) {
 	fs.StringVar(&k.Consistency, "cassandra-consistency", k.Consistency, "read and write consistency (default LOCAL_QUORUM)")
 	fs.StringVar(&k.Username, "cassandra-username", k.Username, "Cassandra user, if the cluster authenticates")
 	fs.StringVar(&k.Password, "cassandra-password", k.Password, "Cassandra password (prefer IMD_CASSANDRA_PASSWORD)")
+}
+
+// ParseRooms parses the --rooms flag: "dc=lo-hi@addr,addr;dc2=lo-hi@addr".
+func ParseRooms(v string) ([]Room, error) {
+	var out []Room
+	for _, part := range strings.Split(v, ";") {
+		if part = strings.TrimSpace(part); part == "" {
+			continue
+		}
+		dc, rest, ok := strings.Cut(part, "=")
+		ids, peers, ok2 := strings.Cut(rest, "@")
+		if !ok || !ok2 || strings.TrimSpace(dc) == "" {
+			return nil, fmt.Errorf("room %q is not dc=lo-hi@peer,peer", part)
+		}
+		out = append(out, Room{DC: strings.TrimSpace(dc), NodeIDs: strings.TrimSpace(ids), Peers: splitList(peers)})
+	}
+	return out, nil
 }
 
 // listVar binds a flag whose value is a comma-separated list.

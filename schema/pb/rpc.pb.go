@@ -767,6 +767,468 @@ func (*RPCEmpty) Descriptor() ([]byte, []int) {
 	return file_rpc_proto_rawDescGZIP(), []int{11}
 }
 
+// PeerHello opens a DC link. With a cluster secret, mac is
+// HMAC-SHA256(secret, "imd-rpc-hello|peer:" + dc + "/" + node + "|" + time_ms).
+type PeerHello struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Dc            string                 `protobuf:"bytes,1,opt,name=dc,proto3" json:"dc,omitempty"`
+	Node          string                 `protobuf:"bytes,2,opt,name=node,proto3" json:"node,omitempty"`
+	Version       string                 `protobuf:"bytes,3,opt,name=version,proto3" json:"version,omitempty"`
+	TimeMs        int64                  `protobuf:"varint,4,opt,name=time_ms,json=timeMs,proto3" json:"time_ms,omitempty"`
+	Mac           []byte                 `protobuf:"bytes,5,opt,name=mac,proto3" json:"mac,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PeerHello) Reset() {
+	*x = PeerHello{}
+	mi := &file_rpc_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PeerHello) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PeerHello) ProtoMessage() {}
+
+func (x *PeerHello) ProtoReflect() protoreflect.Message {
+	mi := &file_rpc_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PeerHello.ProtoReflect.Descriptor instead.
+func (*PeerHello) Descriptor() ([]byte, []int) {
+	return file_rpc_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *PeerHello) GetDc() string {
+	if x != nil {
+		return x.Dc
+	}
+	return ""
+}
+
+func (x *PeerHello) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *PeerHello) GetVersion() string {
+	if x != nil {
+		return x.Version
+	}
+	return ""
+}
+
+func (x *PeerHello) GetTimeMs() int64 {
+	if x != nil {
+		return x.TimeMs
+	}
+	return 0
+}
+
+func (x *PeerHello) GetMac() []byte {
+	if x != nil {
+		return x.Mac
+	}
+	return nil
+}
+
+type PeerHelloResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Dc            string                 `protobuf:"bytes,1,opt,name=dc,proto3" json:"dc,omitempty"`
+	Node          string                 `protobuf:"bytes,2,opt,name=node,proto3" json:"node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PeerHelloResponse) Reset() {
+	*x = PeerHelloResponse{}
+	mi := &file_rpc_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PeerHelloResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PeerHelloResponse) ProtoMessage() {}
+
+func (x *PeerHelloResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_rpc_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PeerHelloResponse.ProtoReflect.Descriptor instead.
+func (*PeerHelloResponse) Descriptor() ([]byte, []int) {
+	return file_rpc_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *PeerHelloResponse) GetDc() string {
+	if x != nil {
+		return x.Dc
+	}
+	return ""
+}
+
+func (x *PeerHelloResponse) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+// PeerMirrorOp is one change of the sending DC's router: a session that
+// logged in (on) or ended, or a gateway that stopped (purge: its id).
+type PeerMirrorOp struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Session       *RPCSession            `protobuf:"bytes,1,opt,name=session,proto3" json:"session,omitempty"`
+	On            bool                   `protobuf:"varint,2,opt,name=on,proto3" json:"on,omitempty"`
+	Purge         string                 `protobuf:"bytes,3,opt,name=purge,proto3" json:"purge,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PeerMirrorOp) Reset() {
+	*x = PeerMirrorOp{}
+	mi := &file_rpc_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PeerMirrorOp) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PeerMirrorOp) ProtoMessage() {}
+
+func (x *PeerMirrorOp) ProtoReflect() protoreflect.Message {
+	mi := &file_rpc_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PeerMirrorOp.ProtoReflect.Descriptor instead.
+func (*PeerMirrorOp) Descriptor() ([]byte, []int) {
+	return file_rpc_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *PeerMirrorOp) GetSession() *RPCSession {
+	if x != nil {
+		return x.Session
+	}
+	return nil
+}
+
+func (x *PeerMirrorOp) GetOn() bool {
+	if x != nil {
+		return x.On
+	}
+	return false
+}
+
+func (x *PeerMirrorOp) GetPurge() string {
+	if x != nil {
+		return x.Purge
+	}
+	return ""
+}
+
+// PeerMirror carries changes in the order the sender made them.
+type PeerMirror struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Ops           []*PeerMirrorOp        `protobuf:"bytes,1,rep,name=ops,proto3" json:"ops,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PeerMirror) Reset() {
+	*x = PeerMirror{}
+	mi := &file_rpc_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PeerMirror) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PeerMirror) ProtoMessage() {}
+
+func (x *PeerMirror) ProtoReflect() protoreflect.Message {
+	mi := &file_rpc_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PeerMirror.ProtoReflect.Descriptor instead.
+func (*PeerMirror) Descriptor() ([]byte, []int) {
+	return file_rpc_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *PeerMirror) GetOps() []*PeerMirrorOp {
+	if x != nil {
+		return x.Ops
+	}
+	return nil
+}
+
+// PeerPush is an RPCPush for a gateway of the receiving DC; the answer is
+// an RPCPushResponse (all false when that DC's node does not reach the
+// gateway: its sessions are gone).
+type PeerPush struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Gate          string                 `protobuf:"bytes,1,opt,name=gate,proto3" json:"gate,omitempty"`
+	Push          *RPCPush               `protobuf:"bytes,2,opt,name=push,proto3" json:"push,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PeerPush) Reset() {
+	*x = PeerPush{}
+	mi := &file_rpc_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PeerPush) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PeerPush) ProtoMessage() {}
+
+func (x *PeerPush) ProtoReflect() protoreflect.Message {
+	mi := &file_rpc_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PeerPush.ProtoReflect.Descriptor instead.
+func (*PeerPush) Descriptor() ([]byte, []int) {
+	return file_rpc_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *PeerPush) GetGate() string {
+	if x != nil {
+		return x.Gate
+	}
+	return ""
+}
+
+func (x *PeerPush) GetPush() *RPCPush {
+	if x != nil {
+		return x.Push
+	}
+	return nil
+}
+
+// PeerKick is an RPCKick for a gateway of the receiving DC.
+type PeerKick struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Gate          string                 `protobuf:"bytes,1,opt,name=gate,proto3" json:"gate,omitempty"`
+	Kick          *RPCKick               `protobuf:"bytes,2,opt,name=kick,proto3" json:"kick,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PeerKick) Reset() {
+	*x = PeerKick{}
+	mi := &file_rpc_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PeerKick) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PeerKick) ProtoMessage() {}
+
+func (x *PeerKick) ProtoReflect() protoreflect.Message {
+	mi := &file_rpc_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PeerKick.ProtoReflect.Descriptor instead.
+func (*PeerKick) Descriptor() ([]byte, []int) {
+	return file_rpc_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *PeerKick) GetGate() string {
+	if x != nil {
+		return x.Gate
+	}
+	return ""
+}
+
+func (x *PeerKick) GetKick() *RPCKick {
+	if x != nil {
+		return x.Kick
+	}
+	return nil
+}
+
+// PeerForward is a client request of a session of the sending DC served
+// in the receiving DC (a group send the receiving DC orders); the answer
+// is the client's response body.
+type PeerForward struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Session       *RPCSession            `protobuf:"bytes,1,opt,name=session,proto3" json:"session,omitempty"`
+	Header        []byte                 `protobuf:"bytes,2,opt,name=header,proto3" json:"header,omitempty"`
+	Body          []byte                 `protobuf:"bytes,3,opt,name=body,proto3" json:"body,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PeerForward) Reset() {
+	*x = PeerForward{}
+	mi := &file_rpc_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PeerForward) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PeerForward) ProtoMessage() {}
+
+func (x *PeerForward) ProtoReflect() protoreflect.Message {
+	mi := &file_rpc_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PeerForward.ProtoReflect.Descriptor instead.
+func (*PeerForward) Descriptor() ([]byte, []int) {
+	return file_rpc_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *PeerForward) GetSession() *RPCSession {
+	if x != nil {
+		return x.Session
+	}
+	return nil
+}
+
+func (x *PeerForward) GetHeader() []byte {
+	if x != nil {
+		return x.Header
+	}
+	return nil
+}
+
+func (x *PeerForward) GetBody() []byte {
+	if x != nil {
+		return x.Body
+	}
+	return nil
+}
+
+// PeerAck acknowledges, for a session of the sending DC, messages that the
+// receiving DC stored and the sender's store did not hold yet.
+type PeerAck struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Session       *RPCSession            `protobuf:"bytes,1,opt,name=session,proto3" json:"session,omitempty"`
+	Msgids        []uint64               `protobuf:"varint,2,rep,packed,name=msgids,proto3" json:"msgids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PeerAck) Reset() {
+	*x = PeerAck{}
+	mi := &file_rpc_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PeerAck) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PeerAck) ProtoMessage() {}
+
+func (x *PeerAck) ProtoReflect() protoreflect.Message {
+	mi := &file_rpc_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PeerAck.ProtoReflect.Descriptor instead.
+func (*PeerAck) Descriptor() ([]byte, []int) {
+	return file_rpc_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *PeerAck) GetSession() *RPCSession {
+	if x != nil {
+		return x.Session
+	}
+	return nil
+}
+
+func (x *PeerAck) GetMsgids() []uint64 {
+	if x != nil {
+		return x.Msgids
+	}
+	return nil
+}
+
 var File_rpc_proto protoreflect.FileDescriptor
 
 const file_rpc_proto_rawDesc = "" +
@@ -821,7 +1283,36 @@ const file_rpc_proto_rawDesc = "" +
 	"\x04conn\x18\x01 \x01(\x04R\x04conn\x12)\n" +
 	"\akickout\x18\x02 \x01(\v2\x0f.imd.v1.KickoutR\akickout\"\n" +
 	"\n" +
-	"\bRPCEmptyB\"Z github.com/imd-dev/imd/schema/pbb\x06proto3"
+	"\bRPCEmpty\"t\n" +
+	"\tPeerHello\x12\x0e\n" +
+	"\x02dc\x18\x01 \x01(\tR\x02dc\x12\x12\n" +
+	"\x04node\x18\x02 \x01(\tR\x04node\x12\x18\n" +
+	"\aversion\x18\x03 \x01(\tR\aversion\x12\x17\n" +
+	"\atime_ms\x18\x04 \x01(\x03R\x06timeMs\x12\x10\n" +
+	"\x03mac\x18\x05 \x01(\fR\x03mac\"7\n" +
+	"\x11PeerHelloResponse\x12\x0e\n" +
+	"\x02dc\x18\x01 \x01(\tR\x02dc\x12\x12\n" +
+	"\x04node\x18\x02 \x01(\tR\x04node\"b\n" +
+	"\fPeerMirrorOp\x12,\n" +
+	"\asession\x18\x01 \x01(\v2\x12.imd.v1.RPCSessionR\asession\x12\x0e\n" +
+	"\x02on\x18\x02 \x01(\bR\x02on\x12\x14\n" +
+	"\x05purge\x18\x03 \x01(\tR\x05purge\"4\n" +
+	"\n" +
+	"PeerMirror\x12&\n" +
+	"\x03ops\x18\x01 \x03(\v2\x14.imd.v1.PeerMirrorOpR\x03ops\"C\n" +
+	"\bPeerPush\x12\x12\n" +
+	"\x04gate\x18\x01 \x01(\tR\x04gate\x12#\n" +
+	"\x04push\x18\x02 \x01(\v2\x0f.imd.v1.RPCPushR\x04push\"C\n" +
+	"\bPeerKick\x12\x12\n" +
+	"\x04gate\x18\x01 \x01(\tR\x04gate\x12#\n" +
+	"\x04kick\x18\x02 \x01(\v2\x0f.imd.v1.RPCKickR\x04kick\"g\n" +
+	"\vPeerForward\x12,\n" +
+	"\asession\x18\x01 \x01(\v2\x12.imd.v1.RPCSessionR\asession\x12\x16\n" +
+	"\x06header\x18\x02 \x01(\fR\x06header\x12\x12\n" +
+	"\x04body\x18\x03 \x01(\fR\x04body\"O\n" +
+	"\aPeerAck\x12,\n" +
+	"\asession\x18\x01 \x01(\v2\x12.imd.v1.RPCSessionR\asession\x12\x16\n" +
+	"\x06msgids\x18\x02 \x03(\x04R\x06msgidsB\"Z github.com/imd-dev/imd/schema/pbb\x06proto3"
 
 var (
 	file_rpc_proto_rawDescOnce sync.Once
@@ -835,33 +1326,47 @@ func file_rpc_proto_rawDescGZIP() []byte {
 	return file_rpc_proto_rawDescData
 }
 
-var file_rpc_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_rpc_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_rpc_proto_goTypes = []any{
-	(*RPCSession)(nil),       // 0: imd.v1.RPCSession
-	(*RPCHello)(nil),         // 1: imd.v1.RPCHello
-	(*RPCHelloResponse)(nil), // 2: imd.v1.RPCHelloResponse
-	(*RPCAnnounce)(nil),      // 3: imd.v1.RPCAnnounce
-	(*RPCLogin)(nil),         // 4: imd.v1.RPCLogin
-	(*RPCLoginResponse)(nil), // 5: imd.v1.RPCLoginResponse
-	(*RPCSessionOnly)(nil),   // 6: imd.v1.RPCSessionOnly
-	(*RPCHandle)(nil),        // 7: imd.v1.RPCHandle
-	(*RPCPush)(nil),          // 8: imd.v1.RPCPush
-	(*RPCPushResponse)(nil),  // 9: imd.v1.RPCPushResponse
-	(*RPCKick)(nil),          // 10: imd.v1.RPCKick
-	(*RPCEmpty)(nil),         // 11: imd.v1.RPCEmpty
-	(*Kickout)(nil),          // 12: imd.v1.Kickout
+	(*RPCSession)(nil),        // 0: imd.v1.RPCSession
+	(*RPCHello)(nil),          // 1: imd.v1.RPCHello
+	(*RPCHelloResponse)(nil),  // 2: imd.v1.RPCHelloResponse
+	(*RPCAnnounce)(nil),       // 3: imd.v1.RPCAnnounce
+	(*RPCLogin)(nil),          // 4: imd.v1.RPCLogin
+	(*RPCLoginResponse)(nil),  // 5: imd.v1.RPCLoginResponse
+	(*RPCSessionOnly)(nil),    // 6: imd.v1.RPCSessionOnly
+	(*RPCHandle)(nil),         // 7: imd.v1.RPCHandle
+	(*RPCPush)(nil),           // 8: imd.v1.RPCPush
+	(*RPCPushResponse)(nil),   // 9: imd.v1.RPCPushResponse
+	(*RPCKick)(nil),           // 10: imd.v1.RPCKick
+	(*RPCEmpty)(nil),          // 11: imd.v1.RPCEmpty
+	(*PeerHello)(nil),         // 12: imd.v1.PeerHello
+	(*PeerHelloResponse)(nil), // 13: imd.v1.PeerHelloResponse
+	(*PeerMirrorOp)(nil),      // 14: imd.v1.PeerMirrorOp
+	(*PeerMirror)(nil),        // 15: imd.v1.PeerMirror
+	(*PeerPush)(nil),          // 16: imd.v1.PeerPush
+	(*PeerKick)(nil),          // 17: imd.v1.PeerKick
+	(*PeerForward)(nil),       // 18: imd.v1.PeerForward
+	(*PeerAck)(nil),           // 19: imd.v1.PeerAck
+	(*Kickout)(nil),           // 20: imd.v1.Kickout
 }
 var file_rpc_proto_depIdxs = []int32{
 	0,  // 0: imd.v1.RPCAnnounce.sessions:type_name -> imd.v1.RPCSession
 	0,  // 1: imd.v1.RPCLoginResponse.session:type_name -> imd.v1.RPCSession
 	0,  // 2: imd.v1.RPCSessionOnly.session:type_name -> imd.v1.RPCSession
 	0,  // 3: imd.v1.RPCHandle.session:type_name -> imd.v1.RPCSession
-	12, // 4: imd.v1.RPCKick.kickout:type_name -> imd.v1.Kickout
-	5,  // [5:5] is the sub-list for method output_type
-	5,  // [5:5] is the sub-list for method input_type
-	5,  // [5:5] is the sub-list for extension type_name
-	5,  // [5:5] is the sub-list for extension extendee
-	0,  // [0:5] is the sub-list for field type_name
+	20, // 4: imd.v1.RPCKick.kickout:type_name -> imd.v1.Kickout
+	0,  // 5: imd.v1.PeerMirrorOp.session:type_name -> imd.v1.RPCSession
+	14, // 6: imd.v1.PeerMirror.ops:type_name -> imd.v1.PeerMirrorOp
+	8,  // 7: imd.v1.PeerPush.push:type_name -> imd.v1.RPCPush
+	10, // 8: imd.v1.PeerKick.kick:type_name -> imd.v1.RPCKick
+	0,  // 9: imd.v1.PeerForward.session:type_name -> imd.v1.RPCSession
+	0,  // 10: imd.v1.PeerAck.session:type_name -> imd.v1.RPCSession
+	11, // [11:11] is the sub-list for method output_type
+	11, // [11:11] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_rpc_proto_init() }
@@ -876,7 +1381,7 @@ func file_rpc_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_rpc_proto_rawDesc), len(file_rpc_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   12,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -1,0 +1,249 @@
+package logic
+
+import (
+	"context"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/imd-dev/imd/das"
+	"github.com/imd-dev/imd/router"
+	"github.com/imd-dev/imd/schema"
+	"github.com/imd-dev/imd/schema/pb"
+	"google.golang.org/protobuf/proto"
+)
+
+// Rooms reaches the other data centers ("rooms") of a many-DC deployment
+// (docs/two-dc.md); internal/rooms implements it over links between the
+// DCs' logic tiers. Each DC has its own router; the sessions of another DC
+// are mirrored in it under gate ids "@<dc>/<gate>" (MirrorGate), so a
+// lookup finds a user wherever the user is online and a push to a mirrored
+// session travels over the link to its DC. All methods are safe for
+// concurrent use and none waits on another DC: what cannot be sent at
+// once is queued for the link.
+type Rooms interface {
+	// DC names this node's data center.
+	DC() string
+	// SessionChanged tells the other DCs that a session of this DC
+	// logged in (on) or ended (!on).
+	SessionChanged(s router.Session, on bool)
+	// GatePurged tells the other DCs that a gateway of this DC stopped
+	// and its sessions were purged.
+	GatePurged(gate string)
+	// Gate reaches gateway gate of DC dc.
+	Gate(dc, gate string) Gate
+	// HomeDC names the DC that orders group id (its appends run there).
+	HomeDC(group uint64) string
+	// MsgDC names the DC whose logic node minted msgid, "" when no DC's
+	// node id range holds it.
+	MsgDC(msgid uint64) string
+	// Forward serves a client request of sess (a session of this DC) in
+	// DC dc and returns its response body.
+	Forward(ctx context.Context, dc string, sess router.Session, h *schema.Header, body []byte) ([]byte, error)
+	// Acked tells DC dc that sess acknowledged msgids this DC's store
+	// did not hold yet (stored there, not replicated here yet), so that
+	// dc removes them from its inbox and sends the receipts.
+	Acked(dc string, sess router.Session, msgids []uint64, logid uint64)
+}
+
+// MirrorGate is the gate id under which this DC's router keeps the
+// sessions that gateway gate of DC dc holds.
+func MirrorGate(dc, gate string) string { return "@" + dc + "/" + gate }
+
+// SplitMirrorGate parses a MirrorGate id.
+func SplitMirrorGate(id string) (dc, gate string, ok bool) {
+	if !strings.HasPrefix(id, "@") {
+		return "", "", false
+	}
+	dc, gate, ok = strings.Cut(id[1:], "/")
+	return dc, gate, ok && dc != "" && gate != ""
+}
+
+// IsMirror reports whether s is another DC's session, mirrored here.
+func IsMirror(s *router.Session) bool { return strings.HasPrefix(s.Gate, "@") }
+
+// catchUpWindow is how far back a login in another DC looks for messages
+// stored here that the other DC's store may not have received yet
+// (replication between DCs is asynchronous).
+const catchUpWindow = 30 * time.Second
+
+// SetRooms connects the service to the other DCs. Call it before serving.
+func (s *Service) SetRooms(r Rooms) { s.rooms = r }
+
+// changed tells the other DCs about a change of a session of this DC.
+func (s *Service) roomsChanged(sess *router.Session, on bool) {
+	if s.rooms != nil && !IsMirror(sess) {
+		s.rooms.SessionChanged(*sess, on)
+	}
+}
+
+// LocalGate returns gateway id of this DC when this node reaches it.
+func (s *Service) LocalGate(id string) Gate {
+	s.gatesMu.RLock()
+	defer s.gatesMu.RUnlock()
+	return s.gates[id]
+}
+
+// MirrorOp is one change of another DC's router, applied to this one.
+type MirrorOp struct {
+	Session router.Session // its own DC's gate id
+	On      bool           // logged in; false: ended
+	Purge   string         // a gateway that stopped: every session on it ended
+}
+
+// ApplyMirror applies changes of DC dc's sessions to this DC's router. A
+// mirrored login competes with this DC's logins of the same terminal by
+// epoch (a hybrid clock, comparable across nodes): both DCs keep the same
+// one, and each kicks only its own losers. A login also gets, at once,
+// the messages stored here in the last moments that dc's store may not
+// have yet.
+func (s *Service) ApplyMirror(ctx context.Context, dc string, ops []MirrorOp) error {
+	for i := range ops {
+		op := &ops[i]
+		if op.Purge != "" {
+			if _, err := s.purgeGate(ctx, MirrorGate(dc, op.Purge)); err != nil {
+				return schema.Errorf(schema.StatusUnavailable, "router: %v", err)
+			}
+			continue
+		}
+		m := op.Session
+		m.Gate = MirrorGate(dc, m.Gate)
+		if !op.On {
+			if _, err := s.unregister(ctx, m, 0); err != nil {
+				return schema.Errorf(schema.StatusUnavailable, "router: %v", err)
+			}
+			continue
+		}
+		app := s.apps[m.AppCode]
+		if app == nil || app.Account != m.Account {
+			continue
+		}
+		if err := s.applyMirrorLogin(ctx, app, m); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (s *Service) applyMirrorLogin(ctx context.Context, app *App, m router.Session) error {
+	max := max(app.MaxSessions, 1)
+	cur, err := s.router.Lookup(ctx, m.User())
+	if err != nil {
+		return schema.Errorf(schema.StatusUnavailable, "router: %v", err)
+	}
+	newer, known := 0, false
+	for i := range cur {
+		switch {
+		case cur[i].Same(&m):
+			known = true
+		case cur[i].AppCode == m.AppCode && cur[i].Epoch > m.Epoch:
+			newer++
+		}
+	}
+	if !known && newer >= max {
+		// Logins of this terminal newer than it fill the terminal's
+		// places: it lost, here as in its own DC (which kicks it when it
+		// learns of the newer ones).
+		return nil
+	}
+	evicted, err := s.register(ctx, m, max, 0)
+	if err != nil {
+		return schema.Errorf(schema.StatusUnavailable, "router: %v", err)
+	}
+	for _, old := range evicted {
+		if IsMirror(&old) {
+			continue // another DC's: it kicks its own
+		}
+		s.roomsChanged(&old, false)
+		s.kick(ctx, old, &pb.Kickout{
+			Reason: pb.KickReason_KICK_REASON_LOGIN_ELSEWHERE, Detail: "the same account logged in on this terminal in another data center",
+			NewDeviceId: m.DeviceID,
+		}, 0)
+	}
+	if !known {
+		s.catchUp(ctx, m)
+	}
+	return nil
+}
+
+// catchUp sends a session that just logged in to another DC the messages
+// of its inbox that this DC stored in the last catchUpWindow: the other
+// DC's offline pull may have missed them (asynchronous replication). The
+// client drops what it has already shown (msgid).
+func (s *Service) catchUp(ctx context.Context, m router.Session) {
+	if s.store == nil || s.rooms == nil {
+		return
+	}
+	since := das.MsgidAt(time.Now().Add(-catchUpWindow))
+	msgs, _, err := s.store.InboxPage(ctx, terminalOf(m), since, s.c2c.MaxPage)
+	if err != nil {
+		s.log.Warn("cross-DC catch-up: read the inbox", "uid", m.UID, "appcode", m.AppCode, "err", err)
+		return
+	}
+	here := s.rooms.DC()
+	msgs = slices.DeleteFunc(msgs, func(x *pb.C2CMessage) bool { return s.rooms.MsgDC(x.Msgid) != here })
+	if len(msgs) == 0 {
+		return
+	}
+	body, _ := proto.Marshal(&pb.C2CNotify{Messages: msgs})
+	q := []bool{false}
+	s.pushSessions(ctx, []router.Session{m}, schema.CmdC2CNotify, 0, body, q, msgs[0].Logid)
+	s.log.Info("cross-DC catch-up sent", "uid", m.UID, "appcode", m.AppCode, "gate", m.Gate, "messages", len(msgs), "queued", q[0])
+}
+
+// ServeForwarded serves a client request that session sess of DC dc sent
+// to its own DC, which forwarded it here (a group send ordered here).
+func (s *Service) ServeForwarded(ctx context.Context, dc string, sess router.Session, h *schema.Header, body []byte) ([]byte, error) {
+	if h.Cmd != schema.CmdC2CSend {
+		return nil, schema.Errorf(schema.StatusUnknownCmd, "%s is not served across data centers", h.Cmd)
+	}
+	sess.Gate = MirrorGate(dc, sess.Gate)
+	return s.Handle(ctx, sess, h, body)
+}
+
+// ServeRemoteAck acknowledges msgids for a session of DC dc that its own
+// store did not hold yet (see Rooms.Acked).
+func (s *Service) ServeRemoteAck(ctx context.Context, dc string, sess router.Session, msgids []uint64, logid uint64) error {
+	if s.store == nil {
+		return schema.Errorf(schema.StatusUnavailable, "this server has no message store")
+	}
+	sess.Gate = MirrorGate(dc, sess.Gate)
+	_, err := s.ack(ctx, sess, msgids, logid)
+	return err
+}
+
+// forwardAcks sends the acks of msgids that another DC stored, and this
+// DC's store does not hold yet, to that DC.
+func (s *Service) forwardAcks(sess router.Session, missing []uint64, logid uint64) {
+	if s.rooms == nil || IsMirror(&sess) {
+		return
+	}
+	here := s.rooms.DC()
+	byDC := map[string][]uint64{}
+	for _, id := range missing {
+		if dc := s.rooms.MsgDC(id); dc != "" && dc != here {
+			byDC[dc] = append(byDC[dc], id)
+		}
+	}
+	for dc, ids := range byDC {
+		s.rooms.Acked(dc, sess, ids, logid)
+	}
+}
+
+// groupHome returns the DC that orders group id when it is not this one.
+func (s *Service) groupHome(id uint64) (string, bool) {
+	if s.rooms == nil {
+		return "", false
+	}
+	home := s.rooms.HomeDC(id)
+	return home, home != "" && home != s.rooms.DC()
+}
+
+// needHome refuses a change of group id in a DC that does not order it:
+// the app-server calls the home DC's HTTP API instead (status 4012).
+func (s *Service) needHome(id uint64) error {
+	if home, remote := s.groupHome(id); remote {
+		return schema.Errorf(schema.StatusOtherDC, "group %d is ordered by data center %s: manage it through that DC's HTTP API", id, home)
+	}
+	return nil
+}
