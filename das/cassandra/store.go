@@ -209,6 +209,9 @@ func (c *Config) cluster(ks string, log *slog.Logger) *gocql.ClusterConfig {
 	// Token-aware: a statement goes to a replica of its partition, so the
 	// coordinator is one of the replicas it waits for.
 	cl.PoolConfig.HostSelectionPolicy = gocql.TokenAwareHostPolicy(dcPolicy)
+	if c.LocalDC != "" {
+		cl.PoolConfig.HostSelectionPolicy = localOnly{cl.PoolConfig.HostSelectionPolicy, c.LocalDC}
+	}
 	if c.Username != "" {
 		cl.Authenticator = gocql.PasswordAuthenticator{Username: c.Username, Password: c.Password}
 	}

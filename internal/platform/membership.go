@@ -37,6 +37,7 @@ type membership struct {
 	// reannounced counts the times this gateway announced its sessions
 	// again after its membership lapsed.
 	reannounced atomic.Int64
+	announceGen *string     // the announce generation seen last (rooms.go)
 	paused      atomic.Bool // tests: skip rounds, as a node cut off from Redis would
 	cancel      context.CancelFunc
 	done        chan struct{}
@@ -103,6 +104,7 @@ func (m *membership) tick(ctx context.Context) {
 		}
 	}
 	m.beats++
+	m.checkAnnounce(ctx)
 	if c := p.rpcClient; c != nil {
 		live, err := p.redis.Live(ctx, memberLogic)
 		if err != nil {
@@ -177,6 +179,7 @@ type idLease struct {
 	holder string // this process's token in Redis
 	ttl    time.Duration
 	id     int64 // the id held, -1: none
+	lo, hi int64 // the range free ids are sought in (this DC's)
 }
 
 // leaseNodeID takes this logic node's id. A static id that another holder
@@ -190,7 +193,11 @@ func (p *Platform) leaseNodeID(cfg config.Config) error {
 	var nonce [4]byte
 	_, _ = rand.Read(nonce[:])
 	host, _ := os.Hostname()
-	l := &idLease{want: cfg.NodeID, ttl: ttl, id: -1,
+	lo, hi := nodeIDRange(cfg.Cluster)
+	if cfg.NodeID >= 0 && (cfg.NodeID < lo || cfg.NodeID > hi) {
+		return fmt.Errorf("node id %d is outside this DC's range %d-%d (cluster.rooms)", cfg.NodeID, lo, hi)
+	}
+	l := &idLease{want: cfg.NodeID, ttl: ttl, id: -1, lo: lo, hi: hi,
 		holder: fmt.Sprintf("%s/pid %d/%s", host, os.Getpid(), hex.EncodeToString(nonce[:]))}
 	p.idLease = l
 	var seen *router.NodeIDHeldError
@@ -217,7 +224,7 @@ func (p *Platform) leaseNodeID(cfg config.Config) error {
 func (p *Platform) acquireNodeID(ctx context.Context, l *idLease) error {
 	start := time.Now() // the lease ends, here, no later than in Redis
 	window := (l.ttl + p.Logic.MaxClockSkew()).Milliseconds()
-	lease, err := p.redis.AcquireNodeID(ctx, l.want, l.holder, l.ttl, p.Logic.IDCeiling(l.ttl), window)
+	lease, err := p.redis.AcquireNodeIDIn(ctx, l.want, l.lo, l.hi, l.holder, l.ttl, p.Logic.IDCeiling(l.ttl), window)
 	if err != nil {
 		return fmt.Errorf("node id: %w", err)
 	}

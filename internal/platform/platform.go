@@ -73,6 +73,8 @@ type Platform struct {
 	members   *membership
 	stopSubs  context.CancelFunc // ends the group change subscription
 	idLease   *idLease           // logic's node id lease; nil without Redis
+	rooms     *rpc.Rooms         // links to the other DCs; nil with one DC
+	peerLn    net.Listener       // where other DCs' logic nodes link in
 	acl       *acl.ACL           // the black and white lists (acl.go)
 	aclSync   aclSync
 
@@ -282,7 +284,7 @@ func (p *Platform) startLogic(cfg config.Config, log *slog.Logger, reg prometheu
 			p.serveErr <- err
 		}
 	}()
-	return nil
+	return p.startRooms(cfg, node, log, reg)
 }
 
 func (p *Platform) startGateway(cfg config.Config, log *slog.Logger, reg prometheus.Registerer) error {
@@ -633,6 +635,9 @@ func (p *Platform) stop(ctx context.Context) error {
 	}
 	if p.rpcClient != nil {
 		p.rpcClient.Close()
+	}
+	if p.rooms != nil {
+		p.rooms.Close(ctx) // after the gateway's purge above reached the other DCs
 	}
 	if p.rpcServer != nil {
 		p.rpcServer.Close(ctx)
