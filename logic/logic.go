@@ -13,6 +13,7 @@ import (
 	"github.com/imd-dev/imd/internal/acl"
 	"log/slog"
 	"math"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -418,22 +419,39 @@ func (s *Service) ReleaseGate(id string, g Gate) {
 	s.gatesMu.Unlock()
 }
 
-// Announce registers again sessions that a gateway holds, after this
-// node's in-process router lost them (it restarted, or the gateway's link
-// broke and its sessions were purged). A session the router holds already
-// is kept; one that a newer login replaced meanwhile is evicted and kicked.
+// Announce registers again sessions that a gateway holds, after the
+// router lost them (this node's in-process router restarted, a Redis
+// master came back empty, the gateway's link broke and its sessions were
+// purged) or for another DC's mirror. A session the router holds already
+// is kept; one that a newer login replaced meanwhile is evicted and
+// kicked. A session the router had lost gets its inbox at once: messages
+// stored meanwhile reached no live notify, and its client pulls only
+// after a login.
 func (s *Service) Announce(ctx context.Context, sessions []router.Session) error {
-	for _, ss := range sessions {
+	users := make([]router.User, len(sessions))
+	for i := range sessions {
+		users[i] = sessions[i].User()
+	}
+	known, err := s.router.LookupMany(ctx, users)
+	if err != nil {
+		return schema.Errorf(schema.StatusUnavailable, "router: %v", err)
+	}
+	for i, ss := range sessions {
 		app := s.apps[ss.AppCode]
 		if app == nil || app.Account != ss.Account {
 			continue // the app was removed from the config: the session ends with its connection
 		}
+		same := func(o router.Session) bool { return o.Same(&ss) }
+		lost := !slices.ContainsFunc(known[i], same)
 		evicted, err := s.register(ctx, ss, app.MaxSessions, 0)
 		if err != nil {
 			return schema.Errorf(schema.StatusUnavailable, "router: %v", err)
 		}
 		for _, old := range evicted {
 			s.kick(ctx, old, &pb.Kickout{Reason: pb.KickReason_KICK_REASON_LOGIN_ELSEWHERE, Detail: "a newer login of this terminal exists"}, 0)
+		}
+		if lost && !slices.ContainsFunc(evicted, same) {
+			s.pushInbox(ctx, ss, 0, "announced session's inbox", nil)
 		}
 	}
 	return nil

@@ -171,24 +171,37 @@ func (s *Service) applyMirrorLogin(ctx context.Context, app *App, m router.Sessi
 // DC's offline pull may have missed them (asynchronous replication). The
 // client drops what it has already shown (msgid).
 func (s *Service) catchUp(ctx context.Context, m router.Session) {
-	if s.store == nil || s.rooms == nil {
-		return
-	}
-	since := das.MsgidAt(time.Now().Add(-catchUpWindow))
-	msgs, _, err := s.store.InboxPage(ctx, terminalOf(m), since, s.c2c.MaxPage)
-	if err != nil {
-		s.log.Warn("cross-DC catch-up: read the inbox", "uid", m.UID, "appcode", m.AppCode, "err", err)
+	if s.rooms == nil {
 		return
 	}
 	here := s.rooms.DC()
-	msgs = slices.DeleteFunc(msgs, func(x *pb.C2CMessage) bool { return s.rooms.MsgDC(x.Msgid) != here })
+	s.pushInbox(ctx, m, das.MsgidAt(time.Now().Add(-catchUpWindow)), "cross-DC catch-up", func(x *pb.C2CMessage) bool {
+		return s.rooms.MsgDC(x.Msgid) == here
+	})
+}
+
+// pushInbox sends session m a notify with the first page of its inbox
+// after msgid after (those keep passes, when keep is not nil): messages
+// stored while the router did not know m, which no live notify reached.
+func (s *Service) pushInbox(ctx context.Context, m router.Session, after uint64, why string, keep func(*pb.C2CMessage) bool) {
+	if s.store == nil {
+		return
+	}
+	msgs, _, err := s.store.InboxPage(ctx, terminalOf(m), after, s.c2c.MaxPage)
+	if err != nil {
+		s.log.Warn(why+": read the inbox", "uid", m.UID, "appcode", m.AppCode, "err", err)
+		return
+	}
+	if keep != nil {
+		msgs = slices.DeleteFunc(msgs, func(x *pb.C2CMessage) bool { return !keep(x) })
+	}
 	if len(msgs) == 0 {
 		return
 	}
 	body, _ := proto.Marshal(&pb.C2CNotify{Messages: msgs})
 	q := []bool{false}
 	s.pushSessions(ctx, []router.Session{m}, schema.CmdC2CNotify, 0, body, q, msgs[0].Logid)
-	s.log.Info("cross-DC catch-up sent", "uid", m.UID, "appcode", m.AppCode, "gate", m.Gate, "messages", len(msgs), "queued", q[0])
+	s.log.Info(why+" sent", "uid", m.UID, "appcode", m.AppCode, "gate", m.Gate, "messages", len(msgs), "queued", q[0])
 }
 
 // ServeForwarded serves a client request that session sess of DC dc sent
