@@ -18,9 +18,9 @@ import (
 )
 
 // linkProxy is the WAN between the DCs, closed at cleanup.
-func newLinkProxy(t *testing.T, target string) *testnet.Proxy {
+func newLinkProxy(t testing.TB, target string, delay time.Duration) *testnet.Proxy {
 	t.Helper()
-	px, err := testnet.NewProxy("", target, 0)
+	px, err := testnet.NewProxy("", target, delay)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -29,7 +29,7 @@ func newLinkProxy(t *testing.T, target string) *testnet.Proxy {
 }
 
 // freeAddr returns a loopback address nobody listens on (yet).
-func freeAddr(t *testing.T) string {
+func freeAddr(t testing.TB) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -50,11 +50,14 @@ type twoDCs struct {
 	prefix1, prefix2 string
 }
 
-func startTwoDCs(t *testing.T) *twoDCs {
+func startTwoDCs(t testing.TB) *twoDCs { return startTwoDCsWAN(t, 0) }
+
+// startTwoDCsWAN is startTwoDCs with a one-way delay on the links.
+func startTwoDCsWAN(t testing.TB, delay time.Duration) *twoDCs {
 	t.Helper()
 	redis := testenv.Redis(t)
 	w := &twoDCs{peer1: freeAddr(t), peer2: freeAddr(t)}
-	w.to1, w.to2 = newLinkProxy(t, w.peer1), newLinkProxy(t, w.peer2)
+	w.to1, w.to2 = newLinkProxy(t, w.peer1, delay), newLinkProxy(t, w.peer2, delay)
 	n := redisPrefixes.Add(1)
 	w.prefix1 = fmt.Sprintf("%s2dc%d:dc1:", testRedis.Prefix, n)
 	w.prefix2 = fmt.Sprintf("%s2dc%d:dc2:", testRedis.Prefix, n)
@@ -77,7 +80,7 @@ func startTwoDCs(t *testing.T) *twoDCs {
 	return w
 }
 
-func (w *twoDCs) waitLinked(t *testing.T) {
+func (w *twoDCs) waitLinked(t testing.TB) {
 	t.Helper()
 	eventually(t, 10*time.Second, "the DCs linked both ways", func() bool {
 		return w.dc1.Rooms().Links()["dc2"] && w.dc2.Rooms().Links()["dc1"]
@@ -231,4 +234,6 @@ func checkInOrder(t *testing.T, who string, got []string, prefix string, n int) 
 	}
 }
 
-func routerUser(account uint32, uid uint64) router.User { return router.User{Account: account, UID: uid} }
+func routerUser(account uint32, uid uint64) router.User {
+	return router.User{Account: account, UID: uid}
+}

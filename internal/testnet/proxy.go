@@ -106,8 +106,7 @@ func (px *Proxy) forget(cs ...net.Conn) {
 func (px *Proxy) pipe(dst, src net.Conn) {
 	defer px.forget(dst, src)
 	if px.delay <= 0 {
-		n, _ := io.Copy(dst, src)
-		px.Bytes.Add(n)
+		_, _ = io.Copy(countingWriter{dst, &px.Bytes}, src)
 		return
 	}
 	type chunk struct {
@@ -167,4 +166,16 @@ func (px *Proxy) Close() error {
 	err := px.ln.Close()
 	px.Cut()
 	return err
+}
+
+// countingWriter adds what it writes to n as it goes.
+type countingWriter struct {
+	w io.Writer
+	n *atomic.Int64
+}
+
+func (c countingWriter) Write(b []byte) (int, error) {
+	k, err := c.w.Write(b)
+	c.n.Add(int64(k))
+	return k, err
 }

@@ -76,6 +76,10 @@ func TestProxyDelayCutRestore(t *testing.T) {
 	if d < 40*time.Millisecond {
 		t.Fatalf("round trip %v through a 20ms-each-way proxy", d)
 	}
+	deadline := time.Now().Add(time.Second)
+	for px.Bytes.Load() != 10 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond) // counted just after each write
+	}
 	if px.Bytes.Load() != 10 {
 		t.Fatalf("%d bytes counted, want 10", px.Bytes.Load())
 	}
@@ -86,5 +90,33 @@ func TestProxyDelayCutRestore(t *testing.T) {
 	px.Restore()
 	if _, err := roundTrip(t, px.Addr()); err != nil {
 		t.Fatalf("after restore: %v", err)
+	}
+}
+
+// TestProxyCountsAsItGoes: without a delay, bytes are counted while the
+// connection is still open.
+func TestProxyCountsAsItGoes(t *testing.T) {
+	px, err := NewProxy("", echoServer(t), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer px.Close()
+	c, err := net.Dial("tcp", px.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte("ping\n")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := bufio.NewReader(c).ReadString('\n'); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(time.Second)
+	for px.Bytes.Load() != 10 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if got := px.Bytes.Load(); got != 10 {
+		t.Fatalf("%d bytes counted on an open connection, want 10", got)
 	}
 }
