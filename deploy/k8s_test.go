@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -362,7 +363,8 @@ func (m *manifests) checkService(t *testing.T, s *corev1.Service) {
 			t.Errorf("%s: targetPort %s: %s has no container port of that name", where, p.TargetPort.StrVal, pods[0].where)
 		}
 	}
-	if s.Spec.Type == corev1.ServiceTypeLoadBalancer && s.Spec.ExternalTrafficPolicy != corev1.ServiceExternalTrafficPolicyLocal {
+	clients := !slices.ContainsFunc(s.Spec.Ports, func(p corev1.ServicePort) bool { return p.Name == "peer" })
+	if clients && s.Spec.Type == corev1.ServiceTypeLoadBalancer && s.Spec.ExternalTrafficPolicy != corev1.ServiceExternalTrafficPolicyLocal {
 		t.Errorf("%s: a LoadBalancer for clients keeps their addresses (per-address limits, acl) only with externalTrafficPolicy: Local", where)
 	}
 }
@@ -526,6 +528,12 @@ func (m *manifests) checkPod(t *testing.T, w workload) {
 		want["rpc"] = cfg.Cluster.RPCAddr
 		if want["rpc"] == "" {
 			want["rpc"] = ":7071"
+		}
+		if len(cfg.Cluster.Rooms) > 0 { // the other DCs' logic nodes link in
+			want["peer"] = cfg.Cluster.PeerAddr
+			if want["peer"] == "" {
+				want["peer"] = ":7074"
+			}
 		}
 	}
 	if role != "logic" {
