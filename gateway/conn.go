@@ -309,6 +309,7 @@ func (c *conn) login(h *schema.Header, body []byte) action {
 		c.compress = true
 	}
 	c.state.Store(stateLoggedIn)
+	s.loggedIn.Add(1) // taken back by whichever of logout and disconnected leaves stateLoggedIn
 	c.respond(h, &pb.LoginResponse{
 		Epoch:         res.Session.Epoch,
 		ServerTimeMs:  time.Now().UnixMilli(),
@@ -339,7 +340,9 @@ func (c *conn) logout(h *schema.Header) {
 		c.closeAfterFlush()
 		return
 	}
-	c.state.Store(stateLoggedOut)
+	if c.state.Swap(stateLoggedOut) == stateLoggedIn {
+		s.loggedIn.Add(-1)
+	}
 	c.respond(h, &pb.LogoutResponse{})
 	c.closeAfterFlush()
 }
@@ -383,6 +386,7 @@ func (c *conn) disconnected() {
 		return
 	}
 	s := c.srv
+	s.loggedIn.Add(-1)
 	c.mu.Lock()
 	sess := c.sess
 	c.mu.Unlock()

@@ -52,6 +52,7 @@ type Server struct {
 	tlsEng   *goEngine // serves tlsLn
 	nextConn atomic.Uint64
 	nconns   atomic.Int64
+	loggedIn atomic.Int64 // connections in stateLoggedIn (LoggedIn)
 	admitMu  sync.RWMutex // draining is set under the write lock, new connections are tracked under the read lock
 	draining atomic.Bool
 	shards   [connShards]connShard
@@ -309,6 +310,11 @@ func (s *Server) Draining() bool { return s.draining.Load() }
 
 // Conns returns the number of connections held.
 func (s *Server) Conns() int { return int(s.nconns.Load()) }
+
+// LoggedIn returns the number of logged-in connections: the gateway's
+// load, as its membership heartbeat reports it to the logic tier
+// (GET /v1/gateways). It is a counter, cheap to read at any rate.
+func (s *Server) LoggedIn() int { return int(max(0, s.loggedIn.Load())) }
 
 // Kick implements logic.Gate: it pushes k to the connection and closes it
 // once the frame has left.

@@ -42,6 +42,9 @@ type HTTPOptions struct {
 	// SetACL applies lists PUT on the admin API; nil: Service.SetACL (one
 	// node). A cluster stores them in Redis for every node as well.
 	SetACL func(ctx context.Context, l acl.Lists) error
+	// Gateways lists the gateways GET /v1/gateways offers clients
+	// (discovery.go); nil: that endpoint answers 404.
+	Gateways GatewayLister
 }
 
 // NewHTTPServer returns the fasthttp server of the HTTP API:
@@ -50,6 +53,8 @@ type HTTPOptions struct {
 //   - the app-server API (schema/openapi.yaml), authenticated per app with
 //     `Authorization: Bearer <api key>`: POST /v1/push, GET /v1/push/{id},
 //     GET /v1/presence?uid=N;
+//   - for clients, before they log in and without a key: GET /v1/gateways,
+//     the gateways to dial (discovery.go);
 //   - the admin API, authenticated with its own key (HTTPOptions.AdminKey):
 //     GET/PUT /v1/admin/acl.
 //
@@ -104,6 +109,8 @@ func NewHTTPServer(svc *Service, o HTTPOptions) *fasthttp.Server {
 			writeError(ctx, fasthttp.StatusNotFound, 0, "this node is a gateway: the app-server API is served by logic nodes")
 		case path == "/v1/admin/acl":
 			handleAdminACL(svc, o, ctx, log, logid)
+		case path == "/v1/gateways":
+			handleGateways(svc, o, ctx)
 		case path == "/v1/push":
 			if !ctx.IsPost() {
 				writeError(ctx, fasthttp.StatusMethodNotAllowed, 0, "use POST")

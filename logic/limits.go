@@ -2,6 +2,7 @@ package logic
 
 import (
 	"fmt"
+	"net/netip"
 	"time"
 
 	"github.com/imd-dev/imd/das"
@@ -24,6 +25,10 @@ type Limits struct {
 	// PushesPerApp bounds the s2c pushes (POST /v1/push) of one app,
 	// whichever of its API keys signs them: a key is the app's.
 	PushesPerApp ratelimit.Rate `yaml:"pushes_per_app"`
+	// DiscoveryPerIP bounds the gateway lists (GET /v1/gateways, which
+	// takes no API key) one source address asks for, an IPv6 one by its
+	// /64; addresses of acl.ip_allow bypass it. Over it: HTTP 429.
+	DiscoveryPerIP ratelimit.Rate `yaml:"discovery_per_ip"`
 }
 
 // Labels of imd_logic_rate_limited_total.
@@ -31,13 +36,15 @@ const (
 	limC2CSend   = "c2c_send"
 	limPush      = "push"
 	limTransient = "transient"
+	limDiscovery = "discovery"
 )
 
 // limits holds logic's buckets; a nil bucket is a limit that is off.
 type limits struct {
-	sends  *ratelimit.Keyed[das.User]
-	pushes *ratelimit.Keyed[uint32]
-	m      *prometheus.CounterVec
+	sends     *ratelimit.Keyed[das.User]
+	pushes    *ratelimit.Keyed[uint32]
+	discovery *ratelimit.Keyed[netip.Addr] // by ratelimit.Source
+	m         *prometheus.CounterVec
 }
 
 func newLimits(l Limits, reg prometheus.Registerer) (*limits, error) {
@@ -47,12 +54,16 @@ func newLimits(l Limits, reg prometheus.Registerer) (*limits, error) {
 	if err := l.PushesPerApp.Validate("limits.pushes_per_app"); err != nil {
 		return nil, fmt.Errorf("logic: %w", err)
 	}
+	if err := l.DiscoveryPerIP.Validate("limits.discovery_per_ip"); err != nil {
+		return nil, fmt.Errorf("logic: %w", err)
+	}
 	lim := &limits{
-		sends:  ratelimit.NewKeyed[das.User](l.C2CSendsPerUser),
-		pushes: ratelimit.NewKeyed[uint32](l.PushesPerApp),
+		sends:     ratelimit.NewKeyed[das.User](l.C2CSendsPerUser),
+		pushes:    ratelimit.NewKeyed[uint32](l.PushesPerApp),
+		discovery: ratelimit.NewKeyed[netip.Addr](l.DiscoveryPerIP),
 		m: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "imd", Subsystem: "logic", Name: "rate_limited_total",
-			Help: "Requests refused for a rate limit (status 3001), by limit: c2c_send (per user), push (per app), transient (per user).",
+			Help: "Requests refused for a rate limit (status 3001), by limit: c2c_send (per user), push (per app), transient (per user), discovery (GET /v1/gateways, per source address).",
 		}, []string{"limit"}),
 	}
 	if reg != nil {

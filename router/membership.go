@@ -19,6 +19,15 @@ type Node struct {
 	Role string // "gateway", "logic", ...
 	Addr string // where the other nodes reach it
 	DC   string // data center ("room")
+
+	// A gateway's heartbeat also carries what clients need to pick it
+	// (GET /v1/gateways on logic nodes); other roles leave these empty,
+	// and they are left out of the JSON when they are.
+	TCPAddr  string `json:",omitempty"` // plain-TCP client address; "" when the gateway has none
+	TLSAddr  string `json:",omitempty"` // TLS client address; "" without one
+	WebAddr  string `json:",omitempty"` // WebSocket (/ws) and long-poll (/lp/) listener; "" without one
+	Load     int64  `json:",omitempty"` // logged-in connections, as of the heartbeat
+	Draining bool   `json:",omitempty"` // shutting down: still live, but no client should pick it
 }
 
 // Membership keys, both in the role's hash slot so that scripts can change

@@ -18,13 +18,14 @@ const (
 	RPCPing         Cmd = 0x7F20 // either way request: RPCEmpty -> RPCEmpty
 
 	// Links between the logic tiers of data centers, either way.
-	RPCPeerHello   Cmd = 0x7F30 // request: PeerHello -> PeerHelloResponse
-	RPCPeerMirror  Cmd = 0x7F31 // request: PeerMirror -> RPCEmpty
-	RPCPeerPush    Cmd = 0x7F32 // request: PeerPush -> RPCPushResponse
-	RPCPeerKick    Cmd = 0x7F33 // request: PeerKick -> RPCEmpty
-	RPCPeerForward Cmd = 0x7F34 // request: PeerForward -> the client's response body
-	RPCPeerAck     Cmd = 0x7F35 // request: PeerAck -> RPCEmpty
-	RPCPeerResync  Cmd = 0x7F36 // request: RPCEmpty -> RPCEmpty: announce your DC's sessions again
+	RPCPeerHello    Cmd = 0x7F30 // request: PeerHello -> PeerHelloResponse
+	RPCPeerMirror   Cmd = 0x7F31 // request: PeerMirror -> RPCEmpty
+	RPCPeerPush     Cmd = 0x7F32 // request: PeerPush -> RPCPushResponse
+	RPCPeerKick     Cmd = 0x7F33 // request: PeerKick -> RPCEmpty
+	RPCPeerForward  Cmd = 0x7F34 // request: PeerForward -> the client's response body
+	RPCPeerAck      Cmd = 0x7F35 // request: PeerAck -> RPCEmpty
+	RPCPeerResync   Cmd = 0x7F36 // request: RPCEmpty -> RPCEmpty: announce your DC's sessions again
+	RPCPeerGateways Cmd = 0x7F37 // request: RPCEmpty -> PeerGatewaysResponse: your DC's gateways for clients
 )
 
 var rpcNames = map[Cmd]string{
@@ -44,6 +45,7 @@ var rpcNames = map[Cmd]string{
 	RPCPeerForward:  "peer-forward",
 	RPCPeerAck:      "peer-ack",
 	RPCPeerResync:   "peer-resync",
+	RPCPeerGateways: "peer-gateways",
 }
 
 // IsRPC reports whether c is in the internal RPC table.

@@ -4,6 +4,14 @@
 // logs in again, so the app sees one steady session. Every call takes a
 // context and is safe for concurrent use.
 //
+// # Finding gateways
+//
+// A client is given the gateways' addresses (Options.Addrs), or the
+// logic tier's discovery endpoint (Options.DiscoveryURL, GET
+// /v1/gateways): it then asks for the live gateways, its nearest data
+// center's least loaded first, before it dials, and again when a gateway
+// sends it away (it drains) or none of them answers.
+//
 // # Showing each message once
 //
 // The client shows every chat message (OnC2C) and stored push (OnS2C) once
@@ -50,6 +58,8 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"net/http"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -110,8 +120,26 @@ type Options struct {
 	// address whose connection dies before a login succeeds on it (or
 	// whose login fails) is passed over for the next one at the next try,
 	// so a balancer that accepts connections for a dead gateway does not
-	// hold the client.
+	// hold the client. With DiscoveryURL they come after the gateways
+	// discovered, and are the list while discovery fails.
 	Addrs []string
+	// DiscoveryURL, when set, is the gateway discovery endpoint of the
+	// logic tier, e.g. "https://im.example.com:8080/v1/gateways" (GET
+	// /v1/gateways, schema/openapi.yaml): the client asks it for the
+	// gateways to dial, its nearest data center's least loaded first, at
+	// Dial, after a gateway sent it away (GoAway: it is draining) and when
+	// none of the addresses it has answered, and dials them in the
+	// answer's order: their plain-TCP addresses, or with TLS set their
+	// TLS ones. When discovery fails the client keeps the addresses it
+	// has (Addrs at first) until they fail too; Addrs may be empty only
+	// if discovery works at Dial.
+	DiscoveryURL string
+	// DiscoveryTimeout bounds one request to DiscoveryURL. Default 3s.
+	DiscoveryTimeout time.Duration
+	// DiscoveryClient makes the requests to DiscoveryURL (to trust a
+	// private CA, say). Default: a client that keeps no idle connection,
+	// so a Client leaves no goroutine behind.
+	DiscoveryClient *http.Client
 	// DeviceID is the stable id of the install, sent at login: a login
 	// with the same DeviceID silently replaces a stale connection of this
 	// device, while a different one kicks it out (OnKickout). Default: a
@@ -247,8 +275,11 @@ type Options struct {
 }
 
 func (o *Options) setDefaults() error {
-	if len(o.Addrs) == 0 {
-		return errors.New("sdk: at least one gateway address is required")
+	if len(o.Addrs) == 0 && o.DiscoveryURL == "" {
+		return errors.New("sdk: at least one gateway address (or a DiscoveryURL) is required")
+	}
+	if o.DiscoveryTimeout <= 0 {
+		o.DiscoveryTimeout = 3 * time.Second
 	}
 	if o.DeviceID == "" {
 		o.DeviceID = "sdk-" + NewClientMsgID()[:16]
@@ -319,7 +350,9 @@ type Client struct {
 	state      State
 	cred       *Credentials // set after the first successful Login
 	login      *pb.LoginResponse
-	preferred  int       // index in Addrs of the last gateway that worked
+	addrs      []string // the gateways dialled: Options.Addrs, or discovered (discovery.go)
+	preferred  int      // index in addrs of the last gateway that worked
+	disc       discoveryState
 	replacedAt time.Time // start of the minute counted by replaced
 	replaced   int       // KICK_REASON_REPLACED kicks in that minute
 	closed     bool
@@ -340,8 +373,8 @@ type Client struct {
 	pres presenceState // presence.go
 }
 
-// Dial connects to the first reachable gateway in opts.Addrs. It does not
-// log in: call Login next.
+// Dial connects to the first reachable gateway in opts.Addrs, or of the
+// gateways opts.DiscoveryURL lists. It does not log in: call Login next.
 func Dial(ctx context.Context, opts Options) (*Client, error) {
 	if err := opts.setDefaults(); err != nil {
 		return nil, err
@@ -361,6 +394,11 @@ func Dial(ctx context.Context, opts Options) (*Client, error) {
 		stop:      make(chan struct{}),
 		reconnect: make(chan struct{}, 1),
 		state:     StateConnecting,
+		addrs:     slices.Clone(opts.Addrs),
+	}
+	if opts.DiscoveryURL != "" {
+		c.disc.httpc = newDiscoveryClient(&c.opts)
+		c.disc.stale = true // the first dial asks for the list
 	}
 	l, err := c.dialAny(ctx)
 	if err != nil {
@@ -384,25 +422,56 @@ func Dial(ctx context.Context, opts Options) (*Client, error) {
 }
 
 // dialAny tries the preferred gateway first, then the others in order.
+// With discovery it asks for the list first when it is stale, and again
+// when no gateway of it answered, then tries the gateways new to it.
 func (c *Client) dialAny(ctx context.Context) (*link, error) {
-	c.mu.Lock()
-	first := c.preferred
-	c.mu.Unlock()
 	var errs []error
-	n := len(c.opts.Addrs)
-	for i := 0; i < n; i++ {
-		idx := (first + i) % n
-		l, err := dialLink(ctx, c, idx)
-		if err == nil {
-			c.mu.Lock()
-			c.preferred = idx
-			c.mu.Unlock()
-			return l, nil
+	asked := false
+	if c.discoveryStale() {
+		asked = true
+		if err := c.discover(ctx); err != nil {
+			errs = append(errs, err)
 		}
-		errs = append(errs, err)
-		if ctx.Err() != nil {
+	}
+	tried := map[string]bool{}
+	for round := 0; round < 2; round++ {
+		c.mu.Lock()
+		addrs, first := c.addrs, c.preferred
+		c.mu.Unlock()
+		n := len(addrs)
+		for i := 0; i < n; i++ {
+			addr := addrs[(first+i)%n]
+			if tried[addr] {
+				continue
+			}
+			tried[addr] = true
+			l, err := dialLink(ctx, c, addr)
+			if err == nil {
+				c.mu.Lock()
+				if i := slices.Index(c.addrs, addr); i >= 0 {
+					c.preferred = i
+				}
+				c.mu.Unlock()
+				return l, nil
+			}
+			errs = append(errs, err)
+			if ctx.Err() != nil {
+				break
+			}
+		}
+		if asked || c.opts.DiscoveryURL == "" || ctx.Err() != nil {
 			break
 		}
+		// None answered: the gateways may have moved since the list was
+		// given.
+		asked = true
+		if err := c.discover(ctx); err != nil {
+			errs = append(errs, err)
+			break
+		}
+	}
+	if len(errs) == 0 {
+		errs = append(errs, errors.New("no gateway address"))
 	}
 	return nil, fmt.Errorf("%w: %w", ErrNotConnected, errors.Join(errs...))
 }
@@ -413,8 +482,8 @@ func (c *Client) dialAny(ctx context.Context) (*link, error) {
 // and retrying the same address could hold the client forever.
 func (c *Client) skip(l *link) {
 	c.mu.Lock()
-	if n := len(c.opts.Addrs); n > 1 && c.preferred == l.idx {
-		c.preferred = (l.idx + 1) % n
+	if n := len(c.addrs); n > 1 && c.addrs[c.preferred%n] == l.addr {
+		c.preferred = (c.preferred + 1) % n
 	}
 	c.mu.Unlock()
 }
@@ -433,8 +502,8 @@ func (c *Client) Login(ctx context.Context, cred Credentials) (*pb.LoginResponse
 		return nil, ErrClosed
 	}
 	l := c.link
+	tries := max(2, len(c.addrs))
 	c.mu.Unlock()
-	tries := max(2, len(c.opts.Addrs))
 	for try := 1; ; try++ {
 		if l == nil || l.dead() != nil {
 			var err error
@@ -790,8 +859,11 @@ func (c *Client) notified(l *link, h schema.Header, body []byte) {
 		var g pb.GoAway
 		_ = proto.Unmarshal(body, &g)
 		c.mu.Lock()
-		if c.link == l && len(c.opts.Addrs) > 1 {
-			c.preferred = (c.preferred + 1) % len(c.opts.Addrs) // this gateway is draining
+		if c.link == l {
+			if n := len(c.addrs); n > 1 && c.addrs[c.preferred%n] == l.addr {
+				c.preferred = (c.preferred + 1) % n // this gateway is draining
+			}
+			c.goneAway(l.addr)
 		}
 		c.mu.Unlock()
 		go func() {

@@ -84,6 +84,34 @@ func Example() {
 	// second phone: closed
 }
 
+// A client that knows only the discovery URL of the logic tier's HTTP API
+// asks it for the gateways (its nearest data center's least loaded first)
+// and dials them in that order; it asks again when a gateway sends it away
+// or none of them answers. Addrs, when given, are the fallback.
+func ExampleOptions_discoveryURL() {
+	const secret = "example-secret-0123456789"
+	p, stop := startDemo(secret)
+	defer stop()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	client, err := sdk.Dial(ctx, sdk.Options{
+		DiscoveryURL: "http://" + p.HTTPAddr() + "/v1/gateways", // e.g. https://im.example.com:8080/v1/gateways
+		DeviceID:     "phone-1",
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer client.Close()
+	token := logic.MintToken(secret, 101, 42, time.Now().Add(time.Hour))
+	info, err := client.Login(ctx, sdk.Credentials{AppCode: 101, UID: 42, Token: token})
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("logged in on the gateway discovered:", info.GateId == p.Gateway.ID())
+	// Output: logged in on the gateway discovered: true
+}
+
 // A phone app keeps what it has shown in a file, so a message shown just
 // before the app was killed is not shown again when it starts next time,
 // and the messages it sends keep their order after a restart.

@@ -20,8 +20,7 @@ import (
 type link struct {
 	cl   *Client
 	nc   net.Conn
-	addr string
-	idx  int // index of addr in Options.Addrs
+	addr string // the gateway dialled
 
 	// online is set (under cl.mu) once a login succeeded on the link.
 	online bool
@@ -44,15 +43,14 @@ type result struct {
 	body []byte
 }
 
-func dialLink(ctx context.Context, cl *Client, idx int) (*link, error) {
-	addr := cl.opts.Addrs[idx]
+func dialLink(ctx context.Context, cl *Client, addr string) (*link, error) {
 	ctx, cancel := context.WithTimeout(ctx, cl.opts.DialTimeout)
 	defer cancel()
 	nc, err := dialConn(ctx, &cl.opts, addr)
 	if err != nil {
 		return nil, err
 	}
-	l := &link{cl: cl, nc: nc, addr: addr, idx: idx, pending: make(map[uint32]chan result), done: make(chan struct{})}
+	l := &link{cl: cl, nc: nc, addr: addr, pending: make(map[uint32]chan result), done: make(chan struct{})}
 	go l.readLoop()
 	return l, nil
 }

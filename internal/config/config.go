@@ -137,6 +137,12 @@ type Gateway struct {
 	// for it. Without TLSAddr the plain port is the client port and this
 	// is ignored.
 	PlainTCP bool `yaml:"plain_tcp"`
+	// PublicHost is the host name or IP clients reach this gateway at, as
+	// logic nodes list it in GET /v1/gateways (with the port of each
+	// client listener). Default: the host of cluster.advertise, else of
+	// the listen address (this host's name when it binds every
+	// interface).
+	PublicHost string `yaml:"public_host"`
 	// TLSMinVersion is the oldest TLS version accepted: 1.3 (the
 	// default) or 1.2.
 	TLSMinVersion string `yaml:"tls_min_version"`
@@ -164,6 +170,7 @@ func (c *Config) LimitFlags(fs *flag.FlagSet) {
 	fs.Var(&g.Bytes, "limit-bytes", "bytes a second per logged-in connection, RATE[:BURST] (default 0: off)")
 	fs.Var(&l.C2CSendsPerUser, "limit-c2c-sends-per-user", "one-to-one and group messages a second per user on one logic node, RATE[:BURST] (default 0: off)")
 	fs.Var(&l.PushesPerApp, "limit-pushes-per-app", "s2c pushes a second per app on one logic node, RATE[:BURST] (default 0: off)")
+	fs.Var(&l.DiscoveryPerIP, "limit-discovery-per-ip", "gateway lists (GET /v1/gateways) a second per source address on one logic node, RATE[:BURST] (default 0: off)")
 }
 
 // Store configures message storage.
@@ -357,6 +364,7 @@ func (c *Config) ServerFlags(fs *flag.FlagSet) {
 	listVar(fs, &g.WebOrigins, "web-origins", "browser origins allowed on the web listener, comma-separated (* for any; default: the gateway's own host only)")
 	fs.StringVar(&g.TLSAddr, "tls-addr", g.TLSAddr, "gateway TLS listen address for clients (default: none)")
 	fs.BoolVar(&g.PlainTCP, "plain-tcp", g.PlainTCP, "with --tls-addr, also open the plain-TCP client port (--gateway-addr); off by default")
+	fs.StringVar(&g.PublicHost, "public-host", g.PublicHost, "host name or IP clients dial this gateway at, as GET /v1/gateways lists it (default: the advertised host)")
 	fs.StringVar(&g.TLSCert, "tls-cert", g.TLSCert, "PEM certificate chain of the TLS listener, read again on SIGHUP")
 	fs.StringVar(&g.TLSKey, "tls-key", g.TLSKey, "PEM private key of the TLS listener, read again on SIGHUP")
 	fs.StringVar(&g.TLSMinVersion, "tls-min-version", g.TLSMinVersion, "oldest TLS version accepted: 1.3 or 1.2 (default 1.3)")

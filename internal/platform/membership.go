@@ -72,7 +72,9 @@ func (m *membership) run(ctx context.Context) {
 			return
 		case <-t.C:
 			if !m.paused.Load() {
+				m.p.disc.round.Lock() // drain's heartbeat waits (discovery.go)
 				m.tick(ctx)
+				m.p.disc.round.Unlock()
 			}
 		}
 	}
@@ -85,6 +87,7 @@ func (m *membership) tick(ctx context.Context) {
 	if p.idLease != nil {
 		p.renewNodeID(ctx)
 	}
+	m.refreshGateway() // its load and whether it drains (discovery.go)
 	for _, n := range m.nodes {
 		joined, err := p.redis.Heartbeat(ctx, n, m.ttl)
 		if err != nil {

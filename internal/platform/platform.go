@@ -77,6 +77,7 @@ type Platform struct {
 	peerLn    net.Listener       // where other DCs' logic nodes link in
 	acl       *acl.ACL           // the black and white lists (acl.go)
 	aclSync   aclSync
+	disc      discovery // GET /v1/gateways (discovery.go)
 
 	log       *slog.Logger
 	http      *fasthttp.Server
@@ -350,6 +351,7 @@ func (p *Platform) startGateway(cfg config.Config, log *slog.Logger, reg prometh
 	}
 	p.Gateway = gw
 	p.gateAddr = advertise(cfg.Cluster.Advertise, gw.ClientAddr()) // the TLS port when there is no plain one
+	p.disc.addrs = clientAddrs(cfg, gw)
 	if direct {
 		p.Logic.AttachGate(gw.ID(), gw)
 	}
@@ -383,7 +385,7 @@ func (p *Platform) startHTTP(cfg config.Config) error {
 		return p.Logic != nil || p.rpcClient.Links() > 0
 	}
 	p.http = logic.NewHTTPServer(p.Logic, logic.HTTPOptions{Gatherer: p.Registry, Logger: p.log.With("tier", "http"), Ready: ready,
-		AdminKey: cfg.Admin.APIKey, SetACL: p.putACL})
+		AdminKey: cfg.Admin.APIKey, SetACL: p.putACL, Gateways: p.gatewayLister(cfg.Cluster.DC)})
 	go func() {
 		if err := p.http.Serve(ln); err != nil {
 			p.serveErr <- fmt.Errorf("http: %w", err)
@@ -618,6 +620,7 @@ func (p *Platform) Shutdown(ctx context.Context) error {
 func (p *Platform) stop(ctx context.Context) error {
 	var err error
 	if p.Gateway != nil && p.Gateway.ClientAddr() != nil {
+		p.leaveDiscovery() // before the GoAways: clients that come back are sent elsewhere
 		err = p.Gateway.Shutdown(ctx)
 		if p.Logic != nil {
 			p.Logic.DetachGate(context.Background(), p.Gateway.ID())

@@ -92,7 +92,7 @@ func (p *Platform) startRooms(cfg config.Config, node string, log *slog.Logger, 
 	r, err := rpc.NewRooms(rpc.RoomsOptions{
 		DC: cfg.Cluster.DC, Node: node, Version: Version, Rooms: rooms, Svc: p.Logic,
 		Secret: cfg.Cluster.Secret, ServerTLS: srvTLS, ClientTLS: cliTLS, QueueBytes: cfg.Cluster.PeerQueueBytes,
-		Logger: log.With("tier", "rooms"), Registry: reg,
+		Logger: log.With("tier", "rooms"), Registry: reg, Gateways: p.dcGatewaysOf(cfg.Cluster.DC),
 		Resync: func() {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
@@ -167,4 +167,3 @@ func (m *membership) checkAnnounce(ctx context.Context) {
 	m.reannounced.Add(1)
 	p.log.Info("sessions announced again for the other DCs", "sessions", len(ss))
 }
-

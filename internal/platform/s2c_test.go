@@ -295,7 +295,7 @@ func TestOpenAPIDocument(t *testing.T) {
 		"/v1/push": {"post"}, "/v1/push/{push_id}": {"get"}, "/v1/presence": {"get"},
 		"/v1/groups": {"post"}, "/v1/groups/{group_id}": {"get", "delete"},
 		"/v1/groups/{group_id}/members": {"post", "delete"}, "/v1/users/{account}/{uid}/groups": {"get"},
-		"/v1/admin/acl": {"get", "put"},
+		"/v1/admin/acl": {"get", "put"}, "/v1/gateways": {"get"},
 	}
 	for path, methods := range want {
 		for _, method := range methods {

@@ -47,7 +47,11 @@ type RoomsOptions struct {
 	// Resync asks this DC's gateways to announce their sessions again, so
 	// that the other DCs' mirrors of them are whole (after a link came
 	// back, or when another DC's router lost its mirror).
-	Resync   func()
+	Resync func()
+	// Gateways lists this DC's live gateways that are not draining, for
+	// the other DCs' GET /v1/gateways (peer-gateways, rooms_gateways.go);
+	// nil: none.
+	Gateways func(ctx context.Context) ([]logic.GatewayInfo, error)
 	Logger   *slog.Logger
 	Registry prometheus.Registerer
 }
@@ -72,6 +76,8 @@ type Rooms struct {
 	ln      net.Listener
 	inbound map[*Link]struct{}
 	closed  bool
+
+	gws gatewayCache // the other DCs' gateways (rooms_gateways.go)
 
 	mUp       *prometheus.GaugeVec
 	mForward  *prometheus.CounterVec
@@ -798,6 +804,8 @@ func (r *Rooms) serve(ctx context.Context, l *Link, f *schema.Frame) ([]byte, er
 		r.mResyncs.Inc()
 		r.o.Resync()
 		return nil, nil
+	case schema.RPCPeerGateways:
+		return r.serveGateways(ctx)
 	case schema.RPCPing:
 		return nil, nil
 	}

@@ -1229,6 +1229,138 @@ func (x *PeerAck) GetMsgids() []uint64 {
 	return nil
 }
 
+// PeerGateway is a gateway clients may dial, as its DC's membership lists
+// it (router.Node of role gateway).
+type PeerGateway struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	TcpAddr       string                 `protobuf:"bytes,2,opt,name=tcp_addr,json=tcpAddr,proto3" json:"tcp_addr,omitempty"` // plain TCP; empty when the gateway has none
+	TlsAddr       string                 `protobuf:"bytes,3,opt,name=tls_addr,json=tlsAddr,proto3" json:"tls_addr,omitempty"`
+	WebAddr       string                 `protobuf:"bytes,4,opt,name=web_addr,json=webAddr,proto3" json:"web_addr,omitempty"` // WebSocket /ws and long-poll /lp/
+	Load          int64                  `protobuf:"varint,5,opt,name=load,proto3" json:"load,omitempty"`                     // logged-in connections
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PeerGateway) Reset() {
+	*x = PeerGateway{}
+	mi := &file_rpc_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PeerGateway) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PeerGateway) ProtoMessage() {}
+
+func (x *PeerGateway) ProtoReflect() protoreflect.Message {
+	mi := &file_rpc_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PeerGateway.ProtoReflect.Descriptor instead.
+func (*PeerGateway) Descriptor() ([]byte, []int) {
+	return file_rpc_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *PeerGateway) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *PeerGateway) GetTcpAddr() string {
+	if x != nil {
+		return x.TcpAddr
+	}
+	return ""
+}
+
+func (x *PeerGateway) GetTlsAddr() string {
+	if x != nil {
+		return x.TlsAddr
+	}
+	return ""
+}
+
+func (x *PeerGateway) GetWebAddr() string {
+	if x != nil {
+		return x.WebAddr
+	}
+	return ""
+}
+
+func (x *PeerGateway) GetLoad() int64 {
+	if x != nil {
+		return x.Load
+	}
+	return 0
+}
+
+// PeerGatewaysResponse answers peer-gateways: the receiving DC's live
+// gateways that are not draining.
+type PeerGatewaysResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Dc            string                 `protobuf:"bytes,1,opt,name=dc,proto3" json:"dc,omitempty"`
+	Gateways      []*PeerGateway         `protobuf:"bytes,2,rep,name=gateways,proto3" json:"gateways,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PeerGatewaysResponse) Reset() {
+	*x = PeerGatewaysResponse{}
+	mi := &file_rpc_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PeerGatewaysResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PeerGatewaysResponse) ProtoMessage() {}
+
+func (x *PeerGatewaysResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_rpc_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PeerGatewaysResponse.ProtoReflect.Descriptor instead.
+func (*PeerGatewaysResponse) Descriptor() ([]byte, []int) {
+	return file_rpc_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *PeerGatewaysResponse) GetDc() string {
+	if x != nil {
+		return x.Dc
+	}
+	return ""
+}
+
+func (x *PeerGatewaysResponse) GetGateways() []*PeerGateway {
+	if x != nil {
+		return x.Gateways
+	}
+	return nil
+}
+
 var File_rpc_proto protoreflect.FileDescriptor
 
 const file_rpc_proto_rawDesc = "" +
@@ -1312,7 +1444,16 @@ const file_rpc_proto_rawDesc = "" +
 	"\x04body\x18\x03 \x01(\fR\x04body\"O\n" +
 	"\aPeerAck\x12,\n" +
 	"\asession\x18\x01 \x01(\v2\x12.imd.v1.RPCSessionR\asession\x12\x16\n" +
-	"\x06msgids\x18\x02 \x03(\x04R\x06msgidsB\"Z github.com/imd-dev/imd/schema/pbb\x06proto3"
+	"\x06msgids\x18\x02 \x03(\x04R\x06msgids\"\x82\x01\n" +
+	"\vPeerGateway\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x19\n" +
+	"\btcp_addr\x18\x02 \x01(\tR\atcpAddr\x12\x19\n" +
+	"\btls_addr\x18\x03 \x01(\tR\atlsAddr\x12\x19\n" +
+	"\bweb_addr\x18\x04 \x01(\tR\awebAddr\x12\x12\n" +
+	"\x04load\x18\x05 \x01(\x03R\x04load\"W\n" +
+	"\x14PeerGatewaysResponse\x12\x0e\n" +
+	"\x02dc\x18\x01 \x01(\tR\x02dc\x12/\n" +
+	"\bgateways\x18\x02 \x03(\v2\x13.imd.v1.PeerGatewayR\bgatewaysB\"Z github.com/imd-dev/imd/schema/pbb\x06proto3"
 
 var (
 	file_rpc_proto_rawDescOnce sync.Once
@@ -1326,47 +1467,50 @@ func file_rpc_proto_rawDescGZIP() []byte {
 	return file_rpc_proto_rawDescData
 }
 
-var file_rpc_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_rpc_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_rpc_proto_goTypes = []any{
-	(*RPCSession)(nil),        // 0: imd.v1.RPCSession
-	(*RPCHello)(nil),          // 1: imd.v1.RPCHello
-	(*RPCHelloResponse)(nil),  // 2: imd.v1.RPCHelloResponse
-	(*RPCAnnounce)(nil),       // 3: imd.v1.RPCAnnounce
-	(*RPCLogin)(nil),          // 4: imd.v1.RPCLogin
-	(*RPCLoginResponse)(nil),  // 5: imd.v1.RPCLoginResponse
-	(*RPCSessionOnly)(nil),    // 6: imd.v1.RPCSessionOnly
-	(*RPCHandle)(nil),         // 7: imd.v1.RPCHandle
-	(*RPCPush)(nil),           // 8: imd.v1.RPCPush
-	(*RPCPushResponse)(nil),   // 9: imd.v1.RPCPushResponse
-	(*RPCKick)(nil),           // 10: imd.v1.RPCKick
-	(*RPCEmpty)(nil),          // 11: imd.v1.RPCEmpty
-	(*PeerHello)(nil),         // 12: imd.v1.PeerHello
-	(*PeerHelloResponse)(nil), // 13: imd.v1.PeerHelloResponse
-	(*PeerMirrorOp)(nil),      // 14: imd.v1.PeerMirrorOp
-	(*PeerMirror)(nil),        // 15: imd.v1.PeerMirror
-	(*PeerPush)(nil),          // 16: imd.v1.PeerPush
-	(*PeerKick)(nil),          // 17: imd.v1.PeerKick
-	(*PeerForward)(nil),       // 18: imd.v1.PeerForward
-	(*PeerAck)(nil),           // 19: imd.v1.PeerAck
-	(*Kickout)(nil),           // 20: imd.v1.Kickout
+	(*RPCSession)(nil),           // 0: imd.v1.RPCSession
+	(*RPCHello)(nil),             // 1: imd.v1.RPCHello
+	(*RPCHelloResponse)(nil),     // 2: imd.v1.RPCHelloResponse
+	(*RPCAnnounce)(nil),          // 3: imd.v1.RPCAnnounce
+	(*RPCLogin)(nil),             // 4: imd.v1.RPCLogin
+	(*RPCLoginResponse)(nil),     // 5: imd.v1.RPCLoginResponse
+	(*RPCSessionOnly)(nil),       // 6: imd.v1.RPCSessionOnly
+	(*RPCHandle)(nil),            // 7: imd.v1.RPCHandle
+	(*RPCPush)(nil),              // 8: imd.v1.RPCPush
+	(*RPCPushResponse)(nil),      // 9: imd.v1.RPCPushResponse
+	(*RPCKick)(nil),              // 10: imd.v1.RPCKick
+	(*RPCEmpty)(nil),             // 11: imd.v1.RPCEmpty
+	(*PeerHello)(nil),            // 12: imd.v1.PeerHello
+	(*PeerHelloResponse)(nil),    // 13: imd.v1.PeerHelloResponse
+	(*PeerMirrorOp)(nil),         // 14: imd.v1.PeerMirrorOp
+	(*PeerMirror)(nil),           // 15: imd.v1.PeerMirror
+	(*PeerPush)(nil),             // 16: imd.v1.PeerPush
+	(*PeerKick)(nil),             // 17: imd.v1.PeerKick
+	(*PeerForward)(nil),          // 18: imd.v1.PeerForward
+	(*PeerAck)(nil),              // 19: imd.v1.PeerAck
+	(*PeerGateway)(nil),          // 20: imd.v1.PeerGateway
+	(*PeerGatewaysResponse)(nil), // 21: imd.v1.PeerGatewaysResponse
+	(*Kickout)(nil),              // 22: imd.v1.Kickout
 }
 var file_rpc_proto_depIdxs = []int32{
 	0,  // 0: imd.v1.RPCAnnounce.sessions:type_name -> imd.v1.RPCSession
 	0,  // 1: imd.v1.RPCLoginResponse.session:type_name -> imd.v1.RPCSession
 	0,  // 2: imd.v1.RPCSessionOnly.session:type_name -> imd.v1.RPCSession
 	0,  // 3: imd.v1.RPCHandle.session:type_name -> imd.v1.RPCSession
-	20, // 4: imd.v1.RPCKick.kickout:type_name -> imd.v1.Kickout
+	22, // 4: imd.v1.RPCKick.kickout:type_name -> imd.v1.Kickout
 	0,  // 5: imd.v1.PeerMirrorOp.session:type_name -> imd.v1.RPCSession
 	14, // 6: imd.v1.PeerMirror.ops:type_name -> imd.v1.PeerMirrorOp
 	8,  // 7: imd.v1.PeerPush.push:type_name -> imd.v1.RPCPush
 	10, // 8: imd.v1.PeerKick.kick:type_name -> imd.v1.RPCKick
 	0,  // 9: imd.v1.PeerForward.session:type_name -> imd.v1.RPCSession
 	0,  // 10: imd.v1.PeerAck.session:type_name -> imd.v1.RPCSession
-	11, // [11:11] is the sub-list for method output_type
-	11, // [11:11] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	20, // 11: imd.v1.PeerGatewaysResponse.gateways:type_name -> imd.v1.PeerGateway
+	12, // [12:12] is the sub-list for method output_type
+	12, // [12:12] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_rpc_proto_init() }
@@ -1381,7 +1525,7 @@ func file_rpc_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_rpc_proto_rawDesc), len(file_rpc_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   20,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
