@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# services.sh — run real Redis, Apache Cassandra and Apache Kafka servers on 127.0.0.1
-# for imd's integration tests, without Docker.
+# services.sh — run real Redis, Apache Cassandra and Apache Kafka servers on loopback for
+# imd's integration tests, without Docker: a world of two data centers, DC1 on 127.0.0.1 and
+# DC2 on 127.0.0.2 (the whole 127.0.0.0/8 is loopback).
 #
-#   scripts/services.sh up [redis|cassandra|kafka ...]    start (default: all three); idempotent
-#   scripts/services.sh down [redis|cassandra|kafka ...]  stop by pid (TERM, then KILL)
-#   scripts/services.sh status [...]                      state + a real protocol probe of each
-#   scripts/services.sh env                               export lines for the tests
-#   scripts/services.sh clean                             down, then delete the state folder
+#   scripts/services.sh up [SERVICE...]      start (default: all); idempotent
+#   scripts/services.sh down [SERVICE...]    stop by pid (TERM, then KILL)
+#   scripts/services.sh status [SERVICE...]  state + a real protocol probe of each
+#   scripts/services.sh env                  export lines for the tests
+#   scripts/services.sh clean [SERVICE...]   down, then delete their state (default: everything)
 #
-# Redis comes from Debian's redis-server package; Cassandra and Kafka are fetched once from
-# Maven Central with `mvn dependency:copy-dependencies` into .cache/services/ and run with the
-# machine's Java 17. Run with --help for the environment variables.
+# SERVICE is redis, rcluster (a Redis Cluster of 3 masters per DC), cassandra (DC1's node),
+# cassandra2 (DC2's node) or kafka. Redis comes from Debian's redis-server package; Cassandra
+# and Kafka are fetched once from Maven Central with `mvn dependency:copy-dependencies` into
+# .cache/services/ and run with the machine's Java 17. Run with --help for the environment
+# variables.
 set -euo pipefail
 
 SCRIPT_PATH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
@@ -18,26 +21,35 @@ REPO_ROOT="$(cd "$(dirname "$SCRIPT_PATH")/.." && pwd)"
 
 STATE_DIR="${IMD_SERVICES_DIR:-${TMPDIR:-/tmp}/imd-services}"
 CACHE_DIR="${IMD_SERVICES_CACHE:-$REPO_ROOT/.cache/services}"
-HOST=127.0.0.1
+HOST=127.0.0.1                       # DC1
+HOST2="${IMD_DC2_HOST:-127.0.0.2}"   # DC2
+CASSANDRA_DC=dc1                     # the data centers of the two Cassandra nodes
+CASSANDRA2_DC=dc2
 
 REDIS_PORT="${IMD_REDIS_PORT:-6379}"
 CASSANDRA_PORT="${IMD_CASSANDRA_PORT:-9042}"
 CASSANDRA_STORAGE_PORT="${IMD_CASSANDRA_STORAGE_PORT:-7000}"
 KAFKA_PORT="${IMD_KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${IMD_KAFKA_CONTROLLER_PORT:-9093}"
+# The Redis Cluster of each DC: these ports on $HOST (DC1) and on $HOST2 (DC2).
+read -r -a RCLUSTER_PORTS <<<"$(tr ',' ' ' <<<"${IMD_RCLUSTER_PORTS:-7001,7002,7003}")"
+RCLUSTER_NODE_TIMEOUT="${IMD_RCLUSTER_NODE_TIMEOUT:-2000}"
 
 CASSANDRA_VERSION="${IMD_CASSANDRA_VERSION:-5.0.9}"
 KAFKA_VERSION="${IMD_KAFKA_VERSION:-4.4.0}"
 CASSANDRA_HEAP="${IMD_CASSANDRA_HEAP:-1g}"
+CASSANDRA2_HEAP="${IMD_CASSANDRA2_HEAP:-768m}"
 KAFKA_HEAP="${IMD_KAFKA_HEAP:-512m}"
 
 # Readiness timeouts in seconds (2 shared cores: Cassandra's first start is the slow one).
 REDIS_TIMEOUT="${IMD_REDIS_TIMEOUT:-30}"
+RCLUSTER_TIMEOUT="${IMD_RCLUSTER_TIMEOUT:-60}"
 CASSANDRA_TIMEOUT="${IMD_CASSANDRA_TIMEOUT:-300}"
 KAFKA_TIMEOUT="${IMD_KAFKA_TIMEOUT:-180}"
 STOP_TIMEOUT="${IMD_STOP_TIMEOUT:-60}"
 
-ALL_SERVICES=(redis cassandra kafka)
+# In this order for status and env; down goes backwards (kafka first, redis last).
+ALL_SERVICES=(redis rcluster cassandra cassandra2 kafka)
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -46,45 +58,65 @@ log() { printf '%s services: %s\n' "$(date '+%Y-%m-%dT%H:%M:%S%z')" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 usage() {
+	local rports="${RCLUSTER_PORTS[*]}"
 	cat <<EOF
 Usage: scripts/services.sh COMMAND [SERVICE...]
 
-Runs real servers on $HOST for imd's integration tests (no Docker needed).
+Runs real servers on loopback for imd's integration tests (no Docker needed): a world of two
+data centers, DC1 on $HOST and DC2 on $HOST2.
 
 Commands:
   up [SERVICE...]      fetch what is missing, start the services and wait until each answers
-                       its own protocol (default: redis cassandra kafka). Running ones are left alone.
+                       its own protocol (default: all). Running ones are left alone; a Redis
+                       Cluster node that died is started again and rejoins its cluster.
   down [SERVICE...]    stop the services by pid: TERM, then KILL after ${STOP_TIMEOUT}s.
   status [SERVICE...]  print state, pid, address and a protocol probe; exit 1 if any is not healthy.
   env                  print export lines: eval "\$(scripts/services.sh env)"
-  clean                stop everything and delete the state folder (data, logs, pids).
+  clean [SERVICE...]   stop them and delete their state (data, logs, pids); no SERVICE: everything.
   -h, --help           this help.
 
 Services and ports:
-  redis      $HOST:$REDIS_PORT   (Debian redis-server; apt-get installs it when run as root)
-  cassandra  $HOST:$CASSANDRA_PORT   CQL, storage port $CASSANDRA_STORAGE_PORT (Apache Cassandra $CASSANDRA_VERSION)
-  kafka      $HOST:$KAFKA_PORT   KRaft broker+controller, controller port $KAFKA_CONTROLLER_PORT (Apache Kafka $KAFKA_VERSION)
+  redis       $HOST:$REDIS_PORT   (Debian redis-server; apt-get installs it when run as root)
+  rcluster    a Redis Cluster of ${#RCLUSTER_PORTS[@]} masters per DC, no replicas and no persistence:
+              DC1 on $HOST ports ${rports// /,}, DC2 on $HOST2 the same ports (cluster bus: port+10000)
+  cassandra   DC1's node (data center $CASSANDRA_DC): $HOST:$CASSANDRA_PORT CQL, storage port $CASSANDRA_STORAGE_PORT (Apache Cassandra $CASSANDRA_VERSION)
+  cassandra2  DC2's node (data center $CASSANDRA2_DC): $HOST2:$CASSANDRA_PORT CQL, storage port $CASSANDRA_STORAGE_PORT;
+              joins DC1's node (its seed) without streaming; 'up cassandra2' starts cassandra first
+  kafka       $HOST:$KAFKA_PORT   KRaft broker+controller, controller port $KAFKA_CONTROLLER_PORT (Apache Kafka $KAFKA_VERSION)
 
 Folders:
   state (data, logs, pids)  \$IMD_SERVICES_DIR, default \${TMPDIR:-/tmp}/imd-services  (now: $STATE_DIR)
   jar cache                 \$IMD_SERVICES_CACHE, default <repo>/.cache/services  (now: $CACHE_DIR)
 
+Pid files (failure drills: kill -9 \$(cat FILE), then 'up SERVICE' starts it again):
+  STATE/SERVICE/SERVICE.pid          redis, cassandra, cassandra2, kafka
+  STATE/rcluster/DC/PORT/redis.pid   a Redis Cluster node, DC dc1 or dc2; its nodes.conf is beside
+                                     it, so a restarted master rejoins with its slots, and EMPTY
+                                     (nothing is persisted). A master's pid is also in INFO server.
+  e.g. kill -9 \$(cat $STATE_DIR/rcluster/dc1/${RCLUSTER_PORTS[0]}/redis.pid); scripts/services.sh up rcluster
+
 Environment (defaults in brackets):
   IMD_REDIS_PORT [6379]  IMD_CASSANDRA_PORT [9042]  IMD_CASSANDRA_STORAGE_PORT [7000]
   IMD_KAFKA_PORT [9092]  IMD_KAFKA_CONTROLLER_PORT [9093]
-  IMD_CASSANDRA_VERSION [5.0.9]  IMD_KAFKA_VERSION [4.4.0]  IMD_CASSANDRA_HEAP [1g]  IMD_KAFKA_HEAP [512m]
-  IMD_REDIS_TIMEOUT [30]  IMD_CASSANDRA_TIMEOUT [300]  IMD_KAFKA_TIMEOUT [180]  IMD_STOP_TIMEOUT [60]
+  IMD_DC2_HOST [127.0.0.2]  IMD_RCLUSTER_PORTS [7001,7002,7003]  IMD_RCLUSTER_NODE_TIMEOUT [2000] (ms)
+  IMD_CASSANDRA_VERSION [5.0.9]  IMD_KAFKA_VERSION [4.4.0]
+  IMD_CASSANDRA_HEAP [1g]  IMD_CASSANDRA2_HEAP [768m]  IMD_KAFKA_HEAP [512m]
+  IMD_REDIS_TIMEOUT [30]  IMD_RCLUSTER_TIMEOUT [60]  IMD_CASSANDRA_TIMEOUT [300] (cassandra2's too)
+  IMD_KAFKA_TIMEOUT [180]  IMD_STOP_TIMEOUT [60]
   IMD_MVN_ARGS  extra arguments for mvn (e.g. "-o" or "-s settings.xml"); ~/.m2/settings.xml is used as usual.
 
 The first 'up' downloads about 110 MB of jars from Maven Central (a minute or so); later runs use the cache.
 EOF
 }
 
-# port_open PORT: true when something accepts TCP connections on $HOST:PORT.
-port_open() { timeout 2 bash -c "exec 3<>/dev/tcp/$HOST/$1" 2>/dev/null; }
+# port_open PORT [ADDR]: true when something accepts TCP connections on ADDR:PORT (default $HOST).
+port_open() { timeout 2 bash -c "exec 3<>/dev/tcp/${2:-$HOST}/$1" 2>/dev/null; }
 
-# port_owner PORT: a short description of the process listening on PORT, if ss can tell.
-port_owner() { ss -Hltnp "sport = :$1" 2>/dev/null | sed -n 's/.*users:((\(.*\)))/\1/p' | head -n1; }
+# port_owner PORT [ADDR]: a short description of the process listening on ADDR:PORT, if ss can tell.
+port_owner() {
+	ss -Hltnp "sport = :$1" 2>/dev/null | awk -v a="${2:-$HOST}:$1" '$4 == a || $4 == "0.0.0.0:'"$1"'" || $4 == "*:'"$1"'"' |
+		sed -n 's/.*users:((\(.*\)))/\1/p' | head -n1
+}
 
 svc_dir() { printf '%s/%s' "$STATE_DIR" "$1"; }
 pid_file() { printf '%s/%s/%s.pid' "$STATE_DIR" "$1" "$1"; }
@@ -94,28 +126,50 @@ log_file() { printf '%s/%s/logs/%s.log' "$STATE_DIR" "$1" "$1"; }
 svc_marker() {
 	case "$1" in
 	redis) echo redis-server ;;
-	cassandra) echo org.apache.cassandra.service.CassandraDaemon ;;
+	cassandra | cassandra2) echo "-Dcassandra.storagedir=$(svc_dir "$1") " ;;
 	kafka) echo kafka.Kafka ;;
+	esac
+}
+
+svc_host() {
+	case "$1" in
+	cassandra2) echo "$HOST2" ;;
+	*) echo "$HOST" ;;
 	esac
 }
 
 svc_port() {
 	case "$1" in
 	redis) echo "$REDIS_PORT" ;;
-	cassandra) echo "$CASSANDRA_PORT" ;;
+	cassandra | cassandra2) echo "$CASSANDRA_PORT" ;;
 	kafka) echo "$KAFKA_PORT" ;;
 	esac
 }
 
-# svc_pid SERVICE: prints the pid and succeeds when the service's recorded process is alive.
+# svc_pid SERVICE: prints the pid and succeeds when the service's recorded process is alive
+# (rcluster: the pids of its nodes, when every one is alive).
 svc_pid() {
 	local f pid
+	[[ "$1" != rcluster ]] || { rc_pids; return; }
 	f="$(pid_file "$1")"
 	[[ -s "$f" ]] || return 1
 	pid="$(tr -dc '0-9' <"$f")"
 	[[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 1
-	tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$(svc_marker "$1")" || return 1
+	{ tr '\0' ' ' <"/proc/$pid/cmdline"; echo; } 2>/dev/null | grep -qF -- "$(svc_marker "$1")" || return 1
 	echo "$pid"
+}
+
+# tail_svc_log SERVICE: the end of its log (rcluster: of each node's, and of the cluster tool's).
+tail_svc_log() {
+	local dc port
+	if [[ "$1" == rcluster ]]; then
+		for dc in dc1 dc2; do
+			for port in "${RCLUSTER_PORTS[@]}"; do tail_log "$(rc_dir "$dc" "$port")/redis.log" 10; done
+		done
+		tail_log "$(svc_dir rcluster)/logs/rcluster.log" 20
+		return
+	fi
+	tail_log "$(log_file "$1")"
 }
 
 tail_log() {
@@ -150,11 +204,11 @@ wait_ready() {
 			limit="$(svc_timeout "$svc")"
 			if ! pid="$(svc_pid "$svc")"; then
 				log "$svc exited before it became ready ($((now - launched[$svc]))s after its start)"
-				tail_log "$(log_file "$svc")"
+				tail_svc_log "$svc"
 				failed=1
 			elif ((now - t0 >= limit)); then
 				log "$svc (pid $pid) is not ready after ${limit}s; left running for a look (stop it: $0 down $svc)"
-				tail_log "$(log_file "$svc")"
+				tail_svc_log "$svc"
 				failed=1
 			else
 				still+=("$svc")
@@ -175,7 +229,8 @@ wait_ready() {
 svc_timeout() {
 	case "$1" in
 	redis) echo "$REDIS_TIMEOUT" ;;
-	cassandra) echo "$CASSANDRA_TIMEOUT" ;;
+	rcluster) echo "$RCLUSTER_TIMEOUT" ;;
+	cassandra | cassandra2) echo "$CASSANDRA_TIMEOUT" ;;
 	kafka) echo "$KAFKA_TIMEOUT" ;;
 	esac
 }
@@ -202,9 +257,10 @@ cql_read_frame() {
 	if ((CQL_LEN > 0)); then CQL_BODY="$(read_hex "$CQL_LEN")"; fi
 }
 
-# cql_probe: STARTUP, then SELECT release_version FROM system.local; prints the version.
+# cql_probe [ADDR]: STARTUP, then SELECT release_version FROM system.local on ADDR (default
+# $HOST); prints the version.
 cql_probe() {
-	exec 3<>"/dev/tcp/$HOST/$CASSANDRA_PORT"
+	exec 3<>"/dev/tcp/${1:-$HOST}/$CASSANDRA_PORT"
 	# STARTUP (opcode 0x01), body {"CQL_VERSION": "3.0.0"} = 22 bytes
 	printf '\x04\x00\x00\x01\x01\x00\x00\x00\x16\x00\x01\x00\x0bCQL_VERSION\x00\x053.0.0' >&3
 	cql_read_frame || return 1
@@ -236,12 +292,185 @@ redis_probe() { [[ "$(timeout 3 redis-cli -h "$HOST" -p "$REDIS_PORT" ping 2>/de
 
 redis_ready() { redis_probe; }
 
+# ---------------------------------------------------------------------------------------------
+# rcluster: a Redis Cluster per DC of one master per port of RCLUSTER_PORTS, without replicas
+# and without persistence (a master that restarts comes back empty, with its slots: nodes.conf
+# is kept beside its pid file).
+
+rc_host() { if [[ "$1" == dc2 ]]; then echo "$HOST2"; else echo "$HOST"; fi; }
+rc_dir() { printf '%s/rcluster/%s/%s' "$STATE_DIR" "$1" "$2"; }
+rc_cli() {
+	local dc="$1" port="$2"
+	shift 2
+	timeout 3 redis-cli -h "$(rc_host "$dc")" -p "$port" "$@" 2>/dev/null | tr -d '\r'
+}
+# rc_addrs DC: the cluster's addresses, comma-separated.
+rc_addrs() {
+	local port out=()
+	for port in "${RCLUSTER_PORTS[@]}"; do out+=("$(rc_host "$1"):$port"); done
+	(IFS=,; echo "${out[*]}")
+}
+
+# rc_node_pid DC PORT: prints the node's pid when it is alive.
+rc_node_pid() {
+	local f pid
+	f="$(rc_dir "$1" "$2")/redis.pid"
+	[[ -s "$f" ]] || return 1
+	pid="$(tr -dc '0-9' <"$f")"
+	[[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 1
+	{ tr '\0' ' ' <"/proc/$pid/cmdline"; echo; } 2>/dev/null | grep -qF -- "$(rc_host "$1"):$2" || return 1
+	echo "$pid"
+}
+
+# rc_pids: the pids of every node, comma-separated, when all are alive.
+rc_pids() {
+	local dc port pid out=()
+	for dc in dc1 dc2; do
+		for port in "${RCLUSTER_PORTS[@]}"; do
+			pid="$(rc_node_pid "$dc" "$port")" || return 1
+			out+=("$pid")
+		done
+	done
+	(IFS=,; echo "${out[*]}")
+}
+
+# rc_field TEXT NAME: the value of "NAME:value" in a CLUSTER INFO or INFO reply.
+rc_field() { sed -n "s/^$2://p" <<<"$1" | head -n1; }
+
+# rc_node_ok DC PORT: the node sees its whole cluster healthy: state ok, every slot served,
+# every node known and none flagged failing.
+rc_node_ok() {
+	local info
+	info="$(rc_cli "$1" "$2" cluster info)" || return 1
+	[[ "$(rc_field "$info" cluster_state)" == ok &&
+		"$(rc_field "$info" cluster_slots_assigned)" == 16384 &&
+		"$(rc_field "$info" cluster_slots_fail)" == 0 &&
+		"$(rc_field "$info" cluster_known_nodes)" == "${#RCLUSTER_PORTS[@]}" ]] || return 1
+	! rc_cli "$1" "$2" cluster nodes | awk '$3 ~ /fail|handshake|noaddr/ { bad = 1 } END { exit !bad }'
+}
+
+rcluster_ready() {
+	local dc port
+	for dc in dc1 dc2; do
+		for port in "${RCLUSTER_PORTS[@]}"; do rc_node_ok "$dc" "$port" || return 1; done
+	done
+}
+
+start_rc_node() {
+	local dc="$1" port="$2" h d i
+	h="$(rc_host "$dc")"
+	d="$(rc_dir "$dc" "$port")"
+	mkdir -p "$d"
+	check_port_free rcluster "$h" "$port" "$((port + 10000))"
+	rm -f "$d/redis.pid"
+	# --cluster-announce-ip and --bind-source-addr: a DC2 node must never be taken for the DC1
+	# node on the same port (loopback connections to 127.0.0.2 leave from 127.0.0.1).
+	redis-server --daemonize yes --bind "$h" --port "$port" --protected-mode yes \
+		--cluster-enabled yes --cluster-config-file "$d/nodes.conf" \
+		--cluster-node-timeout "$RCLUSTER_NODE_TIMEOUT" --cluster-require-full-coverage no \
+		--cluster-announce-ip "$h" --bind-source-addr "$h" \
+		--dir "$d" --logfile "$d/redis.log" --pidfile "$d/redis.pid" \
+		--save "" --appendonly no --maxclients 10000 >"$d/redis-server.out" 2>&1 9>&- ||
+		{ tail_log "$d/redis-server.out"; tail_log "$d/redis.log"; die "redis-server $h:$port did not start"; }
+	for i in $(seq 1 50); do
+		[[ -s "$d/redis.pid" ]] && break
+		sleep 0.1
+	done
+	log "started rcluster node $dc $h:$port (pid $(cat "$d/redis.pid" 2>/dev/null || echo '?')), log: $d/redis.log"
+}
+
+# rc_form DC: creates the DC's cluster when every node is new; a cluster already formed is left
+# alone (a restarted node rejoins it by itself, from its nodes.conf).
+rc_form() {
+	local dc="$1" port info known slots fresh=0 formed=0 n="${#RCLUSTER_PORTS[@]}" i lf
+	for port in "${RCLUSTER_PORTS[@]}"; do
+		for i in $(seq 1 50); do
+			[[ "$(rc_cli "$dc" "$port" ping)" == PONG ]] && break
+			sleep 0.1
+		done
+		info="$(rc_cli "$dc" "$port" cluster info)"
+		known="$(rc_field "$info" cluster_known_nodes)"
+		slots="$(rc_field "$info" cluster_slots_assigned)"
+		if [[ "$known" == 1 && "$slots" == 0 ]]; then
+			fresh=$((fresh + 1))
+		elif [[ "$known" == "$n" ]]; then
+			formed=$((formed + 1))
+		fi
+	done
+	((formed == n)) && return 0
+	if ((fresh != n)); then
+		die "the Redis Cluster of $dc is partly formed ($formed of $n nodes know the others, $fresh are new): start afresh with $0 clean rcluster"
+	fi
+	lf="$(svc_dir rcluster)/logs/rcluster.log"
+	log "creating the Redis Cluster of $dc: $(rc_addrs "$dc")"
+	# shellcheck disable=SC2046 # one word per address
+	if ! timeout 120 redis-cli --cluster create $(tr ',' ' ' <<<"$(rc_addrs "$dc")") \
+		--cluster-replicas 0 --cluster-yes >>"$lf" 2>&1; then
+		tail_log "$lf" 30
+		die "redis-cli --cluster create failed for $dc"
+	fi
+}
+
+start_rcluster() {
+	local dc port
+	mkdir -p "$(svc_dir rcluster)/logs"
+	date +%s >"$(svc_dir rcluster)/started-at"
+	for dc in dc1 dc2; do
+		for port in "${RCLUSTER_PORTS[@]}"; do
+			rc_node_pid "$dc" "$port" >/dev/null || start_rc_node "$dc" "$port"
+		done
+	done
+	for dc in dc1 dc2; do rc_form "$dc"; done
+}
+
+stop_rcluster() {
+	local dc port pid i
+	for dc in dc2 dc1; do
+		for port in "${RCLUSTER_PORTS[@]}"; do
+			pid="$(rc_node_pid "$dc" "$port")" || continue
+			log "stopping rcluster node $dc $(rc_host "$dc"):$port (pid $pid)"
+			kill -TERM "$pid" 2>/dev/null || true
+			for ((i = 0; i < STOP_TIMEOUT * 2; i++)); do
+				kill -0 "$pid" 2>/dev/null || break
+				sleep 0.5
+			done
+			kill -KILL "$pid" 2>/dev/null || true
+			rm -f "$(rc_dir "$dc" "$port")/redis.pid"
+		done
+	done
+	log "stopped rcluster"
+}
+
+status_rcluster() {
+	local dc port h pid info bad=0 role keys
+	for dc in dc1 dc2; do
+		h="$(rc_host "$dc")"
+		for port in "${RCLUSTER_PORTS[@]}"; do
+			if ! pid="$(rc_node_pid "$dc" "$port")"; then
+				printf '%-10s %-9s %-12s %s:%-6s %s\n' rcluster stopped - "$h" "$port" "$dc"
+				bad=1
+				continue
+			fi
+			info="$(rc_cli "$dc" "$port" info replication)"
+			role="$(rc_field "$info" role)"
+			keys="$(rc_cli "$dc" "$port" dbsize)"
+			if rc_node_ok "$dc" "$port"; then
+				printf '%-10s %-9s pid %-8s %s:%-6s %s\n' rcluster running "$pid" "$h" "$port" "$dc $role, $keys keys, cluster_state:ok"
+			else
+				printf '%-10s %-9s pid %-8s %s:%-6s %s\n' rcluster starting "$pid" "$h" "$port" "$dc ${role:-?}, cluster not healthy yet"
+				bad=1
+			fi
+		done
+	done
+	return "$bad"
+}
+
 # probe SERVICE: runs the protocol probe in a child with a timeout; prints its short result.
 probe() {
 	case "$1" in
 	redis) redis_probe && echo PONG ;;
-	cassandra) timeout 10 bash "$SCRIPT_PATH" __probe cassandra ;;
-	kafka) timeout 10 bash "$SCRIPT_PATH" __probe kafka ;;
+	rcluster) rcluster_ready && echo "cluster_state:ok" ;;
+	cassandra | cassandra2 | kafka) timeout 10 bash "$SCRIPT_PATH" __probe "$1" ;;
 	esac
 }
 
@@ -250,6 +479,8 @@ probe() {
 # ApiVersions): that cannot be a stale line of an earlier run, and it still
 # holds when the log was rotated or removed under a running server.
 cassandra_ready() { probe cassandra; }
+
+cassandra2_ready() { probe cassandra2; }
 
 kafka_ready() { probe kafka; }
 
@@ -377,21 +608,31 @@ need_redis() {
 # ---------------------------------------------------------------------------------------------
 # configuration files
 
+# write_cassandra_config DIR ADDR DC: the node of data center DC on ADDR, DC1's node its seed.
 write_cassandra_config() {
-	local d="$1"
+	local d="$1" addr="$2" dc="$3"
 	mkdir -p "$d/conf" "$d/data" "$d/commitlog" "$d/hints" "$d/saved_caches" "$d/cdc_raw" "$d/logs" "$d/tmp" "$d/triggers"
+	cat >"$d/conf/cassandra-rackdc.properties" <<EOF
+# generated by scripts/services.sh
+dc=$dc
+rack=rack1
+EOF
 	cat >"$d/conf/cassandra.yaml" <<EOF
-# generated by scripts/services.sh: single test node on $HOST
+# generated by scripts/services.sh: test node of data center $dc on $addr
 cluster_name: imd-test
 num_tokens: 1
 partitioner: org.apache.cassandra.dht.Murmur3Partitioner
-endpoint_snitch: SimpleSnitch
+# the data center and rack come from conf/cassandra-rackdc.properties
+endpoint_snitch: GossipingPropertyFileSnitch
 seed_provider:
   - class_name: org.apache.cassandra.locator.SimpleSeedProvider
     parameters:
       - seeds: "$HOST:$CASSANDRA_STORAGE_PORT"
-listen_address: $HOST
-rpc_address: $HOST
+listen_address: $addr
+rpc_address: $addr
+# a node of a new data center joins without streaming (its keyspaces gain replicas there by
+# ALTER KEYSPACE and nodetool rebuild; the test keyspaces are made after it joined)
+auto_bootstrap: false
 storage_port: $CASSANDRA_STORAGE_PORT
 native_transport_port: $CASSANDRA_PORT
 start_native_transport: true
@@ -436,13 +677,13 @@ EOF
 EOF
 }
 
-# The JPMS flags of Cassandra's conf/jvm17-server.options, and the few settings of
-# jvm-server.options and cassandra-env.sh that matter here.
+# cassandra_jvm_args DIR LIB HEAP: the JPMS flags of Cassandra's conf/jvm17-server.options, and
+# the few settings of jvm-server.options and cassandra-env.sh that matter here.
 cassandra_jvm_args() {
-	local d="$1" lib="$2" jamm
+	local d="$1" lib="$2" heap="$3" jamm
 	jamm="$(find "$lib" -name 'jamm-*.jar' | head -n1)"
 	local -a a=(
-		"-Xms512m" "-Xmx$CASSANDRA_HEAP" "-Xss256k"
+		"-Xms512m" "-Xmx$heap" "-Xss256k"
 		-XX:+UseG1GC -XX:+ParallelRefProcEnabled -XX:MaxTenuringThreshold=1 -XX:MaxGCPauseMillis=300
 		-XX:+UseThreadPriorities -XX:+PerfDisableSharedMem -XX:+ExitOnOutOfMemoryError
 		-Djava.net.preferIPv4Stack=true
@@ -478,6 +719,7 @@ cassandra_jvm_args() {
 		-Dio.netty.allocator.maxOrder=11
 		"-javaagent:$jamm"
 		"-Dcassandra.config=file://$d/conf/cassandra.yaml"
+		"-Dcassandra-rackdc.properties=file://$d/conf/cassandra-rackdc.properties"
 		"-Dlogback.configurationFile=file://$d/conf/logback.xml"
 		"-Dcassandra.storagedir=$d"
 		"-Dcassandra.logdir=$d/logs"
@@ -569,14 +811,14 @@ kafka_log_args() {
 # ---------------------------------------------------------------------------------------------
 # start
 
-# check_port_free SERVICE PORT...: dies with the owner when another process holds a port.
+# check_port_free SERVICE ADDR PORT...: dies with the owner when another process holds a port.
 check_port_free() {
-	local svc="$1" p owner
-	shift
+	local svc="$1" addr="$2" p owner
+	shift 2
 	for p in "$@"; do
-		if port_open "$p"; then
-			owner="$(port_owner "$p")"
-			die "cannot start $svc: $HOST:$p is already in use${owner:+ by $owner} (not a $svc started from $STATE_DIR)"
+		if port_open "$p" "$addr"; then
+			owner="$(port_owner "$p" "$addr")"
+			die "cannot start $svc: $addr:$p is already in use${owner:+ by $owner} (not a $svc started from $STATE_DIR)"
 		fi
 	done
 }
@@ -604,7 +846,7 @@ start_redis() {
 	local d
 	d="$(svc_dir redis)"
 	mkdir -p "$d/logs"
-	check_port_free redis "$REDIS_PORT"
+	check_port_free redis "$HOST" "$REDIS_PORT"
 	rm -f "$(pid_file redis)"
 	redis-server --daemonize yes --bind "$HOST" --port "$REDIS_PORT" --protected-mode yes \
 		--dir "$d" --logfile "$(log_file redis)" --pidfile "$(pid_file redis)" \
@@ -619,22 +861,49 @@ start_redis() {
 	log "started redis (pid $(cat "$(pid_file redis)" 2>/dev/null || echo '?')), log: $(log_file redis)"
 }
 
-start_cassandra() {
-	local d lib
-	d="$(svc_dir cassandra)"
-	lib="$(cassandra_home)/lib"
-	check_port_free cassandra "$CASSANDRA_PORT" "$CASSANDRA_STORAGE_PORT"
-	write_cassandra_config "$d"
-	local -a args
-	mapfile -t args < <(cassandra_jvm_args "$d" "$lib")
-	launch cassandra java "${args[@]}"
+# cassandra_dc SERVICE: the node's data center; cassandra_heap SERVICE: its heap.
+cassandra_dc() { if [[ "$1" == cassandra2 ]]; then echo "$CASSANDRA2_DC"; else echo "$CASSANDRA_DC"; fi; }
+cassandra_heap() { if [[ "$1" == cassandra2 ]]; then echo "$CASSANDRA2_HEAP"; else echo "$CASSANDRA_HEAP"; fi; }
+
+# cassandra_dc_stale SERVICE: true when the node's data were made in another data center than
+# the one it is configured for now: data of the single-node world (SimpleSnitch, data center
+# "datacenter1"), which Cassandra refuses to start on with GossipingPropertyFileSnitch.
+cassandra_dc_stale() {
+	local d
+	d="$(svc_dir "$1")"
+	[[ -d "$d/data/system" ]] || return 1
+	[[ "$(cat "$d/dc" 2>/dev/null)" != "$(cassandra_dc "$1")" ]]
 }
+
+start_cassandra_node() {
+	local svc="$1" d lib addr dc
+	d="$(svc_dir "$svc")"
+	lib="$(cassandra_home)/lib"
+	addr="$(svc_host "$svc")"
+	dc="$(cassandra_dc "$svc")"
+	check_port_free "$svc" "$addr" "$CASSANDRA_PORT" "$CASSANDRA_STORAGE_PORT"
+	if cassandra_dc_stale "$svc"; then
+		# Everything under the state folder is test data (the suites make and drop keyspaces of
+		# their own): start this node afresh rather than make the user clean by hand.
+		log "$svc: its data were made by the single-DC setup (data center $(cat "$d/dc" 2>/dev/null || echo datacenter1)), which cannot become $dc; deleting them to start afresh (scripts/services.sh clean does the same for everything)"
+		rm -rf "${d:?}/data" "$d/commitlog" "$d/hints" "$d/saved_caches" "$d/cdc_raw"
+	fi
+	write_cassandra_config "$d" "$addr" "$dc"
+	echo "$dc" >"$d/dc"
+	local -a args
+	mapfile -t args < <(cassandra_jvm_args "$d" "$lib" "$(cassandra_heap "$svc")")
+	launch "$svc" java "${args[@]}"
+}
+
+start_cassandra() { start_cassandra_node cassandra; }
+
+start_cassandra2() { start_cassandra_node cassandra2; }
 
 start_kafka() {
 	local d lib cid
 	d="$(svc_dir kafka)"
 	lib="$(kafka_home)/lib"
-	check_port_free kafka "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"
+	check_port_free kafka "$HOST" "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"
 	write_kafka_config "$d"
 	if [[ ! -f "$d/data/meta.properties" ]]; then
 		# A cluster id is 16 random bytes in URL-safe base64 without padding (Kafka's Uuid); like
@@ -657,37 +926,82 @@ start_kafka() {
 		-cp "$lib/*" kafka.Kafka "$d/conf/server.properties"
 }
 
+# has WORD LIST...: true when WORD is among LIST.
+has() {
+	local w="$1" x
+	shift
+	for x in "$@"; do [[ "$x" == "$w" ]] && return 0; done
+	return 1
+}
+
+# bring_up SERVICE: starts the service unless it runs and answers; succeeds when there is
+# something to wait for.
+bring_up() {
+	local s="$1" pid
+	mkdir -p "$(svc_dir "$s")/logs"
+	if [[ "$s" == rcluster ]]; then
+		if rcluster_ready >/dev/null 2>&1; then
+			log "rcluster is already running ($(rc_pids)) and healthy"
+			return 1
+		fi
+		start_rcluster # starts the nodes that are not running, forms new clusters
+		return 0
+	fi
+	if pid="$(svc_pid "$s")"; then
+		if [[ "$s" == cassandra* ]] && cassandra_dc_stale "$s"; then
+			log "$s (pid $pid) runs the single-DC setup (SimpleSnitch): restarting it as data center $(cassandra_dc "$s")"
+			stop_one "$s"
+			"start_$s"
+			return 0
+		fi
+		if "${s}_ready" >/dev/null 2>&1; then
+			log "$s is already running (pid $pid) and answers"
+			return 1
+		fi
+		log "$s is already running (pid $pid) but does not answer yet"
+		return 0
+	fi
+	"start_$s"
+}
+
 cmd_up() {
-	local -a svcs=("$@") to_wait=()
-	local s pid
+	local -a svcs=("$@") to_wait=() rest=()
+	local s t0
+	t0="$(date +%s)"
 	mkdir -p "$STATE_DIR"
+	# DC2's Cassandra node joins through DC1's, its seed.
+	if has cassandra2 "${svcs[@]}" && ! has cassandra "${svcs[@]}"; then
+		log "cassandra2 joins through cassandra (its seed): starting that too"
+		svcs=(cassandra "${svcs[@]}")
+	fi
 	# 1. what is missing (network only the first time)
 	for s in "${svcs[@]}"; do
 		case "$s" in
-		redis) need_redis ;;
-		cassandra) fetch_cassandra ;;
+		redis | rcluster) need_redis ;;
+		cassandra | cassandra2) fetch_cassandra ;;
 		kafka) fetch_kafka ;;
 		esac
 	done
-	# 2. start the stopped ones; they boot side by side
-	for s in "${svcs[@]}"; do
-		mkdir -p "$(svc_dir "$s")/logs"
-		if pid="$(svc_pid "$s")"; then
-			if "${s}_ready" >/dev/null 2>&1; then
-				log "$s is already running (pid $pid) and answers"
-				continue
-			fi
-			log "$s is already running (pid $pid) but does not answer yet"
-		else
-			"start_$s"
-		fi
-		to_wait+=("$s")
+	# 2. start the stopped ones; they boot side by side (the slow JVMs first)
+	for s in cassandra kafka redis rcluster; do
+		has "$s" "${svcs[@]}" || continue
+		if bring_up "$s"; then to_wait+=("$s"); fi
 	done
-	# 3. wait until each answers its own protocol
+	# 3. DC2's Cassandra node once DC1's answers CQL, while the others go on booting
+	if has cassandra2 "${svcs[@]}"; then
+		if has cassandra "${to_wait[@]}"; then
+			wait_ready cassandra || die "not every service came up (logs under $STATE_DIR)"
+			rest=()
+			for s in "${to_wait[@]}"; do [[ "$s" == cassandra ]] || rest+=("$s"); done
+			to_wait=("${rest[@]}")
+		fi
+		if bring_up cassandra2; then to_wait+=(cassandra2); fi
+	fi
+	# 4. wait until each answers its own protocol
 	if ((${#to_wait[@]} > 0)); then
 		wait_ready "${to_wait[@]}" || die "not every service came up (logs under $STATE_DIR)"
 	fi
-	log "up: ${svcs[*]} (state: $STATE_DIR)"
+	log "up: ${svcs[*]} in $(($(date +%s) - t0))s (state: $STATE_DIR)"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -695,6 +1009,10 @@ cmd_up() {
 
 stop_one() {
 	local svc="$1" pid i
+	if [[ "$svc" == rcluster ]]; then
+		stop_rcluster
+		return
+	fi
 	if ! pid="$(svc_pid "$svc")"; then
 		log "$svc is not running"
 		rm -f "$(pid_file "$svc")"
@@ -720,30 +1038,35 @@ stop_one() {
 
 cmd_down() {
 	local s i
-	# reverse order: kafka, cassandra, redis
-	for ((i = $# ; i >= 1; i--)); do
+	# reverse order: kafka, cassandra2, cassandra, rcluster, redis
+	for ((i = $#; i >= 1; i--)); do
 		s="${!i}"
 		stop_one "$s"
 	done
 }
 
 cmd_status() {
-	local s pid port res bad=0
+	local s pid host port res bad=0
 	for s in "$@"; do
+		if [[ "$s" == rcluster ]]; then
+			status_rcluster || bad=1
+			continue
+		fi
+		host="$(svc_host "$s")"
 		port="$(svc_port "$s")"
 		if pid="$(svc_pid "$s")"; then
 			if res="$(probe "$s" 2>/dev/null)" && [[ -n "$res" || "$s" == kafka ]]; then
 				case "$s" in
-				cassandra) res="CQL ok, release $res" ;;
+				cassandra*) res="CQL ok, release $res, data center $(cassandra_dc "$s")" ;;
 				kafka) res="ApiVersions ok" ;;
 				esac
-				printf '%-10s %-9s pid %-8s %s:%-6s %s\n' "$s" running "$pid" "$HOST" "$port" "$res"
+				printf '%-10s %-9s pid %-8s %s:%-6s %s\n' "$s" running "$pid" "$host" "$port" "$res"
 			else
-				printf '%-10s %-9s pid %-8s %s:%-6s %s\n' "$s" starting "$pid" "$HOST" "$port" "not answering yet"
+				printf '%-10s %-9s pid %-8s %s:%-6s %s\n' "$s" starting "$pid" "$host" "$port" "not answering yet"
 				bad=1
 			fi
 		else
-			printf '%-10s %-9s %-12s %s:%-6s\n' "$s" stopped - "$HOST" "$port"
+			printf '%-10s %-9s %-12s %s:%-6s\n' "$s" stopped - "$host" "$port"
 			bad=1
 		fi
 	done
@@ -753,25 +1076,38 @@ cmd_status() {
 cmd_env() {
 	cat <<EOF
 export IMD_TEST_REDIS=$HOST:$REDIS_PORT
+export IMD_TEST_REDIS_CLUSTER_DC1=$(rc_addrs dc1)
+export IMD_TEST_REDIS_CLUSTER_DC2=$(rc_addrs dc2)
 export IMD_TEST_CASSANDRA=$HOST:$CASSANDRA_PORT
+export IMD_TEST_CASSANDRA_DC2=$HOST2:$CASSANDRA_PORT
 export IMD_TEST_KAFKA=$HOST:$KAFKA_PORT
 export IMD_SERVICES_DIR=$STATE_DIR
 EOF
 }
 
+# cmd_clean [SERVICE...]: no SERVICE, everything: stop all and delete the state folder.
 cmd_clean() {
-	cmd_down "${ALL_SERVICES[@]}"
+	local s
 	case "$STATE_DIR" in
 	"" | / | "$HOME" | "$REPO_ROOT") die "refusing to delete $STATE_DIR" ;;
 	esac
-	rm -rf "$STATE_DIR"
-	log "deleted $STATE_DIR"
+	if (($# == 0)); then
+		cmd_down "${ALL_SERVICES[@]}"
+		rm -rf "$STATE_DIR"
+		log "deleted $STATE_DIR"
+		return
+	fi
+	cmd_down "$@"
+	for s in "$@"; do
+		rm -rf "${STATE_DIR:?}/$s"
+		log "deleted $STATE_DIR/$s"
+	done
 }
 
 # ---------------------------------------------------------------------------------------------
 # main
 
-# parse_services ARGS...: sets SVCS to the validated names (default all), in start order.
+# parse_services ARGS...: sets SVCS to the validated names (default all), in ALL_SERVICES order.
 SVCS=()
 parse_services() {
 	local a s
@@ -779,7 +1115,7 @@ parse_services() {
 	(($# > 0)) || set -- all
 	for a in "$@"; do
 		case "$a" in
-		redis | cassandra | kafka) want[$a]=1 ;;
+		redis | rcluster | cassandra | cassandra2 | kafka) want[$a]=1 ;;
 		all) for s in "${ALL_SERVICES[@]}"; do want[$s]=1; done ;;
 		*) die "unknown service '$a' (known: ${ALL_SERVICES[*]})" ;;
 		esac
@@ -819,12 +1155,14 @@ main() {
 		cmd_env
 		;;
 	clean)
+		if (($# > 0)); then parse_services "$@"; else SVCS=(); fi
 		lock_state
-		cmd_clean
+		cmd_clean "${SVCS[@]}"
 		;;
 	__probe) # internal: run inside `timeout` by probe()
 		case "${1:-}" in
-		cassandra) cql_probe ;;
+		cassandra) cql_probe "$HOST" ;;
+		cassandra2) cql_probe "$HOST2" ;;
 		kafka) kafka_probe ;;
 		*) exit 2 ;;
 		esac
