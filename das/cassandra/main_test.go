@@ -71,9 +71,8 @@ func runTests(m *testing.M) int {
 // dropKeyspace removes the test keyspace. The fault test may have left
 // Cassandra down; then the keyspace stays (it is named per run).
 func dropKeyspace(cfg Config) {
-	cl := cfg.cluster("", cfg.Logger)
+	cl := cfg.adminCluster("", cfg.Logger)
 	cl.Timeout = ddlTimeout
-	cl.NumConns = 1
 	s, err := cl.CreateSession()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "das/cassandra: keyspace %s not dropped: %v\n", cfg.Keyspace, err)

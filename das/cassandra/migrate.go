@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"maps"
 	"strconv"
 	"strings"
@@ -41,9 +42,8 @@ func Migrate(ctx context.Context, cfg Config, replication map[string]int) error 
 	if err != nil {
 		return err
 	}
-	cl := cfg.cluster("", log)
+	cl := cfg.adminCluster("", log)
 	cl.Timeout = max(cl.Timeout, ddlTimeout)
-	cl.NumConns = 1
 	sess, err := newSession(ctx, cl)
 	if err != nil {
 		return storeErr("migrate: connect", err)
@@ -77,9 +77,8 @@ func Migrate(ctx context.Context, cfg Config, replication map[string]int) error 
 	}
 
 	// The tables are created unqualified, in a session bound to the keyspace.
-	kcl := cfg.cluster(cfg.Keyspace, log)
+	kcl := cfg.adminCluster(cfg.Keyspace, log)
 	kcl.Timeout = max(kcl.Timeout, ddlTimeout)
-	kcl.NumConns = 1
 	ks, err := newSession(ctx, kcl)
 	if err != nil {
 		return storeErr("migrate: connect to keyspace", err)
@@ -115,6 +114,22 @@ func Migrate(ctx context.Context, cfg Config, replication map[string]int) error 
 	return nil
 }
 
+// adminCluster is the driver configuration of the short sessions that
+// change or read the schema (Migrate, LocalDC, TruncateAll): one
+// connection per node, no schema metadata cache (they need no token-aware
+// routing, and the cache's refresh waits 10s for every node listed in
+// system.peers to agree, nodes that are down included: gocql issue 1736),
+// and after each schema statement a short wait of gocql's own (which
+// counts the nodes that are down too) before awaitSchema waits for those
+// that are up.
+func (c *Config) adminCluster(ks string, log *slog.Logger) *gocql.ClusterConfig {
+	cl := c.cluster(ks, log)
+	cl.NumConns = 1
+	cl.Metadata.CacheMode = gocql.Disabled
+	cl.MaxWaitSchemaAgreement = 500 * time.Millisecond
+	return cl
+}
+
 // ddl runs one schema statement and waits until every node has its result.
 func ddl(ctx context.Context, s *gocql.Session, stmt string) error {
 	if err := s.Query(stmt).Idempotent(true).ExecContext(ctx); err != nil {
@@ -123,10 +138,50 @@ func ddl(ctx context.Context, s *gocql.Session, stmt string) error {
 			return storeErr("migrate: "+firstLine(stmt), err)
 		}
 	}
-	if err := s.AwaitSchemaAgreement(ctx); err != nil {
+	if err := awaitSchema(ctx, s); err != nil {
 		return storeErr("migrate: schema agreement after "+firstLine(stmt), err)
 	}
 	return nil
+}
+
+// awaitSchema waits until every node that the session sees up has the same
+// schema version, asking each node for its own. gocql's AwaitSchemaAgreement
+// counts the nodes that are down too (their last version stays in
+// system.peers): with one data center's node down, every statement would
+// wait for ddlTimeout and fail. A node that is down takes the new schema
+// from the others when it comes back.
+func awaitSchema(ctx context.Context, s *gocql.Session) error {
+	deadline := time.Now().Add(ddlTimeout)
+	for {
+		versions := map[string]bool{}
+		var err error
+		for _, h := range s.GetHosts() {
+			if !h.IsUp() {
+				continue
+			}
+			var v gocql.UUID
+			if err = s.Query(`SELECT schema_version FROM system.local`).SetHostID(h.HostID()).
+				Idempotent(true).ScanContext(ctx, &v); err != nil {
+				err = fmt.Errorf("schema version of %s: %w", h.ConnectAddressAndPort(), err)
+				break
+			}
+			versions[v.String()] = true
+		}
+		if err == nil && len(versions) <= 1 {
+			return nil
+		}
+		if err == nil {
+			err = fmt.Errorf("the nodes that are up have %d schema versions", len(versions))
+		}
+		if time.Now().After(deadline) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return errors.Join(ctx.Err(), err)
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }
 
 func firstLine(s string) string {

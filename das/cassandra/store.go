@@ -25,6 +25,8 @@ import (
 	"fmt"
 	"hash/maphash"
 	"log/slog"
+	"net"
+	"strconv"
 	"sync"
 	"time"
 
@@ -116,6 +118,14 @@ type Config struct {
 	// Logger receives the engine's and the driver's messages. nil
 	// discards.
 	Logger *slog.Logger
+
+	// observer, set by tests, sees each statement and the node it ran on.
+	observer observer
+}
+
+type observer interface {
+	gocql.QueryObserver
+	gocql.BatchObserver
 }
 
 func (c *Config) setDefaults() error {
@@ -219,6 +229,9 @@ func (c *Config) cluster(ks string, log *slog.Logger) *gocql.ClusterConfig {
 		cl.SslOpts = &gocql.SslOptions{Config: c.TLS.Clone(), EnableHostVerification: !c.TLS.InsecureSkipVerify}
 	}
 	cl.Logger = slogLogger{log.With("source", "gocql")}
+	if c.observer != nil {
+		cl.QueryObserver, cl.BatchObserver = c.observer, c.observer
+	}
 	return cl
 }
 
@@ -312,20 +325,55 @@ func newSession(ctx context.Context, cl *gocql.ClusterConfig) (*gocql.Session, e
 	}
 }
 
-// localDC asks the first contact point that answers for its data center.
+// localDC returns the data center of the first contact point that
+// answers. The session discovers every node, other data centers' too, so
+// it is the contact point's own entry that counts, not any node's answer.
 func localDC(ctx context.Context, cfg Config, log *slog.Logger) (string, error) {
-	cl := cfg.cluster("", log)
-	cl.NumConns = 1
+	cl := cfg.adminCluster("", log)
 	sess, err := newSession(ctx, cl)
 	if err != nil {
 		return "", storeErr("connect", err)
 	}
 	defer sess.Close()
-	var dc string
+	if dc := contactDC(ctx, sess, cfg.Hosts, cl.Port); dc != "" {
+		return dc, nil
+	}
+	var dc string // no contact point among the nodes (an address translator): ask any
 	if err := sess.Query(`SELECT data_center FROM system.local`).Idempotent(true).ScanContext(ctx, &dc); err != nil {
 		return "", storeErr("local data center", err)
 	}
 	return dc, nil
+}
+
+// contactDC returns the data center of the first of hosts ("host" or
+// "host:port") that the session sees up, or "" when none is among its
+// nodes.
+func contactDC(ctx context.Context, sess *gocql.Session, hosts []string, defPort int) string {
+	nodes := sess.GetHosts()
+	for _, h := range hosts {
+		name, port := h, defPort
+		if hn, p, err := net.SplitHostPort(h); err == nil {
+			name = hn
+			if n, err := strconv.Atoi(p); err == nil {
+				port = n
+			}
+		}
+		ips, err := net.DefaultResolver.LookupIPAddr(ctx, name)
+		if err != nil {
+			continue
+		}
+		for _, n := range nodes {
+			if !n.IsUp() || n.Port() != port || n.DataCenter() == "" {
+				continue
+			}
+			for _, ip := range ips {
+				if n.ConnectAddress().Equal(ip.IP) {
+					return n.DataCenter()
+				}
+			}
+		}
+	}
+	return ""
 }
 
 // keyspaceExists reports whether cfg.Keyspace exists, and its replication.

@@ -2,7 +2,10 @@ package cassandra
 
 import (
 	"context"
+	"errors"
 	"fmt"
+
+	gocql "github.com/apache/cassandra-gocql-driver/v2"
 
 	"github.com/imd-dev/imd/schema/cql"
 )
@@ -21,7 +24,9 @@ func LocalDC(ctx context.Context, cfg Config) (string, error) {
 }
 
 // TruncateAll empties every table of cfg.Keyspace except the record of
-// applied migrations.
+// applied migrations. Cassandra truncates only with every node of the
+// cluster up, other data centers' too, whatever the keyspace's
+// replication: with one down it fails, saying so.
 func TruncateAll(ctx context.Context, cfg Config) error {
 	return withSession(ctx, cfg, func(ctx context.Context, run func(string) error, names func() ([]string, error)) error {
 		tables, err := names()
@@ -54,9 +59,8 @@ func withSession(ctx context.Context, cfg Config, fn func(ctx context.Context, r
 	if !cql.ValidName(cfg.Keyspace) {
 		return fmt.Errorf("%w: keyspace name %q", ErrInvalid, cfg.Keyspace)
 	}
-	cl := cfg.cluster("", cfg.Logger)
+	cl := cfg.adminCluster("", cfg.Logger)
 	cl.Timeout = ddlTimeout
-	cl.NumConns = 1
 	s, err := newSession(ctx, cl)
 	if err != nil {
 		return storeErr("connect", err)
@@ -64,6 +68,10 @@ func withSession(ctx context.Context, cfg Config, fn func(ctx context.Context, r
 	defer s.Close()
 	run := func(stmt string) error {
 		if err := s.Query(stmt).ExecContext(ctx); err != nil {
+			var re gocql.RequestError
+			if errors.As(err, &re) && re.Code() == gocql.ErrCodeTruncate {
+				err = fmt.Errorf("%w (TRUNCATE needs every node of the cluster up, another data center's too)", err)
+			}
 			return fmt.Errorf("%s: %w", stmt, err)
 		}
 		return nil
