@@ -485,20 +485,30 @@ func (r *Redis) purgeGate(ctx context.Context, gate string) (n int, purged []Ses
 			return n, purged, offline, fmt.Errorf("router: redis purge gate %q: %w", gate, err)
 		}
 		if len(e.Elements) > 0 {
-			calls := make([]rueidis.LuaExec, len(e.Elements))
-			for i, m := range e.Elements {
-				calls[i] = rueidis.LuaExec{Keys: []string{r.memberKey(m), r.prefix + "v:{" + m + "}"}, Args: []string{gate}}
+			// A member that names no user is only dropped: no session
+			// can be stored under it, and in a Redis Cluster its two
+			// keys need not share a slot (an empty hash tag, "{}").
+			users := make([]User, 0, len(e.Elements))
+			calls := make([]rueidis.LuaExec, 0, len(e.Elements))
+			for _, m := range e.Elements {
+				u, uerr := parseMember(m)
+				if uerr != nil {
+					r.badEntry(gk, m, uerr)
+					continue
+				}
+				users = append(users, u)
+				calls = append(calls, rueidis.LuaExec{Keys: []string{r.memberKey(m), r.prefix + "v:{" + m + "}"}, Args: []string{gate}})
 			}
-			for i, res := range execScript(ctx, r.c, purgeScript, calls) {
+			var results []rueidis.RedisResult
+			if len(calls) > 0 {
+				results = execScript(ctx, r.c, purgeScript, calls)
+			}
+			for i, res := range results {
 				arr, err := res.ToArray()
 				if err != nil || len(arr) != 2 {
 					return n, purged, offline, fmt.Errorf("router: redis purge gate %q: %w (%d replies)", gate, err, len(arr))
 				}
-				u, uerr := parseMember(e.Elements[i])
-				if uerr != nil {
-					r.badEntry(gk, e.Elements[i], uerr)
-					continue
-				}
+				u := users[i]
 				pairs, _ := arr[0].AsStrSlice()
 				n += len(pairs) / 2
 				for j := 0; j+1 < len(pairs); j += 2 {
