@@ -25,16 +25,17 @@ import (
 // newTestRedis returns a router on the test Redis under a random prefix of
 // its own, and a raw client on the same Redis; both are closed, and the
 // prefix's keys deleted, when tb ends. Without Redis the test skips, or
-// fails under CI=true.
+// fails under CI=true. The Redis is a Redis Cluster with
+// IMD_TEST_REDIS_MODE=cluster (testRedisAddrs).
 func newTestRedis(tb testing.TB) (*router.Redis, rueidis.Client, string) {
 	tb.Helper()
-	addr := testenv.Redis(tb)
+	addr := testRedisAddrs(tb)
 	prefix := fmt.Sprintf("imdtest:%016x:", rand.Uint64())
-	r, err := router.NewRedis(router.RedisOptions{Addrs: []string{addr}, Prefix: prefix, DialTimeout: 2 * time.Second})
+	r, err := router.NewRedis(router.RedisOptions{Addrs: addr, Prefix: prefix, DialTimeout: 2 * time.Second})
 	if err != nil {
 		tb.Fatalf("router on the Redis at %s: %v", addr, err)
 	}
-	raw, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{addr}, DisableCache: true})
+	raw, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: addr, DisableCache: true})
 	if err != nil {
 		r.Close()
 		tb.Fatalf("raw client: %v", err)
@@ -58,10 +59,21 @@ func newTestRedis(tb testing.TB) (*router.Redis, rueidis.Client, string) {
 	return r, raw, prefix
 }
 
-// prefixKeys lists the keys under prefix, sorted.
+// prefixKeys lists the keys under prefix, sorted (of every node of a
+// cluster).
 func prefixKeys(tb testing.TB, c rueidis.Client, prefix string) []string {
 	tb.Helper()
 	ctx := context.Background()
+	var keys []string
+	for _, c := range c.Nodes() {
+		keys = append(keys, nodeKeys(tb, ctx, c, prefix)...)
+	}
+	slices.Sort(keys)
+	return keys
+}
+
+func nodeKeys(tb testing.TB, ctx context.Context, c rueidis.Client, prefix string) []string {
+	tb.Helper()
 	var keys []string
 	var cursor uint64
 	for {
@@ -71,11 +83,9 @@ func prefixKeys(tb testing.TB, c rueidis.Client, prefix string) []string {
 		}
 		keys = append(keys, e.Elements...)
 		if cursor = e.Cursor; cursor == 0 {
-			break
+			return keys
 		}
 	}
-	slices.Sort(keys)
-	return keys
 }
 
 func do(t *testing.T, c rueidis.Client, args ...string) rueidis.RedisResult {
@@ -250,7 +260,7 @@ func TestRedisRegisterAtomic(t *testing.T) {
 	first, _, p := newTestRedis(t)
 	rs := []*router.Redis{first}
 	for range clients - 1 {
-		r, err := router.NewRedis(router.RedisOptions{Addrs: []string{testenv.Redis(t)}, Prefix: p})
+		r, err := router.NewRedis(router.RedisOptions{Addrs: testRedisAddrs(t), Prefix: p})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -365,6 +375,7 @@ func newHoldProxy(t *testing.T, target, marker string) *holdProxy {
 // login of that user on g completes; the login must stay indexed, or a
 // purge of g would miss it.
 func TestRedisGateIndexRace(t *testing.T) {
+	skipOnCluster(t, "the proxy holds one connection, and a cluster client dials every node itself")
 	r, raw, p := newTestRedis(t)
 	proxy := newHoldProxy(t, testenv.Redis(t), "SREM")
 	churner, err := router.NewRedis(router.RedisOptions{Addrs: []string{proxy.addr}, Prefix: p})

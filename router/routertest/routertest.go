@@ -501,7 +501,11 @@ func testConcurrent(t *testing.T, r router.Router) {
 	if len(left)+len(gone) != len(registered) {
 		t.Fatalf("%d logins registered, %d left the table, %d remain: some are lost", len(registered), len(gone), len(left))
 	}
-	wantStats(t, r, 1, len(left))
+	users := 1
+	if len(left) == 0 { // every worker's last login (i = 39) logs out: the newest may all be gone
+		users = 0
+	}
+	wantStats(t, r, users, len(left))
 	t.Logf("%d logins: %d evicted or unregistered, %d remain", len(registered), len(gone), len(left))
 }
 
