@@ -452,6 +452,7 @@ func (s *Service) Announce(ctx context.Context, sessions []router.Session) error
 		}
 		if lost && !slices.ContainsFunc(evicted, same) {
 			s.pushInbox(ctx, ss, 0, "announced session's inbox", nil)
+			s.groupCatchUp(ctx, ss, false)
 		}
 	}
 	return nil

@@ -162,6 +162,7 @@ func (s *Service) applyMirrorLogin(ctx context.Context, app *App, m router.Sessi
 	}
 	if !known {
 		s.catchUp(ctx, m)
+		s.groupCatchUp(ctx, m, true)
 	}
 	return nil
 }
@@ -202,6 +203,38 @@ func (s *Service) pushInbox(ctx context.Context, m router.Session, after uint64,
 	q := []bool{false}
 	s.pushSessions(ctx, []router.Session{m}, schema.CmdC2CNotify, 0, body, q, msgs[0].Logid)
 	s.log.Info(why+" sent", "uid", m.UID, "appcode", m.AppCode, "gate", m.Gate, "messages", len(msgs), "queued", q[0])
+}
+
+// groupCatchUp sends session m the newest message of each of its user's
+// groups (those this DC orders, when homeOnly): a session the router did
+// not know missed the live notifies of its groups, and its client pulls
+// a group only after a login or on a gap, which the newest message shows
+// it.
+func (s *Service) groupCatchUp(ctx context.Context, m router.Session, homeOnly bool) {
+	if s.groups == nil {
+		return
+	}
+	ms, err := s.groups.UserGroups(ctx, das.User{Account: m.Account, UID: m.UID})
+	if err != nil {
+		s.log.Warn("group catch-up: the user's groups", "uid", m.UID, "err", err)
+		return
+	}
+	for _, g := range ms {
+		if _, remote := s.groupHome(g.GroupID); (homeOnly && remote) || g.LeftSeq != 0 {
+			continue
+		}
+		info, err := s.groups.Group(ctx, g.GroupID)
+		if err != nil || info.Head == 0 {
+			continue
+		}
+		msgs, _, err := s.groups.GroupPage(ctx, g.GroupID, info.Head-1, info.Head, 1)
+		if err != nil || len(msgs) == 0 {
+			continue
+		}
+		body, _ := proto.Marshal(&pb.GroupNotify{GroupId: g.GroupID, Messages: msgs})
+		q := []bool{false}
+		s.pushSessions(ctx, []router.Session{m}, schema.CmdGroupNotify, msgs[0].Msgtype, body, q, msgs[0].Logid)
+	}
 }
 
 // ServeForwarded serves a client request that session sess of DC dc sent

@@ -124,7 +124,14 @@ type crashTerm struct {
 	state   string
 	mu      sync.Mutex
 	shown   []*pb.C2CMessage
+	c2c     []*pb.C2CMessage // one-to-one messages shown
 	c       *sdk.Client
+}
+
+func (tm *crashTerm) onC2C(m *pb.C2CMessage) {
+	tm.mu.Lock()
+	tm.c2c = append(tm.c2c, m)
+	tm.mu.Unlock()
 }
 
 func (tm *crashTerm) on(m *pb.C2CMessage) {
@@ -153,12 +160,17 @@ func (tm *crashTerm) client() *sdk.Client {
 // stays valid across restarts: the secret that signs it is in the config
 // or the data directory, not in the process.
 func (tm *crashTerm) dial(ctx context.Context, t *testing.T, addr, token string) error {
+	return tm.dialAt(ctx, t, []string{addr}, token)
+}
+
+// dialAt is dial with a list of gateways to rotate through.
+func (tm *crashTerm) dialAt(ctx context.Context, t *testing.T, addrs []string, token string) error {
 	st, err := sdk.FileState(tm.state, 1<<16)
 	if err != nil {
 		return err
 	}
 	c, err := sdk.Dial(ctx, sdk.Options{
-		Addrs: []string{addr}, OnGroup: tm.on, State: st, PageSize: 50,
+		Addrs: addrs, OnGroup: tm.on, OnC2C: tm.onC2C, State: st, PageSize: 50,
 		DeviceID:   fmt.Sprintf("crash-%d-%d", tm.uid, tm.appcode),
 		BackoffMin: 20 * time.Millisecond, BackoffMax: 200 * time.Millisecond,
 		// One try per SendGroupWithID: the test retries failed sends
@@ -197,6 +209,7 @@ type answeredSend struct {
 // groupSenders sends perSender messages from each sender terminal at once
 // and keeps every answer.
 type groupSenders struct {
+	prefix   string // of every content and client message id: one per round of sends
 	mu       sync.Mutex
 	sent     []answeredSend
 	answered atomic.Int64 // sends answered
@@ -215,8 +228,8 @@ func (gs *groupSenders) run(ctx context.Context, t *testing.T, senders []*crashT
 		go func() {
 			defer gs.wg.Done()
 			for i := range perSender {
-				content := fmt.Sprintf("u%d-%05d", tm.uid, i)
-				cmid := fmt.Sprintf("crash-%d-%d-%05d", group, tm.uid, i)
+				content := fmt.Sprintf("%su%d-%05d", gs.prefix, tm.uid, i)
+				cmid := fmt.Sprintf("crash-%s%d-%d-%05d", gs.prefix, group, tm.uid, i)
 				for try := 0; ; try++ {
 					resp, err := tm.client().SendGroupWithID(ctx, group, 0, cmid, []byte(content))
 					if err == nil {

@@ -96,7 +96,9 @@ func (p *Platform) startRooms(cfg config.Config, node string, log *slog.Logger, 
 		Resync: func() {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
-			bumped, err := rr.BumpAnnounce(ctx, 3*time.Second)
+			// Requests within half a second are one: every gateway
+			// announces at its next heartbeat, after all of them.
+			bumped, err := rr.BumpAnnounce(ctx, 500*time.Millisecond)
 			switch {
 			case err != nil:
 				log.Warn("ask this DC's gateways to announce their sessions again", "err", err)
