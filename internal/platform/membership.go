@@ -41,6 +41,8 @@ type membership struct {
 	paused      atomic.Bool // tests: skip rounds, as a node cut off from Redis would
 	cancel      context.CancelFunc
 	done        chan struct{}
+
+	shards shardWatch // restarts of the router's Redis masters (shardwatch.go)
 }
 
 func startMembership(p *Platform, cfg config.Cluster) *membership {
@@ -87,6 +89,7 @@ func (m *membership) tick(ctx context.Context) {
 	if p.idLease != nil {
 		p.renewNodeID(ctx)
 	}
+	announced := m.reannounced.Load()
 	m.refreshGateway() // its load and whether it drains (discovery.go)
 	for _, n := range m.nodes {
 		joined, err := p.redis.Heartbeat(ctx, n, m.ttl)
@@ -107,6 +110,7 @@ func (m *membership) tick(ctx context.Context) {
 		}
 	}
 	m.beats++
+	m.watchShards(ctx, m.reannounced.Load() != announced)
 	m.checkAnnounce(ctx)
 	if c := p.rpcClient; c != nil {
 		live, err := p.redis.Live(ctx, memberLogic)
