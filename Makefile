@@ -9,8 +9,9 @@ STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 FUZZ_N      ?= 3000
 FUZZ_TARGETS = ./schema:FuzzDecoder ./schema:FuzzBodies ./gateway:FuzzConnInput ./gateway:FuzzTLSConnInput ./internal/rpc:FuzzLinkInput
 SERVICES    = bash scripts/services.sh
-# Exports IMD_TEST_CASSANDRA, IMD_TEST_KAFKA and IMD_TEST_REDIS for the
-# real-server suites.
+# Exports IMD_TEST_CASSANDRA, IMD_TEST_CASSANDRA_DC2, IMD_TEST_KAFKA,
+# IMD_TEST_REDIS and IMD_TEST_REDIS_CLUSTER_DC1/_DC2 for the real-server
+# suites (the loopback two-DC world: docs/operations.md).
 WITH_SERVICES = eval "$$($(SERVICES) env)" &&
 
 .PHONY: help build run test test-quick test-go test-real fuzz-short fuzz bench bench-go lint proto clean services-up services-down
@@ -24,11 +25,11 @@ build: ## build imd and imbench into ./bin
 run: ## run the whole platform in one process (imd all)
 	$(GO) run ./cmd/imd all
 
-test: services-up test-go test-real fuzz-short ## everything CI runs: starts Cassandra and Kafka (scripts/services.sh), then every suite
+test: services-up test-go test-real fuzz-short ## everything CI runs: starts Redis, Cassandra and Kafka (scripts/services.sh), then every suite
 
 test-quick: test-go fuzz-short ## every suite that needs no outside server
 
-services-up: ## start real Redis, Cassandra and Kafka on 127.0.0.1 (first run fetches jars)
+services-up: ## start real Redis (and a Redis Cluster per DC), Cassandra (a node per DC) and Kafka on loopback (first run fetches jars)
 	$(SERVICES) up
 
 services-down: ## stop them
@@ -45,17 +46,21 @@ test-go:
 	$(GO) test -count=1 -timeout 20m -run 'Soak|Crash|Allocs|NoShare|Reuse' -v ./internal/platform/ ./das/embedded/ ./schema/ ./cmd/imd/
 
 test-real: ## the suites that run on real Redis, Cassandra and Kafka (services-up first)
-	@echo "== das conformance and engine tests on Cassandra, bus tests on Kafka:"
+	@echo "== das conformance and engine tests on Cassandra (and across its two DCs), bus tests on Kafka:"
 	$(WITH_SERVICES) CI=true $(GO) test -race -count=1 -timeout 20m ./das/cassandra/ ./schema/cql/ ./bus/
+	@echo "== the router's conformance suite and Redis tests on DC1's Redis Cluster:"
+	$(WITH_SERVICES) CI=true IMD_TEST_REDIS_MODE=cluster $(GO) test -race -count=1 -timeout 10m ./router/
 	@echo "== c2s end to end into the real Kafka:"
 	$(WITH_SERVICES) IMD_TEST_BUS=kafka $(GO) test -race -count=1 -timeout 10m -run 'C2S' ./internal/platform/
 	@echo "== c2c, s2c and the 20,000-message soak end to end with --store cassandra:"
 	$(WITH_SERVICES) IMD_TEST_STORE=cassandra $(GO) test -count=1 -timeout 20m -run 'C2C|History|S2C|OpenAPI|Cluster|Group|Push|Trace|Conv|Transient|Presence' -v ./internal/platform/ | grep -E '^(---|ok|FAIL|PASS|panic)|soak_test'
 	@echo "== the end-to-end suite again over the many-process wiring: logic and gateway linked by the internal RPC, router and membership in Redis:"
 	$(WITH_SERVICES) CI=true IMD_TEST_SHAPE=split $(GO) test -race -count=1 -timeout 20m ./internal/platform/
-	@echo "== fault tests: Cassandra, then Kafka, stopped and restarted under load:"
-	$(WITH_SERVICES) CI=true IMD_TEST_CASSANDRA_FAULT=1 $(GO) test -count=1 -timeout 10m -run 'Fault' -v ./das/cassandra/ | grep -E '^(---|ok|FAIL|PASS|panic)|fault_test'
+	@echo "== fault tests: Cassandra (DC1's node under load, then DC2's), then Kafka, stopped and restarted:"
+	$(WITH_SERVICES) CI=true IMD_TEST_CASSANDRA_FAULT=1 $(GO) test -count=1 -timeout 10m -run 'Fault' -v ./das/cassandra/ | grep -E '^(---|ok|FAIL|PASS|panic)|fault_test|twodc_test'
 	$(WITH_SERVICES) CI=true IMD_TEST_KAFKA_FAULT=1 $(GO) test -count=1 -timeout 10m -run 'Restart' -v ./bus/ | grep -E '^(---|ok|FAIL|PASS|panic)|restart_test'
+	@echo "== fault tests: a master of DC1's Redis Cluster killed and restarted empty (the router, then end to end), one package at a time:"
+	$(WITH_SERVICES) CI=true IMD_TEST_REDIS_CLUSTER_FAULT=1 $(GO) test -p 1 -count=1 -timeout 10m -run 'MasterRestart' -v ./router/ ./internal/platform/ | grep -E '^(---|ok|FAIL|PASS|panic)|_test.go'
 
 fuzz-short: ## run every fuzz target briefly from its seed corpus
 	@set -e; for t in $(FUZZ_TARGETS); do \
