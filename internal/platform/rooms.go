@@ -118,6 +118,9 @@ func (p *Platform) startRooms(cfg config.Config, node string, log *slog.Logger, 
 			p.serveErr <- err
 		}
 	}()
+	if cfg.Cluster.Secret == "" && !isLoopback(ln.Addr()) {
+		log.Warn("the DC link port listens beyond loopback with no --rpc-secret: anyone who reaches it can act as another DC's logic node", "peer_addr", ln.Addr().String())
+	}
 	log.Info("linking to the other data centers", "dc", cfg.Cluster.DC, "peer_addr", ln.Addr().String(), "rooms", len(rooms))
 	return nil
 }
