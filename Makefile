@@ -61,6 +61,8 @@ test-real: ## the suites that run on real Redis, Cassandra and Kafka (services-u
 	$(WITH_SERVICES) CI=true IMD_TEST_KAFKA_FAULT=1 $(GO) test -count=1 -timeout 10m -run 'Restart' -v ./bus/ | grep -E '^(---|ok|FAIL|PASS|panic)|restart_test'
 	@echo "== fault tests: a master of DC1's Redis Cluster killed and restarted empty (the router, then end to end), one package at a time:"
 	$(WITH_SERVICES) CI=true IMD_TEST_REDIS_CLUSTER_FAULT=1 $(GO) test -p 1 -count=1 -timeout 10m -run 'MasterRestart' -v ./router/ ./internal/platform/ | grep -E '^(---|ok|FAIL|PASS|panic)|_test.go'
+	@echo "== two data centers of real processes (2 logic + 2 gateways in dc1, 1 + 1 in dc2), every message counted through drills: a gateway, a logic node, a Redis master and DC2's Cassandra node SIGKILLed, the link between the DCs cut:"
+	$(WITH_SERVICES) CI=true IMD_TEST_TWO_DC=1 $(GO) test -count=1 -timeout 15m -run 'TwoDCDrills' -v ./cmd/imd/ | grep -E '^(---|ok|FAIL|PASS|panic)|twodc_test'
 
 fuzz-short: ## run every fuzz target briefly from its seed corpus
 	@set -e; for t in $(FUZZ_TARGETS); do \
