@@ -180,14 +180,15 @@ func (s *Server) watch(l *Link) {
 		if current {
 			delete(s.gates, id)
 		}
-		stopping := s.draining
-		s.mu.Unlock()
 		// With the router in this process nobody else will purge this
 		// gateway's sessions: do it, unless it came back on a new link
-		// (which announced them again) or this node is stopping.
-		if current && s.local && !stopping {
+		// (which announced them again) or this node is stopping. Under
+		// the lock: a new link's hello waits for the purge, so the
+		// sessions it announces next are not purged after it.
+		if current && s.local && !s.draining {
 			s.svc.DetachGate(s.ctx, id)
 		}
+		s.mu.Unlock()
 	}
 	s.mu.Lock()
 	delete(s.links, l)
