@@ -5,6 +5,7 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+	"time"
 )
 
 const statusText = `Name:	imd
@@ -84,5 +85,46 @@ func TestRaiseFileLimit(t *testing.T) {
 	}
 	if soft != hard || soft == 0 {
 		t.Fatalf("after raising, soft %d hard %d", soft, hard)
+	}
+}
+
+func TestParseProcStat(t *testing.T) {
+	// A command name with a space and a parenthesis, as a process may name
+	// itself; utime 250 ticks, stime 75.
+	line := "4242 (imd (all) x) S 1 4242 4242 0 -1 4194560 1200 0 0 0 250 75 0 0 20 0 9 0 100 1234567 25600 18446744073709551615\n"
+	c, err := ParseProcStat(line)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.User != 2500*time.Millisecond || c.System != 750*time.Millisecond || c.Total() != 3250*time.Millisecond {
+		t.Fatalf("got %+v", c)
+	}
+	for _, bad := range []string{"", "1 (x) S 1 2", "1 (x) S 1 4242 4242 0 -1 4194560 1200 0 0 0 lots 75 0"} {
+		if _, err := ParseProcStat(bad); err == nil {
+			t.Errorf("ParseProcStat(%q) should fail", bad)
+		}
+	}
+}
+
+func TestReadProcCPUSelf(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("needs /proc")
+	}
+	c0, err := ReadProcCPU(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Spin until the ticks show it (the cores may be shared).
+	var c1 ProcCPU
+	for start := time.Now(); time.Since(start) < 5*time.Second; {
+		if c1, err = ReadProcCPU(os.Getpid()); err != nil {
+			t.Fatal(err)
+		}
+		if c1.Total()-c0.Total() >= 50*time.Millisecond {
+			break
+		}
+	}
+	if d := c1.Total() - c0.Total(); d < 50*time.Millisecond || d > 10*time.Second {
+		t.Fatalf("spinning counted as %s", d)
 	}
 }

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/imd-dev/imd/bench/scenario"
 )
 
 // TestMain lets the test binary stand in for imbench when a scenario
@@ -62,7 +64,7 @@ func buildIMD(t *testing.T) string {
 
 // runConnsJSON runs `imbench conns args...` in this process and decodes its
 // JSON report.
-func runConnsJSON(t *testing.T, wantCode int, args ...string) (*connsReport, string) {
+func runConnsJSON(t *testing.T, wantCode int, args ...string) (*scenario.ConnsReport, string) {
 	t.Helper()
 	out := filepath.Join(t.TempDir(), "report.json")
 	args = append([]string{"conns", "--imd", buildIMD(t), "--json", out, "--settle", "300ms",
@@ -83,7 +85,7 @@ func runConnsJSON(t *testing.T, wantCode int, args ...string) (*connsReport, str
 	if err != nil {
 		t.Fatalf("no JSON report: %v\nstderr:\n%s", err, &stderr)
 	}
-	var rep connsReport
+	var rep scenario.ConnsReport
 	if err := json.Unmarshal(b, &rep); err != nil {
 		t.Fatalf("report does not decode: %v\n%s", err, b)
 	}
@@ -91,7 +93,7 @@ func runConnsJSON(t *testing.T, wantCode int, args ...string) (*connsReport, str
 }
 
 // checkSane asserts what every successful conns run must show.
-func checkSane(t *testing.T, rep *connsReport, n int) {
+func checkSane(t *testing.T, rep *scenario.ConnsReport, n int) {
 	t.Helper()
 	if !rep.OK || rep.Requested != n || rep.Opened != int64(n) || rep.Failed != 0 {
 		t.Errorf("ok %v, requested %d, opened %d, failed %d; want %d opened, none failed", rep.OK, rep.Requested, rep.Opened, rep.Failed, n)
@@ -116,7 +118,7 @@ func checkSane(t *testing.T, rep *connsReport, n int) {
 			t.Errorf("%s latency implausible: %+v", name, s)
 		}
 	}
-	for _, sn := range []snapshot{rep.Before, rep.After} {
+	for _, sn := range []scenario.Snapshot{rep.Before, rep.After} {
 		if sn.RSSBytes < 1<<20 || sn.HeapInuse <= 0 || sn.StackInuse <= 0 || sn.Goroutines <= 0 || sn.RSSSource != "VmRSS" {
 			t.Errorf("implausible server snapshot %+v", sn)
 		}
@@ -133,13 +135,17 @@ func checkSane(t *testing.T, rep *connsReport, n int) {
 	if rep.ClientRSSBytes <= 0 {
 		t.Errorf("client RSS %d", rep.ClientRSSBytes)
 	}
+	// /proc counts 10 ms ticks: a few logins may read 0.
+	if rep.LoginServerCPUSource != scenario.CPUFromProc || rep.LoginServerCPU < 0 || (rep.LoginServerCPU > 0) != (rep.LoginServerCPUPerUs > 0) {
+		t.Errorf("server CPU %vs, %v us per login, from %q: want it from /proc", rep.LoginServerCPU, rep.LoginServerCPUPerUs, rep.LoginServerCPUSource)
+	}
 }
 
 func TestConnsSDKEndToEnd(t *testing.T) {
 	const n = 200
 	rep, table := runConnsJSON(t, 0, "-n", "200", "-c", "20")
 	checkSane(t, rep, n)
-	if rep.Clients.Kind != clientSDK || !rep.Clients.InProcess || rep.Clients.Processes != 1 {
+	if rep.Clients.Kind != scenario.ClientSDK || !rep.Clients.InProcess || rep.Clients.Processes != 1 {
 		t.Errorf("clients %+v, want the SDK in process", rep.Clients)
 	}
 	for _, want := range []string{"held: clients 200, server 200", "  OK", "per conn", "logins/s"} {
@@ -179,23 +185,6 @@ func TestConnsFailsWhenServerRefuses(t *testing.T) {
 	}
 }
 
-func TestSplitPlan(t *testing.T) {
-	base := plan{N: 10, First: 5, Concurrency: 4}
-	plans := splitPlan(base, 3)
-	next, total, conc := 5, 0, 0
-	for _, p := range plans {
-		if p.First != next || p.N < 3 || p.N > 4 || p.Concurrency < 1 {
-			t.Fatalf("plans %+v: bad share %+v", plans, p)
-		}
-		next += p.N
-		total += p.N
-		conc += p.Concurrency
-	}
-	if total != 10 || conc < 4 || conc > 6 {
-		t.Fatalf("plans %+v cover %d connections with concurrency %d", plans, total, conc)
-	}
-}
-
 func TestParseFlagsEnvironment(t *testing.T) {
 	var stdout, stderr bytes.Buffer
 	fs := newFlagSet("x", "", &stdout, &stderr)
@@ -214,17 +203,6 @@ func TestParseFlagsEnvironment(t *testing.T) {
 	fs2.Int("n", 1, "")
 	if err := parseFlags(fs2, nil, lookup); err == nil {
 		t.Fatal("a bad IMBENCH_N should fail")
-	}
-}
-
-func TestCheckLoopback(t *testing.T) {
-	for addr, ok := range map[string]bool{
-		"127.0.0.1:7070": true, "127.0.0.9:1": true, "[::1]:80": true, "localhost:1": true,
-		"10.0.0.1:7070": false, "example.com:80": false, "0.0.0.0:7070": false, "nonsense": false,
-	} {
-		if err := checkLoopback(addr); (err == nil) != ok {
-			t.Errorf("checkLoopback(%s) = %v, want ok=%v", addr, err, ok)
-		}
 	}
 }
 

@@ -5,15 +5,19 @@ import (
 	"context"
 	"encoding/json"
 	"strings"
-	"sync/atomic"
 	"testing"
 
-	"github.com/imd-dev/imd/schema/pb"
+	"github.com/imd-dev/imd/bench/scenario"
 )
 
 func TestGroupEndToEnd(t *testing.T) {
+	t.Run("raw", func(t *testing.T) { testGroupEndToEnd(t, "raw") })
+	t.Run("sdk", func(t *testing.T) { testGroupEndToEnd(t, "sdk") })
+}
+
+func testGroupEndToEnd(t *testing.T, client string) {
 	b, table, _ := runScenario(t, 0, "group", "--members", "30", "--online", "12", "--senders", "2", "--rate", "20",
-		"--duration", "1s", "--warmup", "200ms", "--settle", "0s", "--drain", "10s")
+		"--duration", "1s", "--warmup", "200ms", "--settle", "0s", "--drain", "10s", "--client", client)
 	rep := decodeLoad(t, b)
 	if !rep.OK || rep.Scenario != "group" || len(rep.Runs) != 1 || rep.Warmup == nil {
 		t.Fatalf("ok %v, %d runs, warm-up %v: want one clean run after a warm-up", rep.OK, len(rep.Runs), rep.Warmup)
@@ -27,7 +31,7 @@ func TestGroupEndToEnd(t *testing.T) {
 		t.Errorf("offered %v deliveries/s, want 20 msgs/s x 12", r.OfferedDeliveries)
 	}
 
-	var ex groupExtra
+	var ex scenario.GroupExtra
 	raw, _ := json.Marshal(rep.Extra)
 	if err := json.Unmarshal(raw, &ex); err != nil {
 		t.Fatal(err)
@@ -68,42 +72,16 @@ func TestGroupEndToEnd(t *testing.T) {
 			t.Errorf("table lacks %q:\n%s", want, table)
 		}
 	}
-}
-
-// TestGroupSlots checks that each (message, online member) pair counts
-// once, that the last-member bookkeeping follows, and that events and
-// other runs' messages are ignored.
-func TestGroupSlots(t *testing.T) {
-	g := &groupBench{online: 3}
-	rs := newRunState(1e6, 4, 3, false) // message i was due at i ns
-	g.cur.Store(&groupRun{rs: rs, got: make([]atomic.Int32, 4), last: make([]atomic.Int64, 4)})
-	content := newContent(msgHeader)
-	for idx := range int64(4) {
-		for i := range 3 {
-			if idx == 3 && i == 2 {
-				continue // member 2 misses message 3
-			}
-			putHeader(content, rs.id, idx, 0, 0)
-			g.received(i, &pb.C2CMessage{Content: bytes.Clone(content)})
-		}
+	if setup := rep.Setup.(map[string]any); setup["client"] != client {
+		t.Errorf("setup %v, want client %s", setup, client)
 	}
-	putHeader(content, rs.id, 1, 0, 0)
-	g.received(0, &pb.C2CMessage{Content: content}) // a copy
-	g.received(0, &pb.C2CMessage{Content: content, Event: &pb.GroupEvent{}})
-	putHeader(content, rs.id+1, 0, 0, 0)
-	g.received(1, &pb.C2CMessage{Content: content}) // another run's
-	r := g.cur.Load()
-	if rs.delivered.Load() != 11 || rs.dups.Load() != 1 || rs.stray.Load() != 0 {
-		t.Fatalf("delivered %d dups %d stray %d, want 11, 1, 0", rs.delivered.Load(), rs.dups.Load(), rs.stray.Load())
-	}
-	for idx, want := range []int32{3, 3, 3, 2} {
-		if got := r.got[idx].Load(); got != want || r.last[idx].Load() == 0 {
-			t.Errorf("message %d: %d deliveries (last at %d), want %d", idx, got, r.last[idx].Load(), want)
-		}
-	}
-	g.end(r, nil)
-	if len(g.runs) != 1 || g.runs[0].Incomplete != 1 || g.runs[0].LastMember.Count != 3 {
-		t.Errorf("stats %+v: want 3 complete messages and 1 incomplete", g.runs)
+	switch {
+	case client == "sdk" && ex.Lean != nil:
+		t.Errorf("lean stats %+v with the SDK", ex.Lean)
+	case client == "raw" && (ex.Lean == nil || ex.Lean.Conns != 10 || ex.Lean.GroupAcks == 0 || ex.Lean.Dropped != 0 || ex.Lean.ErrorResps != 0):
+		t.Errorf("lean stats %+v: want 10 members that acked their cursors", ex.Lean)
+	case client == "raw" && !strings.Contains(table, "lean clients: 10 connections"):
+		t.Errorf("table lacks the lean clients' line:\n%s", table)
 	}
 }
 
@@ -111,7 +89,7 @@ func TestGroupFlagsValidate(t *testing.T) {
 	var stdout, stderr bytes.Buffer
 	for _, args := range [][]string{
 		{"group", "--online", "20", "--members", "10"}, {"group", "--senders", "5", "--online", "4"},
-		{"group", "--members", "0"}, {"group", "--inflight", "0"}, {"group", "--rate", "0"},
+		{"group", "--members", "0"}, {"group", "--inflight", "0"}, {"group", "--rate", "0"}, {"group", "--ack-delay", "-1s"},
 	} {
 		if code := run(context.Background(), args, &stdout, &stderr); code != 2 {
 			t.Errorf("%v: exit %d, want 2", args, code)

@@ -10,11 +10,10 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
-	"github.com/imd-dev/imd/schema/pb"
+	"github.com/imd-dev/imd/bench/scenario"
 )
 
 // runScenario runs `imbench <args...>` in this process with the test's imd
@@ -44,9 +43,9 @@ func runScenario(t *testing.T, wantCode int, scenario string, args ...string) ([
 	return b, stdout.String(), stderr.String()
 }
 
-func decodeLoad(t *testing.T, b []byte) *loadReport {
+func decodeLoad(t *testing.T, b []byte) *scenario.LoadReport {
 	t.Helper()
-	var rep loadReport
+	var rep scenario.LoadReport
 	if err := json.Unmarshal(b, &rep); err != nil {
 		t.Fatalf("report does not decode: %v\n%s", err, b)
 	}
@@ -55,7 +54,7 @@ func decodeLoad(t *testing.T, b []byte) *loadReport {
 
 // checkRun asserts what every clean run must show: everything scheduled
 // was issued and delivered once, with plausible latencies.
-func checkRun(t *testing.T, r loadRun, perOp int64) {
+func checkRun(t *testing.T, r scenario.LoadRun, perOp int64) {
 	t.Helper()
 	if !r.OK || r.Failed != 0 || r.Missing != 0 || r.Duplicates != 0 || r.Stray != 0 || r.Unsent != 0 {
 		t.Errorf("run at %v/s not clean: %+v", r.Rate, r)
@@ -66,6 +65,11 @@ func checkRun(t *testing.T, r loadRun, perOp int64) {
 	}
 	if r.Throughput <= 0 || r.Seconds <= 0 || r.ServerCPUSeconds < 0 || r.ClientCPUSeconds <= 0 {
 		t.Errorf("run at %v/s: throughput %v over %vs, server cpu %v, client cpu %v", r.Rate, r.Throughput, r.Seconds, r.ServerCPUSeconds, r.ClientCPUSeconds)
+	}
+	// A started server's CPU comes from /proc (10 ms ticks: a short run may
+	// read 0), and the per-unit figures follow from it.
+	if r.ServerCPUSource != scenario.CPUFromProc || (r.ServerCPUSeconds > 0 && (r.ServerUsPerDeliv <= 0 || r.ServerUsPerOp < r.ServerUsPerDeliv)) {
+		t.Errorf("run at %v/s: server CPU %vs from %q, %v us per delivery, %v per op", r.Rate, r.ServerCPUSeconds, r.ServerCPUSource, r.ServerUsPerDeliv, r.ServerUsPerOp)
 	}
 	l := r.Latency
 	if l.Count != uint64(r.Delivered) || l.MinMs <= 0 || l.P50Ms < l.MinMs || l.P99Ms < l.P50Ms || l.MaxMs < l.P999Ms || l.MaxMs > 30_000 {
@@ -146,8 +150,55 @@ func TestS2CEndToEnd(t *testing.T) {
 	if r.OfferedDeliveries != 160 {
 		t.Errorf("offered %v deliveries/s, want 20 pushes/s x 8", r.OfferedDeliveries)
 	}
-	if !strings.Contains(table, "deliveries/s") || !strings.Contains(table, "srv us/delivery") {
-		t.Errorf("table:\n%s", table)
+	setup := rep.Setup.(map[string]any)
+	if setup["shape"] != "rotate" || setup["client"] != "raw" {
+		t.Errorf("setup %v: want the rotate shape (--fanout alone) and the raw client (the default)", setup)
+	}
+	for _, want := range []string{"deliveries/s", "srv us/delivery", "srv us/push", "client us/delivery", "lean clients: 20 connections"} {
+		if !strings.Contains(table, want) {
+			t.Errorf("table lacks %q:\n%s", want, table)
+		}
+	}
+	var ex scenario.S2CExtra
+	raw, _ := json.Marshal(rep.Extra)
+	if err := json.Unmarshal(raw, &ex); err != nil || ex.Lean == nil {
+		t.Fatalf("extra %s: %v", raw, err)
+	}
+	// Every delivery was acknowledged, some reads together.
+	if ex.Lean.AckedIDs != 160 || ex.Lean.AckFrames > 160 || ex.Lean.Dropped != 0 || ex.Lean.ErrorResps != 0 {
+		t.Errorf("lean client %+v: want 160 push ids acked in at most 160 frames", ex.Lean)
+	}
+}
+
+// TestS2CShapes runs the dispatch shape on the lean client and the
+// broadcast shape on the SDK, with a sweep and its chart.
+func TestS2CShapes(t *testing.T) {
+	b, _, _ := runScenario(t, 0, "s2c", "--shape", "dispatch", "--clients", "300", "--fanout", "25", "--rates", "40,80",
+		"--duration", "1s", "--warmup", "200ms", "--settle", "0s", "--pause", "100ms", "--drain", "10s", "--login-c", "50")
+	rep := decodeLoad(t, b)
+	if !rep.OK || len(rep.Runs) != 2 || rep.Chart == "" {
+		t.Fatalf("dispatch: ok %v, %d runs, chart %q", rep.OK, len(rep.Runs), rep.Chart)
+	}
+	for i, r := range rep.Runs {
+		checkRun(t, r, 25)
+		if want := []int64{40, 80}[i]; r.Scheduled != want || r.Delivered != want*25 {
+			t.Errorf("dispatch run %d: %d pushes, %d deliveries", i, r.Scheduled, r.Delivered)
+		}
+	}
+	checkChart(t, rep.Chart, "p50", "p99")
+	if s := rep.Setup.(map[string]any); s["shape"] != "dispatch" || s["fanout"] != 25.0 {
+		t.Errorf("setup %v", s)
+	}
+
+	b, _, _ = runScenario(t, 0, "s2c", "--shape", "broadcast", "--client", "sdk", "--clients", "30", "--rate", "20",
+		"--duration", "1s", "--warmup", "0s", "--settle", "0s", "--drain", "10s")
+	rep = decodeLoad(t, b)
+	if !rep.OK || len(rep.Runs) != 1 || rep.Extra != nil {
+		t.Fatalf("broadcast: ok %v, %d runs, extra %v: want one clean run and no lean client", rep.OK, len(rep.Runs), rep.Extra)
+	}
+	checkRun(t, rep.Runs[0], 30)
+	if rep.Runs[0].Delivered != 600 {
+		t.Errorf("broadcast: %d deliveries, want 20 pushes to all 30", rep.Runs[0].Delivered)
 	}
 }
 
@@ -159,7 +210,7 @@ func TestC2SEndToEnd(t *testing.T) {
 		t.Fatalf("ok %v, %d runs", rep.OK, len(rep.Runs))
 	}
 	checkRun(t, rep.Runs[0], 1)
-	var v c2sVerify
+	var v scenario.C2SVerify
 	raw, _ := json.Marshal(rep.Extra)
 	if err := json.Unmarshal(raw, &v); err != nil {
 		t.Fatal(err)
@@ -177,7 +228,7 @@ func TestC2SEndToEnd(t *testing.T) {
 
 func TestOfflineEndToEnd(t *testing.T) {
 	b, table, _ := runScenario(t, 0, "offline", "-n", "300", "--users", "2", "--page-size", "40", "--repeat", "2", "--drain", "20s")
-	var rep offlineReport
+	var rep scenario.OfflineReport
 	if err := json.Unmarshal(b, &rep); err != nil {
 		t.Fatal(err)
 	}
@@ -213,7 +264,7 @@ func TestConnsStepsChart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var doc connsStepsReport
+	var doc scenario.ConnsStepsReport
 	if err := json.Unmarshal(b, &doc); err != nil {
 		t.Fatal(err)
 	}
@@ -226,95 +277,6 @@ func TestConnsStepsChart(t *testing.T) {
 	checkChart(t, doc.Chart, "RSS / conn", "Go heap+stacks / conn", "goal 2 KiB")
 	if !strings.Contains(stdout.String(), "memory per held connection") {
 		t.Errorf("no steps summary:\n%s", &stdout)
-	}
-}
-
-// TestDriveIsOpenLoop checks the driver against a fake operation: one
-// stalled operation delays the ones behind it (one slot per sender), and
-// their latency, taken from the schedule, shows the stall, while the
-// service time does not.
-func TestDriveIsOpenLoop(t *testing.T) {
-	rs := newRunState(1000, 100, 1, false)
-	rs.start = time.Now()
-	rs.startM = mono()
-	op := func(_ context.Context, rs *runState, s int, g int64, at int64) error {
-		sent := mono()
-		if g == 10 {
-			time.Sleep(60 * time.Millisecond)
-		}
-		rs.expected.Add(1)
-		rs.deliver(s, g, at, sent)
-		return nil
-	}
-	drive(context.Background(), rs, 1, 1, op)
-	if rs.issued.Load() != 100 || rs.ok.Load() != 100 || rs.delivered.Load() != 100 {
-		t.Fatalf("issued %d ok %d delivered %d", rs.issued.Load(), rs.ok.Load(), rs.delivered.Load())
-	}
-	lat, svc := rs.lat.merged(), rs.svc.merged()
-	// Operations 11.. were due 1 ms apart while 10 stalled for 60 ms: the
-	// next one waited ~59 ms, and the p90 of the 100 is well above 1 ms.
-	if lat.Max() < 50*time.Millisecond || lat.Quantile(0.9) < 5*time.Millisecond {
-		t.Errorf("latency from the schedule hides the stall: max %s, p90 %s", lat.Max(), lat.Quantile(0.9))
-	}
-	if svc.Quantile(0.5) > 5*time.Millisecond {
-		t.Errorf("service p50 %s, want the bare operation time", svc.Quantile(0.5))
-	}
-	if rs.maxBehind.Load() < int64(50*time.Millisecond) {
-		t.Errorf("max behind schedule %s, want the stall", time.Duration(rs.maxBehind.Load()))
-	}
-}
-
-func TestDriveStopsAtDeadline(t *testing.T) {
-	rs := newRunState(100, 1000, 1, false) // 10 s of schedule
-	rs.start = time.Now()
-	rs.startM = mono()
-	ctx, cancel := context.WithTimeout(context.Background(), 150*time.Millisecond)
-	defer cancel()
-	var mu sync.Mutex
-	seen := map[int]int{}
-	drive(ctx, rs, 4, 2, func(_ context.Context, rs *runState, s int, g int64, at int64) error {
-		mu.Lock()
-		seen[s]++
-		mu.Unlock()
-		if g%5 == 0 {
-			return errors.New("boom")
-		}
-		return nil
-	})
-	is := rs.issued.Load()
-	if is < 5 || is > 30 {
-		t.Fatalf("issued %d in 150 ms at 100/s", is)
-	}
-	if rs.ok.Load()+rs.failed.Load() != is || rs.failed.Load() == 0 || rs.errs["boom"] != int(rs.failed.Load()) {
-		t.Fatalf("ok %d failed %d of %d issued, errors %v", rs.ok.Load(), rs.failed.Load(), is, rs.errs)
-	}
-	if len(seen) != 4 {
-		t.Errorf("senders used: %v, want all 4", seen)
-	}
-}
-
-// TestS2CSlots checks that every (push, recipient) pair maps to a slot of
-// its own and that a client a push did not name is not counted.
-func TestS2CSlots(t *testing.T) {
-	s := &s2c{n: 7, k: 3}
-	rs := newRunState(1, 10, 3, false)
-	s.cur.Store(rs)
-	content := newContent(msgHeader)
-	for g := range int64(10) {
-		for j := range int64(3) {
-			putHeader(content, rs.id, g, 0, 0)
-			s.received(int((s.first(g)+j)%7), &pb.S2CNotify{Content: content})
-		}
-	}
-	if rs.delivered.Load() != 30 || rs.dups.Load() != 0 || rs.stray.Load() != 0 {
-		t.Fatalf("delivered %d dups %d stray %d, want 30 distinct", rs.delivered.Load(), rs.dups.Load(), rs.stray.Load())
-	}
-	putHeader(content, rs.id, 0, 0, 0)
-	s.received(5, &pb.S2CNotify{Content: content}) // push 0 went to 0, 1, 2
-	putHeader(content, rs.id+1, 0, 0, 0)
-	s.received(0, &pb.S2CNotify{Content: content}) // another run's push
-	if rs.stray.Load() != 1 || rs.delivered.Load() != 30 {
-		t.Fatalf("stray %d delivered %d", rs.stray.Load(), rs.delivered.Load())
 	}
 }
 
@@ -337,28 +299,6 @@ func TestListFlagsAndHelpers(t *testing.T) {
 			t.Errorf("floatList accepted %q", bad)
 		}
 	}
-	if got := minMedMax([]float64{3, 1, 2, 10}); got != [3]float64{1, 2.5, 10} {
-		t.Errorf("minMedMax = %v", got)
-	}
-	if singular("deliveries") != "delivery" || singular("msgs") != "msg" || singular("acks") != "ack" {
-		t.Error("singular")
-	}
-	for _, c := range []struct{ flag, json, want string }{
-		{"", "", "results/x.svg"}, {"", "a/b.json", "a/b.svg"}, {"", "b.json", "results/b.svg"},
-		{"c.svg", "a/b.json", "results/c.svg"}, {"d/c.svg", "", "d/c.svg"},
-	} {
-		if got := chartFile(c.flag, c.json, "results", "x.svg"); got != c.want {
-			t.Errorf("chartFile(%q, %q) = %q, want %q", c.flag, c.json, got, c.want)
-		}
-	}
-	b := newContent(40)
-	putHeader(b, 7, 12345, 111, 222)
-	if run, idx, at, sent, ok := getHeader(b); !ok || run != 7 || idx != 12345 || at != 111 || sent != 222 {
-		t.Fatalf("header round trip: %v %v %v %v %v", run, idx, at, sent, ok)
-	}
-	if _, _, _, _, ok := getHeader(b[:10]); ok {
-		t.Fatal("short content decoded")
-	}
 }
 
 func TestLoadFlagsValidate(t *testing.T) {
@@ -367,12 +307,14 @@ func TestLoadFlagsValidate(t *testing.T) {
 		{"c2c", "--rate", "0"}, {"c2c", "--pairs", "0"}, {"c2c", "--size", "4"}, {"c2c", "--rates", "1,x"},
 		{"s2c", "--fanout", "600"}, {"s2c", "--clients", "0"}, {"c2s", "--kafka-brokers", "10.0.0.1:9092"},
 		{"offline", "-n", "0"}, {"c2c", "--repeat", "0"}, {"conns", "--steps", "0"},
+		{"s2c", "--shape", "spray"}, {"s2c", "--shape", "broadcast", "--fanout", "5"}, {"s2c", "--client", "pigeon"},
+		{"group", "--client", "pigeon"}, {"s2c", "--msgtype", "-1"},
 	} {
 		if code := run(context.Background(), args, &stdout, &stderr); code != 2 {
 			t.Errorf("%v: exit %d, want 2", args, code)
 		}
 	}
-	for _, sc := range []string{"c2c", "s2c", "c2s", "offline"} {
+	for _, sc := range []string{"c2c", "s2c", "c2s", "offline", "group", "conns"} {
 		stdout.Reset()
 		if code := run(context.Background(), []string{sc, "--help"}, &stdout, &stderr); code != 0 || !strings.Contains(stdout.String(), "-json") {
 			t.Errorf("%s --help: exit %d\n%s", sc, code, &stdout)

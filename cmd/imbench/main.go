@@ -4,6 +4,10 @@
 // with a throw-away data dir, drives it with clients on the same machine,
 // prints a table and can save a JSON document; sweeps (`--rates`,
 // `conns --steps`) also write an SVG chart. Run `imbench help`.
+//
+// The scenarios themselves are the library bench/scenario; imbench parses
+// their flags, starts the server (the one thing the library cannot do, as
+// only imbench may depend on the server's configuration) and prints.
 package main
 
 import (
@@ -15,7 +19,6 @@ import (
 	"math"
 	"os"
 	"os/signal"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -167,16 +170,6 @@ func (s *stringsFlag) String() string { return strings.Join(*s, " ") }
 func (s *stringsFlag) Set(v string) error {
 	*s = append(*s, v)
 	return nil
-}
-
-// sortedKeys returns the keys of m in order (for stable output).
-func sortedKeys[V any](m map[string]V) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	return keys
 }
 
 // intList is a comma-separated list of positive integers (--steps).

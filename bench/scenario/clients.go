@@ -1,4 +1,4 @@
-package main
+package scenario
 
 import (
 	"context"
@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/imd-dev/imd/bench"
-	"github.com/imd-dev/imd/logic"
 	"github.com/imd-dev/imd/schema"
 	"github.com/imd-dev/imd/schema/pb"
 	"github.com/imd-dev/imd/sdk"
@@ -20,8 +19,8 @@ import (
 
 // Client kinds.
 const (
-	clientSDK = "sdk" // the real Go SDK: sdk.Dial + Login
-	clientRaw = "raw" // a minimal login client that can pick its source address
+	ClientSDK = "sdk" // the real Go SDK: sdk.Dial + Login (and its callbacks)
+	ClientRaw = "raw" // imbench's minimal client: logs in, reads, acknowledges in batches
 )
 
 // plan is the share of the connections one client process opens. Worker
@@ -120,9 +119,6 @@ type opener struct {
 	kaIv   atomic.Int64 // raw: keepalive interval the server advertised, ns
 }
 
-// maxDistinctErrors bounds how many different error texts are kept.
-const maxDistinctErrors = 20
-
 func newOpener(p plan) *opener {
 	return &opener{p: p, conns: make([]io.Closer, p.N), kaStop: make(chan struct{})}
 }
@@ -169,7 +165,7 @@ func (o *opener) run(ctx context.Context) *openResult {
 	if err := ctx.Err(); err != nil {
 		o.abort(context.Cause(ctx).Error())
 	}
-	if o.p.Client == clientRaw {
+	if o.p.Client == ClientRaw {
 		go o.keepalive()
 	}
 	o.mu.Lock()
@@ -231,12 +227,12 @@ func (o *opener) closeAll() {
 }
 
 func (o *opener) token(uid uint64) string {
-	return logic.MintToken(o.p.Secret, o.p.AppCode, uid, time.Now().Add(o.p.TokenTTL))
+	return MintToken(o.p.Secret, o.p.AppCode, uid, time.Now().Add(o.p.TokenTTL))
 }
 
 // open opens and logs in connection idx.
 func (o *opener) open(ctx context.Context, idx int) (io.Closer, time.Duration, time.Duration, error) {
-	if o.p.Client == clientRaw {
+	if o.p.Client == ClientRaw {
 		return o.openRaw(ctx, idx)
 	}
 	return o.openSDK(ctx, idx)

@@ -1,116 +1,100 @@
-package main
+package scenario
 
 import (
 	"context"
 	"encoding/binary"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"math"
+	"net/http"
 	"os"
+	"path/filepath"
 	"runtime"
-	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/imd-dev/imd/bench"
-	"github.com/imd-dev/imd/internal/config"
-	"github.com/imd-dev/imd/logic"
 	"github.com/imd-dev/imd/sdk"
 )
 
-// The load scenarios (c2c, s2c, c2s) share one open-loop driver: every
-// operation has a send time fixed in advance by the offered rate (operation
-// g of a run is due at start + g/rate), whatever became of the earlier
-// ones, and latencies are measured from that scheduled time. A server that
-// stalls therefore shows its stall in the latency of every operation that
-// was due meanwhile instead of quietly slowing the clients down
-// (coordinated omission). The same latency measured from the moment the
-// call was really made is reported next to it as "service" latency: the gap
-// between the two is time spent waiting in imbench for a free slot (the
-// per-connection in-flight bound) or for a CPU.
-
-// loadFlags are the flags every load scenario has.
-type loadFlags struct {
-	server     serverFlags
-	rate       float64
-	rates      floatList
-	duration   time.Duration
-	n          int64
-	repeat     int
-	warmup     time.Duration
-	settle     time.Duration
-	pause      time.Duration
-	drain      time.Duration
-	timeout    time.Duration
-	size       int
-	inflight   int
-	loginConc  int
-	uidBase    uint64
-	jsonPath   string
-	chartPath  string
-	resultsDir string
+// LoadOptions are the options every load scenario (C2C, S2C, Group, C2S)
+// has. DefaultLoadOptions gives the defaults of the command line.
+type LoadOptions struct {
+	Rate     float64       // offered operations per second over all senders (open loop), when Rates is empty
+	Rates    []float64     // one run per rate on the same server and clients
+	Duration time.Duration // length of the send schedule of one run (N wins)
+	N        int64         // operations per run (0: rate x duration)
+	Repeat   int           // runs per rate (min/median/max over them)
+	Warmup   time.Duration // an unrecorded run at the first rate before measuring
+	Settle   time.Duration // wait after the clients logged in, before the first run
+	Pause    time.Duration // wait between runs
+	Drain    time.Duration // after the schedule, how long a run waits for outstanding operations and deliveries
+	Timeout  time.Duration // bound on the whole scenario
+	Size     int           // content bytes per message
+	Inflight int           // operations outstanding per sender
+	// LoginConc is the logins in flight while the clients connect.
+	LoginConc int
+	UIDBase   uint64 // first uid of the scenario's clients
+	// ProfileDir, when set, takes a CPU profile of the server process that
+	// serves HTTP (imd all, or the logic node) over each measured run and
+	// writes it there as <scenario>-<rate>-<repeat>.pprof. A started server
+	// gets a profiler on a free port; an attached one needs its address.
+	ProfileDir string
 }
 
-// bind adds the shared flags; unit names what --rate counts.
-func (f *loadFlags) bind(fs *flag.FlagSet, unit string, rate float64, size int) {
-	f.server.bind(fs)
-	fs.Float64Var(&f.rate, "rate", rate, "offered load in "+unit+"/s over all senders (open loop)")
-	fs.Var(&f.rates, "rates", "comma-separated offered rates, e.g. 1000,2000,4000: one run per rate on the same server and clients, and a chart of latency against achieved throughput")
-	fs.DurationVar(&f.duration, "duration", 5*time.Second, "length of the send schedule of one run (-n wins)")
-	fs.Int64Var(&f.n, "n", 0, unit+" per run (0: rate x duration)")
-	fs.IntVar(&f.repeat, "repeat", 1, "runs per rate (the table gives min/median/max over them)")
-	fs.DurationVar(&f.warmup, "warmup", time.Second, "an unrecorded run at the first rate before measuring")
-	fs.DurationVar(&f.settle, "settle", time.Second, "wait after the clients logged in, before the first run")
-	fs.DurationVar(&f.pause, "pause", time.Second, "wait between runs")
-	fs.DurationVar(&f.drain, "drain", 15*time.Second, "after the schedule ends, how long a run waits for outstanding sends and deliveries")
-	fs.DurationVar(&f.timeout, "timeout", 10*time.Minute, "bound on the whole scenario")
-	fs.IntVar(&f.size, "size", size, "content bytes per message")
-	fs.IntVar(&f.loginConc, "login-c", 100, "logins in flight while the clients connect")
-	fs.Uint64Var(&f.uidBase, "uid-base", 1, "first uid the scenario's clients log in as")
-	fs.StringVar(&f.jsonPath, "json", "", "also write the report as JSON to `FILE` (a bare file name goes into --results-dir)")
-	fs.StringVar(&f.chartPath, "chart", "", "with --rates: the SVG chart `FILE` (default: --json with .svg, else <scenario>-latency.svg in --results-dir)")
-	fs.StringVar(&f.resultsDir, "results-dir", "results", "folder for --json and --chart files given without a directory")
+// DefaultLoadOptions returns the defaults: rate and size are the
+// scenario's own.
+func DefaultLoadOptions(rate float64, size, inflight int) LoadOptions {
+	return LoadOptions{Rate: rate, Duration: 5 * time.Second, Repeat: 1, Warmup: time.Second, Settle: time.Second,
+		Pause: time.Second, Drain: 15 * time.Second, Timeout: 10 * time.Minute, Size: size, Inflight: inflight,
+		LoginConc: 100, UIDBase: 1}
 }
 
-func (f *loadFlags) validate(minSize int) []error {
+// validate checks o and fills Rates from Rate when it is empty.
+func (o *LoadOptions) validate(minSize int) []error {
 	var errs []error
-	if len(f.rates) == 0 {
-		if !(f.rate > 0) || math.IsInf(f.rate, 0) {
+	if len(o.Rates) == 0 {
+		if !(o.Rate > 0) || math.IsInf(o.Rate, 0) {
 			errs = append(errs, errors.New("--rate must be > 0"))
 		}
-		f.rates = floatList{f.rate}
+		o.Rates = []float64{o.Rate}
 	}
-	if f.n < 0 || (f.n == 0 && f.duration <= 0) {
+	for _, r := range o.Rates {
+		if !(r > 0) || math.IsInf(r, 0) {
+			errs = append(errs, fmt.Errorf("rate %v must be > 0", r))
+		}
+	}
+	if o.N < 0 || (o.N == 0 && o.Duration <= 0) {
 		errs = append(errs, errors.New("give -n > 0 or --duration > 0"))
 	}
-	if f.repeat < 1 {
+	if o.Repeat < 1 {
 		errs = append(errs, errors.New("--repeat must be >= 1"))
 	}
-	if f.warmup < 0 || f.settle < 0 || f.pause < 0 || f.drain <= 0 || f.timeout <= 0 {
+	if o.Warmup < 0 || o.Settle < 0 || o.Pause < 0 || o.Drain <= 0 || o.Timeout <= 0 {
 		errs = append(errs, errors.New("durations must not be negative (--drain and --timeout > 0)"))
 	}
-	if f.size < minSize || f.size > 16<<10 {
+	if o.Size < minSize || o.Size > 16<<10 {
 		errs = append(errs, fmt.Errorf("--size must be in [%d, 16384]", minSize))
 	}
-	if f.loginConc < 1 {
+	if o.LoginConc < 1 {
 		errs = append(errs, errors.New("--login-c must be >= 1"))
 	}
-	if f.uidBase < 1 {
+	if o.UIDBase < 1 {
 		errs = append(errs, errors.New("--uid-base must be >= 1"))
 	}
 	return errs
 }
 
 // ops returns the operations of one run at rate.
-func (f *loadFlags) ops(rate float64) int64 {
-	if f.n > 0 {
-		return f.n
+func (o *LoadOptions) ops(rate float64) int64 {
+	if o.N > 0 {
+		return o.N
 	}
-	return max(1, int64(math.Round(rate*f.duration.Seconds())))
+	return max(1, int64(math.Round(rate*o.Duration.Seconds())))
 }
 
 // monoBase anchors mono: every timestamp imbench puts in a message is
@@ -120,10 +104,11 @@ var monoBase = time.Now()
 
 func mono() int64 { return int64(time.Since(monoBase)) }
 
-// Messages of the c2c, s2c and offline scenarios start with a header:
-// run id, index (the message's or push's number in its run), scheduled
-// send time and real send time (mono ns). The rest is padding.
-const msgHeader = 28
+// MsgHeader is the length of the header that messages of the c2c, s2c,
+// group and offline scenarios start with: run id, index (the message's or
+// push's number in its run), scheduled send time and real send time (mono
+// ns). The rest is padding.
+const MsgHeader = 28
 
 func putHeader(b []byte, run uint32, idx int64, at, sent int64) {
 	binary.BigEndian.PutUint32(b[0:], run)
@@ -133,7 +118,7 @@ func putHeader(b []byte, run uint32, idx int64, at, sent int64) {
 }
 
 func getHeader(b []byte) (run uint32, idx int64, at, sent int64, ok bool) {
-	if len(b) < msgHeader {
+	if len(b) < MsgHeader {
 		return 0, 0, 0, 0, false
 	}
 	return binary.BigEndian.Uint32(b[0:]), int64(binary.BigEndian.Uint64(b[4:])),
@@ -143,7 +128,7 @@ func getHeader(b []byte) (run uint32, idx int64, at, sent int64, ok bool) {
 // newContent returns size bytes: room for the header, then readable padding.
 func newContent(size int) []byte {
 	b := make([]byte, size)
-	for i := msgHeader; i < size; i++ {
+	for i := MsgHeader; i < size; i++ {
 		b[i] = 'a' + byte(i%26)
 	}
 	return b
@@ -321,8 +306,8 @@ func drive(ctx context.Context, rs *runState, senders, inflight int, op opFunc) 
 	ops.Wait()
 }
 
-// loadRun is the result of one run.
-type loadRun struct {
+// LoadRun is the result of one run.
+type LoadRun struct {
 	Rate       float64 `json:"offered_rate"` // operations per second
 	Repeat     int     `json:"repeat"`       // 1-based, within the rate
 	Scheduled  int64   `json:"scheduled"`
@@ -349,30 +334,38 @@ type loadRun struct {
 	Service bench.Summary `json:"service_latency"` // real send -> delivered
 	Ack     bench.Summary `json:"ack_latency"`     // real send -> the send's response
 
-	ServerCPUSeconds float64 `json:"server_cpu_seconds"` // process_cpu_seconds_total over the run
-	ServerCores      float64 `json:"server_cores"`       // ... divided by Seconds
+	// ServerCPUSeconds is the CPU time of the server's processes over the
+	// run (ServerCPUSource says how it was read); per delivery and per
+	// operation (a push, a message) in µs.
+	ServerCPUSeconds float64 `json:"server_cpu_seconds"`
+	ServerCPUSource  string  `json:"server_cpu_source,omitempty"`
+	ServerCores      float64 `json:"server_cores"` // ServerCPUSeconds over the run's wall time
 	ServerUsPerDeliv float64 `json:"server_cpu_us_per_delivery"`
+	ServerUsPerOp    float64 `json:"server_cpu_us_per_op"`
 	ClientCPUSeconds float64 `json:"client_cpu_seconds"` // imbench itself
 	ClientCores      float64 `json:"client_cores"`
+	ClientUsPerDeliv float64 `json:"client_cpu_us_per_delivery"`
+
+	Profile string `json:"cpu_profile,omitempty"` // the server's CPU profile over the run
 
 	Saturated bool `json:"saturated"` // behind the offered rate: unsent, or throughput < 90% of offered
 	OK        bool `json:"ok"`        // nothing failed and nothing went missing
 }
 
-// loadReport is the JSON document of a load scenario.
-type loadReport struct {
+// LoadReport is the result of a load scenario and its JSON document.
+type LoadReport struct {
 	Scenario     string      `json:"scenario"`
 	Time         time.Time   `json:"time"`
 	Command      []string    `json:"command"`
-	Host         hostInfo    `json:"host"`
-	Server       *target     `json:"server"`
+	Host         HostInfo    `json:"host"`
+	Server       *Target     `json:"server"`
 	Setup        any         `json:"setup"`
-	OpUnit       string      `json:"op_unit"`       // what --rate counts
+	OpUnit       string      `json:"op_unit"`       // what the rate counts
 	DeliveryUnit string      `json:"delivery_unit"` // what throughput counts
-	Warmup       *loadRun    `json:"warmup,omitempty"`
-	Runs         []loadRun   `json:"runs"`
-	Rates        []rateStats `json:"rates"`
-	Chart        string      `json:"chart,omitempty"`
+	Warmup       *LoadRun    `json:"warmup,omitempty"`
+	Runs         []LoadRun   `json:"runs"`
+	Rates        []RateStats `json:"rates"`
+	Chart        string      `json:"chart,omitempty"` // set by whoever draws LatencyChart
 	Extra        any         `json:"extra,omitempty"` // scenario-specific results (c2s: verification)
 	Notes        []string    `json:"notes,omitempty"` // printed under the table
 	OK           bool        `json:"ok"`
@@ -380,8 +373,11 @@ type loadReport struct {
 	ServerStopResult string `json:"server_stop_result,omitempty"`
 }
 
-// rateStats sums up the runs of one rate: min, median and max over them.
-type rateStats struct {
+// Passed reports whether every run was clean.
+func (r *LoadReport) Passed() bool { return r.OK }
+
+// RateStats sums up the runs of one rate: min, median and max over them.
+type RateStats struct {
 	Rate       float64    `json:"offered_rate"`
 	Runs       int        `json:"runs"`
 	Saturated  int        `json:"saturated_runs"`
@@ -389,43 +385,36 @@ type rateStats struct {
 	P50Ms      [3]float64 `json:"p50_ms_min_median_max"`
 	P99Ms      [3]float64 `json:"p99_ms_min_median_max"`
 	P999Ms     [3]float64 `json:"p999_ms_min_median_max"`
+	// ServerUsPerDeliv is the server CPU per delivery over the runs.
+	ServerUsPerDeliv [3]float64 `json:"server_cpu_us_per_delivery_min_median_max"`
+	ClientUsPerDeliv [3]float64 `json:"client_cpu_us_per_delivery_min_median_max"`
 }
 
-func minMedMax(v []float64) [3]float64 {
-	if len(v) == 0 {
-		return [3]float64{}
-	}
-	s := slices.Clone(v)
-	slices.Sort(s)
-	med := s[len(s)/2]
-	if len(s)%2 == 0 {
-		med = (s[len(s)/2-1] + s[len(s)/2]) / 2
-	}
-	return [3]float64{s[0], med, s[len(s)-1]}
-}
-
-func summarizeRates(runs []loadRun) []rateStats {
-	var out []rateStats
+func summarizeRates(runs []LoadRun) []RateStats {
+	var out []RateStats
 	for _, r := range runs {
 		if len(out) == 0 || out[len(out)-1].Rate != r.Rate {
-			out = append(out, rateStats{Rate: r.Rate})
+			out = append(out, RateStats{Rate: r.Rate})
 		}
 	}
 	for i := range out {
-		var tp, p50, p99, p999 []float64
+		var tp, p50, p99, p999, srv, cli []float64
 		for _, r := range runs {
 			if r.Rate == out[i].Rate {
 				tp = append(tp, r.Throughput)
 				p50 = append(p50, r.Latency.P50Ms)
 				p99 = append(p99, r.Latency.P99Ms)
 				p999 = append(p999, r.Latency.P999Ms)
+				srv = append(srv, r.ServerUsPerDeliv)
+				cli = append(cli, r.ClientUsPerDeliv)
 				if r.Saturated {
 					out[i].Saturated++
 				}
 			}
 		}
 		out[i].Runs = len(tp)
-		out[i].Throughput, out[i].P50Ms, out[i].P99Ms, out[i].P999Ms = minMedMax(tp), minMedMax(p50), minMedMax(p99), minMedMax(p999)
+		out[i].Throughput, out[i].P50Ms, out[i].P99Ms, out[i].P999Ms = MinMedMax(tp), MinMedMax(p50), MinMedMax(p99), MinMedMax(p999)
+		out[i].ServerUsPerDeliv, out[i].ClientUsPerDeliv = MinMedMax(srv), MinMedMax(cli)
 	}
 	return out
 }
@@ -439,30 +428,35 @@ type loadScenario struct {
 	inflight     int
 	perOp        int64 // deliveries per operation
 	setup        any   // goes into the report
-	// tweak adjusts the config of a server imbench starts.
-	tweak func(*config.Config) error
+	needs        ServerNeeds
 	// prepare connects the clients once the server is up.
-	prepare func(ctx context.Context, t *target, stderr io.Writer) error
+	prepare func(ctx context.Context, t *Target, log io.Writer) error
 	// begin makes rs the current run (receivers match it by id).
 	begin func(rs *runState)
 	op    opFunc
 	// finish runs after the last run, before the server stops; its result
 	// goes into the report's extra, its error fails the scenario.
-	finish func(ctx context.Context, rep *loadReport) (any, error)
+	finish func(ctx context.Context, rep *LoadReport) (any, error)
 	// close closes the clients.
 	close func()
 }
 
+// errNotOK is what a load scenario returns, with its report, when a run
+// was not clean.
+var errNotOK = errors.New("some sends failed or deliveries went missing (see the table)")
+
 // runLoad starts (or attaches to) the server, prepares the scenario, runs
-// it once per rate and repeat, then writes the table, the JSON and, for a
-// sweep, the chart.
-func runLoad(ctx context.Context, sc *loadScenario, f *loadFlags, command []string, stdout, stderr io.Writer) (err error) {
-	ctx, cancel := context.WithTimeout(ctx, f.timeout)
+// it once per rate and repeat, and returns the report. A report comes back
+// with an error when the scenario ran but failed (a send, a delivery, a
+// verification); without one when it could not run.
+func runLoad(ctx context.Context, sc *loadScenario, o *LoadOptions, l Launcher, env Env) (_ *LoadReport, err error) {
+	ctx, cancel := context.WithTimeout(ctx, o.Timeout)
 	defer cancel()
-	logf := func(format string, args ...any) { fmt.Fprintf(stderr, "imbench "+sc.name+": "+format+"\n", args...) }
-	rep := &loadReport{Scenario: sc.name, Time: time.Now().UTC(), Command: command, Setup: sc.setup,
+	log := env.log()
+	logf := func(format string, args ...any) { fmt.Fprintf(log, "imbench "+sc.name+": "+format+"\n", args...) }
+	rep := &LoadReport{Scenario: sc.name, Time: time.Now().UTC(), Command: env.Command, Setup: sc.setup,
 		OpUnit: sc.opUnit, DeliveryUnit: sc.deliveryUnit, OK: true}
-	rep.Host = hostInfo{NumCPU: runtime.NumCPU(), GoVersion: runtime.Version(), LoadBefore: loadavg()}
+	rep.Host = HostInfo{NumCPU: runtime.NumCPU(), GoVersion: runtime.Version(), LoadBefore: loadavg()}
 	rep.Host.Hostname, _ = os.Hostname()
 	soft, _, ferr := bench.RaiseFileLimit()
 	if ferr != nil {
@@ -473,16 +467,18 @@ func runLoad(ctx context.Context, sc *loadScenario, f *loadFlags, command []stri
 		rep.Host.PortRange = fmt.Sprintf("%d-%d", lo, hi)
 	}
 
-	if f.server.addr == "" {
+	if !l.Attached() {
 		logf("starting server")
 	}
-	t, err := f.server.open(ctx, sc.tweak)
+	needs := sc.needs
+	needs.Profile = needs.Profile || o.ProfileDir != ""
+	t, err := l.Open(ctx, needs)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	rep.Server = t
 	defer func() {
-		if serr := t.stop(); serr != nil {
+		if serr := t.Stop(); serr != nil {
 			rep.ServerStopResult = serr.Error()
 			logf("%v", serr)
 		}
@@ -490,41 +486,44 @@ func runLoad(ctx context.Context, sc *loadScenario, f *loadFlags, command []stri
 	if t.Started {
 		logf("%s pid %d, gateway %s, http %s", t.Binary, t.PID, t.Gateway, t.HTTP)
 	}
+	if o.ProfileDir != "" && t.Debug == "" {
+		return nil, errors.New("--profile-dir needs the server's profiler: start it with imbench, or give --debug-addr with --addr")
+	}
 	defer func() {
 		if sc.close != nil {
 			sc.close()
 		}
 	}()
-	if err := sc.prepare(ctx, t, stderr); err != nil {
-		return err
+	if err := sc.prepare(ctx, t, log); err != nil {
+		return nil, err
 	}
-	if err := sleepCtx(ctx, f.settle); err != nil {
-		return err
+	if err := sleepCtx(ctx, o.Settle); err != nil {
+		return nil, err
 	}
 
-	if f.warmup > 0 {
-		rate := f.rates[0]
-		n := max(1, int64(rate*f.warmup.Seconds()))
+	if o.Warmup > 0 {
+		rate := o.Rates[0]
+		n := max(1, int64(rate*o.Warmup.Seconds()))
 		logf("warm-up: %d %s at %.0f/s (not recorded)", n, sc.opUnit, rate)
-		w := runOnce(ctx, sc, f, t, rate, n, 0, stderr)
+		w := runOnce(ctx, sc, o, t, rate, n, 0, log)
 		rep.Warmup = &w
-		if err := sleepCtx(ctx, f.pause); err != nil {
-			return err
+		if err := sleepCtx(ctx, o.Pause); err != nil {
+			return nil, err
 		}
 	}
-	for i, rate := range f.rates {
-		for r := 1; r <= f.repeat; r++ {
+	for i, rate := range o.Rates {
+		for r := 1; r <= o.Repeat; r++ {
 			if ctx.Err() != nil {
-				return ctx.Err()
+				return nil, ctx.Err()
 			}
 			if i > 0 || r > 1 {
-				if err := sleepCtx(ctx, f.pause); err != nil {
-					return err
+				if err := sleepCtx(ctx, o.Pause); err != nil {
+					return nil, err
 				}
 			}
-			n := f.ops(rate)
+			n := o.ops(rate)
 			logf("run at %.0f %s/s: %d %s (%.0f %s/s offered)", rate, sc.opUnit, n, sc.opUnit, rate*float64(sc.perOp), sc.deliveryUnit)
-			run := runOnce(ctx, sc, f, t, rate, n, r, stderr)
+			run := runOnce(ctx, sc, o, t, rate, n, r, log)
 			rep.Runs = append(rep.Runs, run)
 			rep.OK = rep.OK && run.OK
 		}
@@ -541,53 +540,42 @@ func runLoad(ctx context.Context, sc *loadScenario, f *loadFlags, command []stri
 		sc.close()
 		sc.close = nil
 	}
-	if serr := t.stop(); serr != nil {
+	if serr := t.Stop(); serr != nil {
 		rep.ServerStopResult = serr.Error()
 	}
 	rep.Host.LoadAfter = loadavg()
-
-	if len(f.rates) > 1 || f.chartPath != "" {
-		path := chartFile(f.chartPath, f.jsonPath, f.resultsDir, sc.name+"-latency.svg")
-		if err := latencyChart(rep).WriteFile(path); err != nil {
-			return err
-		}
-		rep.Chart = path
-		logf("chart written to %s", path)
-	}
-	writeLoadTable(stdout, rep)
-	if f.jsonPath != "" {
-		path, err := writeJSON(f.jsonPath, f.resultsDir, rep)
-		if err != nil {
-			return err
-		}
-		logf("report written to %s", path)
-	}
 	if finishErr != nil {
-		return finishErr
+		return rep, finishErr
 	}
 	if !rep.OK {
-		return errors.New("some sends failed or deliveries went missing (see the table)")
+		return rep, errNotOK
 	}
-	return nil
+	return rep, nil
 }
 
 // runOnce runs n operations at rate and waits for their deliveries.
-func runOnce(ctx context.Context, sc *loadScenario, f *loadFlags, t *target, rate float64, n int64, repeat int, stderr io.Writer) loadRun {
+func runOnce(ctx context.Context, sc *loadScenario, o *LoadOptions, t *Target, rate float64, n int64, repeat int, log io.Writer) LoadRun {
 	rs := newRunState(rate, n, sc.perOp, repeat == 0)
 	sc.begin(rs)
-	cpu0, cpuErr := t.cpuSeconds(ctx)
+	cpu := startCPU(ctx, t)
 	self0 := selfCPU()
 
 	schedule := time.Duration(float64(n) / rate * 1e9)
 	rs.start = time.Now().Add(20 * time.Millisecond) // time to get every sender going
 	rs.startM = int64(rs.start.Sub(monoBase))
-	deadline := rs.start.Add(schedule + f.drain)
+	deadline := rs.start.Add(schedule + o.Drain)
 	rctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
 
+	var profile func() (string, error)
+	if o.ProfileDir != "" && repeat > 0 {
+		name := fmt.Sprintf("%s-%s-%d.pprof", sc.name, strconv.FormatFloat(rate, 'f', -1, 64), repeat)
+		profile = takeProfile(rctx, t, filepath.Join(o.ProfileDir, name), schedule)
+	}
+
 	var lastIssued, lastDelivered int64
 	lastAt := time.Now()
-	stopWatch := watch(stderr, time.Second, func() string {
+	stopWatch := watch(log, time.Second, func() string {
 		now := time.Now()
 		is, dl := rs.issued.Load(), rs.delivered.Load()
 		dt := now.Sub(lastAt).Seconds()
@@ -609,7 +597,7 @@ func runOnce(ctx context.Context, sc *loadScenario, f *loadFlags, t *target, rat
 	}
 	stopWatch()
 
-	run := loadRun{Rate: rate, Repeat: repeat, Scheduled: n, Issued: rs.issued.Load(), OKOps: rs.ok.Load(),
+	run := LoadRun{Rate: rate, Repeat: repeat, Scheduled: n, Issued: rs.issued.Load(), OKOps: rs.ok.Load(),
 		Failed: rs.failed.Load(), Expected: rs.expected.Load(), Delivered: rs.delivered.Load(),
 		Duplicates: rs.dups.Load(), Stray: rs.stray.Load(), OfferedDeliveries: rate * float64(sc.perOp)}
 	run.Unsent = run.Scheduled - run.Issued
@@ -630,17 +618,31 @@ func runOnce(ctx context.Context, sc *loadScenario, f *loadFlags, t *target, rat
 	run.MaxBehindMs = float64(rs.maxBehind.Load()) / 1e6
 	run.Latency, run.Service, run.Ack = rs.lat.merged().Summary(), rs.svc.merged().Summary(), rs.ack.merged().Summary()
 	wall := time.Since(rs.start).Seconds()
-	if cpu1, err := t.cpuSeconds(ctx); err == nil && cpuErr == nil {
-		run.ServerCPUSeconds = cpu1 - cpu0
-		run.ServerCores = run.ServerCPUSeconds / wall
+	if secs, src, ok := cpu.since(ctx); ok {
+		run.ServerCPUSeconds, run.ServerCPUSource = secs, src
+		run.ServerCores = secs / wall
 		if run.Delivered > 0 {
-			run.ServerUsPerDeliv = run.ServerCPUSeconds / float64(run.Delivered) * 1e6
+			run.ServerUsPerDeliv = secs / float64(run.Delivered) * 1e6
+		}
+		if run.OKOps > 0 {
+			run.ServerUsPerOp = secs / float64(run.OKOps) * 1e6
 		}
 	}
 	run.ClientCPUSeconds = (selfCPU() - self0).Seconds()
 	run.ClientCores = run.ClientCPUSeconds / wall
+	if run.Delivered > 0 {
+		run.ClientUsPerDeliv = run.ClientCPUSeconds / float64(run.Delivered) * 1e6
+	}
 	run.Saturated = run.Unsent > 0 || run.Throughput < 0.9*run.OfferedDeliveries
 	run.OK = run.Failed == 0 && run.Missing == 0 && run.Duplicates == 0 && run.Stray == 0
+	if profile != nil {
+		path, err := profile()
+		if err != nil {
+			run.Errors = withNote(run.Errors, "cpu profile: "+err.Error())
+		} else {
+			run.Profile = path
+		}
+	}
 
 	status := "ok"
 	if !run.OK {
@@ -649,40 +651,65 @@ func runOnce(ctx context.Context, sc *loadScenario, f *loadFlags, t *target, rat
 	if run.Saturated {
 		status += ", saturated"
 	}
-	fmt.Fprintf(stderr, "  done: %d/%d %s in %.2fs = %.0f %s/s, p50 %.2f ms, p99 %.2f ms, failed %d, missing %d (%s)\n",
+	fmt.Fprintf(log, "  done: %d/%d %s in %.2fs = %.0f %s/s, p50 %.2f ms, p99 %.2f ms, failed %d, missing %d, server %.1f us/%s (%s)\n",
 		run.Delivered, run.Expected, sc.deliveryUnit, run.Seconds, run.Throughput, sc.deliveryUnit,
-		run.Latency.P50Ms, run.Latency.P99Ms, run.Failed, run.Missing, status)
+		run.Latency.P50Ms, run.Latency.P99Ms, run.Failed, run.Missing, run.ServerUsPerDeliv, Singular(sc.deliveryUnit), status)
 	return run
 }
 
-// cpuSeconds reads the server's process_cpu_seconds_total.
-// cpuSeconds is the CPU time of every server process so far.
-func (t *target) cpuSeconds(ctx context.Context) (float64, error) {
-	addrs := []string{t.HTTP}
-	if len(t.Procs) > 0 {
-		addrs = addrs[:0]
-		for _, pr := range t.Procs {
-			addrs = append(addrs, pr.HTTP)
-		}
+func withNote(m map[string]int, note string) map[string]int {
+	if m == nil {
+		m = map[string]int{}
 	}
-	var sum float64
-	for _, a := range addrs {
-		m, err := t.scrapeAt(ctx, a)
-		if err != nil {
-			return 0, err
-		}
-		v, ok := m.Get(mProcessCPU)
-		if !ok {
-			return 0, fmt.Errorf("/metrics of %s has no %s", a, mProcessCPU)
-		}
-		sum += v
-	}
-	return sum, nil
+	m[note]++
+	return m
 }
 
-// latencyChart plots each rate's median p50, p99 and p99.9 (from the
+// takeProfile starts fetching a CPU profile of t's HTTP process over d (at
+// least a second) into path; the returned function waits for it.
+func takeProfile(ctx context.Context, t *Target, path string, d time.Duration) func() (string, error) {
+	secs := max(1, int(math.Ceil(d.Seconds())))
+	done := make(chan error, 1)
+	go func() {
+		done <- func() error {
+			url := "http://" + t.Debug + "/debug/pprof/profile?seconds=" + strconv.Itoa(secs)
+			req, err := http.NewRequestWithContext(context.WithoutCancel(ctx), http.MethodGet, url, nil)
+			if err != nil {
+				return err
+			}
+			resp, err := (&http.Client{Timeout: time.Duration(secs)*time.Second + 30*time.Second}).Do(req)
+			if err != nil {
+				return err
+			}
+			defer resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				return fmt.Errorf("%s: %s", url, resp.Status)
+			}
+			if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+				return err
+			}
+			f, err := os.Create(path)
+			if err != nil {
+				return err
+			}
+			if _, err := io.Copy(f, resp.Body); err != nil {
+				_ = f.Close()
+				return err
+			}
+			return f.Close()
+		}()
+	}()
+	return func() (string, error) {
+		if err := <-done; err != nil {
+			return "", err
+		}
+		return path, nil
+	}
+}
+
+// LatencyChart plots each rate's median p50, p99 and p99.9 (from the
 // scheduled send time) against the median achieved throughput.
-func latencyChart(rep *loadReport) *bench.Chart {
+func LatencyChart(rep *LoadReport) *bench.Chart {
 	var p50, p99, p999 []bench.Point
 	lo, hi := math.Inf(1), 0.0
 	for _, r := range rep.Rates {
@@ -707,10 +734,18 @@ func latencyChart(rep *loadReport) *bench.Chart {
 	if len(saturated) > 0 {
 		sat = "; saturated at " + strings.Join(saturated, ", ")
 	}
+	runs := 1
+	if len(rep.Rates) > 0 {
+		runs = max(1, rep.Rates[0].Runs)
+	}
+	title := rep.Scenario
+	if s, ok := rep.Setup.(interface{ chartName() string }); ok {
+		title = s.chartName()
+	}
 	return &bench.Chart{
-		Title: fmt.Sprintf("imd %s: latency against throughput (open loop)", rep.Scenario),
+		Title: fmt.Sprintf("imd %s: latency against throughput (open loop)", title),
 		Subtitle: fmt.Sprintf("%s, %d CPUs; offered %s %s/s%s; latency from the scheduled send; median of %d run(s) per rate",
-			rep.Host.Hostname, rep.Host.NumCPU, strings.Join(offered, ", "), rep.OpUnit, sat, max(1, rep.Rates[0].Runs)),
+			rep.Host.Hostname, rep.Host.NumCPU, strings.Join(offered, ", "), rep.OpUnit, sat, runs),
 		XLabel: "achieved throughput (" + rep.DeliveryUnit + "/s)",
 		YLabel: "latency (ms)",
 		LogY:   lo > 0 && hi/lo > 30,
@@ -718,16 +753,29 @@ func latencyChart(rep *loadReport) *bench.Chart {
 	}
 }
 
+// Singular turns a unit of the reports into its singular.
+func Singular(unit string) string {
+	if u, ok := strings.CutSuffix(unit, "ies"); ok {
+		return u + "y"
+	}
+	for _, es := range []string{"shes", "ches", "xes", "sses"} {
+		if strings.HasSuffix(unit, es) {
+			return unit[:len(unit)-2]
+		}
+	}
+	return strings.TrimSuffix(unit, "s")
+}
+
 // loginClients dials and logs in one SDK client per uid, conc at a time;
 // opts returns client i's options (Addrs and credentials are filled in).
-func loginClients(ctx context.Context, t *target, uids []uint64, conc int, opts func(i int) sdk.Options, stderr io.Writer, what string) ([]*sdk.Client, error) {
+func loginClients(ctx context.Context, t *Target, uids []uint64, conc int, opts func(i int) sdk.Options, log io.Writer, what string) ([]*sdk.Client, error) {
 	clients := make([]*sdk.Client, len(uids))
 	var next, done atomic.Int64
 	var errMu sync.Mutex
 	var firstErr error
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stop := watch(stderr, time.Second, func() string {
+	stop := watch(log, time.Second, func() string {
 		return fmt.Sprintf("  logging in %s: %d/%d", what, done.Load(), len(uids))
 	})
 	var wg sync.WaitGroup
@@ -780,14 +828,14 @@ func loginClients(ctx context.Context, t *target, uids []uint64, conc int, opts 
 	return clients, nil
 }
 
-func loginOne(ctx context.Context, t *target, uid uint64, o sdk.Options) (*sdk.Client, error) {
+func loginOne(ctx context.Context, t *Target, uid uint64, o sdk.Options) (*sdk.Client, error) {
 	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	c, err := sdk.Dial(dctx, o)
 	if err != nil {
 		return nil, err
 	}
-	tok := logic.MintToken(t.secret, t.AppCode, uid, time.Now().Add(24*time.Hour))
+	tok := MintToken(t.Secret, t.AppCode, uid, time.Now().Add(24*time.Hour))
 	if _, err := c.Login(dctx, sdk.Credentials{AppCode: t.AppCode, UID: uid, Token: tok}); err != nil {
 		_ = c.Close()
 		return nil, err
@@ -809,13 +857,4 @@ func closeClients(clients []*sdk.Client) {
 		})
 	}
 	wg.Wait()
-}
-
-// uidRange returns n consecutive uids from first.
-func uidRange(first uint64, n int) []uint64 {
-	u := make([]uint64, n)
-	for i := range u {
-		u[i] = first + uint64(i)
-	}
-	return u
 }

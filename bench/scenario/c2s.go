@@ -1,4 +1,4 @@
-package main
+package scenario
 
 import (
 	"context"
@@ -8,20 +8,18 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/imd-dev/imd/internal/config"
-	"github.com/imd-dev/imd/logic"
 	"github.com/imd-dev/imd/sdk"
 	"github.com/twmb/franz-go/pkg/kgo"
 )
 
-const c2sSynopsis = `Client messages into the bus at a fixed offered rate: --clients SDK
+// C2SSynopsis describes the c2s scenario (the command's help).
+const C2SSynopsis = `Client messages into the bus at a fixed offered rate: --clients SDK
 clients send GPS-sized JSON reports with SendC2S, which the server produces
 to the Kafka topic of (appcode, msgtype) and acknowledges once the broker
 stored it (acks=all). A server imbench starts gets the route to --topic and
@@ -45,68 +43,64 @@ type c2sSetup struct {
 	UIDs       string   `json:"uids"`
 }
 
-func runC2S(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	var f loadFlags
-	var clients, partitions int
-	var msgtype uint
-	var topic, brokers string
-	var verify bool
-	fs := newFlagSet("c2s", c2sSynopsis, stdout, stderr)
-	f.bind(fs, "msgs", 3000, 0)
-	fs.IntVar(&clients, "clients", 64, "clients sending reports")
-	fs.IntVar(&f.inflight, "inflight", 32, "sends outstanding per client connection (the gateway allows 64 requests in flight)")
-	fs.UintVar(&msgtype, "msgtype", 1, "msgtype of the reports (routed to --topic)")
-	fs.StringVar(&topic, "topic", "imbench.gps", "Kafka topic of the route")
-	fs.StringVar(&brokers, "kafka-brokers", "", "comma-separated loopback Kafka brokers: a started imd produces there instead of its embedded broker; with --addr, where --verify reads")
-	fs.IntVar(&partitions, "partitions", 0, "partitions per topic of a started imd's embedded broker (0: imd's default)")
-	fs.BoolVar(&verify, "verify", true, "read the topic afterwards and check every acknowledged report is in it")
-	if err := parseFlags(fs, args, os.LookupEnv); err != nil {
-		return err
-	}
-	errs := f.validate(0)
-	if clients < 1 || f.inflight < 1 {
+// C2S is the c2s scenario: client reports into the Kafka bus at an offered
+// rate, then read back from the topic.
+type C2S struct {
+	Load    LoadOptions
+	Clients int    // clients sending reports
+	MsgType uint32 // msgtype of the reports (routed to Topic)
+	Topic   string // Kafka topic of the route
+	// KafkaBrokers (loopback only): a started imd produces there instead of
+	// its embedded broker; with an attached server, where Verify reads.
+	KafkaBrokers []string
+	Partitions   int  // partitions per topic of a started imd's embedded broker (0: imd's default)
+	Verify       bool // read the topic afterwards and check every acknowledged report is in it
+}
+
+// NewC2S returns the scenario with the command line's defaults.
+func NewC2S() *C2S {
+	return &C2S{Load: DefaultLoadOptions(3000, 0, 32), Clients: 64, MsgType: 1, Topic: "imbench.gps", Verify: true}
+}
+
+// Validate checks the options (and fills Load.Rates from Load.Rate).
+func (c *C2S) Validate() error {
+	errs := c.Load.validate(0)
+	if c.Clients < 1 || c.Load.Inflight < 1 {
 		errs = append(errs, errors.New("--clients and --inflight must be >= 1"))
 	}
-	if topic == "" || partitions < 0 {
+	if c.Topic == "" || c.Partitions < 0 {
 		errs = append(errs, errors.New("--topic must not be empty, --partitions >= 0"))
 	}
-	var brokerList []string
-	for _, b := range strings.Split(brokers, ",") {
-		if b = strings.TrimSpace(b); b != "" {
-			if err := checkLoopback(b); err != nil {
-				errs = append(errs, fmt.Errorf("--kafka-brokers: %w", err))
-			}
-			brokerList = append(brokerList, b)
+	for _, b := range c.KafkaBrokers {
+		if err := CheckLoopback(b); err != nil {
+			errs = append(errs, fmt.Errorf("--kafka-brokers: %w", err))
 		}
 	}
-	if err := errors.Join(errs...); err != nil {
-		fmt.Fprintf(stderr, "imbench c2s: %v\n", err)
-		return errUsage
+	return errors.Join(errs...)
+}
+
+// Run runs the scenario on the server l gives. A report comes back with an
+// error when the scenario ran but a send failed or an acknowledged report
+// is not in the topic.
+func (o *C2S) Run(ctx context.Context, l Launcher, env Env) (*LoadReport, error) {
+	if err := o.Validate(); err != nil {
+		return nil, err
 	}
+	f := &o.Load
 	raw := make([]byte, 6)
 	_, _ = rand.Read(raw)
-	c := &c2s{f: &f, n: clients, msgtype: uint32(msgtype), topic: topic, nonce: hex.EncodeToString(raw), runs: map[uint32]*runState{}}
-	setup := c2sSetup{Clients: clients, Inflight: f.inflight, MsgType: uint32(msgtype), Topic: topic, Brokers: brokerList,
-		Partitions: partitions, Size: len(c.content(1, 1)), UIDs: fmt.Sprintf("%d..%d", f.uidBase, f.uidBase+uint64(clients)-1)}
+	c := &c2s{f: f, n: o.Clients, msgtype: o.MsgType, topic: o.Topic, nonce: hex.EncodeToString(raw), runs: map[uint32]*runState{}}
+	setup := c2sSetup{Clients: o.Clients, Inflight: f.Inflight, MsgType: o.MsgType, Topic: o.Topic, Brokers: o.KafkaBrokers,
+		Partitions: o.Partitions, Size: len(c.content(1, 1)), UIDs: fmt.Sprintf("%d..%d", f.UIDBase, f.UIDBase+uint64(o.Clients)-1)}
+	needs := ServerNeeds{Route: &Route{MsgType: o.MsgType, Topic: o.Topic}, KafkaBrokers: o.KafkaBrokers}
+	if len(o.KafkaBrokers) == 0 {
+		// A port of its own, so the broker never meets a Kafka on 9092 and
+		// the verification knows where to read.
+		needs.EmbeddedKafka, needs.KafkaPartitions = true, o.Partitions
+	}
 	sc := &loadScenario{
-		name: "c2s", opUnit: "msgs", deliveryUnit: "acks", senders: clients, inflight: f.inflight, perOp: 1, setup: setup,
-		tweak: func(cfg *config.Config) error {
-			cfg.C2S.Routes = []logic.Route{{AppCode: benchAppCode, MsgType: uint32(msgtype), Topic: topic}}
-			if len(brokerList) > 0 {
-				cfg.Bus.Brokers = brokerList
-				cfg.Bus.AutoCreateTopics = true
-				return nil
-			}
-			// A port of its own, so the broker never meets a Kafka on
-			// 9092 and --verify knows where to read.
-			addr, err := freeLoopbackAddr()
-			if err != nil {
-				return err
-			}
-			cfg.Bus.Embedded.Addr = addr
-			cfg.Bus.Embedded.Partitions = partitions
-			return nil
-		},
+		name: "c2s", opUnit: "msgs", deliveryUnit: "acks", senders: o.Clients, inflight: f.Inflight, perOp: 1, setup: setup,
+		needs:   needs,
 		prepare: c.prepare,
 		begin: func(rs *runState) {
 			c.mu.Lock()
@@ -116,24 +110,25 @@ func runC2S(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		op:    c.op,
 		close: func() { closeClients(c.clients) },
 	}
-	if verify {
-		sc.finish = func(ctx context.Context, rep *loadReport) (any, error) {
-			bl := brokerList
+	log := env.log()
+	if o.Verify {
+		sc.finish = func(ctx context.Context, rep *LoadReport) (any, error) {
+			bl := o.KafkaBrokers
 			if len(bl) == 0 {
 				bl = rep.Server.Kafka
 			}
 			if len(bl) == 0 {
-				fmt.Fprintln(stderr, "imbench c2s: not verifying: give --kafka-brokers to read the topic of an attached server")
+				fmt.Fprintln(log, "imbench c2s: not verifying: give --kafka-brokers to read the topic of an attached server")
 				return nil, nil
 			}
-			return c.verify(ctx, bl, rep, stderr)
+			return c.verify(ctx, bl, rep, log)
 		}
 	}
-	return runLoad(ctx, sc, &f, append([]string{"imbench", "c2s"}, args...), stdout, stderr)
+	return runLoad(ctx, sc, f, l, env)
 }
 
 type c2s struct {
-	f       *loadFlags
+	f       *LoadOptions
 	n       int
 	msgtype uint32
 	topic   string
@@ -144,9 +139,9 @@ type c2s struct {
 	runs    map[uint32]*runState
 }
 
-func (c *c2s) prepare(ctx context.Context, t *target, stderr io.Writer) error {
+func (c *c2s) prepare(ctx context.Context, t *Target, stderr io.Writer) error {
 	var err error
-	c.clients, err = loginClients(ctx, t, uidRange(c.f.uidBase, c.n), c.f.loginConc,
+	c.clients, err = loginClients(ctx, t, uidRange(c.f.UIDBase, c.n), c.f.LoginConc,
 		func(int) sdk.Options { return sdk.Options{NoReconnect: true} }, stderr, "clients")
 	return err
 }
@@ -167,8 +162,8 @@ func (c *c2s) content(run uint32, g int64) []byte {
 	r := report{Run: c.nonce + "-" + strconv.FormatUint(uint64(run), 10), Seq: g,
 		Lat: 31.2304 + float64(g%1000)/1e5, Lng: 121.4737, Speed: 42.5, Heading: int(g % 360), TS: time.Now().UnixMilli()}
 	b, _ := json.Marshal(&r)
-	if len(b) < c.f.size {
-		r.Pad = strings.Repeat("x", max(0, c.f.size-len(b)-len(`,"pad":""`)))
+	if len(b) < c.f.Size {
+		r.Pad = strings.Repeat("x", max(0, c.f.Size-len(b)-len(`,"pad":""`)))
 		b, _ = json.Marshal(&r)
 	}
 	return b
@@ -185,8 +180,8 @@ func (c *c2s) op(ctx context.Context, rs *runState, s int, g int64, at int64) er
 	return nil
 }
 
-// c2sVerify is what reading the topic back found.
-type c2sVerify struct {
+// C2SVerify is what reading the topic back found (the report's extra).
+type C2SVerify struct {
 	Topic      string   `json:"topic"`
 	Brokers    []string `json:"brokers"`
 	Read       int64    `json:"records_read"` // every record of the topic
@@ -201,8 +196,8 @@ type c2sVerify struct {
 
 // verify reads the topic from its start until every acknowledged report of
 // the measured runs was seen, or nothing new came for a few seconds.
-func (c *c2s) verify(ctx context.Context, brokers []string, rep *loadReport, stderr io.Writer) (*c2sVerify, error) {
-	v := &c2sVerify{Topic: c.topic, Brokers: brokers}
+func (c *c2s) verify(ctx context.Context, brokers []string, rep *LoadReport, stderr io.Writer) (*C2SVerify, error) {
+	v := &C2SVerify{Topic: c.topic, Brokers: brokers}
 	t0 := time.Now()
 	c.mu.Lock()
 	runs := c.runs

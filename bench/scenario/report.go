@@ -1,4 +1,4 @@
-package main
+package scenario
 
 import (
 	"encoding/json"
@@ -23,7 +23,8 @@ func latencyRow(w io.Writer, name string, s bench.Summary) {
 		name, s.Count, s.MinMs, s.P50Ms, s.P90Ms, s.P99Ms, s.P999Ms, s.MaxMs)
 }
 
-func writeConnsTable(out io.Writer, r *connsReport) {
+// WriteTable prints the report as imbench does.
+func (r *ConnsReport) WriteTable(out io.Writer) {
 	status := "OK"
 	if !r.OK {
 		status = "NOT OK"
@@ -33,7 +34,7 @@ func writeConnsTable(out io.Writer, r *connsReport) {
 	if srv.Started {
 		origin = "started by imbench: " + srv.Binary
 	}
-	fmt.Fprintf(out, "imbench conns  %s  %s\n", r.Time.Format("2006-01-02 15:04:05Z"), strings.Join(r.Command[2:], " "))
+	fmt.Fprintf(out, "imbench conns  %s  %s\n", r.Time.Format("2006-01-02 15:04:05Z"), commandArgs(r.Command))
 	if len(srv.Gateways) > 1 {
 		fmt.Fprintf(out, "server   logic pid %d, http %s, and %d gateways %s (%s); server figures below add up the gateways\n",
 			srv.PID, srv.HTTP, len(srv.Gateways), strings.Join(srv.Gateways, " "), origin)
@@ -47,7 +48,7 @@ func writeConnsTable(out io.Writer, r *connsReport) {
 		r.Host.NumCPU, r.Host.GoVersion, r.Host.OpenFiles, r.Host.LoadBefore, r.Host.LoadAfter)
 
 	fmt.Fprintf(out, "connections  requested %d, opened %d, failed %d; held: clients %d, server %d (%s %d -> %d), sessions %d  %s\n",
-		r.Requested, r.Opened, r.Failed, r.HeldClient, r.HeldServer, mGatewayConns,
+		r.Requested, r.Opened, r.Failed, r.HeldClient, r.HeldServer, MetricGatewayConns,
 		r.Before.GatewayConns, r.After.GatewayConns, r.Sessions, status)
 	if r.Aborted != "" {
 		fmt.Fprintf(out, "aborted      %s\n", r.Aborted)
@@ -55,8 +56,8 @@ func writeConnsTable(out io.Writer, r *connsReport) {
 	for _, k := range sortedKeys(r.Errors) {
 		fmt.Fprintf(out, "error        %dx %s\n", r.Errors[k], k)
 	}
-	fmt.Fprintf(out, "logins       %d in %.2fs = %.0f logins/s; server CPU %.2fs, %.0f us per login\n\n",
-		r.Opened, r.LoginSeconds, r.LoginRate, r.LoginServerCPU, r.LoginServerCPUPerUs)
+	fmt.Fprintf(out, "logins       %d in %.2fs = %.0f logins/s; server CPU %.2fs, %.0f us per login (%s)\n\n",
+		r.Opened, r.LoginSeconds, r.LoginRate, r.LoginServerCPU, r.LoginServerCPUPerUs, cpuSourceName(r.LoginServerCPUSource))
 
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintf(tw, "  latency (ms)\tcount\tmin\tp50\tp90\tp99\tp99.9\tmax\t\n")
@@ -93,9 +94,9 @@ func writeConnsTable(out io.Writer, r *connsReport) {
 	}
 }
 
-// writeJSON writes v as indented JSON to path; a bare file name goes into
+// WriteJSON writes v as indented JSON to path; a bare file name goes into
 // dir. It returns the path written.
-func writeJSON(path, dir string, v any) (string, error) {
+func WriteJSON(path, dir string, v any) (string, error) {
 	if filepath.Base(path) == path && dir != "" {
 		path = filepath.Join(dir, path)
 	}
@@ -109,8 +110,17 @@ func writeJSON(path, dir string, v any) (string, error) {
 	return path, os.WriteFile(path, append(b, '\n'), 0o644)
 }
 
-// writeConnsStepsTable sums up a --steps run: one line per step.
-func writeConnsStepsTable(out io.Writer, doc *connsStepsReport) {
+// WriteTable prints each step's table, then one line per step.
+func (doc *ConnsStepsReport) WriteTable(out io.Writer) {
+	for i, r := range doc.Runs {
+		if i > 0 {
+			fmt.Fprintln(out)
+		}
+		r.WriteTable(out)
+	}
+	if len(doc.Runs) == 0 {
+		return
+	}
 	fmt.Fprintf(out, "\nimbench conns --steps  memory per held connection (server; no forced GC)\n")
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintf(tw, "  connections\theld\tlogins/s\tsrv us/login\tRSS/conn\theap+stacks/conn\tGo sys/conn\tgoroutines/conn\tclient RSS/conn\t\n")
@@ -121,9 +131,9 @@ func writeConnsStepsTable(out io.Writer, doc *connsStepsReport) {
 	_ = tw.Flush()
 }
 
-// chartFile picks a chart's path: the --chart flag, else the --json path
+// ChartFile picks a chart's path: the --chart flag, else the --json path
 // with .svg in place of its extension, else def in dir.
-func chartFile(flagVal, jsonPath, dir, def string) string {
+func ChartFile(flagVal, jsonPath, dir, def string) string {
 	switch {
 	case flagVal != "":
 		if filepath.Base(flagVal) == flagVal && dir != "" {
@@ -140,15 +150,15 @@ func chartFile(flagVal, jsonPath, dir, def string) string {
 	return filepath.Join(dir, def)
 }
 
-// writeLoadTable prints a load scenario's report: one line per run, then
+// WriteTable prints a load scenario's report: one line per run, then
 // min/median/max per rate when a rate ran more than once.
-func writeLoadTable(out io.Writer, r *loadReport) {
+func (r *LoadReport) WriteTable(out io.Writer) {
 	srv := r.Server
 	origin := "attached"
 	if srv.Started {
 		origin = "started by imbench: " + srv.Binary
 	}
-	fmt.Fprintf(out, "imbench %s  %s  %s\n", r.Scenario, r.Time.Format("2006-01-02 15:04:05Z"), strings.Join(r.Command[2:], " "))
+	fmt.Fprintf(out, "imbench %s  %s  %s\n", r.Scenario, r.Time.Format("2006-01-02 15:04:05Z"), commandArgs(r.Command))
 	if len(srv.Gateways) > 1 {
 		fmt.Fprintf(out, "server   logic pid %d, http %s, and %d gateways %s (%s); server figures below add up the gateways\n",
 			srv.PID, srv.HTTP, len(srv.Gateways), strings.Join(srv.Gateways, " "), origin)
@@ -159,11 +169,19 @@ func writeLoadTable(out io.Writer, r *loadReport) {
 		fmt.Fprintf(out, "setup    %s\n", setup)
 	}
 	fmt.Fprintf(out, "host     %s, %d CPUs, %s, loadavg %s -> %s\n", r.Host.Hostname, r.Host.NumCPU, r.Host.GoVersion, r.Host.LoadBefore, r.Host.LoadAfter)
-	fmt.Fprintf(out, "latency  from the scheduled send time (open loop); svc: from the real send call; ack: send call to its response\n\n")
+	fmt.Fprintf(out, "latency  from the scheduled send time (open loop); svc: from the real send call; ack: send call to its response\n")
+	src := ""
+	for _, run := range r.Runs {
+		if run.ServerCPUSource != "" {
+			src = run.ServerCPUSource
+		}
+	}
+	fmt.Fprintf(out, "cpu      server: %s; client: imbench's own (getrusage)\n\n", cpuSourceName(src))
 
+	du, ou := Singular(r.DeliveryUnit), Singular(r.OpUnit)
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(tw, "  offered %s/s\tissued/s\t%s/s\tfailed\tmissing\tp50 ms\tp90\tp99\tp99.9\tmax\tsvc p99\tack p99\tsrv cores\tsrv us/%s\tclient cores\t\n",
-		r.OpUnit, r.DeliveryUnit, singular(r.DeliveryUnit))
+	fmt.Fprintf(tw, "  offered %s/s\tissued/s\t%s/s\tfailed\tmissing\tp50 ms\tp90\tp99\tp99.9\tmax\tsvc p99\tack p99\tsrv cores\tsrv us/%s\tsrv us/%s\tclient cores\tclient us/%s\t\n",
+		r.OpUnit, r.DeliveryUnit, du, ou, du)
 	for _, run := range r.Runs {
 		status := ""
 		if !run.OK {
@@ -176,24 +194,28 @@ func writeLoadTable(out io.Writer, r *loadReport) {
 			status += fmt.Sprintf(" (%d unsent)", run.Unsent)
 		}
 		l := run.Latency
-		fmt.Fprintf(tw, "  %.0f\t%.0f\t%.0f\t%d\t%d\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.1f\t%.2f\t%s\n",
+		fmt.Fprintf(tw, "  %.0f\t%.0f\t%.0f\t%d\t%d\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.1f\t%.1f\t%.2f\t%.1f\t%s\n",
 			run.Rate, run.IssueRate, run.Throughput, run.Failed, run.Missing, l.P50Ms, l.P90Ms, l.P99Ms, l.P999Ms, l.MaxMs,
-			run.Service.P99Ms, run.Ack.P99Ms, run.ServerCores, run.ServerUsPerDeliv, run.ClientCores, status)
+			run.Service.P99Ms, run.Ack.P99Ms, run.ServerCores, run.ServerUsPerDeliv, run.ServerUsPerOp, run.ClientCores, run.ClientUsPerDeliv, status)
 	}
 	_ = tw.Flush()
 	if len(r.Rates) < len(r.Runs) {
 		fmt.Fprintf(out, "\n  per rate, min / median / max over its runs:\n")
 		tw = tabwriter.NewWriter(out, 0, 0, 2, ' ', tabwriter.AlignRight)
-		fmt.Fprintf(tw, "  offered/s\truns\t%s/s\tp50 ms\tp99 ms\tp99.9 ms\t\n", r.DeliveryUnit)
+		fmt.Fprintf(tw, "  offered/s\truns\t%s/s\tp50 ms\tp99 ms\tp99.9 ms\tsrv us/%s\tclient us/%s\t\n", r.DeliveryUnit, du, du)
 		mmm := func(v [3]float64, prec int) string {
 			return fmt.Sprintf("%.*f / %.*f / %.*f", prec, v[0], prec, v[1], prec, v[2])
 		}
 		for _, s := range r.Rates {
-			fmt.Fprintf(tw, "  %.0f\t%d\t%s\t%s\t%s\t%s\t\n", s.Rate, s.Runs, mmm(s.Throughput, 0), mmm(s.P50Ms, 2), mmm(s.P99Ms, 2), mmm(s.P999Ms, 2))
+			fmt.Fprintf(tw, "  %.0f\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t\n", s.Rate, s.Runs, mmm(s.Throughput, 0), mmm(s.P50Ms, 2), mmm(s.P99Ms, 2), mmm(s.P999Ms, 2),
+				mmm(s.ServerUsPerDeliv, 1), mmm(s.ClientUsPerDeliv, 1))
 		}
 		_ = tw.Flush()
 	}
 	for _, run := range r.Runs {
+		if run.Profile != "" {
+			fmt.Fprintf(out, "  at %.0f/s, run %d: server CPU profile %s\n", run.Rate, run.Repeat, run.Profile)
+		}
 		for _, k := range sortedKeys(run.Errors) {
 			fmt.Fprintf(out, "  at %.0f/s: %dx %s\n", run.Rate, run.Errors[k], k)
 		}
@@ -212,10 +234,21 @@ func writeLoadTable(out io.Writer, r *loadReport) {
 	}
 }
 
-// singular turns a unit of the reports into its singular.
-func singular(unit string) string {
-	if u, ok := strings.CutSuffix(unit, "ies"); ok {
-		return u + "y"
+// cpuSourceName says where a server CPU figure comes from.
+func cpuSourceName(src string) string {
+	switch src {
+	case CPUFromProc:
+		return "CPU time of the server processes from " + CPUFromProc
+	case CPUFromMetrics:
+		return "CPU time of the server processes from their " + CPUFromMetrics
 	}
-	return strings.TrimSuffix(unit, "s")
+	return "not measured"
+}
+
+// commandArgs is the command line after "imbench <scenario>".
+func commandArgs(cmd []string) string {
+	if len(cmd) <= 2 {
+		return ""
+	}
+	return strings.Join(cmd[2:], " ")
 }

@@ -1,4 +1,4 @@
-package main
+package scenario
 
 import (
 	"bufio"
@@ -16,14 +16,18 @@ import (
 )
 
 // A scenario whose connections do not fit in one process (open files)
-// re-executes imbench as `imbench worker` processes. A worker reads its plan
-// from the environment, writes one JSON workerMsg per line on stdout, and
-// closes its connections and exits when its stdin closes, so it never
-// outlives the parent.
+// re-executes the running program with WorkerArgs as worker processes. A
+// worker reads its plan from the environment (EnvWorkerPlan), writes one
+// JSON workerMsg per line on stdout, and closes its connections and exits
+// when its stdin closes, so it never outlives the parent. A program that
+// runs the Conns scenario with workers must therefore call RunWorker when
+// it is started with WorkerArgs (cmd/imbench has a hidden worker command).
 
-const envWorkerPlan = "IMBENCH_WORKER_PLAN"
+// EnvWorkerPlan is the environment variable that carries a worker's plan.
+const EnvWorkerPlan = "IMBENCH_WORKER_PLAN"
 
-var selfPID = os.Getpid()
+// WorkerArgs are the arguments a worker process is started with.
+var WorkerArgs = []string{"worker"}
 
 // workerMsg is one line of a worker's stdout.
 type workerMsg struct {
@@ -36,12 +40,10 @@ type workerMsg struct {
 	Fatal   string      `json:"fatal,omitempty"`
 }
 
-func runWorker(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("worker", "Internal: a client process started by a scenario. It reads its plan from\n"+
-		envWorkerPlan+" and reports on stdout; closing its stdin ends it.", stdout, stderr)
-	if err := parseFlags(fs, args, func(string) (string, bool) { return "", false }); err != nil {
-		return err
-	}
+// RunWorker is a worker process: it opens the connections of the plan in
+// planJSON, reports on stdout, and closes them and returns once stdin
+// closes (or ctx ends).
+func RunWorker(ctx context.Context, planJSON string, stdin io.Reader, stdout, stderr io.Writer) error {
 	var enc struct {
 		sync.Mutex
 		*json.Encoder
@@ -53,9 +55,9 @@ func runWorker(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		_ = enc.Encode(m)
 	}
 	var p plan
-	if err := json.Unmarshal([]byte(os.Getenv(envWorkerPlan)), &p); err != nil {
+	if err := json.Unmarshal([]byte(planJSON), &p); err != nil {
 		emit(workerMsg{Fatal: "bad plan: " + err.Error()})
-		return fmt.Errorf("worker: %s: %w", envWorkerPlan, err)
+		return fmt.Errorf("worker: %s: %w", EnvWorkerPlan, err)
 	}
 	if _, _, err := bench.RaiseFileLimit(); err != nil {
 		fmt.Fprintln(stderr, "imbench worker:", err)
@@ -65,7 +67,7 @@ func runWorker(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go func() {
-		_, _ = io.Copy(io.Discard, os.Stdin)
+		_, _ = io.Copy(io.Discard, stdin)
 		cancel()
 	}()
 
@@ -132,8 +134,8 @@ func startWorkers(plans []plan, stderr io.Writer) (*workerFleet, error) {
 		if err != nil {
 			return nil, err
 		}
-		cmd := exec.Command(exe, "worker")
-		cmd.Env = append(os.Environ(), envWorkerPlan+"="+string(js))
+		cmd := exec.Command(exe, WorkerArgs...)
+		cmd.Env = append(os.Environ(), EnvWorkerPlan+"="+string(js))
 		cmd.Stderr = stderr
 		cmd.SysProcAttr = childAttr()
 		stdin, err := cmd.StdinPipe()

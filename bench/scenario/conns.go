@@ -1,21 +1,19 @@
-package main
+package scenario
 
 import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"runtime"
 	"slices"
-	"strings"
-	"sync"
 	"time"
 
 	"github.com/imd-dev/imd/bench"
 )
 
-const connsSynopsis = `Measure what an idle logged-in connection costs the gateway, and how fast
+// ConnsSynopsis describes the conns scenario (the command's help).
+const ConnsSynopsis = `Measure what an idle logged-in connection costs the gateway, and how fast
 logins go. imbench takes a baseline of the server (VmRSS, Go heap and stacks,
 goroutines), opens -n connections that each log in as their own uid with -c
 logins in flight, waits --settle, measures again and reports the difference
@@ -39,177 +37,127 @@ the logic node's growth (its router holds every session) is shown apart.`
 // fdReserve is kept free of connections in each client process.
 const fdReserve = 200
 
-type connsFlags struct {
-	server       serverFlags
-	n, c         int
-	client       string
-	srcIPs       int
-	workers      int
-	uidBase      uint64
-	settle       time.Duration
-	baselineWait time.Duration
-	dialTimeout  time.Duration
-	loginTimeout time.Duration
-	maxErrors    int
-	timeout      time.Duration
-	jsonPath     string
-	resultsDir   string
-	steps        intList
-	chartPath    string
+// Conns is the conns scenario: the cost of idle logged-in connections in
+// the gateway, and the login rate and its server CPU.
+type Conns struct {
+	N            int           // connections to open and hold
+	C            int           // logins in flight at once, over all client processes
+	Client       string        // ClientSDK or ClientRaw
+	SrcIPs       int           // spread over source addresses 127.0.0.1..127.0.0.K (0: as few as N needs)
+	Workers      int           // client worker processes (0: none if this process may hold N connections, else as many as needed)
+	UIDBase      uint64        // connection i logs in as uid UIDBase+i
+	Settle       time.Duration // wait between the last login and the measurement (no GC is forced)
+	BaselineWait time.Duration // wait between the server being ready and the baseline measurement
+	DialTimeout  time.Duration // bound on one TCP connect
+	LoginTimeout time.Duration // bound on one login request
+	MaxErrors    int           // stop opening connections after this many failed (0: never)
+	Timeout      time.Duration // bound on one measurement
+	// Steps, for RunSteps: one measurement (own server) per count instead of N.
+	Steps []int
 }
 
-func (f *connsFlags) validate() error {
+// NewConns returns the scenario with the command line's defaults.
+func NewConns() *Conns {
+	return &Conns{N: 10000, C: 200, Client: ClientSDK, UIDBase: 1, Settle: 15 * time.Second, BaselineWait: 2 * time.Second,
+		DialTimeout: 10 * time.Second, LoginTimeout: 10 * time.Second, MaxErrors: 100, Timeout: 10 * time.Minute}
+}
+
+// Validate checks the options.
+func (c *Conns) Validate() error {
 	var errs []error
-	if f.n < 1 {
+	n := c.N
+	if len(c.Steps) > 0 {
+		n = slices.Min(c.Steps) // the checks below hold for every step
+		if n < 1 {
+			errs = append(errs, errors.New("--steps must be >= 1"))
+		}
+	} else if n < 1 {
 		errs = append(errs, errors.New("-n must be >= 1"))
 	}
-	if f.c < 1 {
+	if c.C < 1 {
 		errs = append(errs, errors.New("-c must be >= 1"))
 	}
-	if f.client != clientSDK && f.client != clientRaw {
-		errs = append(errs, fmt.Errorf("--client %q: want sdk or raw", f.client))
+	if c.Client != ClientSDK && c.Client != ClientRaw {
+		errs = append(errs, fmt.Errorf("--client %q: want sdk or raw", c.Client))
 	}
-	if f.srcIPs < 0 || f.srcIPs > 254 {
+	if c.SrcIPs < 0 || c.SrcIPs > 254 {
 		errs = append(errs, errors.New("--src-ips must be in [0, 254]"))
 	}
-	if len(f.steps) > 0 {
-		f.n = slices.Min(f.steps) // the checks below hold for every step
-	}
-	if f.workers < 0 || f.workers > f.n {
+	if c.Workers < 0 || c.Workers > n {
 		errs = append(errs, errors.New("--workers must be in [0, n]"))
 	}
-	if f.uidBase < 1 {
+	if c.UIDBase < 1 {
 		errs = append(errs, errors.New("--uid-base must be >= 1"))
 	}
-	if f.settle < 0 || f.baselineWait < 0 || f.dialTimeout <= 0 || f.loginTimeout <= 0 || f.timeout <= 0 {
+	if c.Settle < 0 || c.BaselineWait < 0 || c.DialTimeout <= 0 || c.LoginTimeout <= 0 || c.Timeout <= 0 {
 		errs = append(errs, errors.New("durations must be positive"))
 	}
 	return errors.Join(errs...)
 }
 
-func runConns(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	var f connsFlags
-	fs := newFlagSet("conns", connsSynopsis, stdout, stderr)
-	f.server.bind(fs)
-	f.server.bindCluster(fs)
-	fs.IntVar(&f.n, "n", 10000, "connections to open and hold")
-	fs.IntVar(&f.c, "c", 200, "logins in flight at once, over all client processes")
-	fs.StringVar(&f.client, "client", clientSDK, "client: sdk (the Go SDK) or raw (imbench's minimal login client)")
-	fs.IntVar(&f.srcIPs, "src-ips", 0, "spread over source addresses 127.0.0.1..127.0.0.K (0: as few as -n needs)")
-	fs.IntVar(&f.workers, "workers", 0, "client worker processes (0: none if this process may hold -n connections, else as many as needed)")
-	fs.Uint64Var(&f.uidBase, "uid-base", 1, "connection i logs in as uid uid-base+i")
-	fs.DurationVar(&f.settle, "settle", 15*time.Second, "wait between the last login and the measurement (no GC is forced)")
-	fs.DurationVar(&f.baselineWait, "baseline-wait", 2*time.Second, "wait between the server being ready and the baseline measurement")
-	fs.DurationVar(&f.dialTimeout, "dial-timeout", 10*time.Second, "bound on one TCP connect")
-	fs.DurationVar(&f.loginTimeout, "login-timeout", 10*time.Second, "bound on one login request")
-	fs.IntVar(&f.maxErrors, "max-errors", 100, "stop opening connections after this many failed (0: never)")
-	fs.DurationVar(&f.timeout, "timeout", 10*time.Minute, "bound on the whole run")
-	fs.StringVar(&f.jsonPath, "json", "", "also write the report as JSON to `FILE` (a bare file name goes into --results-dir)")
-	fs.StringVar(&f.resultsDir, "results-dir", "results", "folder for --json and --chart files given without a directory")
-	fs.Var(&f.steps, "steps", "comma-separated connection counts, e.g. 1000,5000,10000: one measurement (own server) per count instead of -n, and a chart of memory per connection against connections")
-	fs.StringVar(&f.chartPath, "chart", "", "with --steps: the SVG chart `FILE` (default: --json with .svg, else conns-memory.svg in --results-dir)")
-	if err := parseFlags(fs, args, os.LookupEnv); err != nil {
-		return err
+// Run measures N connections once. A report comes back with an error when
+// not every connection was held.
+func (c *Conns) Run(ctx context.Context, l Launcher, env Env) (*ConnsReport, error) {
+	if err := c.Validate(); err != nil {
+		return nil, err
 	}
-	if err := f.validate(); err != nil {
-		fmt.Fprintf(stderr, "imbench conns: %v\n", err)
-		return errUsage
-	}
-	command := append([]string{"imbench", "conns"}, args...)
-	if len(f.steps) > 0 {
-		return connsSteps(ctx, &f, command, stdout, stderr)
-	}
-	return conns(ctx, &f, command, stdout, stderr)
-}
-
-// conns measures -n connections once.
-func conns(ctx context.Context, f *connsFlags, command []string, stdout, stderr io.Writer) error {
-	rep, err := measureConns(ctx, f, command, stderr)
+	rep, err := c.measure(ctx, l, env, c.N)
 	if err != nil {
-		return err
-	}
-	writeConnsTable(stdout, rep)
-	if f.jsonPath != "" {
-		path, err := writeJSON(f.jsonPath, f.resultsDir, rep)
-		if err != nil {
-			return err
-		}
-		fmt.Fprintf(stderr, "imbench conns: report written to %s\n", path)
+		return nil, err
 	}
 	if !rep.OK {
-		return connsNotOK(rep)
+		return rep, connsNotOK(rep)
 	}
-	return nil
+	return rep, nil
 }
 
-func connsNotOK(rep *connsReport) error {
+func connsNotOK(rep *ConnsReport) error {
 	return fmt.Errorf("held %d connections by the clients' count and %d by the server's, of %d requested",
 		rep.HeldClient, rep.HeldServer, rep.Requested)
 }
 
-// connsStepsReport is the JSON document of a --steps run.
-type connsStepsReport struct {
+// ConnsStepsReport is the result of RunSteps and its JSON document.
+type ConnsStepsReport struct {
 	Scenario string         `json:"scenario"`
 	Time     time.Time      `json:"time"`
 	Command  []string       `json:"command"`
 	Steps    []int          `json:"steps"`
-	Runs     []*connsReport `json:"runs"` // one per step, each on its own server
+	Runs     []*ConnsReport `json:"runs"` // one per step, each on its own server
 	Chart    string         `json:"chart,omitempty"`
 	OK       bool           `json:"ok"`
 }
 
-// connsSteps measures each step's connection count on a server of its own
-// and charts memory per connection against connections.
-func connsSteps(ctx context.Context, f *connsFlags, command []string, stdout, stderr io.Writer) error {
-	doc := &connsStepsReport{Scenario: "conns", Time: time.Now().UTC(), Command: command, Steps: f.steps, OK: true}
-	var failed error
-	for i, n := range f.steps {
-		g := *f
-		g.n = n
-		fmt.Fprintf(stderr, "imbench conns: step %d/%d: %d connections\n", i+1, len(f.steps), n)
-		rep, err := measureConns(ctx, &g, command, stderr)
+// RunSteps measures each of Steps connections on a server of its own.
+// It stops at the first step that fails and returns the steps measured so
+// far with the error.
+func (c *Conns) RunSteps(ctx context.Context, l Launcher, env Env) (*ConnsStepsReport, error) {
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	doc := &ConnsStepsReport{Scenario: "conns", Time: time.Now().UTC(), Command: env.Command, Steps: c.Steps, OK: true}
+	for i, n := range c.Steps {
+		fmt.Fprintf(env.log(), "imbench conns: step %d/%d: %d connections\n", i+1, len(c.Steps), n)
+		rep, err := c.measure(ctx, l, env, n)
 		if err != nil {
-			failed = fmt.Errorf("step %d connections: %w", n, err)
 			doc.OK = false
-			break
+			return doc, fmt.Errorf("step %d connections: %w", n, err)
 		}
-		if i > 0 {
-			fmt.Fprintln(stdout)
-		}
-		writeConnsTable(stdout, rep)
 		doc.Runs = append(doc.Runs, rep)
 		if !rep.OK {
 			doc.OK = false
-			failed = fmt.Errorf("step %d: %w", n, connsNotOK(rep))
+			return doc, fmt.Errorf("step %d: %w", n, connsNotOK(rep))
 		}
 	}
-	if len(doc.Runs) > 0 {
-		writeConnsStepsTable(stdout, doc)
-		chart := memoryChart(doc)
-		path := chartFile(f.chartPath, f.jsonPath, f.resultsDir, "conns-memory.svg")
-		if err := chart.WriteFile(path); err != nil {
-			return err
-		}
-		doc.Chart = path
-		fmt.Fprintf(stderr, "imbench conns: chart written to %s\n", path)
-	}
-	if f.jsonPath != "" {
-		path, err := writeJSON(f.jsonPath, f.resultsDir, doc)
-		if err != nil {
-			return err
-		}
-		fmt.Fprintf(stderr, "imbench conns: report written to %s\n", path)
-	}
-	return failed
+	return doc, nil
 }
 
 // goalBytesPerConn is the issue's goal for an idle connection's gateway
 // user-space memory.
 const goalBytesPerConn = 2048
 
-// memoryChart plots the server's memory per held connection against the
+// MemoryChart plots the server's memory per held connection against the
 // connections held, one point per step.
-func memoryChart(doc *connsStepsReport) *bench.Chart {
+func MemoryChart(doc *ConnsStepsReport) *bench.Chart {
 	var rss, heap, sys, logicRSS []bench.Point
 	var maxN float64
 	for _, r := range doc.Runs {
@@ -248,14 +196,14 @@ func memoryChart(doc *connsStepsReport) *bench.Chart {
 	}
 }
 
-// connsReport is the scenario's result; the JSON document is this struct.
-type connsReport struct {
+// ConnsReport is the result of one conns measurement and its JSON document.
+type ConnsReport struct {
 	Scenario string     `json:"scenario"`
 	Time     time.Time  `json:"time"`
 	Command  []string   `json:"command"`
-	Host     hostInfo   `json:"host"`
-	Server   *target    `json:"server"`
-	Clients  clientInfo `json:"clients"`
+	Host     HostInfo   `json:"host"`
+	Server   *Target    `json:"server"`
+	Clients  ClientInfo `json:"clients"`
 
 	Requested  int            `json:"requested"`
 	Opened     int64          `json:"opened"`
@@ -270,16 +218,17 @@ type connsReport struct {
 	LoginSeconds float64 `json:"login_seconds"` // first dial to last login
 	LoginRate    float64 `json:"logins_per_second"`
 	// LoginServerCPU is the server's CPU time while the connections were
-	// opened (process_cpu_seconds_total), and per login.
-	LoginServerCPU      float64       `json:"login_server_cpu_seconds"`
-	LoginServerCPUPerUs float64       `json:"login_server_cpu_us_per_login"`
-	Dial                bench.Summary `json:"dial_latency"`
-	Login               bench.Summary `json:"login_latency"`
+	// opened (LoginServerCPUSource says how it was read), and per login.
+	LoginServerCPU       float64       `json:"login_server_cpu_seconds"`
+	LoginServerCPUPerUs  float64       `json:"login_server_cpu_us_per_login"`
+	LoginServerCPUSource string        `json:"login_server_cpu_source,omitempty"`
+	Dial                 bench.Summary `json:"dial_latency"`
+	Login                bench.Summary `json:"login_latency"`
 
 	SettleSeconds float64  `json:"settle_seconds"`
-	Before        snapshot `json:"before"`
-	After         snapshot `json:"after"`
-	PerConn       perConn  `json:"per_conn"`
+	Before        Snapshot `json:"before"`
+	After         Snapshot `json:"after"`
+	PerConn       PerConn  `json:"per_conn"`
 
 	ClientRSSBefore  int64   `json:"client_rss_before_bytes"` // over every client process
 	ClientRSSBytes   int64   `json:"client_rss_bytes"`
@@ -290,17 +239,8 @@ type connsReport struct {
 	ServerStopResult string  `json:"server_stop_result"` // empty when the server stopped cleanly
 }
 
-type hostInfo struct {
-	Hostname   string `json:"hostname"`
-	NumCPU     int    `json:"num_cpu"`
-	GoVersion  string `json:"go_version"`
-	OpenFiles  uint64 `json:"open_files_limit"`
-	PortRange  string `json:"ephemeral_port_range"`
-	LoadBefore string `json:"loadavg_before"`
-	LoadAfter  string `json:"loadavg_after"`
-}
-
-type clientInfo struct {
+// ClientInfo describes the clients of a conns measurement.
+type ClientInfo struct {
 	Kind        string `json:"kind"`
 	Processes   int    `json:"processes"` // 1: in imbench itself; more: worker processes
 	InProcess   bool   `json:"in_process"`
@@ -309,9 +249,9 @@ type clientInfo struct {
 	UIDBase     uint64 `json:"uid_base"`
 }
 
-// perConn is (after - before) / held for each server figure, in bytes
+// PerConn is (after - before) / held for each server figure, in bytes
 // (goroutines: a count).
-type perConn struct {
+type PerConn struct {
 	RSS            float64 `json:"rss_bytes"`
 	HeapInuse      float64 `json:"go_heap_inuse_bytes"`
 	StackInuse     float64 `json:"go_stack_inuse_bytes"`
@@ -323,26 +263,15 @@ type perConn struct {
 	LogicRSS float64 `json:"logic_rss_bytes,omitempty"`
 }
 
-func loadavg() string {
-	b, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return ""
-	}
-	f := strings.Fields(string(b))
-	if len(f) < 3 {
-		return ""
-	}
-	return strings.Join(f[:3], " ")
-}
-
-// measureConns runs one conns measurement and returns its report. An error
-// means no measurement was made; a report that is not OK is returned
-// without one.
-func measureConns(ctx context.Context, f *connsFlags, command []string, stderr io.Writer) (_ *connsReport, err error) {
-	ctx, cancel := context.WithTimeout(ctx, f.timeout)
+// measure runs one conns measurement of n connections and returns its
+// report. An error means no measurement was made; a report that is not OK
+// is returned without one.
+func (f *Conns) measure(ctx context.Context, l Launcher, env Env, n int) (_ *ConnsReport, err error) {
+	ctx, cancel := context.WithTimeout(ctx, f.Timeout)
 	defer cancel()
-	rep := &connsReport{Scenario: "conns", Time: time.Now().UTC(), Command: command, Requested: f.n}
-	rep.Host = hostInfo{NumCPU: runtime.NumCPU(), GoVersion: runtime.Version(), LoadBefore: loadavg()}
+	stderr := env.log()
+	rep := &ConnsReport{Scenario: "conns", Time: time.Now().UTC(), Command: env.Command, Requested: n}
+	rep.Host = HostInfo{NumCPU: runtime.NumCPU(), GoVersion: runtime.Version(), LoadBefore: loadavg()}
 	rep.Host.Hostname, _ = os.Hostname()
 
 	// Raise our open-file limit first: a server we start inherits it.
@@ -360,37 +289,37 @@ func measureConns(ctx context.Context, f *connsFlags, command []string, stderr i
 
 	// Plan the clients before starting anything.
 	usablePorts := ports * 9 / 10
-	srcIPs := f.srcIPs
+	srcIPs := f.SrcIPs
 	if srcIPs == 0 {
-		srcIPs = (f.n + usablePorts - 1) / usablePorts
+		srcIPs = (n + usablePorts - 1) / usablePorts
 	}
-	if srcIPs > 0 && f.n > srcIPs*usablePorts {
-		return nil, fmt.Errorf("-n %d needs more than --src-ips %d source addresses (~%d ports each)", f.n, srcIPs, usablePorts)
+	if srcIPs > 0 && n > srcIPs*usablePorts {
+		return nil, fmt.Errorf("-n %d needs more than --src-ips %d source addresses (~%d ports each)", n, srcIPs, usablePorts)
 	}
 	perProc := int(soft) - fdReserve
 	if soft == 0 || ferr != nil {
 		perProc = 1000
 	}
-	workers := f.workers
-	if workers == 0 && f.n > perProc {
-		workers = (f.n + perProc - 1) / perProc
+	workers := f.Workers
+	if workers == 0 && n > perProc {
+		workers = (n + perProc - 1) / perProc
 	}
-	if workers > 0 && (f.n+workers-1)/workers > perProc {
-		return nil, fmt.Errorf("--workers %d: %d connections per process exceed the open-file limit %d", workers, (f.n+workers-1)/workers, soft)
+	if workers > 0 && (n+workers-1)/workers > perProc {
+		return nil, fmt.Errorf("--workers %d: %d connections per process exceed the open-file limit %d", workers, (n+workers-1)/workers, soft)
 	}
-	rep.Clients = clientInfo{Kind: f.client, Processes: max(workers, 1), InProcess: workers == 0,
-		Concurrency: f.c, SrcIPs: srcIPs, UIDBase: f.uidBase}
+	rep.Clients = ClientInfo{Kind: f.Client, Processes: max(workers, 1), InProcess: workers == 0,
+		Concurrency: f.C, SrcIPs: srcIPs, UIDBase: f.UIDBase}
 
-	if f.server.addr == "" {
+	if !l.Attached() {
 		fmt.Fprintf(stderr, "imbench conns: starting server\n")
 	}
-	t, err := f.server.open(ctx, nil)
+	t, err := l.Open(ctx, ServerNeeds{})
 	if err != nil {
 		return nil, err
 	}
 	rep.Server = t
 	defer func() {
-		if serr := t.stop(); serr != nil {
+		if serr := t.Stop(); serr != nil {
 			rep.ServerStopResult = serr.Error()
 			fmt.Fprintln(stderr, "imbench:", serr)
 		}
@@ -399,22 +328,22 @@ func measureConns(ctx context.Context, f *connsFlags, command []string, stderr i
 		for _, pr := range t.Procs {
 			fmt.Fprintf(stderr, "imbench conns: %s %s pid %d, gateway %q, http %s\n", t.Binary, pr.Role, pr.PID, pr.Gateway, pr.HTTP)
 		}
-		perGate := (f.n + len(t.gates()) - 1) / len(t.gates())
+		perGate := (n + len(t.gates()) - 1) / len(t.gates())
 		if int(soft) > 0 && perGate > int(soft)-256 {
 			fmt.Fprintf(stderr, "imbench conns: warning: a gateway's open-file limit %d is below its %d connections plus its reserve: use more --gateways\n", soft, perGate)
 		}
 	}
 
-	if err := sleepCtx(ctx, f.baselineWait); err != nil {
+	if err := sleepCtx(ctx, f.BaselineWait); err != nil {
 		return nil, err
 	}
-	if rep.Before, err = t.snapshot(ctx); err != nil {
+	if rep.Before, err = t.Snapshot(ctx); err != nil {
 		return nil, fmt.Errorf("baseline: %w", err)
 	}
 
-	base := plan{Addr: t.Gateway, Addrs: t.Gateways, AppCode: t.AppCode, Secret: t.secret, Client: f.client, N: f.n, UIDBase: f.uidBase,
-		Concurrency: f.c, SrcIPs: srcIPs, DialTimeout: f.dialTimeout, LoginTimeout: f.loginTimeout,
-		TokenTTL: f.timeout + time.Hour, MaxErrors: f.maxErrors}
+	base := plan{Addr: t.Gateway, Addrs: t.Gateways, AppCode: t.AppCode, Secret: t.Secret, Client: f.Client, N: n, UIDBase: f.UIDBase,
+		Concurrency: f.C, SrcIPs: srcIPs, DialTimeout: f.DialTimeout, LoginTimeout: f.LoginTimeout,
+		TokenTTL: f.Timeout + time.Hour, MaxErrors: f.MaxErrors}
 	var fl fleet
 	if workers == 0 {
 		fl = startLocal(ctx, base)
@@ -437,9 +366,9 @@ func measureConns(ctx context.Context, f *connsFlags, command []string, stderr i
 	}
 	defer closeFleet()
 
-	cpu0, cpuErr := t.cpuSeconds(ctx)
+	cpu := startCPU(ctx, t)
 	fmt.Fprintf(stderr, "imbench conns: opening %d connections (%s client, %d process(es), %d in flight)\n",
-		f.n, f.client, rep.Clients.Processes, f.c)
+		n, f.Client, rep.Clients.Processes, f.C)
 	start := time.Now()
 	var lastOpened int64
 	lastAt := start
@@ -450,11 +379,11 @@ func measureConns(ctx context.Context, f *connsFlags, command []string, stderr i
 		inst := float64(p.Opened-lastOpened) / now.Sub(lastAt).Seconds()
 		lastOpened, lastAt = p.Opened, now
 		return fmt.Sprintf("  %5.1fs  opened %d/%d  failed %d  %.0f/s (last second %.0f/s)",
-			now.Sub(start).Seconds(), p.Opened, f.n, p.Failed, rate, inst)
+			now.Sub(start).Seconds(), p.Opened, n, p.Failed, rate, inst)
 	})
 	res, err := fl.wait(ctx)
-	if cpu1, err := t.cpuSeconds(ctx); err == nil && cpuErr == nil {
-		rep.LoginServerCPU = cpu1 - cpu0
+	if secs, src, ok := cpu.since(ctx); ok {
+		rep.LoginServerCPU, rep.LoginServerCPUSource = secs, src
 	}
 	stopWatch()
 	if err == nil {
@@ -462,7 +391,7 @@ func measureConns(ctx context.Context, f *connsFlags, command []string, stderr i
 	}
 	if err != nil {
 		p := fl.progress()
-		err = fmt.Errorf("opening connections: %w (opened %d of %d, %d failed)", err, p.Opened, f.n, p.Failed)
+		err = fmt.Errorf("opening connections: %w (opened %d of %d, %d failed)", err, p.Opened, n, p.Failed)
 		if res != nil {
 			for _, k := range sortedKeys(res.Errors) {
 				err = fmt.Errorf("%w\n  %dx %s", err, res.Errors[k], k)
@@ -480,27 +409,27 @@ func measureConns(ctx context.Context, f *connsFlags, command []string, stderr i
 		rep.LoginServerCPUPerUs = rep.LoginServerCPU / float64(res.Opened) * 1e6
 	}
 	fmt.Fprintf(stderr, "imbench conns: %d opened, %d failed in %.2fs (%.0f logins/s); settling %s\n",
-		res.Opened, res.Failed, rep.LoginSeconds, rep.LoginRate, f.settle)
+		res.Opened, res.Failed, rep.LoginSeconds, rep.LoginRate, f.Settle)
 
 	settleStart := time.Now()
 	stopWatch = watch(stderr, time.Second, func() string {
 		p := fl.progress()
 		gauge := "?"
 		sctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
-		if g, err := t.gatewayConns(sctx); err == nil {
+		if g, err := t.GatewayConns(sctx); err == nil {
 			gauge = fmt.Sprint(g - rep.Before.GatewayConns)
 		}
 		cancel()
 		return fmt.Sprintf("  settle %4.0fs/%s  held %d (dropped %d), server %s",
-			time.Since(settleStart).Seconds(), f.settle, p.Opened-p.Dropped, p.Dropped, gauge)
+			time.Since(settleStart).Seconds(), f.Settle, p.Opened-p.Dropped, p.Dropped, gauge)
 	})
-	err = sleepCtx(ctx, f.settle)
+	err = sleepCtx(ctx, f.Settle)
 	stopWatch()
 	if err != nil {
 		return nil, err
 	}
 	rep.SettleSeconds = time.Since(settleStart).Seconds()
-	if rep.After, err = t.snapshot(ctx); err != nil {
+	if rep.After, err = t.Snapshot(ctx); err != nil {
 		return nil, fmt.Errorf("measurement: %w", err)
 	}
 	p := fl.progress()
@@ -511,11 +440,11 @@ func measureConns(ctx context.Context, f *connsFlags, command []string, stderr i
 	if rep.After.Sessions >= 0 && rep.Before.Sessions >= 0 {
 		rep.Sessions = rep.After.Sessions - rep.Before.Sessions
 	}
-	rep.OK = rep.HeldClient == int64(f.n) && rep.HeldServer == int64(f.n)
+	rep.OK = rep.HeldClient == int64(n) && rep.HeldServer == int64(n)
 	if held := rep.HeldServer; held > 0 {
 		d := func(a, b int64) float64 { return float64(a-b) / float64(held) }
 		b, a := &rep.Before, &rep.After
-		rep.PerConn = perConn{
+		rep.PerConn = PerConn{
 			RSS:            d(a.RSSBytes, b.RSSBytes),
 			HeapInuse:      d(a.HeapInuse, b.HeapInuse),
 			StackInuse:     d(a.StackInuse, b.StackInuse),
@@ -534,7 +463,7 @@ func measureConns(ctx context.Context, f *connsFlags, command []string, stderr i
 	closeFleet()
 	rep.ConnsAfterClose = -1
 	for deadline := time.Now().Add(15 * time.Second); ; {
-		g, err := t.gatewayConns(ctx)
+		g, err := t.GatewayConns(ctx)
 		if err == nil {
 			rep.ConnsAfterClose = g
 			if g <= rep.Before.GatewayConns {
@@ -546,7 +475,7 @@ func measureConns(ctx context.Context, f *connsFlags, command []string, stderr i
 		}
 	}
 	rep.CloseSeconds = time.Since(closeStart).Seconds()
-	if serr := t.stop(); serr != nil {
+	if serr := t.Stop(); serr != nil {
 		rep.ServerStopResult = serr.Error()
 	}
 	rep.Host.LoadAfter = loadavg()
@@ -571,41 +500,4 @@ func splitPlan(base plan, n int) []plan {
 		plans[i] = p
 	}
 	return plans
-}
-
-func sleepCtx(ctx context.Context, d time.Duration) error {
-	if d <= 0 {
-		return ctx.Err()
-	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
-
-// watch prints line() to w every interval until the returned stop is
-// called (stop waits for the printer to finish).
-func watch(w io.Writer, every time.Duration, line func() string) (stop func()) {
-	done := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		t := time.NewTicker(every)
-		defer t.Stop()
-		for {
-			select {
-			case <-done:
-				return
-			case <-t.C:
-				fmt.Fprintln(w, line())
-			}
-		}
-	})
-	return func() {
-		close(done)
-		wg.Wait()
-	}
 }

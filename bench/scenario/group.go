@@ -1,4 +1,4 @@
-package main
+package scenario
 
 import (
 	"bytes"
@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -17,21 +16,25 @@ import (
 	"time"
 
 	"github.com/imd-dev/imd/bench"
-	"github.com/imd-dev/imd/internal/config"
 	"github.com/imd-dev/imd/schema/pb"
 	"github.com/imd-dev/imd/sdk"
 )
 
-const groupSynopsis = `Group chat fanned out to the online members at a fixed offered rate: the
+// GroupSynopsis describes the group scenario (the command's help).
+const GroupSynopsis = `Group chat fanned out to the online members at a fixed offered rate: the
 scenario creates one group of --members users over the HTTP API
 (POST /v1/groups with the app's API key), logs in the first --online of
-them as SDK clients with an OnGroup callback, and --senders of the online
-members send group messages (SendGroup) at --rate msgs/s over all senders
+them, and --senders of the online members (the first ones, SDK clients)
+send group messages (SendGroup) at --rate msgs/s over all senders
 (open loop: message g is due at start + g/rate, each sender keeps up to
 --inflight sends outstanding). Every message carries its scheduled and
 real send times (monotonic ns) in its content; latency runs from the
 scheduled time to each online member's OnGroup (the sender's own copy
-reaches its OnGroup from the send's answer, as the SDK does). The table
+reaches its OnGroup from the send's answer, as the SDK does). The other
+online members are lean clients by default (--client raw: a few goroutines
+read every connection, count each message and move the member's cursor at
+most every --ack-delay, 250 ms like the SDK, without catching up on the
+group's past) or SDK clients with OnGroup (--client sdk). The table
 gives deliveries/s, failed sends and latency percentiles to each member;
 under it, per run, the latency to the last member of each message (the
 slowest delivery of each message, then its percentiles), server CPU per
@@ -66,77 +69,105 @@ type groupSetup struct {
 	Size     int    `json:"content_bytes"`
 	MsgType  uint32 `json:"msgtype"`
 	UIDs     string `json:"uids"`
-	GroupID  uint64 `json:"group_id,string"`
-	CreateMs int64  `json:"create_ms"` // POST /v1/groups, request to answer
+	Client   string `json:"client"` // of the online members that do not send
+	// AckDelayMs is how long a lean member's cursor waits to be acknowledged.
+	AckDelayMs float64 `json:"lean_ack_delay_ms,omitempty"`
+	GroupID    uint64  `json:"group_id,string"`
+	CreateMs   int64   `json:"create_ms"` // POST /v1/groups, request to answer
 }
 
-func runGroup(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	var f loadFlags
-	var members, online, senders int
-	var msgtype uint
-	fs := newFlagSet("group", groupSynopsis, stdout, stderr)
-	f.bind(fs, "msgs", 10, 100)
-	fs.IntVar(&members, "members", 10000, "members of the group (uids --uid-base on); more than 10,000 needs --imd-arg=--group-max-size=N")
-	fs.IntVar(&online, "online", 5000, "members logged in as SDK clients (the first ones)")
-	fs.IntVar(&senders, "senders", 4, "online members that send (the first ones)")
-	fs.IntVar(&f.inflight, "inflight", 8, "sends outstanding per sender (the gateway allows 64 requests in flight)")
-	fs.UintVar(&msgtype, "msgtype", 1, "msgtype of the messages")
-	if err := parseFlags(fs, args, os.LookupEnv); err != nil {
-		return err
-	}
-	errs := f.validate(msgHeader)
-	if members < 1 || online < 1 || senders < 1 || f.inflight < 1 {
+// Group is the group scenario: group messages fanned out to the online
+// members of one group.
+type Group struct {
+	Load    LoadOptions
+	Members int    // members of the group (uids Load.UIDBase on)
+	Online  int    // members logged in (the first ones)
+	Senders int    // online members that send (the first ones; SDK clients)
+	MsgType uint32 // msgtype of the messages
+	Client  string // the other online members: ClientRaw (lean) or ClientSDK
+	// AckDelay is how long a lean member's cursor waits to be acknowledged
+	// (the SDK's GroupAckDelay is 250 ms).
+	AckDelay time.Duration
+	Loops    int // goroutines reading the lean clients (0: the usable CPUs, at most 4)
+}
+
+// NewGroup returns the scenario with the command line's defaults.
+func NewGroup() *Group {
+	return &Group{Load: DefaultLoadOptions(10, 100, 8), Members: 10000, Online: 5000, Senders: 4, MsgType: 1,
+		Client: ClientRaw, AckDelay: 250 * time.Millisecond}
+}
+
+// Validate checks the options (and fills Load.Rates from Load.Rate).
+func (o *Group) Validate() error {
+	errs := o.Load.validate(MsgHeader)
+	if o.Members < 1 || o.Online < 1 || o.Senders < 1 || o.Load.Inflight < 1 {
 		errs = append(errs, errors.New("--members, --online, --senders and --inflight must be >= 1"))
 	}
-	if online > members {
+	if o.Online > o.Members {
 		errs = append(errs, errors.New("--online must be <= --members"))
 	}
-	if senders > online {
+	if o.Senders > o.Online {
 		errs = append(errs, errors.New("--senders must be <= --online (senders are online members)"))
 	}
-	if err := errors.Join(errs...); err != nil {
-		fmt.Fprintf(stderr, "imbench group: %v\n", err)
-		return errUsage
+	if o.Client != ClientRaw && o.Client != ClientSDK {
+		errs = append(errs, fmt.Errorf("--client %q: want raw or sdk", o.Client))
 	}
-	g := &groupBench{f: &f, members: members, online: online, msgtype: uint32(msgtype)}
-	g.setup = &groupSetup{Members: members, Online: online, Senders: senders, Inflight: f.inflight, Size: f.size,
-		MsgType: uint32(msgtype), UIDs: fmt.Sprintf("members %d..%d, online %d..%d, senders %d..%d",
-			f.uidBase, f.uidBase+uint64(members)-1, f.uidBase, f.uidBase+uint64(online)-1, f.uidBase, f.uidBase+uint64(senders)-1)}
+	if o.AckDelay < 0 || o.Loops < 0 {
+		errs = append(errs, errors.New("--ack-delay and --loops must not be negative"))
+	}
+	return errors.Join(errs...)
+}
+
+// Run runs the scenario on the server l gives. A report comes back with an
+// error when the scenario ran but a send failed or a delivery went missing.
+func (o *Group) Run(ctx context.Context, l Launcher, env Env) (*LoadReport, error) {
+	if err := o.Validate(); err != nil {
+		return nil, err
+	}
+	f := &o.Load
+	g := &groupBench{o: o, f: f, members: o.Members, online: o.Online, msgtype: o.MsgType}
+	g.setup = &groupSetup{Members: o.Members, Online: o.Online, Senders: o.Senders, Inflight: f.Inflight, Size: f.Size,
+		MsgType: o.MsgType, Client: o.Client, UIDs: fmt.Sprintf("members %d..%d, online %d..%d, senders %d..%d",
+			f.UIDBase, f.UIDBase+uint64(o.Members)-1, f.UIDBase, f.UIDBase+uint64(o.Online)-1, f.UIDBase, f.UIDBase+uint64(o.Senders)-1)}
+	if o.Client == ClientRaw {
+		g.setup.AckDelayMs = float64(o.AckDelay) / 1e6
+	}
 	sc := &loadScenario{
-		name: "group", opUnit: "msgs", deliveryUnit: "deliveries", senders: senders, inflight: f.inflight, perOp: int64(online),
+		name: "group", opUnit: "msgs", deliveryUnit: "deliveries", senders: o.Senders, inflight: f.Inflight, perOp: int64(o.Online),
 		setup: g.setup,
-		tweak: func(c *config.Config) error {
-			// The default maximum is 10,000; a larger group needs a larger
-			// one (unless --imd-arg sets it, which wins over the file).
-			if members > max(c.Groups.MaxSize, 10000) {
-				c.Groups.MaxSize = members
-			}
-			// The create request names every member (~30 bytes each).
-			c.S2C.MaxBody = max(c.S2C.MaxBody, 1<<20, members*48+4096)
-			return nil
-		},
+		// The default maximum is 10,000 (a larger group needs a larger one,
+		// unless --imd-arg sets it, which wins over the file); the create
+		// request names every member (~30 bytes each).
+		needs:   ServerNeeds{GroupMaxSize: o.Members, MaxBody: max(1<<20, o.Members*48+4096)},
 		prepare: g.prepare,
 		begin:   g.begin,
 		op:      g.op,
 		finish:  g.finish,
-		close:   func() { closeClients(g.clients) },
+		close: func() {
+			if g.lean != nil {
+				_ = g.lean.Close()
+			}
+			closeClients(g.clients)
+		},
 	}
-	return runLoad(ctx, sc, &f, append([]string{"imbench", "group"}, args...), stdout, stderr)
+	return runLoad(ctx, sc, f, l, env)
 }
 
 type groupBench struct {
-	f               *loadFlags
+	o               *Group
+	f               *LoadOptions
 	members, online int
 	msgtype         uint32
 	setup           *groupSetup
 
-	t       *target
+	t       *Target
 	gid     uint64
-	clients []*sdk.Client
+	clients []*sdk.Client // the senders, or every online member with --client sdk
+	lean    *LeanFleet    // the other online members
 	cur     atomic.Pointer[groupRun]
 
 	mu   sync.Mutex
-	runs []groupRunStats // finished runs, the warm-up excluded, in order
+	runs []GroupRunStats // finished runs, the warm-up excluded, in order
 	errs []string        // metrics that could not be read
 }
 
@@ -149,8 +180,8 @@ type groupRun struct {
 	m0   bench.Metrics
 }
 
-// groupRunStats are the group-specific results of one run.
-type groupRunStats struct {
+// GroupRunStats are the group-specific results of one run.
+type GroupRunStats struct {
 	Rate     float64 `json:"offered_rate"`
 	Repeat   int     `json:"repeat"`
 	Messages int64   `json:"messages"` // sends answered "stored"
@@ -180,22 +211,26 @@ type groupRunStats struct {
 	MemberRowsRead     float64 `json:"member_rows_read"`
 }
 
-// groupExtra is the scenario's part of the JSON report.
-type groupExtra struct {
+// GroupExtra is the group scenario's part of the JSON report.
+type GroupExtra struct {
 	GroupID uint64          `json:"group_id,string"`
-	Runs    []groupRunStats `json:"runs"`
+	Runs    []GroupRunStats `json:"runs"`
 	// LastMemberP99Ms is min / median / max over the runs of each rate.
-	LastMemberP99Ms []rateTriple `json:"last_member_p99_ms"`
+	LastMemberP99Ms []RateTriple `json:"last_member_p99_ms"`
 	Errors          []string     `json:"errors,omitempty"`
+	// Lean counts what the lean members read and wrote over the whole
+	// scenario, the warm-up included.
+	Lean *LeanStats `json:"lean_client,omitempty"`
 }
 
-type rateTriple struct {
+// RateTriple is min / median / max of a figure over the runs of a rate.
+type RateTriple struct {
 	Rate float64    `json:"offered_rate"`
 	V    [3]float64 `json:"min_median_max"`
 }
 
-func (g *groupBench) prepare(ctx context.Context, t *target, stderr io.Writer) error {
-	if t.apiKey == "" {
+func (g *groupBench) prepare(ctx context.Context, t *Target, stderr io.Writer) error {
+	if t.APIKey == "" {
 		return errors.New("group needs the server's API key: --api-key with --addr")
 	}
 	g.t = t
@@ -206,28 +241,44 @@ func (g *groupBench) prepare(ctx context.Context, t *target, stderr io.Writer) e
 		return err
 	}
 	g.gid, g.setup.GroupID, g.setup.CreateMs = id, id, time.Since(t0).Milliseconds()
-	g.clients, err = loginClients(ctx, t, uidRange(g.f.uidBase, g.online), g.f.loginConc, func(i int) sdk.Options {
+	sdkMembers := g.online
+	if g.o.Client == ClientRaw {
+		sdkMembers = g.o.Senders
+	}
+	g.clients, err = loginClients(ctx, t, uidRange(g.f.UIDBase, sdkMembers), g.f.LoginConc, func(i int) sdk.Options {
 		return sdk.Options{NoReconnect: true, OnGroup: func(m *pb.C2CMessage) { g.received(i, m) }}
 	}, stderr, "members")
+	if err != nil || sdkMembers == g.online {
+		return err
+	}
+	base := sdkMembers
+	g.lean, err = DialLean(ctx, LeanOptions{Addrs: []string{t.Gateway}, AppCode: t.AppCode, Secret: t.Secret,
+		UIDs: uidRange(g.f.UIDBase+uint64(base), g.online-base), LoginConc: g.f.LoginConc, Loops: g.o.Loops, Log: stderr,
+		GroupAckDelay: g.o.AckDelay,
+		OnGroup: func(conn, loop int, _, _ uint64, content []byte, event bool) {
+			if !event {
+				g.receivedContent(base+conn, loop, content)
+			}
+		}})
 	return err
 }
 
 // createGroup creates the group over the HTTP API and returns its id.
-func (g *groupBench) createGroup(ctx context.Context, t *target) (uint64, error) {
+func (g *groupBench) createGroup(ctx context.Context, t *Target) (uint64, error) {
 	var b bytes.Buffer
 	b.WriteString(`{"members":[`)
 	for i := range g.members {
 		if i > 0 {
 			b.WriteByte(',')
 		}
-		fmt.Fprintf(&b, `{"uid":%d}`, g.f.uidBase+uint64(i))
+		fmt.Fprintf(&b, `{"uid":%d}`, g.f.UIDBase+uint64(i))
 	}
 	b.WriteString(`]}`)
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+t.HTTP+"/v1/groups", &b)
 	if err != nil {
 		return 0, err
 	}
-	req.Header.Set("Authorization", "Bearer "+t.apiKey)
+	req.Header.Set("Authorization", "Bearer "+t.APIKey)
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := (&http.Client{Timeout: 2 * time.Minute}).Do(req)
 	if err != nil {
@@ -262,7 +313,7 @@ func (g *groupBench) createGroup(ctx context.Context, t *target) (uint64, error)
 func (g *groupBench) scrape(ctx context.Context) bench.Metrics {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	m, err := g.t.scrapeAt(ctx, g.t.HTTP)
+	m, err := g.t.Scrape(ctx, g.t.HTTP)
 	if err != nil {
 		g.mu.Lock()
 		g.errs = append(g.errs, "metrics: "+err.Error())
@@ -288,7 +339,7 @@ func (g *groupBench) end(r *groupRun, m1 bench.Metrics) {
 	if rs.warmup {
 		return
 	}
-	st := groupRunStats{Rate: rs.rate, Messages: rs.ok.Load(), StoreBatchesPerMs: storeBatchesNote}
+	st := GroupRunStats{Rate: rs.rate, Messages: rs.ok.Load(), StoreBatchesPerMs: storeBatchesNote}
 	interval := 1e9 / rs.rate
 	var h bench.Histogram
 	for i := range r.got {
@@ -331,8 +382,14 @@ func (g *groupBench) received(i int, m *pb.C2CMessage) {
 	if m.Event != nil {
 		return // the group's creation, from the catch-up after login
 	}
+	g.receivedContent(i, i, m.Content)
+}
+
+// receivedContent counts a message that reached online member i; shard
+// spreads the bookkeeping of concurrent receivers.
+func (g *groupBench) receivedContent(i, shard int, content []byte) {
 	r := g.cur.Load()
-	run, idx, at, sent, ok := getHeader(m.Content)
+	run, idx, at, sent, ok := getHeader(content)
 	if !ok || r == nil || run != r.rs.id {
 		return // a late message of an earlier run
 	}
@@ -340,7 +397,7 @@ func (g *groupBench) received(i int, m *pb.C2CMessage) {
 		r.rs.stray.Add(1)
 		return
 	}
-	if !r.rs.deliver(i, idx*int64(g.online)+int64(i), at, sent) {
+	if !r.rs.deliver(shard, idx*int64(g.online)+int64(i), at, sent) {
 		return
 	}
 	now := mono()
@@ -354,7 +411,7 @@ func (g *groupBench) received(i int, m *pb.C2CMessage) {
 }
 
 func (g *groupBench) op(ctx context.Context, rs *runState, s int, idx int64, at int64) error {
-	content := newContent(g.f.size)
+	content := newContent(g.f.Size)
 	putHeader(content, rs.id, idx, at, mono())
 	if _, err := g.clients[s].SendGroup(ctx, g.gid, g.msgtype, content); err != nil {
 		return err
@@ -365,14 +422,18 @@ func (g *groupBench) op(ctx context.Context, rs *runState, s int, idx int64, at 
 
 // finish ends the last run's bookkeeping and puts the group figures in
 // the report: the extra document and the lines under the table.
-func (g *groupBench) finish(ctx context.Context, rep *loadReport) (any, error) {
+func (g *groupBench) finish(ctx context.Context, rep *LoadReport) (any, error) {
 	m := g.scrape(ctx)
 	if prev := g.cur.Swap(nil); prev != nil {
 		g.end(prev, m)
 	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	ex := &groupExtra{GroupID: g.gid, Runs: g.runs, Errors: g.errs}
+	ex := &GroupExtra{GroupID: g.gid, Runs: g.runs, Errors: g.errs}
+	if g.lean != nil {
+		st := g.lean.Stats()
+		ex.Lean = &st
+	}
 	if len(ex.Runs) != len(rep.Runs) {
 		return ex, fmt.Errorf("group: %d runs tracked, %d in the report", len(ex.Runs), len(rep.Runs))
 	}
@@ -390,14 +451,14 @@ func (g *groupBench) finish(ctx context.Context, rep *loadReport) (any, error) {
 				v = append(v, r.LastMember.P99Ms)
 			}
 		}
-		ex.LastMemberP99Ms = append(ex.LastMemberP99Ms, rateTriple{Rate: rt.Rate, V: minMedMax(v)})
+		ex.LastMemberP99Ms = append(ex.LastMemberP99Ms, RateTriple{Rate: rt.Rate, V: MinMedMax(v)})
 	}
 	rep.Notes = append(rep.Notes, groupNotes(ex, g.online)...)
 	return ex, nil
 }
 
 // groupNotes formats the group figures as lines under the load table.
-func groupNotes(ex *groupExtra, online int) []string {
+func groupNotes(ex *GroupExtra, online int) []string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "\ngroup %d, %d online members; latency to the LAST member of each message, and per message:\n", ex.GroupID, online)
 	tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', tabwriter.AlignRight)
@@ -423,6 +484,9 @@ func groupNotes(ex *groupExtra, online int) []string {
 	}
 	fmt.Fprintf(&b, "store writes per group message: %s\n", storeBatchesNote)
 	fmt.Fprintf(&b, "cursor writes per ack batch: %s over group-ack requests estimated as frames in less sends", mGroupCursorWrites)
+	if ex.Lean != nil {
+		fmt.Fprintf(&b, "\n%s", leanNote(ex.Lean))
+	}
 	for _, e := range ex.Errors {
 		fmt.Fprintf(&b, "\n%s", e)
 	}

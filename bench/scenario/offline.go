@@ -1,4 +1,4 @@
-package main
+package scenario
 
 import (
 	"context"
@@ -7,7 +7,6 @@ import (
 	"io"
 	"os"
 	"runtime"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"text/tabwriter"
@@ -18,7 +17,8 @@ import (
 	"github.com/imd-dev/imd/sdk"
 )
 
-const offlineSynopsis = `Offline messages: store, then pull. --senders clients store -n chat
+// OfflineSynopsis describes the offline scenario (the command's help).
+const OfflineSynopsis = `Offline messages: store, then pull. --senders clients store -n chat
 messages for each of --users recipients that are not logged in (-c sends
 in flight over all senders; each send returns once the message is stored),
 then the recipients log in with the real SDK, which pulls the offline
@@ -28,20 +28,39 @@ reports msgs/s, along with the store rate and send latency. Each --repeat
 uses new recipients. The run fails (exit 1) when a send fails or a stored
 message is not delivered within --drain.`
 
-type offlineFlags struct {
-	server     serverFlags
-	n          int
-	users      int
-	senders    int
-	c          int
-	pageSize   uint
-	size       int
-	repeat     int
-	uidBase    uint64
-	drain      time.Duration
-	timeout    time.Duration
-	jsonPath   string
-	resultsDir string
+// Offline is the offline scenario: messages stored for users who are not
+// logged in, then pulled by the SDK at their login.
+type Offline struct {
+	N        int           // messages stored for each recipient
+	Users    int           // offline recipients (they log in and pull at once)
+	Senders  int           // sender clients
+	C        int           // sends in flight over all senders while storing
+	PageSize uint32        // offline pull page size the SDK asks for (0: the server's default)
+	Size     int           // content bytes per message
+	Repeat   int           // store-then-pull runs, each with new recipients
+	UIDBase  uint64        // first uid: the senders, then the recipients of each run
+	Drain    time.Duration // how long the pull may take
+	Timeout  time.Duration // bound on the whole scenario
+}
+
+// NewOffline returns the scenario with the command line's defaults.
+func NewOffline() *Offline {
+	return &Offline{N: 5000, Users: 1, Senders: 4, C: 16, Size: 100, Repeat: 1, UIDBase: 1, Drain: 60 * time.Second, Timeout: 10 * time.Minute}
+}
+
+// Validate checks the options.
+func (f *Offline) Validate() error {
+	var errs []error
+	if f.N < 1 || f.Users < 1 || f.Senders < 1 || f.C < 1 || f.Repeat < 1 {
+		errs = append(errs, errors.New("-n, --users, --senders, -c and --repeat must be >= 1"))
+	}
+	if f.Size < MsgHeader || f.Size > 16<<10 {
+		errs = append(errs, fmt.Errorf("--size must be in [%d, 16384]", MsgHeader))
+	}
+	if f.UIDBase < 1 || f.Drain <= 0 || f.Timeout <= 0 {
+		errs = append(errs, errors.New("--uid-base, --drain and --timeout must be > 0"))
+	}
+	return errors.Join(errs...)
 }
 
 type offlineSetup struct {
@@ -49,13 +68,13 @@ type offlineSetup struct {
 	Users    int    `json:"users"`
 	Senders  int    `json:"senders"`
 	InFlight int    `json:"stores_in_flight"`
-	PageSize uint   `json:"page_size"` // 0: the server's default
+	PageSize uint32 `json:"page_size"` // 0: the server's default
 	Size     int    `json:"content_bytes"`
 	UIDs     string `json:"uids"`
 }
 
-// offlineRun is one store-then-pull.
-type offlineRun struct {
+// OfflineRun is one store-then-pull.
+type OfflineRun struct {
 	Repeat       int            `json:"repeat"`
 	Stored       int64          `json:"stored"`
 	StoreFailed  int64          `json:"store_failed"`
@@ -75,17 +94,19 @@ type offlineRun struct {
 
 	ServerCPUSeconds float64 `json:"pull_server_cpu_seconds"`
 	ServerUsPerMsg   float64 `json:"pull_server_cpu_us_per_msg"`
+	ServerCPUSource  string  `json:"pull_server_cpu_source,omitempty"`
 	OK               bool    `json:"ok"`
 }
 
-type offlineReport struct {
+// OfflineReport is the result of the offline scenario and its JSON document.
+type OfflineReport struct {
 	Scenario string       `json:"scenario"`
 	Time     time.Time    `json:"time"`
 	Command  []string     `json:"command"`
-	Host     hostInfo     `json:"host"`
-	Server   *target      `json:"server"`
+	Host     HostInfo     `json:"host"`
+	Server   *Target      `json:"server"`
 	Setup    offlineSetup `json:"setup"`
-	Runs     []offlineRun `json:"runs"`
+	Runs     []OfflineRun `json:"runs"`
 	// PullRate and StoreRate are min, median and max over the runs.
 	PullRate  [3]float64 `json:"pull_rate_min_median_max"`
 	StoreRate [3]float64 `json:"store_rate_min_median_max"`
@@ -94,51 +115,22 @@ type offlineReport struct {
 	ServerStopResult string `json:"server_stop_result,omitempty"`
 }
 
-func runOffline(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	var f offlineFlags
-	fs := newFlagSet("offline", offlineSynopsis, stdout, stderr)
-	f.server.bind(fs)
-	fs.IntVar(&f.n, "n", 5000, "messages stored for each recipient")
-	fs.IntVar(&f.users, "users", 1, "offline recipients (they log in and pull at once)")
-	fs.IntVar(&f.senders, "senders", 4, "sender clients")
-	fs.IntVar(&f.c, "c", 16, "sends in flight over all senders while storing")
-	fs.UintVar(&f.pageSize, "page-size", 0, "offline pull page size the SDK asks for (0: the server's default)")
-	fs.IntVar(&f.size, "size", 100, "content bytes per message")
-	fs.IntVar(&f.repeat, "repeat", 1, "store-then-pull runs, each with new recipients")
-	fs.Uint64Var(&f.uidBase, "uid-base", 1, "first uid: the senders, then the recipients of each run")
-	fs.DurationVar(&f.drain, "drain", 60*time.Second, "how long the pull may take")
-	fs.DurationVar(&f.timeout, "timeout", 10*time.Minute, "bound on the whole scenario")
-	fs.StringVar(&f.jsonPath, "json", "", "also write the report as JSON to `FILE` (a bare file name goes into --results-dir)")
-	fs.StringVar(&f.resultsDir, "results-dir", "results", "folder for --json files given without a directory")
-	if err := parseFlags(fs, args, os.LookupEnv); err != nil {
-		return err
+// Run runs the scenario on the server l gives. A report comes back with an
+// error when the scenario ran but a send failed or a stored message was
+// not delivered.
+func (f *Offline) Run(ctx context.Context, l Launcher, env Env) (*OfflineReport, error) {
+	if err := f.Validate(); err != nil {
+		return nil, err
 	}
-	var errs []error
-	if f.n < 1 || f.users < 1 || f.senders < 1 || f.c < 1 || f.repeat < 1 {
-		errs = append(errs, errors.New("-n, --users, --senders, -c and --repeat must be >= 1"))
-	}
-	if f.size < msgHeader || f.size > 16<<10 {
-		errs = append(errs, fmt.Errorf("--size must be in [%d, 16384]", msgHeader))
-	}
-	if f.uidBase < 1 || f.drain <= 0 || f.timeout <= 0 {
-		errs = append(errs, errors.New("--uid-base, --drain and --timeout must be > 0"))
-	}
-	if err := errors.Join(errs...); err != nil {
-		fmt.Fprintf(stderr, "imbench offline: %v\n", err)
-		return errUsage
-	}
-	return offline(ctx, &f, append([]string{"imbench", "offline"}, args...), stdout, stderr)
-}
-
-func offline(ctx context.Context, f *offlineFlags, command []string, stdout, stderr io.Writer) error {
-	ctx, cancel := context.WithTimeout(ctx, f.timeout)
+	ctx, cancel := context.WithTimeout(ctx, f.Timeout)
 	defer cancel()
+	stderr := env.log()
 	logf := func(format string, args ...any) { fmt.Fprintf(stderr, "imbench offline: "+format+"\n", args...) }
-	last := f.uidBase + uint64(f.senders+f.users*f.repeat) - 1
-	rep := &offlineReport{Scenario: "offline", Time: time.Now().UTC(), Command: command, OK: true,
-		Setup: offlineSetup{PerUser: f.n, Users: f.users, Senders: f.senders, InFlight: f.c, PageSize: f.pageSize, Size: f.size,
-			UIDs: fmt.Sprintf("senders %d..%d, recipients %d..%d", f.uidBase, f.uidBase+uint64(f.senders)-1, f.uidBase+uint64(f.senders), last)}}
-	rep.Host = hostInfo{NumCPU: runtime.NumCPU(), GoVersion: runtime.Version(), LoadBefore: loadavg()}
+	last := f.UIDBase + uint64(f.Senders+f.Users*f.Repeat) - 1
+	rep := &OfflineReport{Scenario: "offline", Time: time.Now().UTC(), Command: env.Command, OK: true,
+		Setup: offlineSetup{PerUser: f.N, Users: f.Users, Senders: f.Senders, InFlight: f.C, PageSize: f.PageSize, Size: f.Size,
+			UIDs: fmt.Sprintf("senders %d..%d, recipients %d..%d", f.UIDBase, f.UIDBase+uint64(f.Senders)-1, f.UIDBase+uint64(f.Senders), last)}}
+	rep.Host = HostInfo{NumCPU: runtime.NumCPU(), GoVersion: runtime.Version(), LoadBefore: loadavg()}
 	rep.Host.Hostname, _ = os.Hostname()
 	if soft, _, err := bench.RaiseFileLimit(); err == nil {
 		rep.Host.OpenFiles = soft
@@ -146,37 +138,37 @@ func offline(ctx context.Context, f *offlineFlags, command []string, stdout, std
 	if lo, hi, err := bench.EphemeralPortRange(); err == nil {
 		rep.Host.PortRange = fmt.Sprintf("%d-%d", lo, hi)
 	}
-	if f.server.addr == "" {
+	if !l.Attached() {
 		logf("starting server")
 	}
-	t, err := f.server.open(ctx, nil)
+	t, err := l.Open(ctx, ServerNeeds{})
 	if err != nil {
-		return err
+		return nil, err
 	}
 	rep.Server = t
-	defer func() { _ = t.stop() }()
+	defer func() { _ = t.Stop() }()
 	if t.Started {
 		logf("%s pid %d, gateway %s, http %s", t.Binary, t.PID, t.Gateway, t.HTTP)
 	}
-	senders, err := loginClients(ctx, t, uidRange(f.uidBase, f.senders), 100,
+	senders, err := loginClients(ctx, t, uidRange(f.UIDBase, f.Senders), 100,
 		func(int) sdk.Options { return sdk.Options{NoReconnect: true} }, stderr, "senders")
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer closeClients(senders)
 	account := senders[0].LoginInfo().GetAccount()
 
-	for r := 1; r <= f.repeat; r++ {
-		first := f.uidBase + uint64(f.senders+(r-1)*f.users)
-		run, err := offlineOnce(ctx, f, t, senders, account, uidRange(first, f.users), r, stderr)
+	for r := 1; r <= f.Repeat; r++ {
+		first := f.UIDBase + uint64(f.Senders+(r-1)*f.Users)
+		run, err := f.once(ctx, t, senders, account, uidRange(first, f.Users), r, stderr)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		rep.Runs = append(rep.Runs, run)
 		rep.OK = rep.OK && run.OK
 	}
 	closeClients(senders)
-	if serr := t.stop(); serr != nil {
+	if serr := t.Stop(); serr != nil {
 		rep.ServerStopResult = serr.Error()
 	}
 	rep.Host.LoadAfter = loadavg()
@@ -184,27 +176,18 @@ func offline(ctx context.Context, f *offlineFlags, command []string, stdout, std
 	for _, r := range rep.Runs {
 		pull, store = append(pull, r.PullRate), append(store, r.StoreRate)
 	}
-	rep.PullRate, rep.StoreRate = minMedMax(pull), minMedMax(store)
-
-	writeOfflineTable(stdout, rep)
-	if f.jsonPath != "" {
-		path, err := writeJSON(f.jsonPath, f.resultsDir, rep)
-		if err != nil {
-			return err
-		}
-		logf("report written to %s", path)
-	}
+	rep.PullRate, rep.StoreRate = MinMedMax(pull), MinMedMax(store)
 	if !rep.OK {
-		return errors.New("some sends failed or stored messages were not delivered (see the table)")
+		return rep, errors.New("some sends failed or stored messages were not delivered (see the table)")
 	}
-	return nil
+	return rep, nil
 }
 
-// offlineOnce stores f.n messages for each of users, then logs them in and
-// times the pull.
-func offlineOnce(ctx context.Context, f *offlineFlags, t *target, senders []*sdk.Client, account uint32, users []uint64, repeat int, stderr io.Writer) (offlineRun, error) {
-	run := offlineRun{Repeat: repeat}
-	rs := newRunState(1, int64(f.n*len(users)), 1, false)
+// once stores f.N messages for each of users, then logs them in and times
+// the pull.
+func (f *Offline) once(ctx context.Context, t *Target, senders []*sdk.Client, account uint32, users []uint64, repeat int, stderr io.Writer) (OfflineRun, error) {
+	run := OfflineRun{Repeat: repeat}
+	rs := newRunState(1, int64(f.N*len(users)), 1, false)
 	total := rs.slots
 
 	// Store: message k goes to users[k % users] from senders[k % senders].
@@ -218,9 +201,9 @@ func offlineOnce(ctx context.Context, f *offlineFlags, t *target, senders []*sdk
 			float64(stored.Load())/time.Since(t0).Seconds(), failed.Load())
 	})
 	var wg sync.WaitGroup
-	for w := range f.c {
+	for w := range f.C {
 		wg.Go(func() {
-			content := newContent(f.size)
+			content := newContent(f.Size)
 			for ctx.Err() == nil {
 				k := next.Add(1) - 1
 				if k >= total {
@@ -270,8 +253,8 @@ func offlineOnce(ctx context.Context, f *offlineFlags, t *target, senders []*sdk
 	if remaining.Load() == 0 {
 		close(allDone)
 	}
-	cpu0, cpuErr := t.cpuSeconds(ctx)
-	pctx, pcancel := context.WithTimeout(ctx, f.drain)
+	cpu := startCPU(ctx, t)
+	pctx, pcancel := context.WithTimeout(ctx, f.Drain)
 	defer pcancel()
 	start := mono()
 	t0 = time.Now()
@@ -285,7 +268,7 @@ func offlineOnce(ctx context.Context, f *offlineFlags, t *target, senders []*sdk
 	var lastLogin int64
 	for i, uid := range users {
 		wg.Go(func() {
-			o := sdk.Options{NoReconnect: true, PageSize: uint32(f.pageSize), Addrs: []string{t.Gateway},
+			o := sdk.Options{NoReconnect: true, PageSize: f.PageSize, Addrs: []string{t.Gateway},
 				DeviceID: fmt.Sprintf("imbench-%d", uid), Platform: "imbench",
 				OnC2C: func(m *pb.C2CMessage) {
 					run, idx, _, _, ok := getHeader(m.Content)
@@ -349,8 +332,8 @@ func offlineOnce(ctx context.Context, f *offlineFlags, t *target, senders []*sdk
 		}
 	}
 	run.PerUser = per.Summary()
-	if cpu1, err := t.cpuSeconds(ctx); err == nil && cpuErr == nil && run.Delivered > 0 {
-		run.ServerCPUSeconds = cpu1 - cpu0
+	if secs, src, ok := cpu.since(ctx); ok && run.Delivered > 0 {
+		run.ServerCPUSeconds, run.ServerCPUSource = secs, src
 		run.ServerUsPerMsg = run.ServerCPUSeconds / float64(run.Delivered) * 1e6
 	}
 	rs.errMu.Lock()
@@ -362,13 +345,14 @@ func offlineOnce(ctx context.Context, f *offlineFlags, t *target, senders []*sdk
 	return run, nil
 }
 
-func writeOfflineTable(out io.Writer, r *offlineReport) {
+// WriteTable prints the report as imbench does.
+func (r *OfflineReport) WriteTable(out io.Writer) {
 	srv := r.Server
 	origin := "attached"
 	if srv.Started {
 		origin = "started by imbench: " + srv.Binary
 	}
-	fmt.Fprintf(out, "imbench offline  %s  %s\n", r.Time.Format("2006-01-02 15:04:05Z"), strings.Join(r.Command[2:], " "))
+	fmt.Fprintf(out, "imbench offline  %s  %s\n", r.Time.Format("2006-01-02 15:04:05Z"), commandArgs(r.Command))
 	fmt.Fprintf(out, "server   pid %d, gateway %s, http %s (%s)\n", srv.PID, srv.Gateway, srv.HTTP, origin)
 	s := r.Setup
 	page := "server default"
