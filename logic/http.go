@@ -51,8 +51,8 @@ type HTTPOptions struct {
 //
 //   - /healthz, /readyz and /metrics for operators;
 //   - the app-server API (schema/openapi.yaml), authenticated per app with
-//     `Authorization: Bearer <api key>`: POST /v1/push, GET /v1/push/{id},
-//     GET /v1/presence?uid=N;
+//     `Authorization: Bearer <api key>`: POST /v1/push, POST /v1/broadcast
+//     (broadcast.go), GET /v1/push/{id}, GET /v1/presence?uid=N;
 //   - for clients, before they log in and without a key: GET /v1/gateways,
 //     the gateways to dial (discovery.go);
 //   - the admin API, authenticated with its own key (HTTPOptions.AdminKey):
@@ -118,6 +118,14 @@ func NewHTTPServer(svc *Service, o HTTPOptions) *fasthttp.Server {
 			}
 			if app := authApp(svc, ctx); app != nil {
 				handlePush(svc, app, ctx, log, logid)
+			}
+		case path == "/v1/broadcast":
+			if !ctx.IsPost() {
+				writeError(ctx, fasthttp.StatusMethodNotAllowed, 0, "use POST")
+				return
+			}
+			if app := authApp(svc, ctx); app != nil {
+				handleBroadcast(svc, app, ctx, log, logid)
 			}
 		case strings.HasPrefix(path, "/v1/push/"):
 			if !ctx.IsGet() {
@@ -275,17 +283,17 @@ func handlePushStats(svc *Service, app *App, ctx *fasthttp.RequestCtx, idText st
 		writeError(ctx, fasthttp.StatusBadRequest, schema.StatusBadArgument, "push id must be a decimal number")
 		return
 	}
-	st, ok, err := svc.PushStats(ctx, app, id)
-	if err != nil {
+	st, err := svc.PushStats(ctx, app, id)
+	var none *NoStatsError
+	switch {
+	case errors.As(err, &none):
+		writeError(ctx, fasthttp.StatusNotFound, 0, none.Msg)
+	case err != nil:
 		writeStatusError(ctx, err)
 		log.Warn("push statistics", "push_id", id, "err", err, "logid", logid)
-		return
+	default:
+		writeJSON(ctx, fasthttp.StatusOK, st)
 	}
-	if !ok {
-		writeError(ctx, fasthttp.StatusNotFound, 0, fmt.Sprintf("push %d is unknown, expired (kept %s) or not yours", id, svc.s2c.StatsTTL))
-		return
-	}
-	writeJSON(ctx, fasthttp.StatusOK, st)
 }
 
 // presenceSession is one session in GET /v1/presence.

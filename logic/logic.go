@@ -210,7 +210,7 @@ func New(opts Options) (*Service, error) {
 		s.acl, _ = acl.New(acl.Lists{})
 	}
 	if s.ledger == nil {
-		s.ledger = &router.MemoryLedger{}
+		s.ledger = router.NewMemoryLedger(opts.S2C.StatsMax) // bounded: s2c.stats_max
 	}
 	s.c2c.setDefaults()
 	s.groupCfg = opts.Groups

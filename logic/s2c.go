@@ -3,6 +3,8 @@ package logic
 import (
 	"context"
 	"crypto/subtle"
+	"errors"
+	"fmt"
 	"time"
 
 	"github.com/imd-dev/imd/das"
@@ -23,6 +25,14 @@ type S2C struct {
 	// StatsTTL is how long a push's delivery statistics can be asked
 	// for. Default 1h.
 	StatsTTL time.Duration `yaml:"stats_ttl"`
+	// StatsMax bounds the pushes whose statistics a logic node keeps in
+	// its memory (without Redis): past it the oldest are dropped before
+	// their StatsTTL. Default router.DefaultLedgerMax (1,048,576, about
+	// 87 MB when full). In Redis the TTL alone bounds them.
+	StatsMax int `yaml:"stats_max"`
+	// BroadcastBatch bounds the connections of one gateway call of a
+	// broadcast (POST /v1/broadcast). Default 1024.
+	BroadcastBatch int `yaml:"broadcast_batch"`
 }
 
 func (c *S2C) setDefaults() {
@@ -37,6 +47,12 @@ func (c *S2C) setDefaults() {
 	}
 	if c.StatsTTL <= 0 {
 		c.StatsTTL = time.Hour
+	}
+	if c.StatsMax <= 0 {
+		c.StatsMax = router.DefaultLedgerMax
+	}
+	if c.BroadcastBatch <= 0 {
+		c.BroadcastBatch = router.DefaultListPage
 	}
 }
 
@@ -213,7 +229,7 @@ func (s *Service) Push(ctx context.Context, caller *App, req *PushRequest) (*Pus
 		}
 		res.Stored = len(offline)
 	}
-	if err := s.ledger.Settle(ctx, id, res.Online, res.Stored, res.Dropped); err != nil {
+	if err := s.ledger.Settle(ctx, id, len(req.To), res.Online, res.Stored, res.Dropped); err != nil {
 		// The push itself went out: say so, and log what the statistics missed.
 		s.log.Warn("push statistics not settled", "push_id", id, "err", err, "logid", logid)
 	}
@@ -224,17 +240,39 @@ func (s *Service) Push(ctx context.Context, caller *App, req *PushRequest) (*Pus
 	return res, nil
 }
 
+// NoStatsError is PushStats's answer for a push whose statistics it
+// cannot give; its message says why (the HTTP API answers 404).
+type NoStatsError struct{ Msg string }
+
+func (e *NoStatsError) Error() string { return e.Msg }
+
 // PushStats returns the delivery statistics of push id, if caller's
-// account system made it and they are still kept.
-func (s *Service) PushStats(ctx context.Context, caller *App, id uint64) (PushStats, bool, error) {
+// account system made it and they are still kept; else a *NoStatsError
+// saying why not, as far as that tells nothing of other account systems'
+// pushes.
+func (s *Service) PushStats(ctx context.Context, caller *App, id uint64) (PushStats, error) {
 	st, ok, err := s.ledger.Get(ctx, id)
-	if err != nil {
-		return PushStats{}, false, schema.Errorf(schema.StatusUnavailable, "push statistics: %v", err)
+	switch {
+	case errors.Is(err, router.ErrStatsEvicted):
+		return PushStats{}, &NoStatsError{fmt.Sprintf("statistics expired: push %d was dropped to keep this node's push statistics within s2c.stats_max (the newest %d pushes are kept)", id, s.s2c.StatsMax)}
+	case err != nil:
+		return PushStats{}, schema.Errorf(schema.StatusUnavailable, "push statistics: %v", err)
+	case ok && s.apps[st.AppCode] != nil && s.apps[st.AppCode].Account == caller.Account:
+		return st, nil
+	case !ok && time.Since(das.MsgTime(id)) > s.s2c.StatsTTL:
+		return PushStats{}, &NoStatsError{fmt.Sprintf("statistics expired: push %d is older than s2c.stats_ttl (%s), or unknown", id, s.s2c.StatsTTL)}
 	}
-	if !ok || s.apps[st.AppCode] == nil || s.apps[st.AppCode].Account != caller.Account {
-		return PushStats{}, false, nil
+	return PushStats{}, &NoStatsError{fmt.Sprintf("push %d is unknown or not yours", id)}
+}
+
+// PushStatsKept returns how many pushes' statistics this node keeps in
+// its memory (s2c.stats_max bounds them), or -1 when they are kept
+// elsewhere (Redis).
+func (s *Service) PushStatsKept() int {
+	if l, ok := s.ledger.(*router.MemoryLedger); ok {
+		return l.Len()
 	}
-	return st, true, nil
+	return -1
 }
 
 // pushAcked counts the arrival of pushes acknowledged by a terminal.

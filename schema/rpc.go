@@ -26,6 +26,9 @@ const (
 	RPCPeerAck      Cmd = 0x7F35 // request: PeerAck -> RPCEmpty
 	RPCPeerResync   Cmd = 0x7F36 // request: RPCEmpty -> RPCEmpty: announce your DC's sessions again
 	RPCPeerGateways Cmd = 0x7F37 // request: RPCEmpty -> PeerGatewaysResponse: your DC's gateways for clients
+
+	// A broadcast (POST /v1/broadcast) crosses to every other DC once.
+	RPCPeerBroadcast Cmd = 0x7F38 // request: PeerBroadcast -> PeerBroadcastResponse: your DC's part of a broadcast
 )
 
 var rpcNames = map[Cmd]string{
@@ -46,6 +49,8 @@ var rpcNames = map[Cmd]string{
 	RPCPeerAck:      "peer-ack",
 	RPCPeerResync:   "peer-resync",
 	RPCPeerGateways: "peer-gateways",
+
+	RPCPeerBroadcast: "peer-broadcast",
 }
 
 // IsRPC reports whether c is in the internal RPC table.

@@ -292,7 +292,7 @@ func TestOpenAPIDocument(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := map[string][]string{
-		"/v1/push": {"post"}, "/v1/push/{push_id}": {"get"}, "/v1/presence": {"get"},
+		"/v1/push": {"post"}, "/v1/push/{push_id}": {"get"}, "/v1/presence": {"get"}, "/v1/broadcast": {"post"},
 		"/v1/groups": {"post"}, "/v1/groups/{group_id}": {"get", "delete"},
 		"/v1/groups/{group_id}/members": {"post", "delete"}, "/v1/users/{account}/{uid}/groups": {"get"},
 		"/v1/admin/acl": {"get", "put"}, "/v1/gateways": {"get"},

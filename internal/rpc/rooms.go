@@ -806,6 +806,8 @@ func (r *Rooms) serve(ctx context.Context, l *Link, f *schema.Frame) ([]byte, er
 		return nil, nil
 	case schema.RPCPeerGateways:
 		return r.serveGateways(ctx)
+	case schema.RPCPeerBroadcast:
+		return r.serveBroadcast(ctx, dc, f)
 	case schema.RPCPing:
 		return nil, nil
 	}

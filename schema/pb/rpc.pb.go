@@ -1361,6 +1361,142 @@ func (x *PeerGatewaysResponse) GetGateways() []*PeerGateway {
 	return nil
 }
 
+// PeerBroadcast is the receiving DC's part of a broadcast the sending DC
+// took (POST /v1/broadcast): notify, an encoded S2CNotify, to every
+// session of appcode that the receiving DC's own gateways hold. The
+// answer is a PeerBroadcastResponse.
+type PeerBroadcast struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Appcode       uint32                 `protobuf:"varint,1,opt,name=appcode,proto3" json:"appcode,omitempty"`
+	Notify        []byte                 `protobuf:"bytes,2,opt,name=notify,proto3" json:"notify,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PeerBroadcast) Reset() {
+	*x = PeerBroadcast{}
+	mi := &file_rpc_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PeerBroadcast) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PeerBroadcast) ProtoMessage() {}
+
+func (x *PeerBroadcast) ProtoReflect() protoreflect.Message {
+	mi := &file_rpc_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PeerBroadcast.ProtoReflect.Descriptor instead.
+func (*PeerBroadcast) Descriptor() ([]byte, []int) {
+	return file_rpc_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *PeerBroadcast) GetAppcode() uint32 {
+	if x != nil {
+		return x.Appcode
+	}
+	return 0
+}
+
+func (x *PeerBroadcast) GetNotify() []byte {
+	if x != nil {
+		return x.Notify
+	}
+	return nil
+}
+
+// PeerBroadcastResponse counts sessions of the receiving DC: those its
+// router listed (recipients), those whose gateway took the notify
+// (online), the others (unreachable), and the gateways that held some.
+// error says why its part stopped short (the counts cover what went).
+type PeerBroadcastResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Recipients    uint32                 `protobuf:"varint,1,opt,name=recipients,proto3" json:"recipients,omitempty"`
+	Online        uint32                 `protobuf:"varint,2,opt,name=online,proto3" json:"online,omitempty"`
+	Unreachable   uint32                 `protobuf:"varint,3,opt,name=unreachable,proto3" json:"unreachable,omitempty"`
+	Gates         uint32                 `protobuf:"varint,4,opt,name=gates,proto3" json:"gates,omitempty"`
+	Error         string                 `protobuf:"bytes,5,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PeerBroadcastResponse) Reset() {
+	*x = PeerBroadcastResponse{}
+	mi := &file_rpc_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PeerBroadcastResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PeerBroadcastResponse) ProtoMessage() {}
+
+func (x *PeerBroadcastResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_rpc_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PeerBroadcastResponse.ProtoReflect.Descriptor instead.
+func (*PeerBroadcastResponse) Descriptor() ([]byte, []int) {
+	return file_rpc_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *PeerBroadcastResponse) GetRecipients() uint32 {
+	if x != nil {
+		return x.Recipients
+	}
+	return 0
+}
+
+func (x *PeerBroadcastResponse) GetOnline() uint32 {
+	if x != nil {
+		return x.Online
+	}
+	return 0
+}
+
+func (x *PeerBroadcastResponse) GetUnreachable() uint32 {
+	if x != nil {
+		return x.Unreachable
+	}
+	return 0
+}
+
+func (x *PeerBroadcastResponse) GetGates() uint32 {
+	if x != nil {
+		return x.Gates
+	}
+	return 0
+}
+
+func (x *PeerBroadcastResponse) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
 var File_rpc_proto protoreflect.FileDescriptor
 
 const file_rpc_proto_rawDesc = "" +
@@ -1453,7 +1589,18 @@ const file_rpc_proto_rawDesc = "" +
 	"\x04load\x18\x05 \x01(\x03R\x04load\"W\n" +
 	"\x14PeerGatewaysResponse\x12\x0e\n" +
 	"\x02dc\x18\x01 \x01(\tR\x02dc\x12/\n" +
-	"\bgateways\x18\x02 \x03(\v2\x13.imd.v1.PeerGatewayR\bgatewaysB\"Z github.com/imd-dev/imd/schema/pbb\x06proto3"
+	"\bgateways\x18\x02 \x03(\v2\x13.imd.v1.PeerGatewayR\bgateways\"A\n" +
+	"\rPeerBroadcast\x12\x18\n" +
+	"\aappcode\x18\x01 \x01(\rR\aappcode\x12\x16\n" +
+	"\x06notify\x18\x02 \x01(\fR\x06notify\"\x9d\x01\n" +
+	"\x15PeerBroadcastResponse\x12\x1e\n" +
+	"\n" +
+	"recipients\x18\x01 \x01(\rR\n" +
+	"recipients\x12\x16\n" +
+	"\x06online\x18\x02 \x01(\rR\x06online\x12 \n" +
+	"\vunreachable\x18\x03 \x01(\rR\vunreachable\x12\x14\n" +
+	"\x05gates\x18\x04 \x01(\rR\x05gates\x12\x14\n" +
+	"\x05error\x18\x05 \x01(\tR\x05errorB\"Z github.com/imd-dev/imd/schema/pbb\x06proto3"
 
 var (
 	file_rpc_proto_rawDescOnce sync.Once
@@ -1467,38 +1614,40 @@ func file_rpc_proto_rawDescGZIP() []byte {
 	return file_rpc_proto_rawDescData
 }
 
-var file_rpc_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_rpc_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_rpc_proto_goTypes = []any{
-	(*RPCSession)(nil),           // 0: imd.v1.RPCSession
-	(*RPCHello)(nil),             // 1: imd.v1.RPCHello
-	(*RPCHelloResponse)(nil),     // 2: imd.v1.RPCHelloResponse
-	(*RPCAnnounce)(nil),          // 3: imd.v1.RPCAnnounce
-	(*RPCLogin)(nil),             // 4: imd.v1.RPCLogin
-	(*RPCLoginResponse)(nil),     // 5: imd.v1.RPCLoginResponse
-	(*RPCSessionOnly)(nil),       // 6: imd.v1.RPCSessionOnly
-	(*RPCHandle)(nil),            // 7: imd.v1.RPCHandle
-	(*RPCPush)(nil),              // 8: imd.v1.RPCPush
-	(*RPCPushResponse)(nil),      // 9: imd.v1.RPCPushResponse
-	(*RPCKick)(nil),              // 10: imd.v1.RPCKick
-	(*RPCEmpty)(nil),             // 11: imd.v1.RPCEmpty
-	(*PeerHello)(nil),            // 12: imd.v1.PeerHello
-	(*PeerHelloResponse)(nil),    // 13: imd.v1.PeerHelloResponse
-	(*PeerMirrorOp)(nil),         // 14: imd.v1.PeerMirrorOp
-	(*PeerMirror)(nil),           // 15: imd.v1.PeerMirror
-	(*PeerPush)(nil),             // 16: imd.v1.PeerPush
-	(*PeerKick)(nil),             // 17: imd.v1.PeerKick
-	(*PeerForward)(nil),          // 18: imd.v1.PeerForward
-	(*PeerAck)(nil),              // 19: imd.v1.PeerAck
-	(*PeerGateway)(nil),          // 20: imd.v1.PeerGateway
-	(*PeerGatewaysResponse)(nil), // 21: imd.v1.PeerGatewaysResponse
-	(*Kickout)(nil),              // 22: imd.v1.Kickout
+	(*RPCSession)(nil),            // 0: imd.v1.RPCSession
+	(*RPCHello)(nil),              // 1: imd.v1.RPCHello
+	(*RPCHelloResponse)(nil),      // 2: imd.v1.RPCHelloResponse
+	(*RPCAnnounce)(nil),           // 3: imd.v1.RPCAnnounce
+	(*RPCLogin)(nil),              // 4: imd.v1.RPCLogin
+	(*RPCLoginResponse)(nil),      // 5: imd.v1.RPCLoginResponse
+	(*RPCSessionOnly)(nil),        // 6: imd.v1.RPCSessionOnly
+	(*RPCHandle)(nil),             // 7: imd.v1.RPCHandle
+	(*RPCPush)(nil),               // 8: imd.v1.RPCPush
+	(*RPCPushResponse)(nil),       // 9: imd.v1.RPCPushResponse
+	(*RPCKick)(nil),               // 10: imd.v1.RPCKick
+	(*RPCEmpty)(nil),              // 11: imd.v1.RPCEmpty
+	(*PeerHello)(nil),             // 12: imd.v1.PeerHello
+	(*PeerHelloResponse)(nil),     // 13: imd.v1.PeerHelloResponse
+	(*PeerMirrorOp)(nil),          // 14: imd.v1.PeerMirrorOp
+	(*PeerMirror)(nil),            // 15: imd.v1.PeerMirror
+	(*PeerPush)(nil),              // 16: imd.v1.PeerPush
+	(*PeerKick)(nil),              // 17: imd.v1.PeerKick
+	(*PeerForward)(nil),           // 18: imd.v1.PeerForward
+	(*PeerAck)(nil),               // 19: imd.v1.PeerAck
+	(*PeerGateway)(nil),           // 20: imd.v1.PeerGateway
+	(*PeerGatewaysResponse)(nil),  // 21: imd.v1.PeerGatewaysResponse
+	(*PeerBroadcast)(nil),         // 22: imd.v1.PeerBroadcast
+	(*PeerBroadcastResponse)(nil), // 23: imd.v1.PeerBroadcastResponse
+	(*Kickout)(nil),               // 24: imd.v1.Kickout
 }
 var file_rpc_proto_depIdxs = []int32{
 	0,  // 0: imd.v1.RPCAnnounce.sessions:type_name -> imd.v1.RPCSession
 	0,  // 1: imd.v1.RPCLoginResponse.session:type_name -> imd.v1.RPCSession
 	0,  // 2: imd.v1.RPCSessionOnly.session:type_name -> imd.v1.RPCSession
 	0,  // 3: imd.v1.RPCHandle.session:type_name -> imd.v1.RPCSession
-	22, // 4: imd.v1.RPCKick.kickout:type_name -> imd.v1.Kickout
+	24, // 4: imd.v1.RPCKick.kickout:type_name -> imd.v1.Kickout
 	0,  // 5: imd.v1.PeerMirrorOp.session:type_name -> imd.v1.RPCSession
 	14, // 6: imd.v1.PeerMirror.ops:type_name -> imd.v1.PeerMirrorOp
 	8,  // 7: imd.v1.PeerPush.push:type_name -> imd.v1.RPCPush
@@ -1525,7 +1674,7 @@ func file_rpc_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_rpc_proto_rawDesc), len(file_rpc_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   22,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
