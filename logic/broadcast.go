@@ -84,8 +84,6 @@ type BroadcastResult struct {
 // data centers (internal/rpc's does).
 type BroadcastRooms interface {
 	Rooms
-	// DCs names every DC of the deployment, this one included.
-	DCs() []string
 	// Broadcast asks DC dc to push notify (an encoded S2CNotify) to every
 	// session of appcode its own gateways hold, and returns its part. It
 	// waits for dc's answer and keeps nothing for a link that is down.

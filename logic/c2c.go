@@ -441,6 +441,15 @@ func (s *Service) offlinePull(ctx context.Context, sess router.Session, h *schem
 	if err != nil {
 		return nil, storeErr("page", err)
 	}
+	if s.rooms != nil {
+		if IsMirror(&sess) {
+			// Another DC's pull: what this DC stored; the rest is there.
+			here := s.rooms.DC()
+			msgs = slices.DeleteFunc(msgs, func(m *pb.C2CMessage) bool { return s.rooms.MsgDC(m.Msgid) != here })
+		} else {
+			msgs, more = s.pullOtherDCs(ctx, sess, h.LogID, req.AfterMsgid, size, msgs, more)
+		}
+	}
 	return proto.Marshal(&pb.OfflinePullResponse{Messages: msgs, More: more})
 }
 

@@ -1,9 +1,11 @@
 package logic
 
 import (
+	"cmp"
 	"context"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/imd-dev/imd/das"
@@ -44,6 +46,8 @@ type Rooms interface {
 	// did not hold yet (stored there, not replicated here yet), so that
 	// dc removes them from its inbox and sends the receipts.
 	Acked(dc string, sess router.Session, msgids []uint64, logid uint64)
+	// DCs names every DC of the deployment, this one included.
+	DCs() []string
 }
 
 // MirrorGate is the gate id under which this DC's router keeps the
@@ -62,10 +66,15 @@ func SplitMirrorGate(id string) (dc, gate string, ok bool) {
 // IsMirror reports whether s is another DC's session, mirrored here.
 func IsMirror(s *router.Session) bool { return strings.HasPrefix(s.Gate, "@") }
 
-// catchUpWindow is how far back a login in another DC looks for messages
-// stored here that the other DC's store may not have received yet
+// catchUpWindow is how far back an offline pull asks the other DCs for
+// messages they stored that this DC's store may not have received yet
 // (replication between DCs is asynchronous).
 const catchUpWindow = 30 * time.Second
+
+// lateMirror is how old a mirrored login may be when it arrives and still
+// count as on time: one that arrives later (its DC's link was down) may
+// have missed what the other DCs stored for it, and gets it pushed.
+const lateMirror = 2 * time.Second
 
 // SetRooms connects the service to the other DCs. Call it before serving.
 func (s *Service) SetRooms(r Rooms) { s.rooms = r }
@@ -118,14 +127,21 @@ func (s *Service) ApplyMirror(ctx context.Context, dc string, ops []MirrorOp) er
 		if app == nil || app.Account != m.Account {
 			continue
 		}
-		if err := s.applyMirrorLogin(ctx, app, m); err != nil {
+		late := time.Since(time.UnixMilli(m.LoginMS)) > lateMirror
+		if err := s.applyMirrorLogin(ctx, app, m, late); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-func (s *Service) applyMirrorLogin(ctx context.Context, app *App, m router.Session) error {
+// applyMirrorLogin registers m, another DC's login, where it wins over
+// this DC's logins of the same terminal. A login this router did not
+// know gets the newest message of its groups ordered here, and, with
+// catchUp, the messages this DC stored for it in the last catchUpWindow
+// (a login whose own offline pull could not ask this DC: see
+// offlinePull).
+func (s *Service) applyMirrorLogin(ctx context.Context, app *App, m router.Session, catchUp bool) error {
 	max := max(app.MaxSessions, 1)
 	cur, err := s.router.Lookup(ctx, m.User())
 	if err != nil {
@@ -161,7 +177,9 @@ func (s *Service) applyMirrorLogin(ctx context.Context, app *App, m router.Sessi
 		}, 0)
 	}
 	if !known {
-		s.catchUp(ctx, m)
+		if catchUp {
+			s.catchUp(ctx, m)
+		}
 		s.groupCatchUp(ctx, m, true)
 	}
 	return nil
@@ -240,11 +258,90 @@ func (s *Service) groupCatchUp(ctx context.Context, m router.Session, homeOnly b
 // ServeForwarded serves a client request that session sess of DC dc sent
 // to its own DC, which forwarded it here (a group send ordered here).
 func (s *Service) ServeForwarded(ctx context.Context, dc string, sess router.Session, h *schema.Header, body []byte) ([]byte, error) {
-	if h.Cmd != schema.CmdC2CSend {
+	sess.Gate = MirrorGate(dc, sess.Gate)
+	switch h.Cmd {
+	case schema.CmdC2CSend:
+	case schema.CmdOfflinePull:
+		// The session's offline pull asks this DC for what it stored
+		// lately. Mirror the login first (its own change may still be on
+		// its way): what is stored after that is pushed to it live, what
+		// was stored before is in the page.
+		if app := s.apps[sess.AppCode]; app != nil && app.Account == sess.Account {
+			if err := s.applyMirrorLogin(ctx, app, sess, false); err != nil {
+				return nil, err
+			}
+		}
+	default:
 		return nil, schema.Errorf(schema.StatusUnknownCmd, "%s is not served across data centers", h.Cmd)
 	}
-	sess.Gate = MirrorGate(dc, sess.Gate)
 	return s.Handle(ctx, sess, h, body)
+}
+
+// pullOtherDCs merges into page (this DC's offline page after after,
+// size at most) what the other DCs stored for sess since catchUpWindow:
+// replication between DCs is asynchronous, and a message stored in
+// another DC a moment before this login may not be here yet. Each DC is
+// asked over its link, at once, for at most the time of a page; a DC
+// that does not answer is left out (its mirror of the login pushes what
+// it missed later). The page stays sorted by msgid and at most size.
+func (s *Service) pullOtherDCs(ctx context.Context, sess router.Session, logid, after uint64, size int, page []*pb.C2CMessage, more bool) ([]*pb.C2CMessage, bool) {
+	floor := das.MsgidAt(time.Now().Add(-catchUpWindow))
+	if more && len(page) > 0 && page[len(page)-1].Msgid < floor {
+		return page, more // the recent messages come in a later page
+	}
+	body, _ := proto.Marshal(&pb.OfflinePullRequest{AfterMsgid: max(after, floor), PageSize: uint32(size)})
+	here := s.rooms.DC()
+	type answer struct {
+		msgs []*pb.C2CMessage
+		more bool
+	}
+	var (
+		mu      sync.Mutex
+		wg      sync.WaitGroup
+		answers []answer
+	)
+	for _, dc := range s.rooms.DCs() {
+		if dc == here {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			defer cancel()
+			rb, err := s.rooms.Forward(cctx, dc, sess, &schema.Header{Cmd: schema.CmdOfflinePull, LogID: logid}, body)
+			var resp pb.OfflinePullResponse
+			if err == nil {
+				err = proto.Unmarshal(rb, &resp)
+			}
+			if err != nil {
+				s.log.Info("offline pull: another DC not asked", "dc", dc, "uid", sess.UID, "err", err, "logid", logid)
+				return
+			}
+			mu.Lock()
+			answers = append(answers, answer{resp.Messages, resp.More})
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	seen := make(map[uint64]bool, len(page))
+	for _, m := range page {
+		seen[m.Msgid] = true
+	}
+	for _, a := range answers {
+		more = more || a.more
+		for _, m := range a.msgs {
+			if !seen[m.Msgid] {
+				seen[m.Msgid] = true
+				page = append(page, m)
+			}
+		}
+	}
+	slices.SortFunc(page, func(a, b *pb.C2CMessage) int { return cmp.Compare(a.Msgid, b.Msgid) })
+	if len(page) > size {
+		page, more = page[:size], true
+	}
+	return page, more
 }
 
 // ServeRemoteAck acknowledges msgids for a session of DC dc that its own

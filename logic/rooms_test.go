@@ -64,6 +64,7 @@ func (r *fakeRooms) Gate(dc, gate string) Gate {
 	return r.gates[k]
 }
 func (r *fakeRooms) HomeDC(uint64) string { return r.home }
+func (r *fakeRooms) DCs() []string        { return []string{"dc1", "dc2"} }
 func (r *fakeRooms) MsgDC(msgid uint64) string {
 	if (msgid>>12)&1023 >= 512 {
 		return "dc2"

@@ -9,7 +9,6 @@ import (
 	"maps"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -22,32 +21,11 @@ import (
 	"time"
 
 	"github.com/imd-dev/imd/das/cassandra"
+	"github.com/imd-dev/imd/internal/testenv"
 	"github.com/imd-dev/imd/internal/testnet"
 	"github.com/imd-dev/imd/schema/pb"
 	"github.com/imd-dev/imd/sdk"
 )
-
-// needEnv returns the value of a test environment variable that
-// scripts/services.sh env exports; without it the test fails under
-// CI=true and skips otherwise.
-func needEnv(t *testing.T, name, service string) string {
-	t.Helper()
-	v := os.Getenv(name)
-	if v != "" {
-		host := strings.Split(v, ",")[0]
-		c, err := net.DialTimeout("tcp", host, 2*time.Second)
-		if err == nil {
-			_ = c.Close()
-			return v
-		}
-		v = fmt.Sprintf("%s (%v)", v, err)
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("CI=true and %s is unset or unreachable: %s; `scripts/services.sh up %s` starts it", name, v, service)
-	}
-	t.Skipf("%s unset or unreachable (%s): run `scripts/services.sh up %s` and eval \"$(scripts/services.sh env)\"", name, v, service)
-	return ""
-}
 
 // freeAddrOn is freeAddr on another loopback address (DC2 lives on
 // 127.0.0.2).
@@ -122,10 +100,10 @@ func metric(t *testing.T, p *proc, name string, labels ...string) float64 {
 
 func startTwoDCWorld(t *testing.T) *twoDCWorld {
 	t.Helper()
-	rc1 := needEnv(t, "IMD_TEST_REDIS_CLUSTER_DC1", "rcluster")
-	rc2 := needEnv(t, "IMD_TEST_REDIS_CLUSTER_DC2", "rcluster")
+	rc1 := strings.Join(testenv.RedisCluster(t, "dc1"), ",")
+	rc2 := strings.Join(testenv.RedisCluster(t, "dc2"), ",")
 	cass1 := needCassandra(t)
-	cass2 := needEnv(t, "IMD_TEST_CASSANDRA_DC2", "cassandra2")
+	cass2 := testenv.CassandraDC2(t)
 
 	var b [4]byte
 	_, _ = rand.Read(b[:])
@@ -458,60 +436,35 @@ func TestTwoDCDrills(t *testing.T) {
 	}
 }
 
-// servicesScript runs scripts/services.sh with args.
-func servicesScript(t *testing.T, args ...string) {
-	t.Helper()
-	cmd := exec.Command("bash", append([]string{"../../scripts/services.sh"}, args...)...)
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("services.sh %v: %v\n%s", args, err, out)
-	}
-}
-
-func servicesDir() string {
-	if d := os.Getenv("IMD_SERVICES_DIR"); d != "" {
-		return d
-	}
-	return filepath.Join(os.TempDir(), "imd-services")
-}
-
 // killRedisMaster SIGKILLs one master of dc's Redis Cluster and starts it
 // again (empty: the test cluster keeps nothing on disk).
 func killRedisMaster(t *testing.T, dc string) {
 	t.Helper()
-	pids, _ := filepath.Glob(filepath.Join(servicesDir(), "rcluster", dc, "*", "redis.pid"))
-	if len(pids) == 0 {
-		t.Fatalf("no pid file of %s's Redis Cluster under %s", dc, servicesDir())
-	}
-	slices.Sort(pids)
-	killPidFile(t, pids[0])
-	servicesScript(t, "up", "rcluster")
+	testenv.KillRedis(t, testenv.RedisCluster(t, dc)[0])
+	testenv.Services(t, "up", "rcluster")
 }
 
 // killCassandra2 SIGKILLs DC2's Cassandra node and starts it again.
 func killCassandra2(t *testing.T) {
 	t.Helper()
-	killPidFile(t, filepath.Join(servicesDir(), "cassandra2", "cassandra2.pid"))
-	time.Sleep(2 * time.Second) // DC2 runs on without its store meanwhile
-	began := time.Now()
-	servicesScript(t, "up", "cassandra2")
-	t.Logf("DC2's Cassandra node back in %s", time.Since(began).Round(time.Second))
-}
-
-func killPidFile(t *testing.T, path string) {
-	t.Helper()
-	b, err := os.ReadFile(path)
+	dir := os.Getenv("IMD_SERVICES_DIR")
+	if dir == "" {
+		dir = filepath.Join(os.TempDir(), "imd-services")
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "cassandra2", "cassandra2.pid"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
 	if err != nil {
-		t.Fatalf("%s: %v", path, err)
+		t.Fatalf("cassandra2's pid file: %v", err)
 	}
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
-		t.Fatalf("kill %d (%s): %v", pid, path, err)
+		t.Fatalf("kill -9 %d (cassandra2): %v", pid, err)
 	}
-	for i := 0; i < 100 && syscall.Kill(pid, 0) == nil; i++ {
+	for i := 0; i < 200 && syscall.Kill(pid, 0) == nil; i++ {
 		time.Sleep(50 * time.Millisecond)
 	}
+	time.Sleep(2 * time.Second) // DC2 runs on without its store meanwhile
+	t.Logf("DC2's Cassandra node back in %s", testenv.Services(t, "up", "cassandra2").Round(time.Second))
 }

@@ -212,6 +212,35 @@ func TestTwoDCsPartition(t *testing.T) {
 	checkInOrder(t, "C", recC.contents(), "a", n)
 }
 
+// TestTwoDCsOfflineAcrossDCs: messages stored in DC1 for a user who is
+// offline, and who then logs in to DC2 before DC2's store has them (here
+// never: each DC has its own embedded store, the harshest replication
+// delay), reach the user through the offline pull, in order and once;
+// the acks reach DC1, which sends the receipts and empties the inbox.
+func TestTwoDCsOfflineAcrossDCs(t *testing.T) {
+	w := startTwoDCs(t)
+	var recA received
+	var rcA receipts
+	a := chatter(t, w.dc1, 101, 1001, &recA, &rcA, nil)
+	ctx := context.Background()
+	const n = 20
+	for i := range n {
+		if _, err := a.SendC2C(ctx, &pb.User{Account: 1, Uid: 2001}, 1, fmt.Appendf(nil, "a%03d", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var recB received
+	_ = chatter(t, w.dc2, 101, 2001, &recB, nil, func(o *sdk.Options) { o.PageSize = 7 })
+	eventually(t, 10*time.Second, "B got what DC1 stored", func() bool { return recB.len() >= n })
+	time.Sleep(200 * time.Millisecond)
+	checkInOrder(t, "B (dc2) from A's stored messages (dc1)", recB.contents(), "a", n)
+	eventually(t, 10*time.Second, "a receipt for each", func() bool { return rcA.len() >= n })
+	var recB2 received
+	_ = chatter(t, w.dc2, 102, 2001, &recB2, nil, nil) // the other terminal has its own inbox
+	eventually(t, 10*time.Second, "B's other terminal got them too", func() bool { return recB2.len() >= n })
+	checkInOrder(t, "B's other terminal", recB2.contents(), "a", n)
+}
+
 // checkInOrder checks that got is exactly prefix000 .. prefix(n-1), once
 // each and in order.
 func checkInOrder(t *testing.T, who string, got []string, prefix string, n int) {
