@@ -658,30 +658,14 @@ func (r *Rooms) Serve(ln net.Listener) error {
 	}
 	r.ln = ln
 	r.mu.Unlock()
-	for {
-		nc, err := ln.Accept()
-		if err != nil {
-			if r.ctx.Err() != nil {
-				return nil
-			}
-			if errors.Is(err, net.ErrClosed) {
-				return fmt.Errorf("rpc: peer accept: %w", err)
-			}
-			time.Sleep(50 * time.Millisecond)
-			continue
-		}
+	return acceptLoop(ln, "dc links", r.log, func() bool { return r.ctx.Err() != nil }, func(nc net.Conn) bool {
 		r.wg.Add(1)
 		go func() {
 			defer r.wg.Done()
 			if r.o.ServerTLS != nil {
-				tuneTCP(nc)
-				tc := tls.Server(nc, r.o.ServerTLS)
-				ctx, cancel := context.WithTimeout(r.ctx, handshakeTimeout)
-				err := tc.HandshakeContext(ctx)
-				cancel()
+				tc, err := serverHandshake(r.ctx, nc, r.o.ServerTLS)
 				if err != nil {
 					r.log.Warn("dc link refused: tls handshake failed", "remote", nc.RemoteAddr().String(), "err", err)
-					_ = nc.Close()
 					return
 				}
 				nc = tc
@@ -719,7 +703,8 @@ func (r *Rooms) Serve(ln net.Listener) error {
 			}
 			r.mu.Unlock()
 		}()
-	}
+		return true
+	})
 }
 
 func cutPeer(name string) (dc, node string, ok bool) {

@@ -3,8 +3,6 @@ package rpc
 import (
 	"context"
 	"crypto/tls"
-	"errors"
-	"fmt"
 	"log/slog"
 	"net"
 	"sync"
@@ -92,31 +90,14 @@ func (s *Server) Serve(ln net.Listener) error {
 	}
 	s.ln = ln
 	s.mu.Unlock()
-	var delay time.Duration
-	for {
-		nc, err := ln.Accept()
-		if err != nil {
-			s.mu.Lock()
-			draining := s.draining
-			s.mu.Unlock()
-			if draining {
-				return nil
-			}
-			if errors.Is(err, net.ErrClosed) {
-				return fmt.Errorf("rpc: accept: %w", err)
-			}
-			// EMFILE and the like pass: back off and go on.
-			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			s.log.Warn("rpc accept failed; backing off", "err", err, "backoff", delay)
-			time.Sleep(delay)
-			continue
-		}
-		delay = 0
+	stopping := func() bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return s.draining
+	}
+	return acceptLoop(ln, "gateway links", s.log, stopping, func(nc net.Conn) bool {
 		if s.tls == nil {
-			if !s.addLink(nc) {
-				return nil
-			}
-			continue
+			return s.addLink(nc)
 		}
 		// The handshake runs on a goroutine of its own (counted in wg, so
 		// Close waits for it), not to hold up the accept loop.
@@ -124,7 +105,7 @@ func (s *Server) Serve(ln net.Listener) error {
 		if s.draining {
 			s.mu.Unlock()
 			_ = nc.Close()
-			return nil
+			return false
 		}
 		s.wg.Add(1)
 		s.mu.Unlock()
@@ -137,7 +118,8 @@ func (s *Server) Serve(ln net.Listener) error {
 			}
 			s.addLink(tc)
 		}()
-	}
+		return true
+	})
 }
 
 // addLink serves a gateway's link on nc; false (nc closed) once Close

@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"time"
@@ -81,13 +82,47 @@ const handshakeTimeout = 10 * time.Second
 // serverTLS completes a TLS handshake as the logic node: the gateway's
 // client certificate must verify against the CA.
 func (s *Server) serverTLS(nc net.Conn) (net.Conn, error) {
+	return serverHandshake(s.hsCtx, nc, s.tls)
+}
+
+// serverHandshake completes the server side of a TLS handshake on nc
+// (the peer's certificate must verify when cfg asks for one), bounded by
+// handshakeTimeout and ctx; nc is closed when it fails.
+func serverHandshake(ctx context.Context, nc net.Conn, cfg *tls.Config) (net.Conn, error) {
 	tuneTCP(nc)
-	tc := tls.Server(nc, s.tls)
-	ctx, cancel := context.WithTimeout(s.hsCtx, handshakeTimeout)
+	tc := tls.Server(nc, cfg)
+	ctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
 	defer cancel()
 	if err := tc.HandshakeContext(ctx); err != nil {
 		_ = nc.Close()
 		return nil, err
 	}
 	return tc, nil
+}
+
+// acceptLoop accepts on ln and hands each connection to handle until
+// handle returns false or, after a failed Accept, stopping reports that
+// the listener was closed on purpose. Failures that pass (EMFILE and the
+// like) back off and go on.
+func acceptLoop(ln net.Listener, what string, log *slog.Logger, stopping func() bool, handle func(net.Conn) bool) error {
+	var delay time.Duration
+	for {
+		nc, err := ln.Accept()
+		if err != nil {
+			if stopping() {
+				return nil
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return fmt.Errorf("rpc: %s accept: %w", what, err)
+			}
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			log.Warn("rpc accept failed; backing off", "listener", what, "err", err, "backoff", delay)
+			time.Sleep(delay)
+			continue
+		}
+		delay = 0
+		if !handle(nc) {
+			return nil
+		}
+	}
 }
