@@ -50,6 +50,9 @@ test-real: ## the suites that run on real Redis, Cassandra and Kafka (services-u
 	$(WITH_SERVICES) CI=true $(GO) test -race -count=1 -timeout 20m ./das/cassandra/ ./schema/cql/ ./bus/
 	@echo "== the router's conformance suite and Redis tests on DC1's Redis Cluster:"
 	$(WITH_SERVICES) CI=true IMD_TEST_REDIS_MODE=cluster $(GO) test -race -count=1 -timeout 10m ./router/
+	@echo "== the cluster tests end to end with membership and the router on DC1's Redis Cluster (one seed: rueidis finds the rest):"
+	$(WITH_SERVICES) CI=true IMD_TEST_SHAPE=split IMD_TEST_REDIS=$${IMD_TEST_REDIS_CLUSTER_DC1%%,*} $(GO) test -race -count=1 -timeout 10m -run 'Cluster|TwoDCs|Presence' ./internal/platform/
+	$(WITH_SERVICES) CI=true IMD_TEST_REDIS=$${IMD_TEST_REDIS_CLUSTER_DC1%%,*} $(GO) test -count=1 -timeout 10m -run 'TestGatewayCrashPurgesSessions|TestGroupLogicNodeKilled' ./cmd/imd/
 	@echo "== c2s end to end into the real Kafka:"
 	$(WITH_SERVICES) IMD_TEST_BUS=kafka $(GO) test -race -count=1 -timeout 10m -run 'C2S' ./internal/platform/
 	@echo "== c2c, s2c and the 20,000-message soak end to end with --store cassandra:"
