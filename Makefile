@@ -82,14 +82,15 @@ IMBENCH       = $(BIN)/imbench
 IMBENCH_ARGS  = --imd $(BIN)/imd --results-dir $(RESULTS)
 
 # s2c-dispatch and s2c-broadcast are issue 16's shapes: 5,000 lean clients
-# online, 4 pushers, each push to 50 random ones or to all of them.
+# online, 4 pushers, each push to 50 random ones (POST /v1/push) or to all
+# of them (POST /v1/broadcast).
 bench: build ## short profile of every imbench scenario (~3-4 min on 2 cores): JSON + SVG charts into results/
 	$(IMBENCH) conns   $(IMBENCH_ARGS) --json conns.json   --steps 1000,5000,10000 --settle 5s
 	$(IMBENCH) conns   $(IMBENCH_ARGS) --json conns-cluster.json -n 30000 --gateways 2 --client raw --settle 5s
 	$(IMBENCH) c2c     $(IMBENCH_ARGS) --json c2c.json     --rates 1000,2000,4000 --duration 2s --repeat 3
 	$(IMBENCH) s2c     $(IMBENCH_ARGS) --json s2c.json     --rates 10,20,40 --duration 2s --repeat 3
 	$(IMBENCH) s2c     $(IMBENCH_ARGS) --json s2c-dispatch.json  --shape dispatch  --clients 5000 --rates 400,800,1200 --duration 2s --repeat 2 --drain 10s
-	$(IMBENCH) s2c     $(IMBENCH_ARGS) --json s2c-broadcast.json --shape broadcast --clients 5000 --rates 4,8,12 --duration 2s --repeat 2 --drain 10s
+	$(IMBENCH) s2c     $(IMBENCH_ARGS) --json s2c-broadcast.json --shape broadcast --endpoint broadcast --clients 5000 --rates 4,8,12 --duration 2s --repeat 2 --drain 10s
 	$(IMBENCH) group   $(IMBENCH_ARGS) --json group.json   --members 1000 --online 500 --rates 10,20,40 --duration 2s --repeat 2
 	$(IMBENCH) c2s     $(IMBENCH_ARGS) --json c2s.json     --rates 2000,4000,8000 --duration 2s --repeat 3
 	$(IMBENCH) offline $(IMBENCH_ARGS) --json offline.json -n 20000 --page-size 500 --repeat 3

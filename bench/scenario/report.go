@@ -179,9 +179,16 @@ func (r *LoadReport) WriteTable(out io.Writer) {
 	fmt.Fprintf(out, "cpu      server: %s; client: imbench's own (getrusage)\n\n", cpuSourceName(src))
 
 	du, ou := Singular(r.DeliveryUnit), Singular(r.OpUnit)
+	// The server CPU per operation gets a column of its own when an
+	// operation is not one delivery (a push, a group message).
+	perOp := r.OpUnit != r.DeliveryUnit
+	opHead := ""
+	if perOp {
+		opHead = "\tsrv us/" + ou
+	}
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(tw, "  offered %s/s\tissued/s\t%s/s\tfailed\tmissing\tp50 ms\tp90\tp99\tp99.9\tmax\tsvc p99\tack p99\tsrv cores\tsrv us/%s\tsrv us/%s\tclient cores\tclient us/%s\t\n",
-		r.OpUnit, r.DeliveryUnit, du, ou, du)
+	fmt.Fprintf(tw, "  offered %s/s\tissued/s\t%s/s\tfailed\tmissing\tp50 ms\tp90\tp99\tp99.9\tmax\tsvc p99\tack p99\tsrv cores\tsrv us/%s%s\tclient cores\tclient us/%s\t\n",
+		r.OpUnit, r.DeliveryUnit, du, opHead, du)
 	for _, run := range r.Runs {
 		status := ""
 		if !run.OK {
@@ -194,9 +201,13 @@ func (r *LoadReport) WriteTable(out io.Writer) {
 			status += fmt.Sprintf(" (%d unsent)", run.Unsent)
 		}
 		l := run.Latency
-		fmt.Fprintf(tw, "  %.0f\t%.0f\t%.0f\t%d\t%d\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.1f\t%.1f\t%.2f\t%.1f\t%s\n",
+		op := ""
+		if perOp {
+			op = fmt.Sprintf("\t%.1f", run.ServerUsPerOp)
+		}
+		fmt.Fprintf(tw, "  %.0f\t%.0f\t%.0f\t%d\t%d\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.1f%s\t%.2f\t%.1f\t%s\n",
 			run.Rate, run.IssueRate, run.Throughput, run.Failed, run.Missing, l.P50Ms, l.P90Ms, l.P99Ms, l.P999Ms, l.MaxMs,
-			run.Service.P99Ms, run.Ack.P99Ms, run.ServerCores, run.ServerUsPerDeliv, run.ServerUsPerOp, run.ClientCores, run.ClientUsPerDeliv, status)
+			run.Service.P99Ms, run.Ack.P99Ms, run.ServerCores, run.ServerUsPerDeliv, op, run.ClientCores, run.ClientUsPerDeliv, status)
 	}
 	_ = tw.Flush()
 	if len(r.Rates) < len(r.Runs) {

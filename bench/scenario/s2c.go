@@ -25,7 +25,9 @@ const S2CSynopsis = `App-server pushes fanned out to online clients at a fixed o
 (Authorization: Bearer <api key>) at --rate pushes/s over all pushers (open
 loop: push g is due at start + g/rate, and each pusher has --inflight
 requests outstanding at most). The shape of a push:
-  --shape broadcast  every push to all --clients (the default when --fanout is 0)
+  --shape broadcast  every push to all --clients (the default when --fanout is 0),
+                     named in POST /v1/push, or with --endpoint broadcast one
+                     POST /v1/broadcast to every online terminal of the appcode
   --shape dispatch   every push to --fanout random clients (default 50), like an
                      order offered to the drivers around it
   --shape rotate     every push to --fanout consecutive clients, the next push
@@ -47,6 +49,12 @@ const (
 	ShapeRotate    = "rotate"    // every push to Fanout consecutive clients, rotating
 )
 
+// Endpoints the s2c scenario pushes through.
+const (
+	EndpointPush      = "push"      // POST /v1/push naming every recipient
+	EndpointBroadcast = "broadcast" // POST /v1/broadcast: every online terminal of the appcode (ShapeBroadcast)
+)
+
 // DefaultDispatchFanout is the recipients of a dispatch push when Fanout
 // is not set: an order offered to fifty drivers.
 const DefaultDispatchFanout = 50
@@ -59,7 +67,11 @@ type S2C struct {
 	Fanout  int    // recipients per push; 0: every client (broadcast), DefaultDispatchFanout (dispatch)
 	Shape   string // ShapeBroadcast, ShapeDispatch or ShapeRotate; "" picks broadcast when Fanout is 0, else rotate
 	Client  string // ClientRaw (the lean client) or ClientSDK
-	MsgType uint32
+	// Endpoint is EndpointPush (the default) or, with ShapeBroadcast,
+	// EndpointBroadcast: then every online terminal of the appcode gets
+	// each push, so the server must hold no other session of it.
+	Endpoint string
+	MsgType  uint32
 	// Loops is how many goroutines read the lean clients (0: the usable
 	// CPUs, at most 4).
 	Loops int
@@ -77,6 +89,7 @@ func NewS2C() *S2C {
 
 type s2cSetup struct {
 	Shape    string `json:"shape"`
+	Endpoint string `json:"endpoint"`
 	Client   string `json:"client"`
 	Clients  int    `json:"clients"`
 	Pushers  int    `json:"pushers"`
@@ -129,6 +142,17 @@ func (s *S2C) Validate() error {
 	if s.Client != ClientRaw && s.Client != ClientSDK {
 		errs = append(errs, fmt.Errorf("--client %q: want raw or sdk", s.Client))
 	}
+	switch s.Endpoint {
+	case "":
+		s.Endpoint = EndpointPush
+	case EndpointPush:
+	case EndpointBroadcast:
+		if s.Shape != ShapeBroadcast {
+			errs = append(errs, errors.New("--endpoint broadcast goes with --shape broadcast"))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("--endpoint %q: want push or broadcast", s.Endpoint))
+	}
 	if s.Clients < 1 || s.Pushers < 1 || s.Load.Inflight < 1 {
 		errs = append(errs, errors.New("--clients, --pushers and --inflight must be >= 1"))
 	}
@@ -154,7 +178,7 @@ func (s *S2C) Run(ctx context.Context, l Launcher, env Env) (*LoadReport, error)
 	r := &s2cRun{o: s, n: s.Clients, k: s.Fanout}
 	conns := s.Pushers * f.Inflight
 	r.http = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: conns, MaxConnsPerHost: conns, IdleConnTimeout: time.Minute}}
-	setup := s2cSetup{Shape: s.Shape, Client: s.Client, Clients: s.Clients, Pushers: s.Pushers, Fanout: s.Fanout,
+	setup := s2cSetup{Shape: s.Shape, Endpoint: s.Endpoint, Client: s.Client, Clients: s.Clients, Pushers: s.Pushers, Fanout: s.Fanout,
 		Inflight: f.Inflight, Size: f.Size, MsgType: s.MsgType, NoAcks: s.NoAcks, UIDs: fmt.Sprintf("%d..%d", f.UIDBase, f.UIDBase+uint64(s.Clients)-1)}
 	sc := &loadScenario{
 		name: "s2c", opUnit: "pushes", deliveryUnit: "deliveries", senders: s.Pushers, inflight: f.Inflight, perOp: int64(s.Fanout),
@@ -216,9 +240,9 @@ func (s *s2cRun) prepare(ctx context.Context, t *Target, log io.Writer) error {
 	if t.APIKey == "" {
 		return errors.New("s2c needs the server's API key: --api-key with --addr")
 	}
-	s.url, s.key, s.appcode = "http://"+t.HTTP+"/v1/push", t.APIKey, t.AppCode
+	s.url, s.key, s.appcode = "http://"+t.HTTP+"/v1/"+s.o.Endpoint, t.APIKey, t.AppCode
 	f := &s.o.Load
-	if s.o.Shape == ShapeBroadcast {
+	if s.o.Shape == ShapeBroadcast && s.o.Endpoint == EndpointPush {
 		for i := range s.n {
 			s.allTo = s.appendTo(s.allTo, i, i == 0)
 		}
@@ -329,10 +353,13 @@ func (s *s2cRun) op(ctx context.Context, rs *runState, _ int, g int64, at int64)
 	content := newContent(s.o.Load.Size)
 	b := make([]byte, 0, len(s.allTo)+s.k*32+base64.StdEncoding.EncodedLen(len(content))+64)
 	b = append(b, `{"to":[`...)
-	switch s.o.Shape {
-	case ShapeBroadcast:
+	switch {
+	case s.o.Endpoint == EndpointBroadcast:
+		b = append(b[:0], `{"appcode":`...)
+		b = strconv.AppendUint(b, uint64(s.appcode), 10)
+	case s.o.Shape == ShapeBroadcast:
 		b = append(b, s.allTo...)
-	case ShapeDispatch:
+	case s.o.Shape == ShapeDispatch:
 		for j, i := range s.cur.Load().lists[g] {
 			b = s.appendTo(b, int(i), j == 0)
 		}
@@ -342,7 +369,10 @@ func (s *s2cRun) op(ctx context.Context, rs *runState, _ int, g int64, at int64)
 			b = s.appendTo(b, int((first+j)%int64(s.n)), j == 0)
 		}
 	}
-	b = append(b, `],"msgtype":`...)
+	if s.o.Endpoint == EndpointPush {
+		b = append(b, ']')
+	}
+	b = append(b, `,"msgtype":`...)
 	b = strconv.AppendUint(b, uint64(s.o.MsgType), 10)
 	b = append(b, `,"content":"`...)
 	putHeader(content, rs.id, g, at, mono())
@@ -376,7 +406,12 @@ func (s *s2cRun) op(ctx context.Context, rs *runState, _ int, g int64, at int64)
 	// Every recipient was logged in: one that was not online counts as
 	// missing.
 	rs.expected.Add(int64(s.k))
-	if res.Online < s.k {
+	switch {
+	case s.o.Endpoint == EndpointBroadcast && res.Online != s.k:
+		// Other sessions of the appcode get it too (they count as stray
+		// if they are imbench's), or some clients were not reached.
+		rs.note(fmt.Sprintf("broadcast reached %d sessions, %d clients are logged in", res.Online, s.k))
+	case res.Online < s.k:
 		rs.note(fmt.Sprintf("push found %d of %d recipients offline", s.k-res.Online, s.k))
 	}
 	return nil

@@ -200,6 +200,18 @@ func TestS2CShapes(t *testing.T) {
 	if rep.Runs[0].Delivered != 600 {
 		t.Errorf("broadcast: %d deliveries, want 20 pushes to all 30", rep.Runs[0].Delivered)
 	}
+
+	// The same through POST /v1/broadcast, to the lean clients.
+	b, _, _ = runScenario(t, 0, "s2c", "--shape", "broadcast", "--endpoint", "broadcast", "--clients", "40", "--rate", "20",
+		"--duration", "1s", "--warmup", "0s", "--settle", "0s", "--drain", "10s")
+	rep = decodeLoad(t, b)
+	if !rep.OK || len(rep.Runs) != 1 || len(rep.Runs[0].Errors) != 0 {
+		t.Fatalf("broadcast endpoint: ok %v, %d runs, errors %v", rep.OK, len(rep.Runs), rep.Runs[0].Errors)
+	}
+	checkRun(t, rep.Runs[0], 40)
+	if s := rep.Setup.(map[string]any); s["endpoint"] != "broadcast" || s["client"] != "raw" {
+		t.Errorf("setup %v", s)
+	}
 }
 
 func TestC2SEndToEnd(t *testing.T) {
@@ -308,7 +320,7 @@ func TestLoadFlagsValidate(t *testing.T) {
 		{"s2c", "--fanout", "600"}, {"s2c", "--clients", "0"}, {"c2s", "--kafka-brokers", "10.0.0.1:9092"},
 		{"offline", "-n", "0"}, {"c2c", "--repeat", "0"}, {"conns", "--steps", "0"},
 		{"s2c", "--shape", "spray"}, {"s2c", "--shape", "broadcast", "--fanout", "5"}, {"s2c", "--client", "pigeon"},
-		{"group", "--client", "pigeon"}, {"s2c", "--msgtype", "-1"},
+		{"group", "--client", "pigeon"}, {"s2c", "--msgtype", "-1"}, {"s2c", "--shape", "dispatch", "--endpoint", "broadcast"},
 	} {
 		if code := run(context.Background(), args, &stdout, &stderr); code != 2 {
 			t.Errorf("%v: exit %d, want 2", args, code)

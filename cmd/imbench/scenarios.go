@@ -127,6 +127,7 @@ func runS2C(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		fs.IntVar(&s.Pushers, "pushers", s.Pushers, "concurrent HTTP pushers (app-server connections)")
 		fs.IntVar(&s.Fanout, "fanout", s.Fanout, "recipients per push (0: every client for broadcast, 50 for dispatch)")
 		fs.StringVar(&s.Shape, "shape", s.Shape, "broadcast, dispatch or rotate (default: broadcast when --fanout is 0, else rotate)")
+		fs.StringVar(&s.Endpoint, "endpoint", s.Endpoint, "push (POST /v1/push naming the recipients) or, with --shape broadcast, broadcast (POST /v1/broadcast to every online terminal of the appcode: the server must hold no other) (default push)")
 		fs.StringVar(&s.Client, "client", s.Client, "recipient clients: raw (lean: few goroutines, batched acks) or sdk (the Go SDK)")
 		fs.IntVar(&s.Loops, "loops", s.Loops, "goroutines reading the raw clients (0: the usable CPUs, at most 4)")
 		fs.Uint64Var(&s.Seed, "seed", s.Seed, "seed of the dispatch shape's random recipients")
