@@ -28,7 +28,7 @@ type S2C struct {
 	// StatsMax bounds the pushes whose statistics a logic node keeps in
 	// its memory (without Redis): past it the oldest are dropped before
 	// their StatsTTL. Default router.DefaultLedgerMax (1,048,576, about
-	// 87 MB when full). In Redis the TTL alone bounds them.
+	// 92 MB when full). In Redis the TTL alone bounds them.
 	StatsMax int `yaml:"stats_max"`
 	// BroadcastBatch bounds the connections of one gateway call of a
 	// broadcast (POST /v1/broadcast). Default 1024.

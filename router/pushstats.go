@@ -63,7 +63,8 @@ var (
 )
 
 // DefaultLedgerMax is the bound of a MemoryLedger made without one
-// (docs/capacity.md, "Push statistics": about 87 MB when full).
+// (docs/capacity.md, "Push statistics and broadcasts": about 92 MB
+// when full).
 const DefaultLedgerMax = 1 << 20
 
 // ledgerShards splits a MemoryLedger so that pushes opened at once rarely

@@ -400,7 +400,7 @@ func (c *Config) ServerFlags(fs *flag.FlagSet) {
 	listVar(fs, &c.Bus.Brokers, "kafka-brokers", "Kafka brokers for c2s, comma-separated host:port (default: the embedded broker)")
 	fs.StringVar(&c.Bus.Embedded.Addr, "kafka-addr", c.Bus.Embedded.Addr, "listen address of the embedded Kafka broker (default 127.0.0.1:9092)")
 	fs.IntVar(&c.C2C.PageSize, "page-size", c.C2C.PageSize, "offline pull page size when a client asks for 0 (default 50)")
-	fs.IntVar(&c.S2C.StatsMax, "s2c-stats-max", c.S2C.StatsMax, "push statistics a logic node without Redis keeps in memory; past it the oldest are dropped before s2c.stats_ttl (default 1048576, about 87 MB)")
+	fs.IntVar(&c.S2C.StatsMax, "s2c-stats-max", c.S2C.StatsMax, "push statistics a logic node without Redis keeps in memory; past it the oldest are dropped before s2c.stats_ttl (default 1048576, about 92 MB)")
 	fs.Float64Var(&c.Transient.Rate, "transient-rate", c.Transient.Rate, "transient messages (typing...) each user may send per second on one logic node (default 20)")
 	c.LimitFlags(fs)
 	fs.StringVar(&c.Admin.APIKey, "admin-api-key", c.Admin.APIKey, "key of the admin API (/v1/admin/acl); empty turns it off (prefer IMD_ADMIN_API_KEY)")
