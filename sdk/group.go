@@ -229,6 +229,14 @@ func (in *inbox) pullGapsLocked(ids []uint64) {
 	}
 }
 
+// gapPullEmpty is how many pulls that bring nothing a gap pull makes
+// (with doubling backoff from SendBackoffMin: about 6 s with the
+// defaults) before its held messages wait for the group's next notify. In
+// a DC that does not order the group the gap may be in the store only
+// after replication from the group's home DC, which takes milliseconds
+// but can take seconds after a Cassandra node came back.
+const gapPullEmpty = 7
+
 // gapPull pulls group id from its position until the messages it holds
 // follow on, so they can be delivered. A later login stops it (its
 // catch-up pulls the group instead).
@@ -245,7 +253,7 @@ func (in *inbox) gapPull(gen, id uint64) {
 	for {
 		in.mu.Lock()
 		gs := in.groups[id]
-		if in.gen != gen || len(gs.held) == 0 || empty >= 3 {
+		if in.gen != gen || len(gs.held) == 0 || empty >= gapPullEmpty {
 			// After pages that brought nothing the held messages wait for
 			// the next notify of the group or the next login.
 			done()

@@ -1729,8 +1729,10 @@ class Inbox {
     try {
       for (;;) {
         // After pages that brought nothing the held messages wait for the
-        // next notify of the group or the next login.
-        if (this.gen !== gen || this.stopped || gs.held.length === 0 || empty >= 3) {
+        // next notify of the group or the next login. Seven, as the Go
+        // SDK: in a DC that does not order the group the gap reaches the
+        // store by replication, which can take seconds after a restart.
+        if (this.gen !== gen || this.stopped || gs.held.length === 0 || empty >= 7) {
           return;
         }
         const after = gs.queued;
