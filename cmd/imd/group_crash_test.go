@@ -125,12 +125,19 @@ type crashTerm struct {
 	mu      sync.Mutex
 	shown   []*pb.C2CMessage
 	c2c     []*pb.C2CMessage // one-to-one messages shown
+	s2c     []*pb.S2CNotify  // pushes shown
 	c       *sdk.Client
 }
 
 func (tm *crashTerm) onC2C(m *pb.C2CMessage) {
 	tm.mu.Lock()
 	tm.c2c = append(tm.c2c, m)
+	tm.mu.Unlock()
+}
+
+func (tm *crashTerm) onS2C(n *pb.S2CNotify) {
+	tm.mu.Lock()
+	tm.s2c = append(tm.s2c, n)
 	tm.mu.Unlock()
 }
 
@@ -170,7 +177,7 @@ func (tm *crashTerm) dialAt(ctx context.Context, t *testing.T, addrs []string, t
 		return err
 	}
 	c, err := sdk.Dial(ctx, sdk.Options{
-		Addrs: addrs, OnGroup: tm.on, OnC2C: tm.onC2C, State: st, PageSize: 50,
+		Addrs: addrs, OnGroup: tm.on, OnC2C: tm.onC2C, OnS2C: tm.onS2C, State: st, PageSize: 50,
 		DeviceID:   fmt.Sprintf("crash-%d-%d", tm.uid, tm.appcode),
 		BackoffMin: 20 * time.Millisecond, BackoffMax: 200 * time.Millisecond,
 		// One try per SendGroupWithID: the test retries failed sends

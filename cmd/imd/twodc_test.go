@@ -281,6 +281,76 @@ func checkC2C(t *testing.T, phase string, terms []*dcTerm, answered map[[2]uint6
 	t.Logf("%s: %d c2c messages over %d sender-recipient pairs, each shown once and in order", phase, total, len(answered))
 }
 
+// pusher sends s2c pushes (kept for offline terminals) through one
+// logic node's HTTP API to the drill's users in turn, numbered per phase,
+// one at a time, and keeps which recipient each answered push went to.
+type pusher struct {
+	mu   sync.Mutex
+	sent map[uint64][]string // uid -> contents of the answered pushes, in order
+	wg   sync.WaitGroup
+}
+
+func (ps *pusher) run(t *testing.T, w *twoDCWorld, via *proc, stop <-chan struct{}, uids []uint64, phase int) {
+	ps.wg.Add(1)
+	go func() {
+		defer ps.wg.Done()
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			uid := uids[i%len(uids)]
+			content := fmt.Sprintf("p%d-%05d", phase, i)
+			var res struct {
+				Online int `json:"online"`
+				Stored int `json:"stored"`
+			}
+			code := httpJSON(t, via.http, "POST", "/v1/push", w.key, map[string]any{
+				"to": []map[string]any{{"appcode": 101, "uid": uid}}, "msgtype": 9, "content": []byte(content), "store_offline": true,
+			}, &res)
+			if code != 200 || res.Online+res.Stored != 1 {
+				t.Errorf("phase %d: push %s to %d: HTTP %d, %+v", phase, content, uid, code, res)
+				return
+			}
+			ps.mu.Lock()
+			ps.sent[uid] = append(ps.sent[uid], content)
+			ps.mu.Unlock()
+			time.Sleep(30 * time.Millisecond)
+		}
+	}()
+}
+
+// check waits until every terminal shows the pushes it was sent in this
+// phase and counts them: each once, in the order sent.
+func (ps *pusher) check(t *testing.T, phase string, prefix string, terms []*dcTerm) {
+	t.Helper()
+	shown := func(tm *dcTerm) []string {
+		tm.mu.Lock()
+		defer tm.mu.Unlock()
+		var out []string
+		for _, n := range tm.s2c {
+			if strings.HasPrefix(string(n.Content), prefix) {
+				out = append(out, string(n.Content))
+			}
+		}
+		return out
+	}
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	total := 0
+	for _, tm := range terms {
+		want := ps.sent[tm.uid]
+		total += len(want)
+		waitFor(30*time.Second, func() bool { return len(shown(tm)) >= len(want) })
+		time.Sleep(100 * time.Millisecond)
+		if got := shown(tm); !slices.Equal(got, want) {
+			t.Fatalf("%s: uid %d (%s) shows pushes %v, was sent %v (lost, shown twice or out of order)", phase, tm.uid, tm.dc, got, want)
+		}
+	}
+	t.Logf("%s: %d pushes through DC1's API to both DCs' users, each shown once and in order", phase, total)
+}
+
 // TestTwoDCDrills (IMD_TEST_TWO_DC=1; make test-real): users of two data centers chat one to one (within and
 // across the DCs) and in a group with members in both, while, one at a
 // time: a DC1 gateway is SIGKILLed, a DC1 logic node is SIGKILLed, a
@@ -337,6 +407,10 @@ func TestTwoDCDrills(t *testing.T) {
 	t.Logf("group %d is ordered by %s", group, map[*proc]string{w.lg1a: "dc1", w.lg2: "dc2"}[home])
 
 	cs := &c2cSenders{answered: map[[2]uint64]int{}}
+	// Pushes run in the phases where every push answered must be shown
+	// (a push queued on a gateway that then dies is lost by design: live
+	// pushes are at most once).
+	pushPhases := map[int]bool{1: true, 6: true}
 	gs := &groupSenders{}
 	var groupTotal int
 	phase := func(n int, name string, drill func()) {
@@ -357,6 +431,10 @@ func TestTwoDCDrills(t *testing.T) {
 		const perSender = 10
 		gsPhase := &groupSenders{prefix: fmt.Sprintf("p%d-", n)}
 		gsPhase.run(ctx, t, senders, group, perSender)
+		ps := &pusher{sent: map[uint64][]string{}}
+		if pushPhases[n] {
+			ps.run(t, w, w.lg1b, stop, uids, n)
+		}
 		time.Sleep(1500 * time.Millisecond)
 		if drill != nil {
 			drill()
@@ -365,6 +443,7 @@ func TestTwoDCDrills(t *testing.T) {
 		close(stop)
 		cs.wg.Wait()
 		gsPhase.wg.Wait()
+		ps.wg.Wait()
 		if t.Failed() {
 			t.FailNow()
 		}
@@ -376,6 +455,9 @@ func TestTwoDCDrills(t *testing.T) {
 		answered := maps.Clone(cs.answered)
 		cs.mu.Unlock()
 		checkC2C(t, fmt.Sprintf("phase %d (%s)", n, name), terms, answered)
+		if pushPhases[n] {
+			ps.check(t, fmt.Sprintf("phase %d (%s)", n, name), fmt.Sprintf("p%d-", n), terms)
+		}
 		head := groupHead(t, home.http, w.key, group)
 		var cts []*crashTerm
 		for _, tm := range terms {
