@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"slices"
 	"sync"
 	"time"
 
@@ -526,7 +527,7 @@ func (p *peer) keep() {
 // was down may have been lost with a node that died meanwhile.
 func (p *peer) up(l *Link) {
 	replayed := 0
-	for {
+	for l.Err() == nil {
 		p.mu.Lock()
 		batch := p.held
 		p.held, p.heldBytes = nil, 0
@@ -538,14 +539,31 @@ func (p *peer) up(l *Link) {
 		p.mu.Unlock()
 		// One at a time, in order: the other DC serves a link's requests
 		// concurrently, and a sender's messages must arrive in its order.
-		for _, x := range batch {
+		for i, x := range batch {
 			ctx, cancel := context.WithTimeout(p.r.ctx, 30*time.Second)
-			if _, err := p.call(ctx, l, x.h, x.body, "replay"); err != nil {
+			_, err := p.call(ctx, l, x.h, x.body, "replay")
+			cancel()
+			if err != nil && l.Err() != nil {
+				// The link broke again: keep the rest, in order, for the
+				// next one (the one that failed may have arrived: a
+				// notify shown twice is dropped by the client).
+				p.mu.Lock()
+				p.held = append(slices.Clone(batch[i:]), p.held...)
+				for _, y := range batch[i:] {
+					p.heldBytes += len(y.body) + schema.HeaderLen
+				}
+				p.mu.Unlock()
+				p.r.log.Warn("dc link broke while sending what was kept; again on the next link", "dc", p.dc, "left", len(batch)-i)
+				return
+			}
+			if err != nil {
 				p.r.log.Warn("dc replay failed", "dc", p.dc, "cmd", x.h.Cmd.String(), "err", err, "logid", x.h.LogID)
 			}
-			cancel()
+			replayed++
 		}
-		replayed += len(batch)
+	}
+	if l.Err() != nil {
+		return
 	}
 	p.r.mQueued.WithLabelValues(p.dc).Set(0)
 	p.r.mUp.WithLabelValues(p.dc).Set(1)
