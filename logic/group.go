@@ -229,8 +229,11 @@ func (s *Service) groupPull(ctx context.Context, sess router.Session, h *schema.
 		return nil, groupErr("group pull", err)
 	}
 	top := visibleHead(m, g.Head)
+	home, remote := s.groupHome(req.GroupId)
 	if req.AckSeq != 0 {
-		if req.AckSeq > top {
+		// In a DC that does not order the group the head here may lag the
+		// home DC's (replication): an ack beyond it is not refused there.
+		if req.AckSeq > top && !remote {
 			return nil, schema.Errorf(schema.StatusBadArgument, "ack_seq %d is beyond the group's last seq %d", req.AckSeq, top)
 		}
 		if err := s.groups.AckGroup(ctx, terminalOf(sess), req.GroupId, req.AckSeq); err != nil {
@@ -241,6 +244,18 @@ func (s *Service) groupPull(ctx context.Context, sess router.Session, h *schema.
 	msgs, more, err := s.groups.GroupPage(ctx, req.GroupId, after, top, size)
 	if err != nil {
 		return nil, groupErr("group pull", err)
+	}
+	if len(msgs) == 0 && remote && !IsMirror(&sess) {
+		// The client pulls because it knows of more (a notify beyond a
+		// gap, a head from a sync), and this DC's store has none of it
+		// yet: the home DC, which ordered them, has them.
+		fwd, _ := proto.Marshal(&pb.GroupPullRequest{GroupId: req.GroupId, AfterSeq: req.AfterSeq, PageSize: req.PageSize})
+		if rb, err := s.rooms.Forward(ctx, home, sess, &schema.Header{Cmd: schema.CmdGroupPull, LogID: h.LogID}, fwd); err == nil {
+			s.log.Debug("group pull answered by the home DC", "group", req.GroupId, "after", req.AfterSeq, "dc", home, "logid", h.LogID)
+			return rb, nil
+		} else {
+			s.log.Info("group pull: the home DC did not answer", "group", req.GroupId, "dc", home, "err", err, "logid", h.LogID)
+		}
 	}
 	return proto.Marshal(&pb.GroupPullResponse{Messages: msgs, More: more, HeadSeq: top})
 }
@@ -289,7 +304,7 @@ func (s *Service) groupAck(ctx context.Context, sess router.Session, h *schema.H
 		if err != nil {
 			return nil, groupErr("group ack", err)
 		}
-		if top := visibleHead(m, g.Head); c.Seq > top {
+		if top := visibleHead(m, g.Head); c.Seq > top && !s.remoteHome(c.GroupId) {
 			return nil, schema.Errorf(schema.StatusBadArgument, "group %d: ack of seq %d beyond its last seq %d", c.GroupId, c.Seq, top)
 		}
 		if err := s.groups.AckGroup(ctx, terminalOf(sess), c.GroupId, c.Seq); err != nil {

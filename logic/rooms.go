@@ -260,7 +260,7 @@ func (s *Service) groupCatchUp(ctx context.Context, m router.Session, homeOnly b
 func (s *Service) ServeForwarded(ctx context.Context, dc string, sess router.Session, h *schema.Header, body []byte) ([]byte, error) {
 	sess.Gate = MirrorGate(dc, sess.Gate)
 	switch h.Cmd {
-	case schema.CmdC2CSend:
+	case schema.CmdC2CSend, schema.CmdGroupPull:
 	case schema.CmdOfflinePull:
 		// The session's offline pull asks this DC for what it stored
 		// lately. Mirror the login first (its own change may still be on
@@ -380,6 +380,12 @@ func (s *Service) groupHome(id uint64) (string, bool) {
 	}
 	home := s.rooms.HomeDC(id)
 	return home, home != "" && home != s.rooms.DC()
+}
+
+// remoteHome reports whether another DC orders group id.
+func (s *Service) remoteHome(id uint64) bool {
+	_, remote := s.groupHome(id)
+	return remote
 }
 
 // needHome refuses a change of group id in a DC that does not order it:

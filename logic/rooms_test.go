@@ -222,3 +222,29 @@ type emptyStore struct{ das.Store }
 func (emptyStore) Ack(_ context.Context, _ das.Terminal, msgids []uint64) ([]*pb.C2CMessage, []uint64, error) {
 	return nil, msgids, nil
 }
+
+// TestGroupPullAsksHomeWhenBehind: in a DC that does not order the
+// group, a pull this DC's store has nothing for is answered by the home
+// DC (replication may not have brought it yet); one it can answer is not.
+func TestGroupPullAsksHomeWhenBehind(t *testing.T) {
+	f, r := roomsFixture(t)
+	r.home = "dc2"
+	sess := f.online("gate-a", 1, 101, 1)
+	ev := &pb.C2CMessage{Msgid: 1 << 22, From: &pb.User{}, To: &pb.User{}, GroupId: 9, Event: &pb.GroupEvent{}}
+	if _, err := f.gs.CreateGroup(context.Background(), 9, []das.User{{Account: 1, UID: 1}}, 5, ev); err != nil {
+		t.Fatal(err)
+	}
+	var resp pb.GroupPullResponse
+	if err := f.request(sess, schema.CmdGroupPull, &pb.GroupPullRequest{GroupId: 9, AfterSeq: 0}, &resp); err != nil || len(resp.Messages) != 1 {
+		t.Fatalf("pull from the start: %v, %d messages", err, len(resp.Messages))
+	}
+	if len(r.forwards) != 0 {
+		t.Fatalf("a pull this DC could answer went to %v", r.forwards)
+	}
+	if err := f.request(sess, schema.CmdGroupPull, &pb.GroupPullRequest{GroupId: 9, AfterSeq: 1}, &resp); err != nil {
+		t.Fatal(err)
+	}
+	if len(r.forwards) != 1 || r.forwards[0] != "dc2" {
+		t.Fatalf("a pull beyond this DC's head went to %v, want dc2", r.forwards)
+	}
+}
