@@ -451,7 +451,7 @@ func (s *Service) Announce(ctx context.Context, sessions []router.Session) error
 			s.kick(ctx, old, &pb.Kickout{Reason: pb.KickReason_KICK_REASON_LOGIN_ELSEWHERE, Detail: "a newer login of this terminal exists"}, 0)
 		}
 		if lost && !slices.ContainsFunc(evicted, same) {
-			s.pushInbox(ctx, ss, 0, "announced session's inbox", nil)
+			s.pushInbox(ctx, ss, "announced session the router had lost")
 			s.groupCatchUp(ctx, ss, false)
 		}
 	}

@@ -185,42 +185,27 @@ func (s *Service) applyMirrorLogin(ctx context.Context, app *App, m router.Sessi
 	return nil
 }
 
-// catchUp sends a session that just logged in to another DC the messages
-// of its inbox that this DC stored in the last catchUpWindow: the other
-// DC's offline pull may have missed them (asynchronous replication). The
-// client drops what it has already shown (msgid).
+// catchUp asks a session that logged in to another DC, and whose login
+// reached this DC late (its link was down), to pull its inbox: the pull
+// asks this DC for what it stored lately (see offlinePull).
 func (s *Service) catchUp(ctx context.Context, m router.Session) {
-	if s.rooms == nil {
-		return
-	}
-	here := s.rooms.DC()
-	s.pushInbox(ctx, m, das.MsgidAt(time.Now().Add(-catchUpWindow)), "cross-DC catch-up", func(x *pb.C2CMessage) bool {
-		return s.rooms.MsgDC(x.Msgid) == here
-	})
+	s.pushInbox(ctx, m, "cross-DC catch-up")
 }
 
-// pushInbox sends session m a notify with the first page of its inbox
-// after msgid after (those keep passes, when keep is not nil): messages
-// stored while the router did not know m, which no live notify reached.
-func (s *Service) pushInbox(ctx context.Context, m router.Session, after uint64, why string, keep func(*pb.C2CMessage) bool) {
+// pushInbox asks session m to pull its inbox, as after a login: messages
+// were stored while the router did not know m, which no live notify
+// reached. The ask is a c2c-notify without messages (PROTOCOL.md); the
+// client's pull holds live notifies back meanwhile, so each sender's
+// order holds, which pushing the messages themselves could not promise
+// (a newer message's live notify could overtake them).
+func (s *Service) pushInbox(ctx context.Context, m router.Session, why string) {
 	if s.store == nil {
 		return
 	}
-	msgs, _, err := s.store.InboxPage(ctx, terminalOf(m), after, s.c2c.MaxPage)
-	if err != nil {
-		s.log.Warn(why+": read the inbox", "uid", m.UID, "appcode", m.AppCode, "err", err)
-		return
-	}
-	if keep != nil {
-		msgs = slices.DeleteFunc(msgs, func(x *pb.C2CMessage) bool { return !keep(x) })
-	}
-	if len(msgs) == 0 {
-		return
-	}
-	body, _ := proto.Marshal(&pb.C2CNotify{Messages: msgs})
+	body, _ := proto.Marshal(&pb.C2CNotify{})
 	q := []bool{false}
-	s.pushSessions(ctx, []router.Session{m}, schema.CmdC2CNotify, 0, body, q, msgs[0].Logid)
-	s.log.Info(why+" sent", "uid", m.UID, "appcode", m.AppCode, "gate", m.Gate, "messages", len(msgs), "queued", q[0])
+	s.pushSessions(ctx, []router.Session{m}, schema.CmdC2CNotify, 0, body, q, 0)
+	s.log.Info(why+": pull asked", "uid", m.UID, "appcode", m.AppCode, "gate", m.Gate, "queued", q[0])
 }
 
 // groupCatchUp sends session m the newest message of each of its user's

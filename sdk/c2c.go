@@ -169,6 +169,7 @@ type inbox struct {
 	mu       sync.Mutex
 	gen      uint64 // login generation: a sync of an older one stops
 	syncing  bool
+	again    bool // a pull was asked for while one ran: run it once more
 	buffered []qitem
 	queue    []qitem
 	wake     chan struct{}
@@ -278,11 +279,39 @@ func (in *inbox) notified(body []byte) {
 		in.c.log.Warn("sdk: bad c2c notify", "err", err)
 		return
 	}
+	if len(n.Messages) == 0 {
+		// The server asks for a pull (PROTOCOL.md, c2c-notify): messages
+		// were stored while it did not know this session. Pull as after a
+		// login, live notifies held back meanwhile, so order holds.
+		in.resync()
+		return
+	}
 	items := make([]qitem, len(n.Messages))
 	for i, m := range n.Messages {
 		items[i] = qitem{m: m}
 	}
 	in.take(items...)
+}
+
+// resync pulls the inbox on the current link as after a login, or has the
+// pull under way run once more.
+func (in *inbox) resync() {
+	c := in.c
+	c.mu.Lock()
+	l := c.link
+	c.mu.Unlock()
+	if l == nil {
+		return // the next login pulls
+	}
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if in.syncing {
+		in.again = true
+		return
+	}
+	in.syncing = true
+	c.wg.Add(1)
+	go in.sync(l, in.gen)
 }
 
 // pushed takes an S2CNotify from the connection.
@@ -640,6 +669,12 @@ func (in *inbox) sync(l *link, gen uint64) {
 	defer in.mu.Unlock()
 	if in.gen != gen {
 		return // a newer login owns the sync now
+	}
+	if in.again {
+		in.again = false
+		c.wg.Add(1)
+		go in.sync(l, gen)
+		return
 	}
 	slices.SortStableFunc(in.buffered, func(a, b qitem) int {
 		switch {
