@@ -178,18 +178,12 @@ func (s *Service) applyMirrorLogin(ctx context.Context, app *App, m router.Sessi
 	}
 	if !known {
 		if catchUp {
-			s.catchUp(ctx, m)
+			// Its own pull could not ask this DC (the link was down).
+			s.pushInbox(ctx, m, "cross-DC catch-up")
 		}
 		s.groupCatchUp(ctx, m, true)
 	}
 	return nil
-}
-
-// catchUp asks a session that logged in to another DC, and whose login
-// reached this DC late (its link was down), to pull its inbox: the pull
-// asks this DC for what it stored lately (see offlinePull).
-func (s *Service) catchUp(ctx context.Context, m router.Session) {
-	s.pushInbox(ctx, m, "cross-DC catch-up")
 }
 
 // pushInbox asks session m to pull its inbox, as after a login: messages

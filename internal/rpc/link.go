@@ -355,3 +355,23 @@ func (l *Link) serve(f schema.Frame) {
 	}
 	_ = l.send(&h, body)
 }
+
+// helloTimeout is how long a link that was dialled in may go without a
+// hello before it is closed.
+const helloTimeout = 10 * time.Second
+
+// waitClosed waits until l closes, closing it when it sent no hello
+// (named no peer) within helloTimeout.
+func waitClosed(l *Link, log *slog.Logger, what string) {
+	hello := time.NewTimer(helloTimeout)
+	defer hello.Stop()
+	select {
+	case <-l.Done():
+	case <-hello.C:
+		if l.Peer() == "" {
+			log.Warn(what+" sent no hello; closing", "remote", l.RemoteAddr())
+			_ = l.Close()
+		}
+		<-l.Done()
+	}
+}

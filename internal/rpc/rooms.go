@@ -11,6 +11,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -699,17 +700,7 @@ func (r *Rooms) Serve(ln net.Listener) error {
 			l := newLink(r.ctx, nc, r.serve, r.log, nil)
 			r.inbound[l] = struct{}{}
 			r.mu.Unlock()
-			hello := time.NewTimer(10 * time.Second)
-			select {
-			case <-l.Done():
-			case <-hello.C:
-				if l.Peer() == "" {
-					r.log.Warn("dc link sent no hello; closing", "remote", l.RemoteAddr())
-					_ = l.Close()
-				}
-				<-l.Done()
-			}
-			hello.Stop()
+			waitClosed(l, r.log, "dc link")
 			r.mu.Lock()
 			delete(r.inbound, l)
 			if dc, _, ok := cutPeer(l.Peer()); ok {
@@ -725,13 +716,10 @@ func (r *Rooms) Serve(ln net.Listener) error {
 	})
 }
 
+// cutPeer splits a DC link's peer name, "dc/node".
 func cutPeer(name string) (dc, node string, ok bool) {
-	for i := 0; i < len(name); i++ {
-		if name[i] == '/' {
-			return name[:i], name[i+1:], i > 0
-		}
-	}
-	return "", "", false
+	dc, node, ok = strings.Cut(name, "/")
+	return dc, node, ok && dc != ""
 }
 
 // serve answers a request of another DC on any link, ours or theirs.

@@ -143,17 +143,7 @@ func (s *Server) addLink(nc net.Conn) bool {
 // watch waits for l to close and forgets the gateway it served.
 func (s *Server) watch(l *Link) {
 	defer s.wg.Done()
-	hello := time.NewTimer(10 * time.Second)
-	select {
-	case <-l.Done():
-	case <-hello.C:
-		if l.Peer() == "" {
-			s.log.Warn("rpc link sent no hello; closing", "remote", l.RemoteAddr())
-			_ = l.Close()
-		}
-		<-l.Done()
-	}
-	hello.Stop()
+	waitClosed(l, s.log, "rpc link")
 	if id := l.Peer(); id != "" {
 		s.svc.ReleaseGate(id, remoteGate{l})
 		s.log.Info("gateway link closed", "gate", id, "remote", l.RemoteAddr(), "err", l.Err())
