@@ -224,8 +224,9 @@ func (c *conn) blocking(f *frame) action {
 	return c.login(&f.Header, f.Body)
 }
 
-// dispatch hands a request or client notify to logic on its own goroutine so
-// that many requests of one connection are in flight at once.
+// dispatch hands a request to logic on its own goroutine so that many
+// requests of one connection are in flight at once, and a client notify to
+// the notify workers (notes.go).
 func (c *conn) dispatch(f *frame, respond bool) {
 	s := c.srv
 	if int(c.inflight.Add(1)) > s.opts.MaxInFlight {
@@ -239,17 +240,18 @@ func (c *conn) dispatch(f *frame, respond bool) {
 	fr := *f // the goroutine owns the body now
 	*f = frame{}
 	s.wg.Add(1)
+	if !respond && s.notes.put(c, &fr) {
+		return
+	}
 	go func() {
+		if !respond {
+			c.serveNote(&fr)
+			return
+		}
 		defer s.wg.Done()
 		defer c.inflight.Add(-1)
 		defer fr.release()
 		body, err := s.api.Handle(s.reqs.get(), c.sess, &fr.Header, fr.Body)
-		if !respond {
-			if err != nil {
-				s.log.Debug("notify failed", "conn", c.id, "cmd", fr.Cmd.String(), "logid", fr.LogID, "err", err)
-			}
-			return
-		}
 		if err != nil {
 			if s.log.Enabled(context.Background(), slog.LevelDebug) {
 				s.log.Debug("request failed", "conn", c.id, "cmd", fr.Cmd.String(), "uid", c.sess.UID, "logid", fr.LogID, "err", err)

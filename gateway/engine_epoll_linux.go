@@ -31,10 +31,11 @@ const defaultEngine = EngineEpoll
 // reads leaves state on the connection, in a pooled buffer taken for that
 // frame. Requests go to logic on goroutines as in the goroutine engine;
 // login and logout, which the reader waits for, run on a goroutine too
-// while the loop stops reading that connection. Frames go out as in the
-// goroutine engine, a flush goroutine per burst, but with a non-blocking
-// writev: when the socket is full the rest stays queued and waits for
-// EPOLLOUT, which the loop answers. Login, idle and write timeouts live on
+// while the loop stops reading that connection. Frames go out through one
+// flusher goroutine per loop, which writes every connection with frames
+// waiting, all of each connection's frames in one non-blocking writev:
+// when the socket is full the rest stays queued and waits for EPOLLOUT,
+// which the loop answers. Login, idle and write timeouts live on
 // a timing wheel per loop instead of a runtime timer per connection.
 //
 // A loop does not hold an OS thread while it waits: its epoll descriptor is
@@ -94,8 +95,9 @@ func (e *epollEngine) start() error {
 			e.loops = append(e.loops, l)
 		}
 		for _, l := range e.loops {
-			e.wg.Add(1)
+			e.wg.Add(2)
 			go l.run()
+			go l.flusher()
 		}
 	})
 	return e.startErr
@@ -106,6 +108,7 @@ func (e *epollEngine) stop() {
 		e.startOnce.Do(func() { e.startErr = ErrServerClosed })
 		for _, l := range e.loops {
 			_ = l.file.Close() // wakes the loop, whose next read fails
+			close(l.stop)      // and its flusher
 		}
 		e.wg.Wait()
 	})
@@ -274,6 +277,14 @@ type loop struct {
 	conns []*epConn  // by slot, the index carried in each epoll event
 	free  []int32    // free slots
 	wheel *wheel[epConn, *epConn]
+
+	// The flusher's list: connections with frames queued and no write
+	// under way. fmu is taken without any conn's mu.
+	fmu     sync.Mutex
+	dirty   []*epConn
+	writing []*epConn     // the flusher's: the list it is writing
+	fwake   chan struct{} // one token: the list went from empty to not
+	stop    chan struct{} // closed when the engine stops
 }
 
 func newLoop(e *epollEngine, span time.Duration) (*loop, error) {
@@ -299,6 +310,7 @@ func newLoop(e *epollEngine, span time.Duration) (*loop, error) {
 	return &loop{
 		e: e, epfd: epfd, file: f, rc: rc, buf: make([]byte, loopReadBuf),
 		wheel: newWheel[epConn](e.tick, span, e.clock()),
+		fwake: make(chan struct{}, 1), stop: make(chan struct{}),
 	}, nil
 }
 
@@ -409,3 +421,49 @@ func (l *loop) expire(now int64) {
 	}
 	l.due = l.due[:0]
 }
+
+// markDirty puts c, which has frames queued and no write under way, on the
+// flusher's list.
+func (l *loop) markDirty(c *epConn) {
+	l.fmu.Lock()
+	l.dirty = append(l.dirty, c)
+	first := len(l.dirty) == 1
+	l.fmu.Unlock()
+	if first {
+		select {
+		case l.fwake <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// flusher writes the queues of the loop's connections: it takes the whole
+// list of connections with frames waiting and writes each, one writev for
+// all of a connection's frames. A fan-out queues a frame on thousands of
+// connections before the flusher reaches most of them, and frames that
+// come while it works through a list go out with those already waiting:
+// the busier the gateway, the more frames each system call carries, with
+// one goroutine per loop instead of one per burst.
+func (l *loop) flusher() {
+	defer l.e.wg.Done()
+	for {
+		select {
+		case <-l.fwake:
+		case <-l.stop:
+			return
+		}
+		l.fmu.Lock()
+		l.dirty, l.writing = l.writing[:0], l.dirty
+		l.fmu.Unlock()
+		for i, c := range l.writing {
+			c.flush()
+			l.writing[i] = nil
+		}
+		if cap(l.writing) > maxIdleFlushList {
+			l.writing = nil
+		}
+	}
+}
+
+// maxIdleFlushList bounds the list a flusher keeps between bursts.
+const maxIdleFlushList = 4096

@@ -299,14 +299,7 @@ func (c *epConn) expire(now int64) {
 	}
 }
 
-func (c *epConn) startFlush() {
-	s := c.srv
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
-		c.flush()
-	}()
-}
+func (c *epConn) startFlush() { c.l.markDirty(c) }
 
 // writable answers EPOLLOUT on the loop.
 func (c *epConn) writable() {

@@ -47,6 +47,7 @@ type Server struct {
 	web   webListener
 
 	reqs     *reqCtxs // the contexts of calls into logic
+	notes    notePool // serves client notifies (acks)
 	lim      *limiter // the rate limits (Options.Limits)
 	eng      engine
 	tlsEng   *goEngine // serves tlsLn
