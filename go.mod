@@ -15,6 +15,7 @@ require (
 )
 
 require (
+	github.com/bits-and-blooms/bloom/v3 v3.7.1
 	github.com/gobwas/ws v1.4.0
 	golang.org/x/time v0.16.0
 	k8s.io/api v0.37.2
@@ -25,6 +26,7 @@ require (
 )
 
 require (
+	github.com/bits-and-blooms/bitset v1.24.2 // indirect
 	github.com/blang/semver/v4 v4.0.0 // indirect
 	github.com/fxamacker/cbor/v2 v2.9.1 // indirect
 	github.com/go-errors/errors v1.5.1 // indirect

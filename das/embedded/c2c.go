@@ -59,7 +59,7 @@ func (s *Store) putC2C(ctx context.Context, m *pb.C2CMessage, inbox, senderInbox
 	defer mu.Unlock()
 
 	now := s.nowMs()
-	v, closer, err := s.db.Get(ik)
+	v, closer, err := s.getIdem(ik)
 	switch {
 	case err == nil:
 		msgid, stored, ok := decodeIdemValue(v)
@@ -79,6 +79,7 @@ func (s *Store) putC2C(ctx context.Context, m *pb.C2CMessage, inbox, senderInbox
 	if err := b.Commit(pebble.Sync); err != nil {
 		return 0, false, unavailable("put", err)
 	}
+	s.idem.add(ik, now)
 	s.markDirty(m)
 	return m.Msgid, false, nil
 }

@@ -508,7 +508,7 @@ func (s *Store) appendGroup(ctx context.Context, m *pb.C2CMessage) (das.Appended
 		imu := &s.idemLocks[s.stripe(ik)]
 		imu.Lock()
 		defer imu.Unlock()
-		v, closer, err := s.db.Get(ik)
+		v, closer, err := s.getIdem(ik)
 		switch {
 		case err == nil:
 			msgid, stored, gid, seq, ok := decodeGroupIdemValue(v)
@@ -541,6 +541,9 @@ func (s *Store) appendGroup(ctx context.Context, m *pb.C2CMessage) (das.Appended
 	}
 	if err := s.commitGroup(b, "append group"); err != nil {
 		return das.Appended{}, err
+	}
+	if ik != nil {
+		s.idem.add(ik, now)
 	}
 	return das.Appended{Seq: seq, Msgid: m.Msgid, MemberSeq: g.memberSeq}, nil
 }

@@ -321,6 +321,7 @@ func hasPrefix(k, p []byte) bool { return len(k) >= len(p) && string(k[:len(p)])
 // to the commit: a PutC2C that replaces an expired key in between would
 // otherwise lose its new key to the delete.
 func (s *Store) expireIdempotency(ctx context.Context, st *SweepStats) error {
+	s.idem.expire(s.nowMs())
 	cut := s.nowMs() - uint64(s.opts.Retention.IdempotencyTTL.Milliseconds())
 	upper := binary.BigEndian.AppendUint64([]byte{tagIdemQueue}, cut+1)
 	for ctx.Err() == nil {

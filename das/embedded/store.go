@@ -117,6 +117,7 @@ type Store struct {
 
 	seed      maphash.Seed
 	idemLocks [lockStripes]sync.Mutex // by idempotency key: check + commit
+	idem      *idemFilter             // which idempotency keys are certainly not stored
 	ackLocks  [lockStripes]sync.Mutex // by terminal: Ack's existence check + delete, AckGroup
 	gcEvent   atomic.Uint64           // suffix of collection marks, unique per process run
 
@@ -158,8 +159,14 @@ func Open(dir string, opts Options) (*Store, error) {
 		log:  log,
 		now:  time.Now,
 		seed: maphash.MakeSeed(),
+		idem: newIdemFilter(opts.Retention.IdempotencyTTL),
 	}
 	s.life, s.endLife = context.WithCancel(context.Background())
+	s.janitor.Add(1)
+	go func() {
+		defer s.janitor.Done()
+		s.buildIdemFilter(s.life)
+	}()
 	// Collection marks should not clash with marks left by an earlier
 	// run that the collector has not read yet; nanoseconds since the
 	// epoch grow across restarts. (A clash could only leak a message
