@@ -40,6 +40,7 @@ type cachedGroup struct {
 	members []Member
 	version uint64
 	index   map[User]uint64 // user -> join seq, built on the first Member call
+	head    uint64          // the highest seq known to be stored (SawSeq)
 }
 
 // DefaultGroupCacheEntries bounds a GroupCache when the caller gives 0:
@@ -168,6 +169,27 @@ func (c *GroupCache) put(id uint64, members []Member, version uint64) {
 		c.entries -= len(g.members)
 		c.mEvicted.Inc()
 	}
+}
+
+// SawSeq records that group id has stored seq, if the group is cached. A
+// group's head only grows, so what was seen stays true.
+func (c *GroupCache) SawSeq(id, seq uint64) {
+	c.mu.Lock()
+	if e, ok := c.groups[id]; ok {
+		g := e.Value.(*cachedGroup)
+		g.head = max(g.head, seq)
+	}
+	c.mu.Unlock()
+}
+
+// HasSeq reports whether group id is known (SawSeq) to have stored seq;
+// false means it may or may not have. A member's ack of a seq it was sent
+// is answered without reading the group's head from the store.
+func (c *GroupCache) HasSeq(id, seq uint64) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.groups[id]
+	return ok && e.Value.(*cachedGroup).head >= seq
 }
 
 // Invalidate drops group id: its membership changed.

@@ -120,3 +120,42 @@ func TestGroupCacheMember(t *testing.T) {
 		t.Fatalf("Member of an uncacheable group = %d, %v, %v", join, ok, err)
 	}
 }
+
+// TestGroupCacheHasSeq: a seq is known once seen for a cached group, never
+// for one that is not cached, and a reload at a newer membership version
+// keeps what was seen while Invalidate forgets it.
+func TestGroupCacheHasSeq(t *testing.T) {
+	st := &countingMembers{members: map[uint64][]Member{
+		1: {{User: User{Account: 1, UID: 10}, JoinSeq: 1}},
+	}, version: map[uint64]uint64{1: 1}}
+	c, err := NewGroupCache(st, 10, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	c.SawSeq(1, 5) // not cached yet: nothing to remember it by
+	if c.HasSeq(1, 1) {
+		t.Fatal("HasSeq of a group that is not cached")
+	}
+	if _, _, err := c.Members(ctx, 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	c.SawSeq(1, 5)
+	c.SawSeq(1, 3) // heads only grow
+	for seq, want := range map[uint64]bool{1: true, 5: true, 6: false} {
+		if got := c.HasSeq(1, seq); got != want {
+			t.Fatalf("HasSeq(1, %d) = %v, want %v", seq, got, want)
+		}
+	}
+	st.version[1] = 2
+	if _, _, err := c.Members(ctx, 1, 2); err != nil {
+		t.Fatal(err)
+	}
+	if !c.HasSeq(1, 5) {
+		t.Fatal("a reload forgot the seq seen")
+	}
+	c.Invalidate(1)
+	if c.HasSeq(1, 1) {
+		t.Fatal("HasSeq after Invalidate")
+	}
+}

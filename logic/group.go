@@ -117,6 +117,7 @@ func (s *Service) fanOutGroup(ctx context.Context, m *pb.C2CMessage, memberSeq u
 		s.log.Warn("group fan-out: members", "group", m.GroupId, "seq", m.Seq, "err", err, "logid", logid)
 		return 0
 	}
+	s.groupCache.SawSeq(m.GroupId, m.Seq)
 	users := make([]router.User, 0, len(members)+len(extra))
 	for _, mb := range members {
 		if mb.JoinSeq <= m.Seq {
@@ -300,12 +301,18 @@ func (s *Service) groupAck(ctx context.Context, sess router.Session, h *schema.H
 			}
 			m = ms[i]
 		}
-		g, err := s.groups.Group(ctx, c.GroupId)
-		if err != nil {
-			return nil, groupErr("group ack", err)
-		}
-		if top := visibleHead(m, g.Head); c.Seq > top && !s.remoteHome(c.GroupId) {
-			return nil, schema.Errorf(schema.StatusBadArgument, "group %d: ack of seq %d beyond its last seq %d", c.GroupId, c.Seq, top)
+		// The seq must be one the member may have seen: a current member's
+		// ack of a seq this node fanned out (or read) needs no read of the
+		// group's head.
+		if m.LeftSeq != 0 || !s.groupCache.HasSeq(c.GroupId, c.Seq) {
+			g, err := s.groups.Group(ctx, c.GroupId)
+			if err != nil {
+				return nil, groupErr("group ack", err)
+			}
+			s.groupCache.SawSeq(c.GroupId, g.Head)
+			if top := visibleHead(m, g.Head); c.Seq > top && !s.remoteHome(c.GroupId) {
+				return nil, schema.Errorf(schema.StatusBadArgument, "group %d: ack of seq %d beyond its last seq %d", c.GroupId, c.Seq, top)
+			}
 		}
 		if err := s.groups.AckGroup(ctx, terminalOf(sess), c.GroupId, c.Seq); err != nil {
 			return nil, groupErr("group ack", err)
