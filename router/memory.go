@@ -138,11 +138,20 @@ func (m *Memory) Lookup(_ context.Context, u User) ([]Session, error) {
 	return append([]Session(nil), list...), nil
 }
 
-// LookupMany implements Router.
-func (m *Memory) LookupMany(ctx context.Context, us []User) ([][]Session, error) {
+// LookupMany implements Router. The sessions of all of us share one
+// backing array (most users have one session), not one copy per user.
+func (m *Memory) LookupMany(_ context.Context, us []User) ([][]Session, error) {
 	out := make([][]Session, len(us))
+	all := make([]Session, 0, len(us))
 	for i, u := range us {
-		out[i], _ = m.Lookup(ctx, u)
+		sh := m.shard(u)
+		sh.mu.RLock()
+		if list := sh.users[u]; len(list) > 0 {
+			start := len(all)
+			all = append(all, list...)
+			out[i] = all[start:len(all):len(all)]
+		}
+		sh.mu.RUnlock()
 	}
 	return out, nil
 }
