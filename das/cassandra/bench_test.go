@@ -151,6 +151,46 @@ func BenchmarkPutC2C(b *testing.B) {
 	})
 }
 
+// BenchmarkPutC2CClaim prices the idempotency claim: the parallel
+// workload of BenchmarkPutC2C with a client id (on Cassandra a lightweight
+// transaction, then the batch) and without one (the batch alone).
+//
+//	go test -run '^$' -bench PutC2CClaim -benchtime 2000x -count 3 ./das/cassandra
+func BenchmarkPutC2CClaim(b *testing.B) {
+	for _, e := range benchEngines(b) {
+		for _, claim := range []bool{true, false} {
+			b.Run(fmt.Sprintf("%s/client-id=%v", e.name, claim), func(b *testing.B) {
+				s := e.open(b)
+				to := newUser()
+				var lat latencies
+				var n atomic.Uint64
+				b.SetParallelism(8)
+				b.ResetTimer()
+				b.RunParallel(func(p *testing.PB) {
+					from := newUser()
+					var mine []time.Duration
+					for p.Next() {
+						cmid := ""
+						if claim {
+							cmid = fmt.Sprint("c", n.Add(1))
+						}
+						m := benchMsg(from, to, cmid)
+						t0 := time.Now()
+						if _, _, err := s.PutC2C(ctx, m, []uint32{101, 102}, nil); err != nil {
+							b.Error(err)
+							return
+						}
+						mine = append(mine, time.Since(t0))
+					}
+					lat.add(mine...)
+				})
+				b.StopTimer()
+				lat.report(b, 1, "writes/s")
+			})
+		}
+	}
+}
+
 // fill puts n messages into t's inbox and returns their msgids. On
 // Cassandra it writes the inbox rows directly (100 to a single-partition
 // batch: the rows PutC2C writes, without the timelines); on the embedded
