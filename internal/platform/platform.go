@@ -467,8 +467,9 @@ func openStore(cfg config.Config, log *slog.Logger) (das.Store, error) {
 		}
 		dir := filepath.Join(cfg.DataDir, "store")
 		st, err := embedded.Open(dir, embedded.Options{
-			Retention: das.Retention{MaxAge: r.MaxAge, MaxCount: r.MaxCount, IdempotencyTTL: r.IdempotencyTTL},
-			Logger:    log.With("tier", "das"),
+			Retention:    das.Retention{MaxAge: r.MaxAge, MaxCount: r.MaxCount, IdempotencyTTL: r.IdempotencyTTL},
+			Logger:       log.With("tier", "das"),
+			SyncInterval: cfg.Store.SyncInterval,
 		})
 		if err != nil {
 			return nil, fmt.Errorf("store: open %s: %w", dir, err)
