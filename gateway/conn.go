@@ -224,9 +224,9 @@ func (c *conn) blocking(f *frame) action {
 	return c.login(&f.Header, f.Body)
 }
 
-// dispatch hands a request to logic on its own goroutine so that many
-// requests of one connection are in flight at once, and a client notify to
-// the notify workers (notes.go).
+// dispatch hands a request or client notify to logic on a worker
+// (workers.go) or a goroutine of its own, so that many requests of one
+// connection are in flight at once.
 func (c *conn) dispatch(f *frame, respond bool) {
 	s := c.srv
 	if int(c.inflight.Add(1)) > s.opts.MaxInFlight {
@@ -237,33 +237,39 @@ func (c *conn) dispatch(f *frame, respond bool) {
 		}
 		return
 	}
-	fr := *f // the goroutine owns the body now
+	fr := *f // the worker or goroutine owns the body now
 	*f = frame{}
 	s.wg.Add(1)
-	if !respond && s.notes.put(c, &fr) {
+	if s.work.put(c, &fr, respond) {
 		return
 	}
-	go func() {
-		if !respond {
-			c.serveNote(&fr)
-			return
-		}
-		defer s.wg.Done()
-		defer c.inflight.Add(-1)
-		defer fr.release()
-		body, err := s.api.Handle(s.reqs.get(), c.sess, &fr.Header, fr.Body)
+	go c.serve(&fr, respond)
+}
+
+// serve hands a request (answered) or client notify to logic.
+func (c *conn) serve(fr *frame, respond bool) {
+	s := c.srv
+	defer s.wg.Done()
+	defer c.inflight.Add(-1)
+	defer fr.release()
+	body, err := s.api.Handle(s.reqs.get(), c.sess, &fr.Header, fr.Body)
+	if !respond {
 		if err != nil {
-			if s.log.Enabled(context.Background(), slog.LevelDebug) {
-				s.log.Debug("request failed", "conn", c.id, "cmd", fr.Cmd.String(), "uid", c.sess.UID, "logid", fr.LogID, "err", err)
-			}
-			c.respondError(&fr.Header, err)
-			return
+			s.log.Debug("notify failed", "conn", c.id, "cmd", fr.Cmd.String(), "logid", fr.LogID, "err", err)
 		}
+		return
+	}
+	if err != nil {
 		if s.log.Enabled(context.Background(), slog.LevelDebug) {
-			s.log.Debug("request served", "conn", c.id, "cmd", fr.Cmd.String(), "uid", c.sess.UID, "logid", fr.LogID)
+			s.log.Debug("request failed", "conn", c.id, "cmd", fr.Cmd.String(), "uid", c.sess.UID, "logid", fr.LogID, "err", err)
 		}
-		c.respondRaw(&fr.Header, body)
-	}()
+		c.respondError(&fr.Header, err)
+		return
+	}
+	if s.log.Enabled(context.Background(), slog.LevelDebug) {
+		s.log.Debug("request served", "conn", c.id, "cmd", fr.Cmd.String(), "uid", c.sess.UID, "logid", fr.LogID)
+	}
+	c.respondRaw(&fr.Header, body)
 }
 
 func (c *conn) login(h *schema.Header, body []byte) action {

@@ -47,7 +47,7 @@ type Server struct {
 	web   webListener
 
 	reqs     *reqCtxs // the contexts of calls into logic
-	notes    notePool // serves client notifies (acks)
+	work     workPool // the workers of requests and client notifies
 	lim      *limiter // the rate limits (Options.Limits)
 	eng      engine
 	tlsEng   *goEngine // serves tlsLn
