@@ -87,16 +87,17 @@ IMBENCH_ARGS  = --imd $(BIN)/imd --results-dir $(RESULTS)
 bench: build ## short profile of every imbench scenario (~3-4 min on 2 cores): JSON + SVG charts into results/
 	$(IMBENCH) conns   $(IMBENCH_ARGS) --json conns.json   --steps 1000,5000,10000 --settle 5s
 	$(IMBENCH) conns   $(IMBENCH_ARGS) --json conns-cluster.json -n 30000 --gateways 2 --client raw --settle 5s
-	$(IMBENCH) c2c     $(IMBENCH_ARGS) --json c2c.json     --rates 1000,2000,4000 --duration 2s --repeat 3
+	$(IMBENCH) c2c     $(IMBENCH_ARGS) --json c2c.json     --rates 2000,4000,8000 --duration 2s --repeat 3
 	$(IMBENCH) s2c     $(IMBENCH_ARGS) --json s2c.json     --rates 10,20,40 --duration 2s --repeat 3
 	$(IMBENCH) s2c     $(IMBENCH_ARGS) --json s2c-dispatch.json  --shape dispatch  --clients 5000 --rates 400,800,1200 --duration 2s --repeat 2 --drain 10s
-	$(IMBENCH) s2c     $(IMBENCH_ARGS) --json s2c-broadcast.json --shape broadcast --endpoint broadcast --clients 5000 --rates 4,8,12 --duration 2s --repeat 2 --drain 10s
+	$(IMBENCH) s2c     $(IMBENCH_ARGS) --json s2c-broadcast.json --shape broadcast --endpoint broadcast --clients 5000 --rates 8,16,64 --duration 2s --repeat 2 --drain 10s
 	$(IMBENCH) group   $(IMBENCH_ARGS) --json group.json   --members 1000 --online 500 --rates 10,20,40 --duration 2s --repeat 2
 	$(IMBENCH) c2s     $(IMBENCH_ARGS) --json c2s.json     --rates 2000,4000,8000 --duration 2s --repeat 3
 	$(IMBENCH) offline $(IMBENCH_ARGS) --json offline.json -n 20000 --page-size 500 --repeat 3
 
 bench-go: ## Go micro-benchmarks (codec, store) and the in-process end-to-end ones
 	$(GO) test -run '^$$' -bench . -benchmem ./schema/ ./das/embedded/
+	$(GO) test -run '^$$' -bench 'WriteCost|LookupMany' -count 3 ./gateway/ ./router/
 	$(GO) test -run '^$$' -bench 'C2CEndToEnd|C2SEndToEnd' -benchtime 5000x ./internal/platform/
 	$(GO) test -run '^$$' -bench S2CFanOut -benchtime 100x ./internal/platform/
 
