@@ -199,6 +199,7 @@ type inbox struct {
 	gdone      map[uint64]uint64 // per group, the last seq delivered
 	gpending   map[uint64]uint64 // per group, the cursor to acknowledge with the next batch
 	gAckedAt   time.Time         // when group cursors last went out (GroupAckDelay)
+	sAckedAt   time.Time         // when push acks last went out (PushAckDelay)
 	gpulled    map[uint64]uint64 // per group, the last seq delivered from a catch-up page; its next pull acknowledges it
 	pending    []uint64          // delivered from a c2c notify or the last page, not yet acknowledged
 	pendingS2C []uint64          // live pushes delivered, not yet acknowledged
@@ -518,13 +519,21 @@ func (in *inbox) finish(ctx context.Context) {
 // wait, allCursors): a cursor covers every seq below it, so waiting longer
 // costs nothing but a few messages pulled again after a crash, which the
 // dedup drops, while each cursor the server moves is a store write per
-// member terminal.
+// member terminal. Push acks go out every PushAckDelay (or when 200 wait):
+// they only count statistics. allCursors sends everything now.
 func (in *inbox) flushAcks(allCursors bool) {
 	in.flushMu <- struct{}{}
 	defer func() { <-in.flushMu }()
 	in.ackMu.Lock()
-	ids, pushes := in.pending, in.pendingS2C
-	in.pending, in.pendingS2C = nil, nil
+	ids := in.pending
+	in.pending = nil
+	var pushes []uint64
+	if allCursors || len(in.pendingS2C) >= 200 || time.Since(in.sAckedAt) >= in.c.opts.PushAckDelay {
+		pushes, in.pendingS2C = in.pendingS2C, nil
+		if len(pushes) > 0 {
+			in.sAckedAt = time.Now()
+		}
+	}
 	var cursors []*pb.GroupCursor
 	if allCursors || time.Since(in.gAckedAt) >= in.c.opts.GroupAckDelay {
 		if cursors = in.takeCursors(); len(cursors) > 0 {

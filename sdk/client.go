@@ -264,6 +264,12 @@ type Options struct {
 	// server moves is a store write, so they go out less often than
 	// message acks. Default 250ms; Close and Logout send them at once.
 	GroupAckDelay time.Duration
+	// PushAckDelay is how long acks of live pushes (s2c) wait to be
+	// batched. They only count the push's statistics, so they go out less
+	// often than message acks, and each one the gateway does not read is
+	// server CPU saved on every delivery. Default 250ms; 200 waiting, Close
+	// and Logout send them at once.
+	PushAckDelay time.Duration
 	// SendAttempts bounds the tries of SendC2C and SendGroup. Default 6.
 	SendAttempts int
 	// SendBackoffMin and SendBackoffMax bound the backoff of SendC2C and
@@ -307,6 +313,9 @@ func (o *Options) setDefaults() error {
 	}
 	if o.GroupAckDelay <= 0 {
 		o.GroupAckDelay = 250 * time.Millisecond
+	}
+	if o.PushAckDelay <= 0 {
+		o.PushAckDelay = 250 * time.Millisecond
 	}
 	if o.SendAttempts <= 0 {
 		o.SendAttempts = 6
