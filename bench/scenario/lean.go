@@ -22,9 +22,10 @@ import (
 // goroutine per connection elsewhere) read whatever arrived, decode of
 // each notify only what counting needs (the push id, or a group message's
 // seq and whether it is an event, and the content, where imbench put its
-// timestamps), and answer each read with at most one frame: an s2c-ack
-// carrying every push id the read brought. Group cursors are acknowledged
-// at most every GroupAckDelay, with the highest seq seen, as the SDK does.
+// timestamps), and acknowledge in batches as the SDK does: an s2c-ack
+// carrying every push id that came in the last PushAckDelay (or at each
+// read when it is 0), and a group cursor at most every GroupAckDelay, with
+// the highest seq seen.
 // It never pulls, syncs or keeps state beyond that.
 
 // LeanOptions configure a LeanFleet.
@@ -54,6 +55,10 @@ type LeanOptions struct {
 	// GroupAckDelay is how long a group cursor waits to be acknowledged
 	// (0: at the read that moved it). The SDK's default is 250 ms.
 	GroupAckDelay time.Duration
+	// PushAckDelay is how long push ids wait to be acknowledged in one
+	// s2c-ack (0: at the read that brought them). The SDK's default is
+	// 250 ms.
+	PushAckDelay time.Duration
 	// NoAcks leaves s2c pushes unacknowledged (a client that never acks:
 	// what acks cost the server is the difference).
 	NoAcks bool
@@ -120,6 +125,8 @@ type leanConn struct {
 	maxSeq      uint64 // highest group seq seen
 	ackedSeq    uint64 // highest group seq acknowledged
 	lastGroupAk time.Time
+	pushAcks    []uint64 // push ids waiting for PushAckDelay
+	lastPushAk  time.Time
 	ackPending  bool // on its loop's pending list
 	dead        bool
 }
@@ -132,7 +139,7 @@ type leanLoop struct {
 	buf     []byte
 	wbuf    []byte
 	acks    []uint64
-	pending []*leanConn // connections with a group cursor to acknowledge later
+	pending []*leanConn // connections with a group cursor or push ids to acknowledge later
 	blocked []*leanConn // connections with bytes the socket did not take
 }
 
@@ -171,21 +178,31 @@ func (lp *leanLoop) handle(c *leanConn, data []byte, now time.Time) {
 	default:
 		c.in = append(c.in[:0], rest...)
 	}
+	later := false
 	if len(lp.acks) > 0 {
-		lp.writeS2CAck(c)
+		c.pushAcks = append(c.pushAcks, lp.acks...)
+		lp.acks = lp.acks[:0]
+		if d := lp.f.o.PushAckDelay; d <= 0 || len(c.pushAcks) >= 200 || now.Sub(c.lastPushAk) >= d || lp.f.ackNow.Load() {
+			lp.writeS2CAck(c, now)
+		} else {
+			later = true
+		}
 	}
 	if c.maxSeq > c.ackedSeq {
 		if lp.f.o.GroupAckDelay <= 0 || now.Sub(c.lastGroupAk) >= lp.f.o.GroupAckDelay {
 			lp.writeGroupAck(c, now)
-		} else if !c.ackPending {
-			c.ackPending = true
-			lp.pending = append(lp.pending, c)
+		} else {
+			later = true
 		}
+	}
+	if later && !c.ackPending {
+		c.ackPending = true
+		lp.pending = append(lp.pending, c)
 	}
 }
 
-// tick acknowledges the group cursors whose delay has passed and retries
-// unsent bytes.
+// tick acknowledges the group cursors and push ids whose delay has passed
+// and retries unsent bytes.
 func (lp *leanLoop) tick(now time.Time) {
 	if len(lp.blocked) > 0 {
 		still := lp.blocked[:0]
@@ -198,20 +215,24 @@ func (lp *leanLoop) tick(now time.Time) {
 		clear(lp.blocked[len(still):])
 		lp.blocked = still
 	}
+	force := lp.f.ackNow.Load()
 	keep := lp.pending[:0]
 	for _, c := range lp.pending {
 		if c.dead {
 			c.ackPending = false
 			continue
 		}
-		if now.Sub(c.lastGroupAk) >= lp.f.o.GroupAckDelay {
-			c.ackPending = false
-			if c.maxSeq > c.ackedSeq {
-				lp.writeGroupAck(c, now)
-			}
+		if c.maxSeq > c.ackedSeq && (force || now.Sub(c.lastGroupAk) >= lp.f.o.GroupAckDelay) {
+			lp.writeGroupAck(c, now)
+		}
+		if len(c.pushAcks) > 0 && (force || now.Sub(c.lastPushAk) >= lp.f.o.PushAckDelay) {
+			lp.writeS2CAck(c, now)
+		}
+		if c.maxSeq > c.ackedSeq || len(c.pushAcks) > 0 {
+			keep = append(keep, c)
 			continue
 		}
-		keep = append(keep, c)
+		c.ackPending = false
 	}
 	clear(lp.pending[len(keep):])
 	lp.pending = keep
@@ -271,21 +292,25 @@ func (lp *leanLoop) frame(c *leanConn, h *schema.Header, body []byte) {
 	}
 }
 
-// writeS2CAck acknowledges every push id of the last read in one frame.
-func (lp *leanLoop) writeS2CAck(c *leanConn) {
+// writeS2CAck acknowledges every push id c holds in one frame.
+func (lp *leanLoop) writeS2CAck(c *leanConn, now time.Time) {
 	size := 0
-	for _, id := range lp.acks {
+	for _, id := range c.pushAcks {
 		size += protowire.SizeVarint(id)
 	}
 	b := lp.frameStart(schema.CmdS2CAck, schema.KindNotify, 0)
 	b = protowire.AppendTag(b, 1, protowire.BytesType) // S2CAck.push_ids, packed
 	b = protowire.AppendVarint(b, uint64(size))
-	for _, id := range lp.acks {
+	for _, id := range c.pushAcks {
 		b = protowire.AppendVarint(b, id)
 	}
 	lp.f.stats.ackFrames.Add(1)
-	lp.f.stats.ackedIDs.Add(int64(len(lp.acks)))
-	lp.acks = lp.acks[:0]
+	lp.f.stats.ackedIDs.Add(int64(len(c.pushAcks)))
+	c.pushAcks = c.pushAcks[:0]
+	if cap(c.pushAcks) > 256 {
+		c.pushAcks = nil
+	}
+	c.lastPushAk = now
 	lp.send(c, b)
 }
 
@@ -480,6 +505,7 @@ type LeanFleet struct {
 	conns   []atomic.Pointer[leanConn]
 	stats   leanCounters
 	closing atomic.Bool
+	ackNow  atomic.Bool  // FlushAcks: acknowledge without waiting any more
 	kaIv    atomic.Int64 // keepalive interval the server advertised, ns
 	loops   int
 	engine  leanEngine
@@ -606,6 +632,15 @@ func (f *LeanFleet) Stats() LeanStats {
 		Messages: s.messages.Load(), AckFrames: s.ackFrames.Load(), AckedIDs: s.ackedIDs.Load(), GroupAcks: s.groupAcks.Load(),
 		Keepalives: s.kas.Load(), WriteWaits: s.writeWaits.Load(), ErrorResps: s.errorResps.Load(), Kickouts: s.kickouts.Load(),
 		Dropped: s.drops.Load(), BadFrames: s.badFrames.Load(), LastError: last}
+}
+
+// FlushAcks makes the loops acknowledge what waits for PushAckDelay or
+// GroupAckDelay at their next tick, and from then on at each read, and
+// gives them the time for a tick (a run's end: the statistics count every
+// ack).
+func (f *LeanFleet) FlushAcks() {
+	f.ackNow.Store(true)
+	time.Sleep(100 * time.Millisecond) // ticks are 10-30 ms apart
 }
 
 // Close closes every connection and stops the loops.

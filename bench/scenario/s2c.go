@@ -80,11 +80,15 @@ type S2C struct {
 	// NoAcks: the lean clients never acknowledge a push (what acks cost
 	// the server is the difference).
 	NoAcks bool
+	// AckDelay is how long a lean client's push ids wait to be
+	// acknowledged together (0: at each read); the SDK's PushAckDelay
+	// default, 250 ms, unless set.
+	AckDelay time.Duration
 }
 
 // NewS2C returns the scenario with the command line's defaults.
 func NewS2C() *S2C {
-	return &S2C{Load: DefaultLoadOptions(20, 100, 1), Clients: 500, Pushers: 4, Client: ClientRaw, MsgType: 2, Seed: 1}
+	return &S2C{Load: DefaultLoadOptions(20, 100, 1), Clients: 500, Pushers: 4, Client: ClientRaw, MsgType: 2, Seed: 1, AckDelay: 250 * time.Millisecond}
 }
 
 type s2cSetup struct {
@@ -100,6 +104,7 @@ type s2cSetup struct {
 	UIDs     string `json:"uids"`
 	Loops    int    `json:"lean_read_loops,omitempty"`
 	NoAcks   bool   `json:"no_acks,omitempty"`
+	AckDelay int64  `json:"lean_ack_delay_ms"`
 }
 
 func (s s2cSetup) chartName() string { return "s2c " + s.Shape }
@@ -159,8 +164,8 @@ func (s *S2C) Validate() error {
 	if s.Fanout < 1 || s.Fanout > s.Clients {
 		errs = append(errs, errors.New("--fanout must be in [0, clients]"))
 	}
-	if s.Loops < 0 {
-		errs = append(errs, errors.New("--loops must be >= 0"))
+	if s.Loops < 0 || s.AckDelay < 0 {
+		errs = append(errs, errors.New("--loops and --ack-delay must be >= 0"))
 	}
 	if s.NoAcks && s.Client != ClientRaw {
 		errs = append(errs, errors.New("--no-acks goes with --client raw (the SDK always acknowledges)"))
@@ -179,7 +184,7 @@ func (s *S2C) Run(ctx context.Context, l Launcher, env Env) (*LoadReport, error)
 	conns := s.Pushers * f.Inflight
 	r.http = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: conns, MaxConnsPerHost: conns, IdleConnTimeout: time.Minute}}
 	setup := s2cSetup{Shape: s.Shape, Endpoint: s.Endpoint, Client: s.Client, Clients: s.Clients, Pushers: s.Pushers, Fanout: s.Fanout,
-		Inflight: f.Inflight, Size: f.Size, MsgType: s.MsgType, NoAcks: s.NoAcks, UIDs: fmt.Sprintf("%d..%d", f.UIDBase, f.UIDBase+uint64(s.Clients)-1)}
+		Inflight: f.Inflight, Size: f.Size, MsgType: s.MsgType, NoAcks: s.NoAcks, AckDelay: s.AckDelay.Milliseconds(), UIDs: fmt.Sprintf("%d..%d", f.UIDBase, f.UIDBase+uint64(s.Clients)-1)}
 	sc := &loadScenario{
 		name: "s2c", opUnit: "pushes", deliveryUnit: "deliveries", senders: s.Pushers, inflight: f.Inflight, perOp: int64(s.Fanout),
 		needs:   ServerNeeds{MaxRecipients: max(1000, s.Fanout), MaxBody: max(1<<20, s.Fanout*48+2*f.Size+1024)},
@@ -190,6 +195,7 @@ func (s *S2C) Run(ctx context.Context, l Launcher, env Env) (*LoadReport, error)
 			if r.lean == nil {
 				return nil, nil
 			}
+			r.lean.FlushAcks()
 			st := r.lean.Stats()
 			return &S2CExtra{Lean: &st}, nil
 		},
@@ -251,7 +257,7 @@ func (s *s2cRun) prepare(ctx context.Context, t *Target, log io.Writer) error {
 	if s.o.Client == ClientRaw {
 		var err error
 		s.lean, err = DialLean(ctx, LeanOptions{Addrs: []string{t.Gateway}, AppCode: t.AppCode, Secret: t.Secret, UIDs: uids,
-			LoginConc: f.LoginConc, Loops: s.o.Loops, Log: log, NoAcks: s.o.NoAcks,
+			LoginConc: f.LoginConc, Loops: s.o.Loops, Log: log, NoAcks: s.o.NoAcks, PushAckDelay: s.o.AckDelay,
 			OnS2C: func(conn, loop int, _ uint64, content []byte) { s.received(conn, loop, content) }})
 		return err
 	}

@@ -132,6 +132,7 @@ func runS2C(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		fs.IntVar(&s.Loops, "loops", s.Loops, "goroutines reading the raw clients (0: the usable CPUs, at most 4)")
 		fs.Uint64Var(&s.Seed, "seed", s.Seed, "seed of the dispatch shape's random recipients")
 		fs.BoolVar(&s.NoAcks, "no-acks", s.NoAcks, "with --client raw: never acknowledge a push (what acks cost the server is the difference)")
+		fs.DurationVar(&s.AckDelay, "ack-delay", s.AckDelay, "with --client raw: how long push ids wait to be acknowledged in one frame, as the SDK's PushAckDelay (0: at each read)")
 		fs.IntVar(&s.Load.Inflight, "inflight", s.Load.Inflight, "requests outstanding per pusher")
 		fs.Var((*uint32Flag)(&s.MsgType), "msgtype", "msgtype of the pushes")
 	}, &s.Load, s.Validate, s.Run)
