@@ -123,29 +123,8 @@ func BenchmarkPutC2C(b *testing.B) {
 	b.Run("parallel", func(b *testing.B) {
 		for _, e := range engines {
 			b.Run(e.name, func(b *testing.B) {
-				s := e.open(b)
-				to := newUser()
-				var lat latencies
-				var n atomic.Uint64
 				b.SetBytes(int64(len(benchContent)))
-				b.SetParallelism(8)
-				b.ResetTimer()
-				b.RunParallel(func(p *testing.PB) {
-					from := newUser()
-					var mine []time.Duration
-					for p.Next() {
-						m := benchMsg(from, to, fmt.Sprint("p", n.Add(1)))
-						t0 := time.Now()
-						if _, _, err := s.PutC2C(ctx, m, []uint32{101, 102}, nil); err != nil {
-							b.Error(err)
-							return
-						}
-						mine = append(mine, time.Since(t0))
-					}
-					lat.add(mine...)
-				})
-				b.StopTimer()
-				lat.report(b, 1, "writes/s")
+				putParallel(b, e.open(b), "p")
 			})
 		}
 	})
@@ -158,37 +137,44 @@ func BenchmarkPutC2C(b *testing.B) {
 //	go test -run '^$' -bench PutC2CClaim -benchtime 2000x -count 3 ./das/cassandra
 func BenchmarkPutC2CClaim(b *testing.B) {
 	for _, e := range benchEngines(b) {
-		for _, claim := range []bool{true, false} {
-			b.Run(fmt.Sprintf("%s/client-id=%v", e.name, claim), func(b *testing.B) {
-				s := e.open(b)
-				to := newUser()
-				var lat latencies
-				var n atomic.Uint64
-				b.SetParallelism(8)
-				b.ResetTimer()
-				b.RunParallel(func(p *testing.PB) {
-					from := newUser()
-					var mine []time.Duration
-					for p.Next() {
-						cmid := ""
-						if claim {
-							cmid = fmt.Sprint("c", n.Add(1))
-						}
-						m := benchMsg(from, to, cmid)
-						t0 := time.Now()
-						if _, _, err := s.PutC2C(ctx, m, []uint32{101, 102}, nil); err != nil {
-							b.Error(err)
-							return
-						}
-						mine = append(mine, time.Since(t0))
-					}
-					lat.add(mine...)
-				})
-				b.StopTimer()
-				lat.report(b, 1, "writes/s")
+		for _, prefix := range []string{"c", ""} {
+			b.Run(fmt.Sprintf("%s/client-id=%v", e.name, prefix != ""), func(b *testing.B) {
+				putParallel(b, e.open(b), prefix)
 			})
 		}
 	}
+}
+
+// putParallel runs PutC2C from 8 writers per core (each its own sender)
+// to one recipient's two terminals and reports writes/s and latencies.
+// Each message's client id is prefix and a counter; none when prefix is
+// empty.
+func putParallel(b *testing.B, s das.Store, prefix string) {
+	to := newUser()
+	var lat latencies
+	var n atomic.Uint64
+	b.SetParallelism(8)
+	b.ResetTimer()
+	b.RunParallel(func(p *testing.PB) {
+		from := newUser()
+		var mine []time.Duration
+		for p.Next() {
+			cmid := ""
+			if prefix != "" {
+				cmid = fmt.Sprint(prefix, n.Add(1))
+			}
+			m := benchMsg(from, to, cmid)
+			t0 := time.Now()
+			if _, _, err := s.PutC2C(ctx, m, []uint32{101, 102}, nil); err != nil {
+				b.Error(err)
+				return
+			}
+			mine = append(mine, time.Since(t0))
+		}
+		lat.add(mine...)
+	})
+	b.StopTimer()
+	lat.report(b, 1, "writes/s")
 }
 
 // fill puts n messages into t's inbox and returns their msgids. On
