@@ -3,6 +3,8 @@ package gateway
 import (
 	"runtime"
 	"sync"
+	"sync/atomic"
+	"time"
 )
 
 // workPool runs calls into logic on long-lived goroutines. A goroutine
@@ -12,15 +14,20 @@ import (
 // worker keeps its grown stack.
 //
 // Requests are handed over only to a worker that is waiting (an
-// unbuffered queue): a request never waits behind a busy worker, it gets
-// a goroutine of its own as before. Client notifies (acks, read marks) are
-// short and answer nothing, so they may wait in a buffered queue; when it
-// is full (logic is slow, say a remote ledger) they get goroutines too. So
-// an event loop never waits.
+// unbuffered queue): a request never waits behind a busy worker. When
+// none waits, the request starts a new worker, which stays while there is
+// work (up to maxReqWorkers per GOMAXPROCS, and leaves after workerIdle
+// without any); beyond that bound it gets a plain goroutine. Client
+// notifies (acks, read marks) are short and answer nothing, so they may
+// wait in a buffered queue for a few fixed workers; when it is full
+// (logic is slow, say a remote ledger) they get goroutines too. So an
+// event loop never waits.
 type workPool struct {
-	once  sync.Once
-	reqs  chan job // unbuffered: taken by a waiting worker or not at all
-	notes chan job
+	once    sync.Once
+	reqs    chan job // unbuffered: taken by a waiting worker or not at all
+	notes   chan job
+	nreq    atomic.Int32 // request workers running
+	maxReqs int32
 }
 
 type job struct {
@@ -33,9 +40,13 @@ const (
 	// noteQueue is how many notifies wait for a worker before new ones get
 	// goroutines of their own.
 	noteQueue = 4096
-	// reqWorkers and noteWorkers are the workers per GOMAXPROCS.
-	reqWorkers  = 16
-	noteWorkers = 2
+	// noteWorkers are the notify workers, maxReqWorkers the most request
+	// workers, per GOMAXPROCS.
+	noteWorkers   = 2
+	maxReqWorkers = 128
+	// workerIdle is how long a request worker waits for work before it
+	// leaves.
+	workerIdle = 10 * time.Second
 )
 
 // put hands f (a request when respond, else a notify) to a worker, which
@@ -47,33 +58,61 @@ func (p *workPool) put(c *conn, fr *frame, respond bool) bool {
 	p.once.Do(func() {
 		p.reqs, p.notes = make(chan job), make(chan job, noteQueue)
 		procs := runtime.GOMAXPROCS(0)
-		for range reqWorkers * procs {
-			go p.work(s, p.reqs)
-		}
+		p.maxReqs = int32(maxReqWorkers * procs)
 		for range noteWorkers * procs {
-			go p.work(s, p.notes)
+			go p.work(s)
 		}
 	})
-	q := p.notes
-	if respond {
-		q = p.reqs
+	j := job{c: c, fr: *fr, respond: respond}
+	if !respond {
+		select {
+		case p.notes <- j:
+			return true
+		default:
+			return false
+		}
 	}
 	select {
-	case q <- job{c: c, fr: *fr, respond: respond}:
+	case p.reqs <- j:
 		return true
 	default:
+	}
+	if p.nreq.Add(1) > p.maxReqs {
+		p.nreq.Add(-1)
 		return false
+	}
+	go p.reqWorker(s, j)
+	return true
+}
+
+// work serves queued notifies until the server's last shutdown step. By
+// then no job is queued: Shutdown waits for every one (they are in the
+// WaitGroup) before that step.
+func (p *workPool) work(s *Server) {
+	for {
+		select {
+		case j := <-p.notes:
+			j.c.serve(&j.fr, j.respond)
+		case <-s.ctx.Done():
+			return
+		}
 	}
 }
 
-// work serves jobs until the server's last shutdown step. By then no job
-// is queued: Shutdown waits for every one (they are in the WaitGroup)
-// before that step.
-func (p *workPool) work(s *Server, q chan job) {
+// reqWorker serves first, then the requests handed to it, until it has
+// waited workerIdle for one or the server's last shutdown step.
+func (p *workPool) reqWorker(s *Server, first job) {
+	defer p.nreq.Add(-1)
+	first.c.serve(&first.fr, true)
+	idle := time.NewTimer(workerIdle)
+	defer idle.Stop()
 	for {
 		select {
-		case j := <-q:
-			j.c.serve(&j.fr, j.respond)
+		case j := <-p.reqs:
+			j.c.serve(&j.fr, true)
+			idle.Reset(workerIdle)
+		case <-idle.C:
+			return
 		case <-s.ctx.Done():
 			return
 		}
