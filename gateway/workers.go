@@ -26,8 +26,9 @@ type workPool struct {
 	once    sync.Once
 	reqs    chan job // unbuffered: taken by a waiting worker or not at all
 	notes   chan job
-	nreq    atomic.Int32 // request workers running
-	maxReqs int32
+	nreq    atomic.Int32  // request workers running
+	maxReqs int32         // 0: maxReqWorkers per GOMAXPROCS (tests set less)
+	idle    time.Duration // 0: workerIdle (tests set less)
 }
 
 type job struct {
@@ -58,7 +59,12 @@ func (p *workPool) put(c *conn, fr *frame, respond bool) bool {
 	p.once.Do(func() {
 		p.reqs, p.notes = make(chan job), make(chan job, noteQueue)
 		procs := runtime.GOMAXPROCS(0)
-		p.maxReqs = int32(maxReqWorkers * procs)
+		if p.maxReqs == 0 {
+			p.maxReqs = int32(maxReqWorkers * procs)
+		}
+		if p.idle == 0 {
+			p.idle = workerIdle
+		}
 		for range noteWorkers * procs {
 			go p.work(s)
 		}
@@ -104,13 +110,13 @@ func (p *workPool) work(s *Server) {
 func (p *workPool) reqWorker(s *Server, first job) {
 	defer p.nreq.Add(-1)
 	first.c.serve(&first.fr, true)
-	idle := time.NewTimer(workerIdle)
+	idle := time.NewTimer(p.idle)
 	defer idle.Stop()
 	for {
 		select {
 		case j := <-p.reqs:
 			j.c.serve(&j.fr, true)
-			idle.Reset(workerIdle)
+			idle.Reset(p.idle)
 		case <-idle.C:
 			return
 		case <-s.ctx.Done():
