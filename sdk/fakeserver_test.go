@@ -24,6 +24,7 @@ type fakeServer struct {
 	t      *testing.T
 	ln     net.Listener
 	handle func(h schema.Header, body []byte) (schema.Status, proto.Message, bool)
+	notify func(h schema.Header, body []byte) // the client's notifies (acks); nil drops them
 
 	mu    sync.Mutex
 	conns []net.Conn
@@ -69,6 +70,9 @@ func (fs *fakeServer) conn(nc net.Conn) {
 		body := append([]byte(nil), f.Body...)
 		f.Release()
 		if h.Kind() != schema.KindRequest {
+			if h.Kind() == schema.KindNotify && fs.notify != nil {
+				fs.notify(h, body)
+			}
 			continue // acks and other notifies
 		}
 		st, resp, closeAfter := fs.handle(h, body)
@@ -335,5 +339,94 @@ func TestFileState(t *testing.T) {
 	st, _ = s.Load()
 	if !slices.Equal(st.Shown, []uint64{96, 97, 98, 99}) || st.SentMsgid != 70 {
 		t.Fatalf("loaded %+v, want shown [96 97 98 99] and floor 70", st)
+	}
+}
+
+// TestPushAcksBatched: live pushes that come within PushAckDelay are
+// acknowledged in one s2c-ack, not one per AckDelay, and not before the
+// delay has passed since the last push ack went out; Close sends what
+// waits.
+func TestPushAcksBatched(t *testing.T) {
+	type ack struct {
+		at  time.Time
+		ids []uint64
+	}
+	var mu sync.Mutex
+	var acks []ack
+	fs := newFakeServer(t, func(h schema.Header, _ []byte) (schema.Status, proto.Message, bool) {
+		resp, _ := answer(h.Cmd)
+		return schema.StatusOK, resp, false
+	})
+	fs.notify = func(h schema.Header, body []byte) {
+		if h.Cmd != schema.CmdS2CAck {
+			return
+		}
+		var m pb.S2CAck
+		if err := proto.Unmarshal(body, &m); err != nil {
+			t.Errorf("s2c-ack: %v", err)
+		}
+		mu.Lock()
+		acks = append(acks, ack{time.Now(), m.PushIds})
+		mu.Unlock()
+	}
+	got := make(chan uint64, 16)
+	c, err := Dial(context.Background(), Options{Addrs: []string{fs.addr()}, AckDelay: 5 * time.Millisecond,
+		PushAckDelay: 300 * time.Millisecond, OnS2C: func(n *pb.S2CNotify) { got <- n.PushId }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Login(context.Background(), Credentials{AppCode: 1, UID: 2, Token: "t"}); err != nil {
+		t.Fatal(err)
+	}
+	// The first push is acked at the next tick (no push ack went out yet);
+	// the next four, 20 ms apart, wait for the delay and go together.
+	start := time.Now()
+	for id := uint64(1); id <= 5; id++ {
+		fs.push(schema.CmdS2C, &pb.S2CNotify{PushId: id, NeedAck: true, Content: []byte("x")})
+		if n := <-got; n != id {
+			t.Fatalf("push %d delivered as %d", id, n)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	fs.push(schema.CmdS2C, &pb.S2CNotify{PushId: 6, NeedAck: true})
+	<-got
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		mu.Lock()
+		n := 0
+		for _, a := range acks {
+			n += len(a.ids)
+		}
+		done := n >= 5
+		mu.Unlock()
+		if done || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	_ = c.Close() // sends push 6 if it still waits
+	var all []uint64
+	for deadline := time.Now().Add(2 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		mu.Lock()
+		all = all[:0]
+		for _, a := range acks {
+			all = append(all, a.ids...)
+		}
+		mu.Unlock()
+		if len(all) >= 6 || time.Now().After(deadline) {
+			break
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	slices.Sort(all)
+	if !slices.Equal(all, []uint64{1, 2, 3, 4, 5, 6}) {
+		t.Fatalf("acked %v, want pushes 1-6 once each", all)
+	}
+	if len(acks) > 3 {
+		t.Fatalf("%d s2c-ack frames for 6 pushes, want at most 3: %v", len(acks), acks)
+	}
+	if len(acks) >= 2 && acks[1].at.Sub(acks[0].at) < 250*time.Millisecond {
+		t.Fatalf("second push ack %v after the first, want about PushAckDelay (300ms); started %v", acks[1].at.Sub(acks[0].at), acks[0].at.Sub(start))
 	}
 }
