@@ -540,43 +540,15 @@ func DialLean(ctx context.Context, o LeanOptions) (*LeanFleet, error) {
 	}
 	f.engine, f.loops = eng, eng.loops()
 
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	var next, done atomic.Int64
-	var errMu sync.Mutex
-	var firstErr error
-	stop := watch(o.Log, time.Second, func() string {
-		return fmt.Sprintf("  logging in lean clients: %d/%d", done.Load(), len(o.UIDs))
+	err = loginEach(ctx, len(o.UIDs), o.LoginConc, o.Log, "lean clients", func(ctx context.Context, i int) error {
+		if err := f.open(ctx, i); err != nil {
+			return fmt.Errorf("lean client: log in uid %d: %w", o.UIDs[i], err)
+		}
+		return nil
 	})
-	var wg sync.WaitGroup
-	for range min(o.LoginConc, len(o.UIDs)) {
-		wg.Go(func() {
-			for ctx.Err() == nil {
-				i := int(next.Add(1) - 1)
-				if i >= len(o.UIDs) {
-					return
-				}
-				if err := f.open(ctx, i); err != nil {
-					errMu.Lock()
-					if firstErr == nil {
-						firstErr = fmt.Errorf("lean client: log in uid %d: %w", o.UIDs[i], err)
-					}
-					errMu.Unlock()
-					cancel()
-					return
-				}
-				done.Add(1)
-			}
-		})
-	}
-	wg.Wait()
-	stop()
-	if firstErr == nil && ctx.Err() != nil {
-		firstErr = ctx.Err()
-	}
-	if firstErr != nil {
+	if err != nil {
 		_ = f.Close()
-		return nil, firstErr
+		return nil, err
 	}
 	return f, nil
 }

@@ -770,44 +770,65 @@ func Singular(unit string) string {
 // opts returns client i's options (Addrs and credentials are filled in).
 func loginClients(ctx context.Context, t *Target, uids []uint64, conc int, opts func(i int) sdk.Options, log io.Writer, what string) ([]*sdk.Client, error) {
 	clients := make([]*sdk.Client, len(uids))
+	err := loginEach(ctx, len(uids), conc, log, what, func(ctx context.Context, i int) error {
+		o := sdk.Options{}
+		if opts != nil {
+			o = opts(i)
+		}
+		o.Addrs = []string{t.Gateway}
+		if o.DeviceID == "" {
+			o.DeviceID = fmt.Sprintf("imbench-%d", uids[i])
+		}
+		if o.Platform == "" {
+			o.Platform = "imbench"
+		}
+		c, err := loginOne(ctx, t, uids[i], o)
+		if err != nil {
+			return fmt.Errorf("log in uid %d: %w", uids[i], err)
+		}
+		clients[i] = c
+		return nil
+	})
+	if err != nil {
+		for _, c := range clients {
+			if c != nil {
+				_ = c.Close()
+			}
+		}
+		return nil, err
+	}
+	return clients, nil
+}
+
+// loginEach runs login(i) for every i below n, conc at a time, with a
+// progress line on log every second. The first error stops the rest and
+// is returned (or ctx's error when it ended first).
+func loginEach(ctx context.Context, n, conc int, log io.Writer, what string, login func(ctx context.Context, i int) error) error {
 	var next, done atomic.Int64
 	var errMu sync.Mutex
 	var firstErr error
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	stop := watch(log, time.Second, func() string {
-		return fmt.Sprintf("  logging in %s: %d/%d", what, done.Load(), len(uids))
+		return fmt.Sprintf("  logging in %s: %d/%d", what, done.Load(), n)
 	})
 	var wg sync.WaitGroup
-	for range min(conc, len(uids)) {
+	for range min(conc, n) {
 		wg.Go(func() {
 			for ctx.Err() == nil {
 				i := int(next.Add(1) - 1)
-				if i >= len(uids) {
+				if i >= n {
 					return
 				}
-				o := sdk.Options{}
-				if opts != nil {
-					o = opts(i)
-				}
-				o.Addrs = []string{t.Gateway}
-				if o.DeviceID == "" {
-					o.DeviceID = fmt.Sprintf("imbench-%d", uids[i])
-				}
-				if o.Platform == "" {
-					o.Platform = "imbench"
-				}
-				c, err := loginOne(ctx, t, uids[i], o)
-				if err != nil {
+				if err := login(ctx, i); err != nil {
 					errMu.Lock()
 					if firstErr == nil {
-						firstErr = fmt.Errorf("log in uid %d: %w", uids[i], err)
+						firstErr = err
 					}
 					errMu.Unlock()
 					cancel()
 					return
 				}
-				clients[i] = c
 				done.Add(1)
 			}
 		})
@@ -817,15 +838,7 @@ func loginClients(ctx context.Context, t *Target, uids []uint64, conc int, opts 
 	if firstErr == nil && ctx.Err() != nil {
 		firstErr = ctx.Err()
 	}
-	if firstErr != nil {
-		for _, c := range clients {
-			if c != nil {
-				_ = c.Close()
-			}
-		}
-		return nil, firstErr
-	}
-	return clients, nil
+	return firstErr
 }
 
 func loginOne(ctx context.Context, t *Target, uid uint64, o sdk.Options) (*sdk.Client, error) {
