@@ -29,7 +29,7 @@ const defaultEngine = EngineEpoll
 // round robin. A loop reads whatever a socket holds (up to 64 KiB) into
 // its own buffer and parses frames in place; only a frame split across
 // reads leaves state on the connection, in a pooled buffer taken for that
-// frame. Requests go to logic on goroutines as in the goroutine engine;
+// frame. Requests go to logic on workers as in the goroutine engine;
 // login and logout, which the reader waits for, run on a goroutine too
 // while the loop stops reading that connection. Frames go out through one
 // flusher goroutine per loop, which writes every connection with frames

@@ -57,7 +57,7 @@ type Server struct {
 	admitMu  sync.RWMutex // draining is set under the write lock, new connections are tracked under the read lock
 	draining atomic.Bool
 	shards   [connShards]connShard
-	wg       sync.WaitGroup // one per connection, flush, request and logic-call goroutine
+	wg       sync.WaitGroup // one per connection, flush (goroutine engine), request and logic call
 
 	shutdownOnce sync.Once
 }

@@ -31,10 +31,10 @@ type workPool struct {
 	idle    time.Duration // 0: workerIdle (tests set less)
 }
 
+// job is a frame for logic: a request on reqs, a notify on notes.
 type job struct {
-	c       *conn
-	fr      frame
-	respond bool
+	c  *conn
+	fr frame
 }
 
 const (
@@ -69,7 +69,7 @@ func (p *workPool) put(c *conn, fr *frame, respond bool) bool {
 			go p.work(s)
 		}
 	})
-	j := job{c: c, fr: *fr, respond: respond}
+	j := job{c: c, fr: *fr}
 	if !respond {
 		select {
 		case p.notes <- j:
@@ -98,7 +98,7 @@ func (p *workPool) work(s *Server) {
 	for {
 		select {
 		case j := <-p.notes:
-			j.c.serve(&j.fr, j.respond)
+			j.c.serve(&j.fr, false)
 		case <-s.ctx.Done():
 			return
 		}

@@ -138,7 +138,6 @@ type leanLoop struct {
 	f       *LeanFleet
 	buf     []byte
 	wbuf    []byte
-	acks    []uint64
 	pending []*leanConn // connections with a group cursor or push ids to acknowledge later
 	blocked []*leanConn // connections with bytes the socket did not take
 }
@@ -179,9 +178,7 @@ func (lp *leanLoop) handle(c *leanConn, data []byte, now time.Time) {
 		c.in = append(c.in[:0], rest...)
 	}
 	later := false
-	if len(lp.acks) > 0 {
-		c.pushAcks = append(c.pushAcks, lp.acks...)
-		lp.acks = lp.acks[:0]
+	if len(c.pushAcks) > 0 {
 		if d := lp.f.o.PushAckDelay; d <= 0 || len(c.pushAcks) >= 200 || now.Sub(c.lastPushAk) >= d || lp.f.ackNow.Load() {
 			lp.writeS2CAck(c, now)
 		} else {
@@ -269,7 +266,7 @@ func (lp *leanLoop) frame(c *leanConn, h *schema.Header, body []byte) {
 			lp.f.o.OnS2C(c.idx, lp.n, id, content)
 		}
 		if needAck && !lp.f.o.NoAcks {
-			lp.acks = append(lp.acks, id)
+			c.pushAcks = append(c.pushAcks, id)
 		}
 	case schema.CmdGroupNotify:
 		st.notifies.Add(1)

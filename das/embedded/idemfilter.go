@@ -136,10 +136,10 @@ func (s *Store) buildIdemFilter(ctx context.Context) {
 	n := 0
 	for valid := it.First(); valid && ctx.Err() == nil; valid = it.Next() {
 		k := it.Key()
-		if len(k) <= 1+8 {
+		if len(k) <= idemQueueHead {
 			continue
 		}
-		s.idem.add(k[1+8:], binary.BigEndian.Uint64(k[1:]))
+		s.idem.add(k[idemQueueHead:], binary.BigEndian.Uint64(k[1:]))
 		n++
 	}
 	err = errors.Join(it.Error(), it.Close())

@@ -321,8 +321,9 @@ func hasPrefix(k, p []byte) bool { return len(k) >= len(p) && string(k[:len(p)])
 // to the commit: a PutC2C that replaces an expired key in between would
 // otherwise lose its new key to the delete.
 func (s *Store) expireIdempotency(ctx context.Context, st *SweepStats) error {
-	s.idem.expire(s.nowMs())
-	cut := s.nowMs() - uint64(s.opts.Retention.IdempotencyTTL.Milliseconds())
+	now := s.nowMs()
+	s.idem.expire(now)
+	cut := now - uint64(s.opts.Retention.IdempotencyTTL.Milliseconds())
 	upper := binary.BigEndian.AppendUint64([]byte{tagIdemQueue}, cut+1)
 	for ctx.Err() == nil {
 		it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte{tagIdemQueue}, UpperBound: upper})
@@ -349,10 +350,9 @@ func (s *Store) expireIdempotency(ctx context.Context, st *SweepStats) error {
 }
 
 func (s *Store) expireChunk(qkeys [][]byte, cut uint64) (int, error) {
-	const ikStart = 1 + 8
 	var stripes []int
 	for _, q := range qkeys {
-		stripes = append(stripes, s.stripe(q[ikStart:]))
+		stripes = append(stripes, s.stripe(q[idemQueueHead:]))
 	}
 	slices.Sort(stripes)
 	stripes = slices.Compact(stripes)
@@ -369,7 +369,7 @@ func (s *Store) expireChunk(qkeys [][]byte, cut uint64) (int, error) {
 	removed := 0
 	for _, q := range qkeys {
 		_ = b.Delete(q, nil)
-		ik := q[ikStart:]
+		ik := q[idemQueueHead:]
 		v, closer, err := s.db.Get(ik)
 		if errors.Is(err, pebble.ErrNotFound) {
 			continue

@@ -182,11 +182,15 @@ func idemKey(t das.Terminal, clientMsgID string) []byte {
 	return append(b, clientMsgID...)
 }
 
+// idemQueueHead is the tag and stored time that start an idemQueueKey;
+// the idempotency key follows.
+const idemQueueHead = 1 + 8
+
 // idemQueueKey orders idempotency keys by the time they were stored, so
 // the janitor expires them with one bounded scan instead of reading every
 // key.
 func idemQueueKey(storedMs uint64, ik []byte) []byte {
-	b := make([]byte, 0, 1+8+len(ik))
+	b := make([]byte, 0, idemQueueHead+len(ik))
 	b = append(b, tagIdemQueue)
 	b = binary.BigEndian.AppendUint64(b, storedMs)
 	return append(b, ik...)
