@@ -66,6 +66,15 @@ type Store interface {
 	// either every row was written or none is visible.
 	PutC2C(ctx context.Context, m *pb.C2CMessage, inbox, senderInbox []uint32) (msgid uint64, dup bool, err error)
 
+	// SentMsgid returns the msgid of the message that sender stored with
+	// clientMsgID within the idempotency window, and ok = false when there
+	// is none: the check behind ordered sends (a send names the client id
+	// of its predecessor). Where claiming the id and writing the message
+	// are two steps (das/cassandra), ok may be true while the first
+	// attempt's rows are still being written; that attempt's retry
+	// completes them.
+	SentMsgid(ctx context.Context, sender Terminal, clientMsgID string) (msgid uint64, ok bool, err error)
+
 	// PutInbox stores m (from an app-server: an s2c message kept for
 	// recipients who were offline) in the inbox of each terminal, and on
 	// no timeline, with no idempotency key. m.From and m.To may be zero

@@ -240,14 +240,20 @@ func (c *conn) dispatch(f *frame, respond bool) {
 	fr := *f // the worker or goroutine owns the body now
 	*f = frame{}
 	s.wg.Add(1)
-	if s.work.put(c, &fr, respond) {
+	ordered := respond && fr.Flags&schema.FlagOrdered != 0
+	if ordered && !s.lanes.join(c, &fr) {
+		return // queued behind the ordered request being served
+	}
+	j := job{c: c, fr: fr, respond: respond, ordered: ordered}
+	if s.work.put(&j) {
 		return
 	}
-	go c.serve(&fr, respond)
+	go j.run()
 }
 
-// serve hands a request (answered) or client notify to logic.
-func (c *conn) serve(fr *frame, respond bool) {
+// serve hands a request (answered) or client notify to logic. failed
+// reports a request answered with an error.
+func (c *conn) serve(fr *frame, respond bool) (failed bool) {
 	s := c.srv
 	defer s.wg.Done()
 	defer c.inflight.Add(-1)
@@ -257,19 +263,20 @@ func (c *conn) serve(fr *frame, respond bool) {
 		if err != nil {
 			s.log.Debug("notify failed", "conn", c.id, "cmd", fr.Cmd.String(), "logid", fr.LogID, "err", err)
 		}
-		return
+		return false
 	}
 	if err != nil {
 		if s.log.Enabled(context.Background(), slog.LevelDebug) {
 			s.log.Debug("request failed", "conn", c.id, "cmd", fr.Cmd.String(), "uid", c.sess.UID, "logid", fr.LogID, "err", err)
 		}
 		c.respondError(&fr.Header, err)
-		return
+		return true
 	}
 	if s.log.Enabled(context.Background(), slog.LevelDebug) {
 		s.log.Debug("request served", "conn", c.id, "cmd", fr.Cmd.String(), "uid", c.sess.UID, "logid", fr.LogID)
 	}
 	c.respondRaw(&fr.Header, body)
+	return false
 }
 
 func (c *conn) login(h *schema.Header, body []byte) action {

@@ -48,6 +48,7 @@ type Server struct {
 
 	reqs     *reqCtxs // the contexts of calls into logic
 	work     workPool // the workers of requests and client notifies
+	lanes    lanes    // connections' ordered requests waiting their turn
 	lim      *limiter // the rate limits (Options.Limits)
 	eng      engine
 	tlsEng   *goEngine // serves tlsLn

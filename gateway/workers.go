@@ -33,8 +33,19 @@ type workPool struct {
 
 // job is a frame for logic: a request on reqs, a notify on notes.
 type job struct {
-	c  *conn
-	fr frame
+	c       *conn
+	fr      frame
+	respond bool // a request
+	ordered bool // an ordered request: the first of its connection's lane
+}
+
+// run serves j, and for an ordered request the lane behind it.
+func (j *job) run() {
+	if j.ordered {
+		j.c.serveOrdered(&j.fr)
+		return
+	}
+	j.c.serve(&j.fr, j.respond)
 }
 
 const (
@@ -50,12 +61,11 @@ const (
 	workerIdle = 10 * time.Second
 )
 
-// put hands f (a request when respond, else a notify) to a worker, which
-// owns it from here; false means none took it and the caller serves it.
-// The caller has counted it in the server's WaitGroup and the
-// connection's in-flight requests.
-func (p *workPool) put(c *conn, fr *frame, respond bool) bool {
-	s := c.srv
+// put hands j to a worker, which owns it from here; false means none
+// took it and the caller runs it. The caller has counted it in the
+// server's WaitGroup and the connection's in-flight requests.
+func (p *workPool) put(j *job) bool {
+	s := j.c.srv
 	p.once.Do(func() {
 		p.reqs, p.notes = make(chan job), make(chan job, noteQueue)
 		procs := runtime.GOMAXPROCS(0)
@@ -69,17 +79,16 @@ func (p *workPool) put(c *conn, fr *frame, respond bool) bool {
 			go p.work(s)
 		}
 	})
-	j := job{c: c, fr: *fr}
-	if !respond {
+	if !j.respond {
 		select {
-		case p.notes <- j:
+		case p.notes <- *j:
 			return true
 		default:
 			return false
 		}
 	}
 	select {
-	case p.reqs <- j:
+	case p.reqs <- *j:
 		return true
 	default:
 	}
@@ -87,7 +96,7 @@ func (p *workPool) put(c *conn, fr *frame, respond bool) bool {
 		p.nreq.Add(-1)
 		return false
 	}
-	go p.reqWorker(s, j)
+	go p.reqWorker(s, *j)
 	return true
 }
 
@@ -98,7 +107,7 @@ func (p *workPool) work(s *Server) {
 	for {
 		select {
 		case j := <-p.notes:
-			j.c.serve(&j.fr, false)
+			j.run()
 		case <-s.ctx.Done():
 			return
 		}
@@ -109,13 +118,13 @@ func (p *workPool) work(s *Server) {
 // waited workerIdle for one or the server's last shutdown step.
 func (p *workPool) reqWorker(s *Server, first job) {
 	defer p.nreq.Add(-1)
-	first.c.serve(&first.fr, true)
+	first.run()
 	idle := time.NewTimer(p.idle)
 	defer idle.Stop()
 	for {
 		select {
 		case j := <-p.reqs:
-			j.c.serve(&j.fr, true)
+			j.run()
 			idle.Reset(p.idle)
 		case <-idle.C:
 			return

@@ -51,9 +51,9 @@ func TestWorkPool(t *testing.T) {
 	put := func(respond bool) bool {
 		c.inflight.Add(1)
 		s.wg.Add(1)
-		fr := frame{}
-		fr.Header.Cmd = schema.CmdC2CSend
-		if p.put(c, &fr, respond) {
+		j := job{c: c, respond: respond}
+		j.fr.Header.Cmd = schema.CmdC2CSend
+		if p.put(&j) {
 			return true
 		}
 		c.inflight.Add(-1)

@@ -137,9 +137,13 @@ func (s *Service) c2cSend(ctx context.Context, sess router.Session, h *schema.He
 	if err := s.needStore(); err != nil {
 		return nil, err
 	}
+	floor, err := s.sendFloor(ctx, sess, h, &req)
+	if err != nil {
+		return nil, err
+	}
 	// Above the sender's floor: its messages sort in send order whatever
 	// the clocks of the nodes that stored them (logic/ids.go).
-	id, err := s.newID(req.AfterMsgid, h.LogID)
+	id, err := s.newID(floor, h.LogID)
 	if err != nil {
 		return nil, err
 	}
@@ -192,6 +196,32 @@ func (s *Service) c2cSend(ctx context.Context, sess router.Session, h *schema.He
 	s.mC2CNotifies.Add(float64(n))
 	s.log.Debug("c2c stored", "msgid", msgid, "dup", dup, "uid", sess.UID, "appcode", sess.AppCode, "to_account", to.Account, "to_uid", to.Uid, "notified", n, "logid", h.LogID)
 	return proto.Marshal(&pb.C2CSendResponse{Msgid: msgid, StoredAtMs: now.UnixMilli(), Duplicate: dup})
+}
+
+// sendFloor is the msgid a one-to-one send must be minted above: the
+// terminal's answered floor (after_msgid) and, for an ordered send, the
+// msgid of the predecessor it names, which must be stored already
+// (PROTOCOL.md, "Ordered sends"); 3005 when it is not.
+func (s *Service) sendFloor(ctx context.Context, sess router.Session, h *schema.Header, req *pb.C2CSendRequest) (uint64, error) {
+	pred := req.AfterClientMsgId
+	if pred == "" {
+		return req.AfterMsgid, nil
+	}
+	if len(pred) > s.c2c.MaxClientMsgID {
+		return 0, schema.Errorf(schema.StatusBadArgument, "after_client_msg_id is over %d bytes", s.c2c.MaxClientMsgID)
+	}
+	sender := das.Terminal{Account: sess.Account, UID: sess.UID, AppCode: sess.AppCode}
+	id, ok, err := s.store.SentMsgid(das.WithLogID(ctx, h.LogID), sender, pred)
+	if err != nil {
+		s.mC2C.WithLabelValues("store_error").Inc()
+		return 0, storeErr("predecessor lookup", err)
+	}
+	if !ok {
+		s.mC2C.WithLabelValues("out_of_order").Inc()
+		s.log.Debug("c2c predecessor not stored", "uid", sess.UID, "appcode", sess.AppCode, "after_client_msg_id", pred, "logid", h.LogID)
+		return 0, schema.Errorf(schema.StatusOutOfOrder, "the message sent before this one (client_msg_id %q) is not stored; send this one again once it is answered", pred)
+	}
+	return max(id, req.AfterMsgid), nil
 }
 
 // pushUser sends a notify to every online session of u but those on the

@@ -297,7 +297,7 @@ func New(opts Options) (*Service, error) {
 	})
 	s.mC2C = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "imd", Subsystem: "logic", Name: "c2c_sends_total",
-		Help: "c2c send requests by result: stored, duplicate (a retry of a stored message), store_error.",
+		Help: "c2c send requests by result: stored, duplicate (a retry of a stored message), out_of_order (an ordered send whose predecessor is not stored: 3005), store_error.",
 	}, []string{"result"})
 	s.mC2CNotifies = prometheus.NewCounter(prometheus.CounterOpts{
 		Namespace: "imd", Subsystem: "logic", Name: "c2c_notifies_total",

@@ -273,7 +273,7 @@ func TestDecoderValidationErrors(t *testing.T) {
 	}{
 		{"magic", func(b []byte) { b[0] = 'H' }, ErrBadMagic},
 		{"version", func(b []byte) { b[2] = 2 }, ErrBadVersion},
-		{"flags", func(b []byte) { b[3] = 0x10 }, ErrBadFlags},
+		{"flags", func(b []byte) { b[3] = 0x20 }, ErrBadFlags},
 		{"kind 3", func(b []byte) { b[3] = 3 }, ErrBadFlags},
 	} {
 		b := validHeaderBytes()

@@ -46,9 +46,14 @@ func (k Kind) String() string {
 const (
 	FlagCompressed uint8 = 1 << 2
 	FlagEncrypted  uint8 = 1 << 3
+	// FlagOrdered on a request asks the gateway to serve it only after
+	// the connection's earlier ordered requests were answered, and not at
+	// all (3005) when one of those queued before it failed (PROTOCOL.md,
+	// "Ordered sends").
+	FlagOrdered uint8 = 1 << 4
 
 	kindMask     uint8 = 0x03
-	reservedMask uint8 = 0xF0
+	reservedMask uint8 = 0xE0
 )
 
 // Header is the decoded 40-byte frame header. It is a plain value: encoding and

@@ -36,6 +36,7 @@ const (
 	StatusTooManyConns    Status = 3002 // the gateway is at its connection limit; try another
 	StatusLoginTimeout    Status = 3003 // no login within the login deadline; the connection is closed
 	StatusTooManyInFlight Status = 3004 // too many requests in flight on this connection
+	StatusOutOfOrder      Status = 3005 // an ordered send whose predecessor is not stored (yet); send it again once that one is answered
 
 	StatusBadRecipient    Status = 4001 // the recipient address is unknown or malformed
 	StatusEmptyContent    Status = 4002 // the message content is empty
@@ -77,6 +78,7 @@ var statusNames = map[Status]string{
 	StatusTooManyConns:    "too many connections",
 	StatusLoginTimeout:    "login timeout",
 	StatusTooManyInFlight: "too many requests in flight",
+	StatusOutOfOrder:      "out of order",
 	StatusBadRecipient:    "bad recipient",
 	StatusEmptyContent:    "empty content",
 	StatusBadArgument:     "bad argument",
@@ -116,7 +118,7 @@ func (s Status) String() string {
 // backoff, possibly on another gateway) and expect a different outcome.
 func (s Status) Retryable() bool {
 	switch s {
-	case StatusRateLimited, StatusTooManyConns, StatusTooManyInFlight,
+	case StatusRateLimited, StatusTooManyConns, StatusTooManyInFlight, StatusOutOfOrder,
 		StatusInternal, StatusUnavailable, StatusTimeout, StatusShuttingDown:
 		return true
 	}

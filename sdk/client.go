@@ -272,6 +272,10 @@ type Options struct {
 	PushAckDelay time.Duration
 	// SendAttempts bounds the tries of SendC2C and SendGroup. Default 6.
 	SendAttempts int
+	// SendWindow is how many one-to-one sends may be in flight at once,
+	// pipelined in order (SendC2CAsync); more wait for a slot. Default 32
+	// (the gateway allows 64 requests in flight per connection).
+	SendWindow int
 	// SendBackoffMin and SendBackoffMax bound the backoff of SendC2C and
 	// SendGroup between tries (exponential with jitter), and of the
 	// group pulls that are retried. Defaults 100ms and 3s.
@@ -319,6 +323,9 @@ func (o *Options) setDefaults() error {
 	}
 	if o.SendAttempts <= 0 {
 		o.SendAttempts = 6
+	}
+	if o.SendWindow <= 0 {
+		o.SendWindow = 32
 	}
 	if o.SendBackoffMin <= 0 {
 		o.SendBackoffMin = 100 * time.Millisecond
@@ -376,6 +383,7 @@ type Client struct {
 	msgs      chan Message
 	inbox     *inbox // nil without OnC2C
 	stop      chan struct{}
+	chain     sendChain // one-to-one sends in flight, in order (ordered.go)
 	wg        sync.WaitGroup
 	reconnect chan struct{}
 
@@ -402,6 +410,7 @@ func Dial(ctx context.Context, opts Options) (*Client, error) {
 		msgs:      make(chan Message, 64),
 		stop:      make(chan struct{}),
 		reconnect: make(chan struct{}, 1),
+		chain:     sendChain{slots: make(chan struct{}, opts.SendWindow)},
 		state:     StateConnecting,
 		addrs:     slices.Clone(opts.Addrs),
 	}

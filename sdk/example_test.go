@@ -139,3 +139,51 @@ func ExampleFileState() {
 
 // fetchToken stands for the app's call to its app-server for a token.
 func fetchToken(ctx context.Context) (string, error) { return "token", nil }
+
+// A driver sends three messages without waiting for each answer (on a
+// slow mobile network each would cost a round trip): they are written at
+// once, and stored and shown in the order of the calls.
+func ExampleClient_SendC2CAsync() {
+	const secret = "example-secret-0123456789"
+	p, stop := startDemo(secret)
+	defer stop()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	shown := make(chan string, 3)
+	merchant, err := sdk.Dial(ctx, sdk.Options{
+		Addrs: []string{p.GatewayAddr()},
+		OnC2C: func(m *pb.C2CMessage) { shown <- string(m.Content) },
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer merchant.Close()
+	if _, err := merchant.Login(ctx, sdk.Credentials{AppCode: 101, UID: 7, Token: logic.MintToken(secret, 101, 7, time.Now().Add(time.Hour))}); err != nil {
+		log.Fatal(err)
+	}
+	driver, err := sdk.Dial(ctx, sdk.Options{Addrs: []string{p.GatewayAddr()}})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer driver.Close()
+	if _, err := driver.Login(ctx, sdk.Credentials{AppCode: 101, UID: 42, Token: logic.MintToken(secret, 101, 42, time.Now().Add(time.Hour))}); err != nil {
+		log.Fatal(err)
+	}
+	var sends []*sdk.AsyncSend
+	for _, text := range []string{"arrived", "loading", "leaving now"} {
+		sends = append(sends, driver.SendC2CAsync(ctx, &pb.User{Account: 1, Uid: 7}, 0, []byte(text)))
+	}
+	for _, s := range sends {
+		if _, err := s.Wait(ctx); err != nil {
+			log.Fatal(err)
+		}
+	}
+	for range sends {
+		fmt.Println(<-shown)
+	}
+	// Output:
+	// arrived
+	// loading
+	// leaving now
+}

@@ -176,26 +176,43 @@ func (l *link) dead() error {
 
 // roundTrip sends a request and waits for its response.
 func (l *link) roundTrip(ctx context.Context, h schema.Header, req proto.Message, resp proto.Message) error {
+	seq, ch, err := l.start(h, req)
+	if err != nil {
+		return err
+	}
+	return l.wait(ctx, h.Cmd, seq, ch, resp)
+}
+
+// start writes request req with header h (its flags other than the kind
+// kept: schema.FlagOrdered) and returns its seq and the channel its
+// response comes on, for wait.
+func (l *link) start(h schema.Header, req proto.Message) (uint32, chan result, error) {
 	body, err := proto.Marshal(req)
 	if err != nil {
-		return fmt.Errorf("sdk: marshal %s: %w", h.Cmd, err)
+		return 0, nil, fmt.Errorf("sdk: marshal %s: %w", h.Cmd, err)
 	}
 	ch := make(chan result, 1)
 	l.mu.Lock()
 	if l.err != nil {
 		l.mu.Unlock()
-		return l.err
+		return 0, nil, l.err
 	}
 	h.Seq = l.cl.seq.Add(1)
 	l.pending[h.Seq] = ch
 	l.mu.Unlock()
 
-	h.Flags = 0
+	h.Flags &= schema.FlagOrdered
 	h.SetKind(schema.KindRequest)
 	if err := l.write(&h, body); err != nil {
 		l.fail(fmt.Errorf("%w: write: %v", ErrConnLost, err))
-		return l.dead()
+		return 0, nil, l.dead()
 	}
+	return h.Seq, ch, nil
+}
+
+// wait returns the response of the request start wrote, decoded into
+// resp, or its error status as a *schema.Error.
+func (l *link) wait(ctx context.Context, cmd schema.Cmd, seq uint32, ch chan result, resp proto.Message) error {
 	select {
 	case r, ok := <-ch:
 		if !ok {
@@ -206,14 +223,14 @@ func (l *link) roundTrip(ctx context.Context, h schema.Header, req proto.Message
 		}
 		if resp != nil {
 			if err := proto.Unmarshal(r.body, resp); err != nil {
-				return fmt.Errorf("sdk: %s response: %w", h.Cmd, err)
+				return fmt.Errorf("sdk: %s response: %w", cmd, err)
 			}
 		}
 		return nil
 	case <-ctx.Done():
 		l.mu.Lock()
 		if l.pending != nil {
-			delete(l.pending, h.Seq)
+			delete(l.pending, seq)
 		}
 		l.mu.Unlock()
 		return ctx.Err()

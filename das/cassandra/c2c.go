@@ -3,6 +3,7 @@ package cassandra
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -90,6 +91,29 @@ func (s *Store) putC2C(ctx context.Context, m *pb.C2CMessage, inbox, senderInbox
 		return 0, false, storeErr("put: complete the claimed message", err)
 	}
 	return claim.msg.Msgid, true, nil
+}
+
+// SentMsgid implements das.Store: one read of the idempotency claim at
+// the store's consistency. The claim is written before the message's
+// batch, so a claim whose first attempt died before its batch reads as
+// stored; that attempt's retry completes the rows (PutC2C's dup path).
+func (s *Store) SentMsgid(ctx context.Context, sender das.Terminal, clientMsgID string) (uint64, bool, error) {
+	if err := s.gate.Enter(ctx); err != nil {
+		return 0, false, err
+	}
+	defer s.gate.Exit()
+	if clientMsgID == "" {
+		return 0, false, nil
+	}
+	var msgid int64
+	err := s.q(stmtClaimMsgid, i32(sender.Account), i64(sender.UID), i32(sender.AppCode), clientMsgID).ScanContext(ctx, &msgid)
+	if errors.Is(err, gocql.ErrNotFound) {
+		return 0, false, nil
+	}
+	if err != nil {
+		return 0, false, storeErr("sent msgid", err)
+	}
+	return uint64(msgid), msgid != 0, nil
 }
 
 // batchBytes estimates the size of a message's batch: its body in each

@@ -59,6 +59,7 @@ const (
 	stmtInsertTLB   = `INSERT INTO timeline_buckets (account, uid, bucket) VALUES (?, ?, ?) USING TTL ?`
 	stmtInsertConv  = `INSERT INTO conversation (account, uid, peer_account, peer_uid, msgid) VALUES (?, ?, ?, ?, ?) USING TTL ?`
 	stmtClaim       = `INSERT INTO idempotency (account, uid, appcode, client_msg_id, msgid, msg, inbox, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS USING TTL ?`
+	stmtClaimMsgid  = `SELECT msgid FROM idempotency WHERE account = ? AND uid = ? AND appcode = ? AND client_msg_id = ?`
 
 	stmtMeta       = `SELECT floor, late FROM inbox_meta WHERE account = ? AND uid = ? AND appcode = ? LIMIT 1`
 	stmtSetFloor   = `UPDATE inbox_meta SET floor = ? WHERE account = ? AND uid = ? AND appcode = ?`

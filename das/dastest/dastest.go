@@ -29,6 +29,7 @@ func Run(t *testing.T, open func(t *testing.T) das.Store) {
 		{"PutCountPage", testPutCountPage},
 		{"OutOfOrderInsertWhilePaging", testOutOfOrder},
 		{"IdempotentRetry", testIdempotentRetry},
+		{"SentMsgid", testSentMsgid},
 		{"ConcurrentIdempotentRetries", testConcurrentIdempotent},
 		{"InboxPerTerminal", testInboxPerTerminal},
 		{"AckUnknownAndRepeated", testAckUnknown},
@@ -229,6 +230,43 @@ func testIdempotentRetry(t *testing.T, f *fixture) {
 	e1 := f.put(newMsg(a, 101, b, "", "x"), 103)
 	e2 := f.put(newMsg(a, 101, b, "", "x"), 103)
 	wantMsgs(t, "inbox without client ids", f.inbox(term(b, 103), 10), []*pb.C2CMessage{e1, e2})
+}
+
+// testSentMsgid: the msgid stored under a client id is found by its
+// sender terminal only, a retry does not change it, and unknown or empty
+// ids are not found.
+func testSentMsgid(t *testing.T, f *fixture) {
+	a, b := f.user(), f.user()
+	sent := func(tm das.Terminal, cmid string) (uint64, bool) {
+		t.Helper()
+		id, ok, err := f.s.SentMsgid(f.ctx, tm, cmid)
+		if err != nil {
+			t.Fatalf("SentMsgid(%v, %q): %v", tm, cmid, err)
+		}
+		return id, ok
+	}
+	if id, ok := sent(term(a, 101), "p-1"); ok {
+		t.Fatalf("before any send: found %d", id)
+	}
+	orig := f.put(newMsg(a, 101, b, "p-1", "first"), 101)
+	if id, ok := sent(term(a, 101), "p-1"); !ok || id != orig.Msgid {
+		t.Fatalf("after the send = %d, %v; want %d, true", id, ok, orig.Msgid)
+	}
+	if _, _, err := f.s.PutC2C(f.ctx, newMsg(a, 101, b, "p-1", "retry"), []uint32{101}, nil); err != nil {
+		t.Fatal(err)
+	}
+	f.ack(term(b, 101), orig.Msgid)
+	if id, ok := sent(term(a, 101), "p-1"); !ok || id != orig.Msgid {
+		t.Fatalf("after a retry and the ack = %d, %v; want %d, true", id, ok, orig.Msgid)
+	}
+	for _, miss := range []struct {
+		tm   das.Terminal
+		cmid string
+	}{{term(a, 102), "p-1"}, {term(b, 101), "p-1"}, {term(a, 101), "p-2"}, {term(a, 101), ""}} {
+		if id, ok := sent(miss.tm, miss.cmid); ok {
+			t.Fatalf("SentMsgid(%v, %q) = %d, want none", miss.tm, miss.cmid, id)
+		}
+	}
 }
 
 // testConcurrentIdempotent starts many tries of a few client ids at once,
@@ -633,6 +671,8 @@ func testClosed(t *testing.T, f *fixture) {
 	check("Ack", err)
 	_, _, err = f.s.History(f.ctx, a, nil, 0, 10)
 	check("History", err)
+	_, _, err = f.s.SentMsgid(f.ctx, term(a, 101), "y")
+	check("SentMsgid", err)
 }
 
 // testPutInbox: an app-server message stored for terminals of several

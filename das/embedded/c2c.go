@@ -84,6 +84,31 @@ func (s *Store) putC2C(ctx context.Context, m *pb.C2CMessage, inbox, senderInbox
 	return m.Msgid, false, nil
 }
 
+// SentMsgid implements das.Store: the idempotency key, which is written
+// in the message's own batch, so ok means the message is stored.
+func (s *Store) SentMsgid(ctx context.Context, sender das.Terminal, clientMsgID string) (uint64, bool, error) {
+	if err := s.gate.Enter(ctx); err != nil {
+		return 0, false, err
+	}
+	defer s.gate.Exit()
+	if clientMsgID == "" {
+		return 0, false, nil
+	}
+	v, closer, err := s.getIdem(idemKey(sender, clientMsgID))
+	if errors.Is(err, pebble.ErrNotFound) {
+		return 0, false, nil
+	}
+	if err != nil {
+		return 0, false, unavailable("sent msgid", err)
+	}
+	defer closer.Close()
+	msgid, stored, ok := decodeIdemValue(v)
+	if !ok || s.idemExpired(stored, s.nowMs()) {
+		return 0, false, nil
+	}
+	return msgid, true, nil
+}
+
 // PutInbox implements das.Store: the message row and one inbox row per
 // terminal, in one synced batch. The message row lists the terminals (they
 // may belong to many users), so the collector deletes it only once every

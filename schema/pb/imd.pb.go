@@ -964,9 +964,16 @@ type C2CSendRequest struct {
 	// to the terminals online now, as a TransientNotify ("typing...", a
 	// shake). The answer carries no msgid, only how many terminals it
 	// reached. Rate limited per user (3001 beyond).
-	Transient     bool `protobuf:"varint,6,opt,name=transient,proto3" json:"transient,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Transient bool `protobuf:"varint,6,opt,name=transient,proto3" json:"transient,omitempty"`
+	// Ordered (pipelined) one-to-one sends: the client_msg_id of the message
+	// this terminal sent just before this one and has no answer for yet. The
+	// server stores this message only once that one is stored, with a
+	// greater msgid; until then it answers 3005 (PROTOCOL.md, "Ordered
+	// sends"). Empty: no predecessor in flight. Ignored on group and
+	// transient sends.
+	AfterClientMsgId string `protobuf:"bytes,7,opt,name=after_client_msg_id,json=afterClientMsgId,proto3" json:"after_client_msg_id,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *C2CSendRequest) Reset() {
@@ -1039,6 +1046,13 @@ func (x *C2CSendRequest) GetTransient() bool {
 		return x.Transient
 	}
 	return false
+}
+
+func (x *C2CSendRequest) GetAfterClientMsgId() string {
+	if x != nil {
+		return x.AfterClientMsgId
+	}
+	return ""
 }
 
 type C2CSendResponse struct {
@@ -3220,7 +3234,7 @@ const file_imd_proto_rawDesc = "" +
 	"sent_at_ms\x18\x04 \x01(\x03R\bsentAtMs\x12\x19\n" +
 	"\bneed_ack\x18\x05 \x01(\bR\aneedAck\"#\n" +
 	"\x06S2CAck\x12\x19\n" +
-	"\bpush_ids\x18\x01 \x03(\x04R\apushIds\"\xc6\x01\n" +
+	"\bpush_ids\x18\x01 \x03(\x04R\apushIds\"\xf5\x01\n" +
 	"\x0eC2CSendRequest\x12\x1c\n" +
 	"\x02to\x18\x01 \x01(\v2\f.imd.v1.UserR\x02to\x12\"\n" +
 	"\rclient_msg_id\x18\x02 \x01(\tR\vclientMsgId\x12\x18\n" +
@@ -3228,7 +3242,8 @@ const file_imd_proto_rawDesc = "" +
 	"\bgroup_id\x18\x04 \x01(\x04R\agroupId\x12\x1f\n" +
 	"\vafter_msgid\x18\x05 \x01(\x04R\n" +
 	"afterMsgid\x12\x1c\n" +
-	"\ttransient\x18\x06 \x01(\bR\ttransient\"\x97\x01\n" +
+	"\ttransient\x18\x06 \x01(\bR\ttransient\x12-\n" +
+	"\x13after_client_msg_id\x18\a \x01(\tR\x10afterClientMsgId\"\x97\x01\n" +
 	"\x0fC2CSendResponse\x12\x14\n" +
 	"\x05msgid\x18\x01 \x01(\x04R\x05msgid\x12 \n" +
 	"\fstored_at_ms\x18\x02 \x01(\x03R\n" +

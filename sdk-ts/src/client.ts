@@ -56,9 +56,9 @@ import {
   type User,
 } from "./gen/imd_pb.js";
 import { ClientError, isRetryable, StatusError } from "./errors.js";
-import type { Frame } from "./frame.js";
+import { FLAG_ORDERED, type Frame } from "./frame.js";
 import { Link, type LinkOwner } from "./link.js";
-import { Cmd } from "./protocol.js";
+import { Cmd, Status } from "./protocol.js";
 import { endpointsOf, openTransport, type ConnectTarget, type Endpoint, type TransportEnv } from "./transport.js";
 import { VERSION } from "./version.js";
 
@@ -131,6 +131,12 @@ export interface ClientOptions extends ConnectTarget, TransportEnv {
   ackDelayMs?: number;
   /** Tries of sendC2C. Default 6. */
   sendAttempts?: number;
+  /**
+   * How many sendC2C calls may be in flight at once, pipelined in call
+   * order; more wait for a slot. Default 32 (the gateway allows 64
+   * requests in flight per connection).
+   */
+  sendWindow?: number;
   /** Bounds of the backoff between tries of a send (exponential, jitter). Defaults 100 and 3000 ms. */
   sendBackoffMinMs?: number;
   sendBackoffMaxMs?: number;
@@ -215,6 +221,7 @@ type Tunables = Required2<
     | "groupAckDelayMs"
     | "pushAckDelayMs"
     | "sendAttempts"
+    | "sendWindow"
     | "sendBackoffMinMs"
     | "sendBackoffMaxMs"
     | "pageSize"
@@ -313,6 +320,7 @@ export class Client {
       groupAckDelayMs: opts.groupAckDelayMs ?? 250,
       pushAckDelayMs: opts.pushAckDelayMs ?? 250,
       sendAttempts: opts.sendAttempts ?? 6,
+      sendWindow: Math.max(1, opts.sendWindow ?? 32),
       sendBackoffMinMs,
       sendBackoffMaxMs: Math.max(opts.sendBackoffMaxMs ?? 3000, sendBackoffMinMs),
       pageSize: opts.pageSize ?? 0,
@@ -800,8 +808,12 @@ export class Client {
    *
    * Every try carries the highest msgid this client has been answered for
    * (after_msgid), so that the platform gives the new message a greater
-   * one: send the next message after this one resolved, and every
-   * recipient sees them in that order.
+   * one. Calls need not wait for each other: each is written at once (up
+   * to sendWindow in flight), naming the send before it that has no
+   * answer yet, and the platform stores them, and every recipient sees
+   * them, in the order of the calls (PROTOCOL.md, "Ordered sends"). A send
+   * that failed goes again once the sends before it have resolved or
+   * rejected.
    */
   async sendC2C(
     to: UserRef,
@@ -814,7 +826,107 @@ export class Client {
       clientMsgId: opts.clientMsgId ?? newClientMsgId(),
       content: typeof content === "string" ? textEncoder.encode(content) : content,
     });
-    return this.send(req, msgtype);
+    return this.sendOrdered(req, msgtype);
+  }
+
+  /** sendC2C's one-to-one sends that have no outcome yet, in call order. */
+  private chain: { id: string; done: Promise<void>; resolve: () => void }[] = [];
+  /** Resolves when the last try asked for has been written: tries are written in turn. */
+  private writeTurn: Promise<void> = Promise.resolve();
+
+  /** The ordered path of sendC2C: pipelined tries, retries in turn. */
+  private async sendOrdered(req: C2CSendRequest, msgtype: number): Promise<C2CSendResponse> {
+    while (this.chain.length >= this.t.sendWindow) {
+      await this.chain[0].done;
+    }
+    let resolve!: () => void;
+    const lk = { id: req.clientMsgId, done: new Promise<void>((r) => (resolve = r)), resolve };
+    this.chain.push(lk);
+    try {
+      let pending = this.writeOrdered(req, msgtype, lk);
+      let backoff = this.t.sendBackoffMinMs;
+      let attempt = 1;
+      let outOfOrder = 0;
+      for (;;) {
+        try {
+          const resp = await pending;
+          this.answered(resp.msgid);
+          return resp;
+        } catch (err) {
+          if (!isRetryable(err) || this.closed) {
+            throw err;
+          }
+          if (err instanceof StatusError && err.status === Status.OutOfOrder) {
+            // Only says the send before it was not stored yet.
+            if (++outOfOrder > 4 * this.t.sendWindow + this.t.sendAttempts) {
+              throw new ClientError("send_failed", `send failed after ${outOfOrder} out-of-order answers`, { cause: err });
+            }
+          } else {
+            if (attempt >= this.t.sendAttempts) {
+              throw new ClientError("send_failed", `send failed after ${attempt} attempts: ${asError(err).message}`, {
+                cause: err,
+              });
+            }
+            attempt++;
+            let wait = backoff / 2 + Math.random() * (backoff / 2);
+            if (err instanceof StatusError && err.retryAfterMs > wait) {
+              wait = err.retryAfterMs;
+            }
+            this.log.debug?.("imd: send failed; retrying", attempt, wait, err);
+            await sleep(wait, this.stop.signal);
+            backoff = Math.min(2 * backoff, this.t.sendBackoffMaxMs);
+          }
+          // A retry goes once every send before it has its outcome.
+          for (let i = this.chain.indexOf(lk); i > 0; i = this.chain.indexOf(lk)) {
+            await this.chain[i - 1].done;
+          }
+          if (this.closed) {
+            throw this.closeErr!;
+          }
+          pending = this.writeOrdered(req, msgtype, lk);
+        }
+      }
+    } finally {
+      this.chain.splice(this.chain.indexOf(lk), 1);
+      lk.resolve();
+    }
+  }
+
+  /**
+   * Writes one try of req after the tries asked for before it, naming its
+   * predecessor (the nearest earlier send without an outcome) and the
+   * send floor as they are when it is written.
+   */
+  private writeOrdered(
+    req: C2CSendRequest,
+    msgtype: number,
+    lk: { id: string },
+  ): Promise<C2CSendResponse> {
+    const turn = this.writeTurn;
+    let written!: () => void;
+    this.writeTurn = new Promise<void>((r) => (written = r));
+    return (async () => {
+      let answer: Promise<C2CSendResponse>;
+      try {
+        await turn;
+        const start = Date.now();
+        const l = await this.current(this.t.requestTimeoutMs);
+        const left = Math.max(1, this.t.requestTimeoutMs - (Date.now() - start));
+        const i = this.chain.indexOf(lk as (typeof this.chain)[number]);
+        req.afterClientMsgId = i > 0 ? this.chain[i - 1].id : "";
+        req.afterMsgid = this.sentMsgid;
+        answer = l.roundTrip(
+          { cmd: Cmd.C2CSend, msgtype, flags: FLAG_ORDERED },
+          C2CSendRequestSchema,
+          req,
+          C2CSendResponseSchema,
+          left,
+        );
+      } finally {
+        written();
+      }
+      return answer;
+    })();
   }
 
   /**
@@ -863,7 +975,7 @@ export class Client {
     return resp;
   }
 
-  /** Sends req with retries (see sendC2C) and raises the send floor to its answer. */
+  /** Sends req (a group send) with retries (see sendC2C) and raises the send floor to its answer. */
   private async send(req: C2CSendRequest, msgtype: number): Promise<C2CSendResponse> {
     const resp = await this.retry(async (timeoutMs) => {
       // Every try carries the current floor: the answer to a concurrent

@@ -13,7 +13,12 @@ export const Kind = { Request: 0, Response: 1, Notify: 2 } as const;
 export type Kind = (typeof Kind)[keyof typeof Kind];
 
 const KIND_MASK = 0x03;
-const RESERVED_MASK = 0xf0;
+const RESERVED_MASK = 0xe0;
+/**
+ * Flag bit 4 of a request: the gateway serves it after the connection's
+ * earlier ordered requests were answered (PROTOCOL.md, "Ordered sends").
+ */
+export const FLAG_ORDERED = 0x10;
 
 /** A decoded frame header. 64-bit fields are bigints. */
 export interface Header {

@@ -4,7 +4,7 @@
 import { fromBinary, toBinary, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
 import { ErrorSchema } from "./gen/imd_pb.js";
 import { ClientError, StatusError } from "./errors.js";
-import { encodeFrame, FrameDecoder, Kind, kindOf, type Frame, type Header } from "./frame.js";
+import { encodeFrame, FLAG_ORDERED, FrameDecoder, Kind, kindOf, type Frame, type Header } from "./frame.js";
 import type { Endpoint, Transport } from "./transport.js";
 
 /** What a link needs from its owner. */
@@ -149,7 +149,7 @@ export class Link {
       return Promise.reject(this.err);
     }
     const seq = this.owner.nextSeq();
-    const frame = encodeFrame({ ...h, seq, flags: Kind.Request }, body);
+    const frame = encodeFrame({ ...h, seq, flags: ((h.flags ?? 0) & FLAG_ORDERED) | Kind.Request }, body);
     return new Promise<Frame>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pending.delete(seq);

@@ -142,6 +142,23 @@ for (const transport of ["websocket", "longpoll"] as const) {
       );
     });
 
+    it("pipelines sends made without waiting, and keeps their order", async () => {
+      const uid = nextUid++;
+      const peerUid = nextUid++;
+      const { client } = await loggedIn(uid, { sendWindow: 16 });
+      const rx = await loggedIn(peerUid);
+      const n = 100;
+      const calls = Array.from({ length: n }, (_, i) => client.sendC2C({ account: 1, uid: peerUid }, 1, `p${String(i).padStart(3, "0")}`));
+      const answers = await Promise.all(calls);
+      for (let i = 1; i < n; i++) {
+        assert.ok(answers[i].msgid > answers[i - 1].msgid, `send ${i} got a msgid below send ${i - 1}'s`);
+      }
+      assert.equal(client.sendFloor, answers[n - 1].msgid);
+      await eventually(() => rx.seen.c2c.length >= n, 10000, `${n} messages`);
+      const want = Array.from({ length: n }, (_, i) => `p${String(i).padStart(3, "0")}`);
+      assert.deepEqual(texts(rx.seen), want);
+    });
+
     it("pulls the offline inbox after login, before live messages, and acks it", async () => {
       const uid = nextUid++;
       const peerUid = nextUid++;

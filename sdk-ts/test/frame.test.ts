@@ -97,7 +97,7 @@ describe("frame codec", () => {
     assert.throws(() => new FrameDecoder().push(bad((b) => (b[0] = 0))), FrameError);
     assert.throws(() => new FrameDecoder().push(bad((b) => (b[2] = 2))), FrameError);
     assert.throws(() => new FrameDecoder().push(bad((b) => (b[3] = 3))), FrameError);
-    assert.throws(() => new FrameDecoder().push(bad((b) => (b[3] = 0x10))), FrameError);
+    assert.throws(() => new FrameDecoder().push(bad((b) => (b[3] = 0x20))), FrameError);
     assert.throws(() => new FrameDecoder(5).push(good), FrameError);
   });
 });
