@@ -148,3 +148,35 @@ func BenchmarkAck(b *testing.B) {
 }
 
 func marshal(m *pb.C2CMessage) ([]byte, error) { return proto.Marshal(m) }
+
+// BenchmarkMessageLife is the store's whole work for one chat message to
+// one online terminal: PutC2C (two inboxes, two timelines), the
+// recipient's Ack, and the janitor's share of the Sweep that follows (its
+// collection marks). Reported as ns per message for the put and ack
+// phase and for the sweep; the sweep runs every minute in a server, so a
+// short benchmark of the send path alone never sees its cost.
+func BenchmarkMessageLife(b *testing.B) {
+	s := openTest(b, Options{JanitorInterval: -1})
+	from, to := user(1), user(2)
+	b.ReportAllocs()
+	b.ResetTimer()
+	start := time.Now()
+	for i := range b.N {
+		id := uint64(i + 1)
+		if _, _, err := s.PutC2C(ctx, benchMsg(id, from, to), []uint32{101, 102}, nil); err != nil {
+			b.Fatal(err)
+		}
+		if _, _, err := s.Ack(ctx, term(to, 101), []uint64{id}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	mid := time.Now()
+	if _, err := s.Sweep(ctx); err != nil {
+		b.Fatal(err)
+	}
+	end := time.Now()
+	b.StopTimer()
+	b.ReportMetric(float64(mid.Sub(start).Nanoseconds())/float64(b.N), "put+ack-ns/msg")
+	b.ReportMetric(float64(end.Sub(mid).Nanoseconds())/float64(b.N), "sweep-ns/msg")
+	b.ReportMetric(float64(countTag(b, s, tagGC)), "marks-left")
+}

@@ -91,7 +91,7 @@ func historyIDs(t *testing.T, s *Store, u das.User, peer *das.User) []uint64 {
 }
 
 // countTag counts the rows of one table.
-func countTag(t *testing.T, s *Store, tag byte) int {
+func countTag(t testing.TB, s *Store, tag byte) int {
 	t.Helper()
 	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte{tag}, UpperBound: []byte{tag + 1}})
 	if err != nil {
