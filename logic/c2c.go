@@ -380,8 +380,10 @@ func (s *Service) ack(ctx context.Context, sess router.Session, msgids []uint64,
 		s.log.Debug("ack of msgids not in the inbox", "uid", sess.UID, "appcode", sess.AppCode, "missing", len(missing), "logid", logid)
 		s.forwardAcks(sess, missing, logid)
 	}
-	now := time.Now().UnixMilli()
-	var pushes []uint64
+	var (
+		pushes   []uint64
+		receipts []receiptBatch // one per sender, in the order acked
+	)
 	for _, m := range acked {
 		if m.From.GetAccount() == 0 && m.From.GetUid() == 0 {
 			// an s2c push kept in the inbox: count the arrival
@@ -392,20 +394,44 @@ func (s *Service) ack(ctx context.Context, sess router.Session, msgids []uint64,
 		// The message's own trace id follows it to the receipt; this
 		// ack's id is logged beside it.
 		s.log.Debug("c2c acked", "msgid", m.Msgid, "uid", sess.UID, "appcode", sess.AppCode, "ack_logid", logid, "logid", m.Logid)
-		if m.From.GetAccount() == sess.Account && m.From.GetUid() == sess.UID {
+		from := userOf(m.From)
+		if from.Account == sess.Account && from.UID == sess.UID {
 			continue // the sender's own other terminal: not a delivery to the recipient
 		}
-		rb, _ := proto.Marshal(&pb.C2CReceipt{Msgid: m.Msgid, By: &pb.User{Account: sess.Account, Uid: sess.UID}, ByAppcode: sess.AppCode, AtMs: now})
-		rl := m.Logid
-		if rl == 0 {
-			rl = logid
+		i := slices.IndexFunc(receipts, func(r receiptBatch) bool { return r.to == from })
+		if i < 0 {
+			rl := m.Logid
+			if rl == 0 {
+				rl = logid
+			}
+			receipts = append(receipts, receiptBatch{to: from, logid: rl})
+			i = len(receipts) - 1
 		}
-		s.pushUser(ctx, userOf(m.From), nil, schema.CmdC2CReceipt, 0, rb, rl)
+		receipts[i].msgids = append(receipts[i].msgids, m.Msgid)
+	}
+	// One receipt per sender: the messages one ack covers mostly come
+	// from one conversation, and each frame is a router lookup and a write.
+	now := time.Now().UnixMilli()
+	by := &pb.User{Account: sess.Account, Uid: sess.UID}
+	for _, r := range receipts {
+		rc := &pb.C2CReceipt{Msgid: r.msgids[0], By: by, ByAppcode: sess.AppCode, AtMs: now}
+		if len(r.msgids) > 1 {
+			rc.Msgids = r.msgids
+		}
+		rb, _ := proto.Marshal(rc)
+		s.pushUser(ctx, r.to, nil, schema.CmdC2CReceipt, 0, rb, r.logid)
 	}
 	if len(pushes) > 0 {
 		s.pushAcked(ctx, pushes, logid)
 	}
 	return len(acked), nil
+}
+
+// receiptBatch is the messages of one sender that one ack covered.
+type receiptBatch struct {
+	to     das.User
+	logid  uint64 // the first message's trace id
+	msgids []uint64
 }
 
 func (s *Service) c2cAck(ctx context.Context, sess router.Session, h *schema.Header, body []byte) ([]byte, error) {

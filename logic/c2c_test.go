@@ -3,6 +3,7 @@ package logic
 import (
 	"context"
 	"errors"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -53,8 +54,18 @@ func (f *fakeC2CStore) InboxCount(context.Context, das.Terminal) (int, uint64, e
 func (f *fakeC2CStore) InboxPage(context.Context, das.Terminal, uint64, int) ([]*pb.C2CMessage, bool, error) {
 	return nil, false, nil
 }
-func (f *fakeC2CStore) Ack(context.Context, das.Terminal, []uint64) ([]*pb.C2CMessage, []uint64, error) {
-	return nil, nil, nil
+func (f *fakeC2CStore) Ack(_ context.Context, _ das.Terminal, ids []uint64) ([]*pb.C2CMessage, []uint64, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var acked []*pb.C2CMessage
+	for _, id := range ids {
+		for _, m := range f.puts {
+			if m.Msgid == id {
+				acked = append(acked, m)
+			}
+		}
+	}
+	return acked, nil, nil
 }
 func (f *fakeC2CStore) History(context.Context, das.User, *das.User, uint64, int) ([]*pb.C2CMessage, bool, error) {
 	return nil, false, nil
@@ -125,5 +136,79 @@ func TestOrderedSendFloor(t *testing.T) {
 	long := string(make([]byte, 65))
 	if _, err := send("m-6", long, 0); status(err) != schema.StatusBadArgument {
 		t.Fatalf("a predecessor id over the limit: err %v, want %d", err, schema.StatusBadArgument)
+	}
+}
+
+// receiptGate records the receipts pushed to each connection.
+type receiptGate struct {
+	mu  sync.Mutex
+	got map[uint64][]*pb.C2CReceipt
+}
+
+func (g *receiptGate) Kick(context.Context, uint64, *pb.Kickout, uint64) error { return nil }
+
+func (g *receiptGate) Push(_ context.Context, conns []uint64, cmd schema.Cmd, _ uint32, _ uint64, body []byte, queued []bool) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for i, c := range conns {
+		queued[i] = true
+		if cmd != schema.CmdC2CReceipt {
+			continue
+		}
+		r := new(pb.C2CReceipt)
+		if err := proto.Unmarshal(body, r); err != nil {
+			return err
+		}
+		g.got[c] = append(g.got[c], r)
+	}
+	return nil
+}
+
+// TestReceiptsBatchedPerSender: one ack of messages from two senders
+// sends each sender one receipt listing its messages in the order acked;
+// a receipt of one message lists none.
+func TestReceiptsBatchedPerSender(t *testing.T) {
+	st := &fakeC2CStore{sent: map[sentKey]uint64{}}
+	s, err := New(Options{Router: router.NewMemory(), Store: st, Apps: []App{
+		{AppCode: 101, Account: 1, Secrets: []string{"0123456789abcdef0123"}},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := &receiptGate{got: map[uint64][]*pb.C2CReceipt{}}
+	s.AttachGate("gate-a", g)
+	ctx := context.Background()
+	sess := func(uid, conn uint64) router.Session {
+		ss := router.Session{Account: 1, AppCode: 101, UID: uid, Gate: "gate-a", Conn: conn, Epoch: conn}
+		if _, err := s.router.Register(ctx, ss, 1); err != nil {
+			t.Fatal(err)
+		}
+		return ss
+	}
+	alice, bob, carol := sess(1, 11), sess(2, 12), sess(3, 13)
+	send := func(from router.Session, text string) uint64 {
+		t.Helper()
+		body, _ := proto.Marshal(&pb.C2CSendRequest{To: &pb.User{Account: 1, Uid: carol.UID}, Content: []byte(text), ClientMsgId: text})
+		out, err := s.Handle(ctx, from, &schema.Header{Cmd: schema.CmdC2CSend}, body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var resp pb.C2CSendResponse
+		_ = proto.Unmarshal(out, &resp)
+		return resp.Msgid
+	}
+	a1, b1, a2, a3 := send(alice, "a1"), send(bob, "b1"), send(alice, "a2"), send(alice, "a3")
+	body, _ := proto.Marshal(&pb.C2CAckRequest{Msgids: []uint64{a1, b1, a2, a3}})
+	if _, err := s.Handle(ctx, carol, &schema.Header{Cmd: schema.CmdC2CAck}, body); err != nil {
+		t.Fatal(err)
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	ra, rb := g.got[alice.Conn], g.got[bob.Conn]
+	if len(ra) != 1 || ra[0].Msgid != a1 || !slices.Equal(ra[0].Msgids, []uint64{a1, a2, a3}) || ra[0].By.GetUid() != carol.UID {
+		t.Fatalf("alice got receipts %v, want one for %d, %d, %d by carol", ra, a1, a2, a3)
+	}
+	if len(rb) != 1 || rb[0].Msgid != b1 || len(rb[0].Msgids) != 0 {
+		t.Fatalf("bob got receipts %v, want one for %d alone", rb, b1)
 	}
 }

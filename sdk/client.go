@@ -215,8 +215,10 @@ type Options struct {
 	// pushes stay in the inbox.
 	OnS2C func(*pb.S2CNotify)
 	// OnReceipt is called when a terminal of a recipient acknowledged a
-	// message this user sent (a delivered receipt). Receipts are not
-	// stored: a sender offline at that moment does not get one.
+	// message this user sent (a delivered receipt), once per message: a
+	// receipt the server sent for several (C2CReceipt.Msgids) is handed
+	// over as one per msgid, Msgids empty. Receipts are not stored: a
+	// sender offline at that moment does not get one.
 	OnReceipt func(*pb.C2CReceipt)
 	// OnTransient receives transient messages ("typing...", a shake; see
 	// SendTransient): shown if they arrive, never stored, acknowledged or
@@ -910,7 +912,13 @@ func (c *Client) notified(l *link, h schema.Header, body []byte) {
 		if c.opts.OnReceipt != nil {
 			var r pb.C2CReceipt
 			if err := proto.Unmarshal(body, &r); err == nil {
-				c.opts.OnReceipt(&r)
+				if len(r.Msgids) == 0 {
+					c.opts.OnReceipt(&r)
+					return
+				}
+				for _, id := range r.Msgids {
+					c.opts.OnReceipt(&pb.C2CReceipt{Msgid: id, By: r.By, ByAppcode: r.ByAppcode, AtMs: r.AtMs})
+				}
 			}
 			return
 		}

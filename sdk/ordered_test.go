@@ -181,3 +181,34 @@ func TestOrderedRetries(t *testing.T) {
 		t.Fatalf("stored %v, want %v", o.stored, want)
 	}
 }
+
+// TestReceiptsExpanded: a receipt the server sent for several messages
+// reaches OnReceipt once per msgid, in order; a receipt of one as it is.
+func TestReceiptsExpanded(t *testing.T) {
+	fs := newFakeServer(t, func(h schema.Header, _ []byte) (schema.Status, proto.Message, bool) {
+		resp, _ := answer(h.Cmd)
+		return schema.StatusOK, resp, false
+	})
+	got := make(chan *pb.C2CReceipt, 8)
+	c, err := Dial(context.Background(), Options{Addrs: []string{fs.addr()}, OnReceipt: func(r *pb.C2CReceipt) { got <- r }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Login(context.Background(), Credentials{AppCode: 1, UID: 2, Token: "t"}); err != nil {
+		t.Fatal(err)
+	}
+	by := &pb.User{Account: 1, Uid: 9}
+	fs.push(schema.CmdC2CReceipt, &pb.C2CReceipt{Msgid: 5, By: by, ByAppcode: 101, AtMs: 77, Msgids: []uint64{5, 6, 8}})
+	fs.push(schema.CmdC2CReceipt, &pb.C2CReceipt{Msgid: 9, By: by, ByAppcode: 101, AtMs: 78})
+	for _, want := range []uint64{5, 6, 8, 9} {
+		select {
+		case r := <-got:
+			if r.Msgid != want || len(r.Msgids) != 0 || r.By.GetUid() != 9 || r.ByAppcode != 101 {
+				t.Fatalf("receipt %v, want msgid %d by 1/9 on 101 with no msgids list", r, want)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("no receipt for %d", want)
+		}
+	}
+}

@@ -1940,11 +1940,15 @@ func (x *C2CAckResponse) GetAcked() uint32 {
 
 // C2CReceipt tells the sender that a terminal of the recipient acknowledged.
 type C2CReceipt struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Msgid         uint64                 `protobuf:"varint,1,opt,name=msgid,proto3" json:"msgid,omitempty"`
-	By            *User                  `protobuf:"bytes,2,opt,name=by,proto3" json:"by,omitempty"`
-	ByAppcode     uint32                 `protobuf:"varint,3,opt,name=by_appcode,json=byAppcode,proto3" json:"by_appcode,omitempty"`
-	AtMs          int64                  `protobuf:"varint,4,opt,name=at_ms,json=atMs,proto3" json:"at_ms,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Msgid     uint64                 `protobuf:"varint,1,opt,name=msgid,proto3" json:"msgid,omitempty"`
+	By        *User                  `protobuf:"bytes,2,opt,name=by,proto3" json:"by,omitempty"`
+	ByAppcode uint32                 `protobuf:"varint,3,opt,name=by_appcode,json=byAppcode,proto3" json:"by_appcode,omitempty"`
+	AtMs      int64                  `protobuf:"varint,4,opt,name=at_ms,json=atMs,proto3" json:"at_ms,omitempty"`
+	// When one ack of that terminal covered several messages of this
+	// sender: all of their msgids, in the order acked (msgid is the first).
+	// Empty for a receipt of one message.
+	Msgids        []uint64 `protobuf:"varint,5,rep,packed,name=msgids,proto3" json:"msgids,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2005,6 +2009,13 @@ func (x *C2CReceipt) GetAtMs() int64 {
 		return x.AtMs
 	}
 	return 0
+}
+
+func (x *C2CReceipt) GetMsgids() []uint64 {
+	if x != nil {
+		return x.Msgids
+	}
+	return nil
 }
 
 type OfflineCountRequest struct {
@@ -3305,14 +3316,15 @@ const file_imd_proto_rawDesc = "" +
 	"\rC2CAckRequest\x12\x16\n" +
 	"\x06msgids\x18\x01 \x03(\x04R\x06msgids\"&\n" +
 	"\x0eC2CAckResponse\x12\x14\n" +
-	"\x05acked\x18\x01 \x01(\rR\x05acked\"t\n" +
+	"\x05acked\x18\x01 \x01(\rR\x05acked\"\x8c\x01\n" +
 	"\n" +
 	"C2CReceipt\x12\x14\n" +
 	"\x05msgid\x18\x01 \x01(\x04R\x05msgid\x12\x1c\n" +
 	"\x02by\x18\x02 \x01(\v2\f.imd.v1.UserR\x02by\x12\x1d\n" +
 	"\n" +
 	"by_appcode\x18\x03 \x01(\rR\tbyAppcode\x12\x13\n" +
-	"\x05at_ms\x18\x04 \x01(\x03R\x04atMs\"\x15\n" +
+	"\x05at_ms\x18\x04 \x01(\x03R\x04atMs\x12\x16\n" +
+	"\x06msgids\x18\x05 \x03(\x04R\x06msgids\"\x15\n" +
 	"\x13OfflineCountRequest\"O\n" +
 	"\x14OfflineCountResponse\x12\x14\n" +
 	"\x05count\x18\x01 \x01(\x04R\x05count\x12!\n" +

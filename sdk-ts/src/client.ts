@@ -163,7 +163,11 @@ export interface ClientOptions extends ConnectTarget, TransportEnv {
   onC2C?: (m: C2CMessage) => void | Promise<void>;
   /** Pushes from app-servers, live or from the inbox, each once, acknowledged after the callback. */
   onS2C?: (n: S2CNotify) => void | Promise<void>;
-  /** A terminal of a recipient acknowledged a message this user sent. */
+  /**
+   * A terminal of a recipient acknowledged a message this user sent:
+   * called once per message (a receipt the server sent for several, in
+   * msgids, is handed over as one per msgid, msgids empty).
+   */
   onReceipt?: (r: C2CReceipt) => void;
   /** The server kicked this session out; the client is closed and does not reconnect. */
   onKickout?: (k: Kickout) => void;
@@ -759,7 +763,14 @@ export class Client {
           break;
         case Cmd.C2CReceipt:
           if (this.opts.onReceipt) {
-            this.opts.onReceipt(fromBinary(C2CReceiptSchema, f.body));
+            const r = fromBinary(C2CReceiptSchema, f.body);
+            if (r.msgids.length === 0) {
+              this.opts.onReceipt(r);
+              return;
+            }
+            for (const msgid of r.msgids) {
+              this.opts.onReceipt(create(C2CReceiptSchema, { msgid, by: r.by, byAppcode: r.byAppcode, atMs: r.atMs }));
+            }
             return;
           }
           break;
