@@ -100,6 +100,7 @@ bench-go: ## Go micro-benchmarks (codec, store) and the in-process end-to-end on
 	$(GO) test -run '^$$' -bench 'WriteCost|LookupMany' -count 3 ./gateway/ ./router/
 	$(GO) test -run '^$$' -bench 'C2CEndToEnd|C2SEndToEnd' -benchtime 5000x ./internal/platform/
 	$(GO) test -run '^$$' -bench S2CFanOut -benchtime 100x ./internal/platform/
+	$(GO) test -run '^$$' -bench C2COverSlowLink -benchtime 64x ./internal/platform/
 
 lint: ## gofmt, go vet and staticcheck must be clean
 	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
