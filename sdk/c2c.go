@@ -45,24 +45,28 @@ func NewClientMsgID() string {
 // keep that order whatever the clocks of the logic nodes, every try carries
 // the highest msgid this client has been answered for (after_msgid), and
 // the platform gives the new message a greater one; Options.State keeps
-// that floor across restarts. Concurrent calls are pipelined (ordered.go):
-// each is written without waiting for the answers to the others, and they
-// are stored in the order they were written; SendC2CAsync gives that order
-// to consecutive calls of one goroutine.
+// that floor across restarts. Calls from several goroutines at once have
+// no order among them and run side by side; to send the next message
+// before this one is answered and keep their order, use SendC2CAsync
+// (while sends of it are in flight, SendC2C queues behind them too).
 func (c *Client) SendC2C(ctx context.Context, to *pb.User, msgtype uint32, content []byte) (*pb.C2CSendResponse, error) {
 	return c.SendC2CWithID(ctx, to, msgtype, NewClientMsgID(), content)
 }
 
 // SendC2CWithID is SendC2C with a client message id chosen by the app.
 func (c *Client) SendC2CWithID(ctx context.Context, to *pb.User, msgtype uint32, clientMsgID string, content []byte) (*pb.C2CSendResponse, error) {
-	a := c.sendOrdered(ctx, &pb.C2CSendRequest{To: to, ClientMsgId: clientMsgID, Content: content}, msgtype)
+	req := &pb.C2CSendRequest{To: to, ClientMsgId: clientMsgID, Content: content}
+	if c.chain.empty() {
+		return c.send(ctx, req, msgtype)
+	}
+	a := c.sendOrdered(ctx, req, msgtype)
 	<-a.done
 	return a.resp, a.err
 }
 
-// send is the code path of group sends: tries with backoff, the same
-// client message id on every try, and the send floor. One-to-one sends
-// take the ordered path (ordered.go).
+// send is the code path of group sends and of one-to-one sends that need
+// not queue behind ordered ones (ordered.go): tries with backoff, the same
+// client message id on every try, and the send floor.
 func (c *Client) send(ctx context.Context, req *pb.C2CSendRequest, msgtype uint32) (*pb.C2CSendResponse, error) {
 	var resp pb.C2CSendResponse
 	if err := c.retry(ctx, func(actx context.Context) error {

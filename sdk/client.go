@@ -274,8 +274,8 @@ type Options struct {
 	PushAckDelay time.Duration
 	// SendAttempts bounds the tries of SendC2C and SendGroup. Default 6.
 	SendAttempts int
-	// SendWindow is how many one-to-one sends may be in flight at once,
-	// pipelined in order (SendC2CAsync); more wait for a slot. Default 32
+	// SendWindow is how many ordered one-to-one sends (SendC2CAsync) may
+	// be in flight at once, pipelined; more wait for a slot. Default 32
 	// (the gateway allows 64 requests in flight per connection).
 	SendWindow int
 	// SendBackoffMin and SendBackoffMax bound the backoff of SendC2C and

@@ -14,13 +14,20 @@ import (
 )
 
 // Ordered (pipelined) one-to-one sends, PROTOCOL.md "Ordered sends".
-// Every SendC2C goes through the chain: its first try is written at once,
-// in the order of the calls, without waiting for the answers to the sends
-// before it (up to Options.SendWindow of them), each naming its
-// predecessor, the nearest earlier send still unanswered. The server
-// stores a send only after its predecessor, so one client's messages get
-// msgids in the order they were sent. A send that failed goes again only
-// once every earlier send has its outcome: retries go one after another.
+// Every SendC2CAsync goes through the chain (and a SendC2C made while the
+// chain holds sends): its first try is written at once, in the order of
+// the calls, without waiting for the answers to the sends before it (up
+// to Options.SendWindow of them), each naming its predecessor, the
+// nearest earlier send still unanswered. The server stores a send only
+// after its predecessor, so one client's messages get msgids in the order
+// they were sent. A send that failed goes again only once every earlier
+// send has its outcome: retries go one after another.
+//
+// SendC2C calls made while the chain is empty do not join it: calls from
+// several goroutines have no order to keep, and the gateway serves a
+// connection's ordered sends one at a time, which would cap one
+// connection's sends at one store commit each (a service sending for many
+// users over one connection would notice).
 
 // sendChain holds the client's sends that have no outcome yet, in order.
 type sendChain struct {
@@ -41,6 +48,13 @@ func (ch *sendChain) add(lk *chainLink) {
 	ch.mu.Lock()
 	ch.links = append(ch.links, lk)
 	ch.mu.Unlock()
+}
+
+// empty reports whether no send is in the chain.
+func (ch *sendChain) empty() bool {
+	ch.mu.Lock()
+	defer ch.mu.Unlock()
+	return len(ch.links) == 0
 }
 
 // remove takes lk out once it has its outcome.

@@ -212,3 +212,48 @@ func TestReceiptsExpanded(t *testing.T) {
 		}
 	}
 }
+
+// TestSendC2CJoinsChainOnlyBehindAsync: a SendC2C made while no ordered
+// send is in flight goes unflagged (concurrent calls run side by side);
+// one made while a SendC2CAsync is in flight queues behind it, naming it.
+func TestSendC2CJoinsChainOnlyBehindAsync(t *testing.T) {
+	o := &orderedServer{msgid: map[string]uint64{}}
+	c := orderedClient(t, o)
+	ctx := context.Background()
+	to := &pb.User{Account: 1, Uid: 3}
+	if _, err := c.SendC2C(ctx, to, 1, []byte("plain")); err != nil {
+		t.Fatal(err)
+	}
+	hold := make(chan struct{})
+	o.mu.Lock()
+	o.hold = hold
+	o.mu.Unlock()
+	a := c.SendC2CAsync(ctx, to, 1, []byte("async"))
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.SendC2C(ctx, to, 1, []byte("behind"))
+		done <- err
+	}()
+	time.Sleep(50 * time.Millisecond) // let "behind" be written
+	close(hold)
+	if _, err := a.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if len(o.tries) != 3 {
+		t.Fatalf("%d tries, want 3", len(o.tries))
+	}
+	if o.flags[0]&schema.FlagOrdered != 0 || o.tries[0].AfterClientMsgId != "" {
+		t.Fatalf("a SendC2C with nothing in flight went ordered (flags %#x, after %q)", o.flags[0], o.tries[0].AfterClientMsgId)
+	}
+	if o.flags[2]&schema.FlagOrdered == 0 || o.tries[2].AfterClientMsgId != a.ClientMsgID {
+		t.Fatalf("a SendC2C behind an async send: flags %#x, after %q; want ordered after %q", o.flags[2], o.tries[2].AfterClientMsgId, a.ClientMsgID)
+	}
+	if !slices.Equal(o.stored, []string{o.tries[0].ClientMsgId, a.ClientMsgID, o.tries[2].ClientMsgId}) {
+		t.Fatalf("stored %v, not in call order", o.stored)
+	}
+}
