@@ -14,7 +14,7 @@ SERVICES    = bash scripts/services.sh
 # suites (the loopback two-DC world: docs/operations.md).
 WITH_SERVICES = eval "$$($(SERVICES) env)" &&
 
-.PHONY: help build run test test-quick test-go test-real fuzz-short fuzz bench bench-go lint proto clean services-up services-down
+.PHONY: help build run test test-quick test-go test-real fuzz-short fuzz bench bench-steady bench-go lint proto clean services-up services-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -94,6 +94,9 @@ bench: build ## short profile of every imbench scenario (~3-4 min on 2 cores): J
 	$(IMBENCH) group   $(IMBENCH_ARGS) --json group.json   --members 1000 --online 500 --rates 10,20,40 --duration 2s --repeat 2
 	$(IMBENCH) c2s     $(IMBENCH_ARGS) --json c2s.json     --rates 2000,4000,8000 --duration 2s --repeat 3
 	$(IMBENCH) offline $(IMBENCH_ARGS) --json offline.json -n 20000 --page-size 500 --repeat 3
+
+bench-steady: build ## c2c for 65 s at 8,000 msgs/s, three runs: the steady state, with the janitor's sweeps and Pebble's compactions that 2-s runs miss
+	$(IMBENCH) c2c     $(IMBENCH_ARGS) --json c2c-steady.json --rates 8000 --duration 65s --repeat 3
 
 bench-go: ## Go micro-benchmarks (codec, store) and the in-process end-to-end ones
 	$(GO) test -run '^$$' -bench . -benchmem ./schema/ ./das/embedded/

@@ -67,15 +67,12 @@ func (s *Store) putC2C(ctx context.Context, m *pb.C2CMessage, inbox, senderInbox
 		if ok && !s.idemExpired(stored, now) {
 			return msgid, true, nil
 		}
-		if ok {
-			// Expired but not collected yet: its queue row goes with it.
-			_ = b.Delete(idemQueueKey(stored, ik), nil)
-		}
+		// Expired but not collected yet: the new key, in a newer
+		// epoch, is the one lookups find first.
 	case !errors.Is(err, pebble.ErrNotFound):
 		return 0, false, unavailable("put: idempotency lookup", err)
 	}
-	_ = b.Set(ik, encodeIdemValue(m.Msgid, now), nil)
-	_ = b.Set(idemQueueKey(now, ik), nil, nil)
+	s.putIdem(b, ik, now, encodeIdemValue(m.Msgid, now))
 	if err := b.Commit(pebble.Sync); err != nil {
 		return 0, false, unavailable("put", err)
 	}

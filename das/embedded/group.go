@@ -464,8 +464,8 @@ func (s *Store) UserGroups(ctx context.Context, u das.User) ([]das.Membership, e
 }
 
 // AppendGroup implements das.GroupStore. Under the group's lock (and,
-// with a client id, the idempotency key's stripe, which the janitor takes
-// to expire keys) it checks the group, the idempotency key and the
+// with a client id, the idempotency key's stripe) it checks the group, the
+// idempotency key and the
 // sender's membership, then commits the message row, the new head and the
 // key in one synced batch. A retry is answered before the membership
 // check, so a sender removed after its first try still learns its seq.
@@ -516,12 +516,9 @@ func (s *Store) appendGroup(ctx context.Context, m *pb.C2CMessage) (das.Appended
 			if ok && gid == id && !s.idemExpired(stored, now) {
 				return das.Appended{Seq: seq, Msgid: msgid, Dup: true, MemberSeq: g.memberSeq}, nil
 			}
-			if ok {
-				// Expired, or a client id reused in another
-				// group: the key is replaced, and its queue row
-				// goes with it.
-				_ = b.Delete(idemQueueKey(stored, ik), nil)
-			}
+			// Expired, or a client id reused in another group: the
+			// key is replaced (in this epoch, which lookups read
+			// first).
 		case !errors.Is(err, pebble.ErrNotFound):
 			return das.Appended{}, unavailable("append group: idempotency lookup", err)
 		}
@@ -536,8 +533,7 @@ func (s *Store) appendGroup(ctx context.Context, m *pb.C2CMessage) (das.Appended
 	_ = b.Set(groupKey(id), g.encode(), nil)
 	_ = b.Set(groupMsgKey(id, seq), encodeGroupMsgValue(m.Msgid, withSeq(body, seq)), nil)
 	if ik != nil {
-		_ = b.Set(ik, encodeGroupIdemValue(m.Msgid, now, id, seq), nil)
-		_ = b.Set(idemQueueKey(now, ik), nil, nil)
+		s.putIdem(b, ik, now, encodeGroupIdemValue(m.Msgid, now, id, seq))
 	}
 	if err := s.commitGroup(b, "append group"); err != nil {
 		return das.Appended{}, err

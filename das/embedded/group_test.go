@@ -127,7 +127,7 @@ func TestGroupStoredOnce(t *testing.T) {
 			t.Fatalf("%d rows of table %c for group messages", n, tag)
 		}
 	}
-	if n := countPrefix(t, s, []byte{tagGroupIdem}); n != 5 {
+	if n := countIdem(t, s, tagGroupIdem); n != 5 {
 		t.Fatalf("%d group idempotency keys, want 5", n)
 	}
 }
@@ -190,8 +190,9 @@ func TestGroupRetention(t *testing.T) {
 }
 
 // TestGroupIdempotencyExpiry: a group idempotency key counts until
-// IdempotencyTTL, the janitor expires it through the shared queue, and a
-// retry after that is a new message.
+// IdempotencyTTL, the janitor drops its epoch once every key of it
+// expired (one epoch later at most), and a retry after that is a new
+// message.
 func TestGroupIdempotencyExpiry(t *testing.T) {
 	s := openTest(t, Options{JanitorInterval: -1, Retention: das.Retention{IdempotencyTTL: time.Hour}})
 	now := time.Now()
@@ -207,25 +208,49 @@ func TestGroupIdempotencyExpiry(t *testing.T) {
 	if _, dup, err := s.PutC2C(ctx, msgAt(dastest.NewMsgid(), a, user(2), "cm"), []uint32{101}, nil); err != nil || dup {
 		t.Fatalf("c2c with the client id of a group message: dup %v, %v", dup, err)
 	}
-	now = now.Add(time.Hour)
+	now = now.Add(time.Hour + time.Duration(s.idemEpochMs)*time.Millisecond)
 	st, err := s.Sweep(ctx)
 	if err != nil || st.Idempotency != 2 {
-		t.Fatalf("sweep after the TTL: %+v, %v; want 2 keys expired", st, err)
+		t.Fatalf("sweep after the TTL and an epoch: %+v, %v; want 2 keys expired", st, err)
 	}
-	if n := countPrefix(t, s, []byte{tagGroupIdem}) + countPrefix(t, s, []byte{tagIdemQueue}); n != 0 {
+	if n := countIdem(t, s, 0) + countPrefix(t, s, []byte{tagIdemQueue}); n != 0 {
 		t.Fatalf("%d idempotency rows left", n)
 	}
 	if got := mustAppend(t, s, groupMsg(id, dastest.NewMsgid(), a, "cm")); got.Dup || got.Seq != first.Seq+1 {
 		t.Fatalf("retry after expiry = %+v, want a new seq", got)
 	}
-	// Expired but not swept: replaced, with its queue row.
+	// Expired but not swept: replaced in a newer epoch, which lookups
+	// read first.
 	now = now.Add(time.Hour)
 	if got := mustAppend(t, s, groupMsg(id, dastest.NewMsgid(), a, "cm")); got.Dup || got.Seq != first.Seq+2 {
 		t.Fatalf("retry after an unswept expiry = %+v, want a new seq", got)
 	}
-	if n := countPrefix(t, s, []byte{tagIdemQueue}); n != 1 {
-		t.Fatalf("%d queue rows, want 1", n)
+	if got := mustAppend(t, s, groupMsg(id, dastest.NewMsgid(), a, "cm")); !got.Dup || got.Seq != first.Seq+2 {
+		t.Fatalf("retry of the replacing message = %+v, want a dup of seq %d", got, first.Seq+2)
 	}
+	if n, q := countIdem(t, s, tagGroupIdem), countPrefix(t, s, []byte{tagIdemQueue}); n != 2 || q != 0 {
+		t.Fatalf("%d keys (the replaced one and its replacement), %d queue rows; want 2, 0", n, q)
+	}
+}
+
+// countIdem counts the idempotency keys of every epoch whose logical key
+// has tag (0: all).
+func countIdem(t testing.TB, s *Store, tag byte) int {
+	t.Helper()
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte{tagIdemEpoch}, UpperBound: []byte{tagIdemEpoch + 1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for ok := it.First(); ok; ok = it.Next() {
+		if k := it.Key(); tag == 0 || (len(k) > idemEpochHead && k[idemEpochHead] == tag) {
+			n++
+		}
+	}
+	if err := it.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
 
 const groupCrashEnv = "IMD_DAS_GROUP_CRASH_DIR"

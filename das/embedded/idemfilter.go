@@ -26,8 +26,8 @@ import (
 // an idle store holds a small filter and a busy one about 1.2 bytes per key
 // stored within the TTL (1% false positives per generation).
 //
-// Until it has read the keys stored before Open (build, from the
-// idempotency expiry queue, on a goroutine) it answers "maybe" to every
+// Until it has read the keys stored before Open (build, from every
+// idempotency epoch, on a goroutine) it answers "maybe" to every
 // key. Keys stored meanwhile are added by their writers, so once the scan
 // is done the filter holds every live key.
 type idemFilter struct {
@@ -122,27 +122,13 @@ func (f *idemFilter) bytes() int {
 	return n
 }
 
-// buildIdemFilter adds the keys stored before Open, read from the
-// idempotency expiry queue (both c2c and group keys are on it), then lets
-// the filter answer. An error leaves it answering "maybe": correct, only
-// slower.
+// buildIdemFilter adds the keys stored before Open (both c2c and group
+// keys: every epoch's, and the expiry queue of a store of before the
+// epochs), then lets the filter answer. An error leaves it answering
+// "maybe": correct, only slower.
 func (s *Store) buildIdemFilter(ctx context.Context) {
 	t0 := time.Now()
-	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte{tagIdemQueue}, UpperBound: []byte{tagIdemQueue + 1}})
-	if err != nil {
-		s.log.Warn("idempotency filter not built; every client id is looked up", "err", err)
-		return
-	}
-	n := 0
-	for valid := it.First(); valid && ctx.Err() == nil; valid = it.Next() {
-		k := it.Key()
-		if len(k) <= idemQueueHead {
-			continue
-		}
-		s.idem.add(k[idemQueueHead:], binary.BigEndian.Uint64(k[1:]))
-		n++
-	}
-	err = errors.Join(it.Error(), it.Close())
+	n, err := s.addStoredIdem(ctx)
 	if err != nil || ctx.Err() != nil {
 		s.log.Warn("idempotency filter not built; every client id is looked up", "err", err)
 		return
@@ -151,11 +137,103 @@ func (s *Store) buildIdemFilter(ctx context.Context) {
 	s.log.Debug("idempotency filter built", "keys", n, "bytes", s.idem.bytes(), "took", time.Since(t0))
 }
 
+func (s *Store) addStoredIdem(ctx context.Context) (int, error) {
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte{tagIdemEpoch}, UpperBound: []byte{tagIdemEpoch + 1}})
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for valid := it.First(); valid && ctx.Err() == nil; valid = it.Next() {
+		k := it.Key()
+		_, stored, ok := decodeIdemValue(it.Value())
+		if len(k) <= idemEpochHead || !ok {
+			continue
+		}
+		s.idem.add(k[idemEpochHead:], stored)
+		n++
+	}
+	if err := errors.Join(it.Error(), it.Close()); err != nil || !s.legacyIdem.Load() {
+		return n, err
+	}
+	it, err = s.db.NewIter(&pebble.IterOptions{LowerBound: []byte{tagIdemQueue}, UpperBound: []byte{tagIdemQueue + 1}})
+	if err != nil {
+		return n, err
+	}
+	for valid := it.First(); valid && ctx.Err() == nil; valid = it.Next() {
+		k := it.Key()
+		if len(k) <= idemQueueHead {
+			continue
+		}
+		s.idem.add(k[idemQueueHead:], binary.BigEndian.Uint64(k[1:]))
+		n++
+	}
+	return n, errors.Join(it.Error(), it.Close())
+}
+
+// openIdemEpochs reads the idempotency epoch's length (fixing it, a
+// quarter of IdempotencyTTL and at least a second, when the store is new)
+// and whether keys of a store of before the epochs may be left.
+func (s *Store) openIdemEpochs() error {
+	v, closer, err := s.db.Get(metaIdemEpoch)
+	switch {
+	case err == nil:
+		if len(v) == 8 {
+			s.idemEpochMs = binary.BigEndian.Uint64(v)
+		}
+		_ = closer.Close()
+	case !errors.Is(err, pebble.ErrNotFound):
+		return unavailable("open: idempotency epoch", err)
+	}
+	if s.idemEpochMs == 0 {
+		s.idemEpochMs = max(uint64(s.opts.Retention.IdempotencyTTL.Milliseconds())/4, 1000)
+		if err := s.db.Set(metaIdemEpoch, binary.BigEndian.AppendUint64(nil, s.idemEpochMs), pebble.Sync); err != nil {
+			return unavailable("open: idempotency epoch", err)
+		}
+	}
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte{tagIdemQueue}, UpperBound: []byte{tagIdemQueue + 1}})
+	if err != nil {
+		return unavailable("open: idempotency queue", err)
+	}
+	s.legacyIdem.Store(it.First())
+	if err := it.Close(); err != nil {
+		return unavailable("open: idempotency queue", err)
+	}
+	return nil
+}
+
+// idemEpoch is the epoch of a key stored at ms.
+func (s *Store) idemEpoch(ms uint64) uint32 { return uint32(ms / s.idemEpochMs) }
+
 // getIdem reads the idempotency key ik, answering pebble.ErrNotFound from
-// the filter when it certainly is not stored.
+// the filter when it certainly is not stored. It looks in the epochs that
+// may hold it unexpired, newest first (a key stored again after it
+// expired, or for another group, is in a newer one than the key it
+// replaced), from the one after now's (a key stored by a clock a little
+// ahead) down to the epoch of now - IdempotencyTTL: keys in older ones
+// all expired, which counts as absent. Then, while any is left, the keys
+// of before the epochs.
 func (s *Store) getIdem(ik []byte) ([]byte, io.Closer, error) {
 	if !s.idem.mayHold(ik) {
 		return nil, nil, pebble.ErrNotFound
 	}
-	return s.db.Get(ik)
+	now, ttl := s.nowMs(), uint64(s.opts.Retention.IdempotencyTTL.Milliseconds())
+	lo := s.idemEpoch(now - min(ttl, now))
+	for e := s.idemEpoch(now) + 1; e >= lo; e-- {
+		v, closer, err := s.db.Get(idemEpochKey(e, ik))
+		if !errors.Is(err, pebble.ErrNotFound) {
+			return v, closer, err
+		}
+		if e == 0 {
+			break
+		}
+	}
+	if s.legacyIdem.Load() {
+		return s.db.Get(ik)
+	}
+	return nil, nil, pebble.ErrNotFound
+}
+
+// putIdem adds to b the idempotency key ik, stored at nowMs with value v.
+func (s *Store) putIdem(b *pebble.Batch, ik []byte, nowMs uint64, v []byte) {
+	_ = b.Set(idemEpochKey(s.idemEpoch(nowMs), ik), v, nil)
 }

@@ -314,16 +314,51 @@ func (s *Store) trimByCount(ctx context.Context, max int, st *SweepStats) error 
 
 func hasPrefix(k, p []byte) bool { return len(k) >= len(p) && string(k[:len(p)]) == string(p) }
 
-// expireIdempotency removes idempotency keys stored at or before now -
-// IdempotencyTTL, reading them in storage-time order from the x queue. The
-// stripes of a chunk's keys are held (in ascending order, so
-// two sweeps cannot deadlock and PutC2C holds at most one) from the check
-// to the commit: a PutC2C that replaces an expired key in between would
-// otherwise lose its new key to the delete.
+// expireIdempotency removes the idempotency keys of every epoch whose
+// keys all expired: epoch e holds keys stored before (e+1) * epoch, all
+// expired once that is at or before now - IdempotencyTTL. One range
+// deletion drops them (counted first, for the stats); writers only ever
+// add to the current epoch, so no lock is needed. A key lives at most an
+// epoch (a quarter of the TTL) past its expiry; lookups count it absent
+// meanwhile. Then the keys of a store of before the epochs, while any is
+// left (expireLegacyIdempotency).
 func (s *Store) expireIdempotency(ctx context.Context, st *SweepStats) error {
 	now := s.nowMs()
 	s.idem.expire(now)
-	cut := now - uint64(s.opts.Retention.IdempotencyTTL.Milliseconds())
+	ttl := uint64(s.opts.Retention.IdempotencyTTL.Milliseconds())
+	if now > ttl {
+		lower, upper := []byte{tagIdemEpoch}, idemEpochStart(s.idemEpoch(now-ttl))
+		it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: upper})
+		if err != nil {
+			return unavailable("sweep", err)
+		}
+		n := 0
+		for valid := it.First(); valid && ctx.Err() == nil; valid = it.Next() {
+			n++
+		}
+		if err := it.Close(); err != nil {
+			return unavailable("sweep", err)
+		}
+		if n > 0 && ctx.Err() == nil {
+			if err := s.db.DeleteRange(lower, upper, pebble.NoSync); err != nil {
+				return unavailable("sweep", err)
+			}
+			st.Idempotency += n
+		}
+	}
+	if !s.legacyIdem.Load() {
+		return ctx.Err()
+	}
+	return s.expireLegacyIdempotency(ctx, st, now-min(ttl, now))
+}
+
+// expireLegacyIdempotency removes the keys a store of before the epochs
+// kept as is, stored at or before cut, reading them in storage-time order
+// from the x queue; once the queue is empty no lookup reads them any more.
+// The stripes of a chunk's keys are held (in ascending order, so two
+// sweeps cannot deadlock and PutC2C holds at most one) from the check to
+// the commit.
+func (s *Store) expireLegacyIdempotency(ctx context.Context, st *SweepStats, cut uint64) error {
 	upper := binary.BigEndian.AppendUint64([]byte{tagIdemQueue}, cut+1)
 	for ctx.Err() == nil {
 		it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte{tagIdemQueue}, UpperBound: upper})
@@ -338,7 +373,7 @@ func (s *Store) expireIdempotency(ctx context.Context, st *SweepStats) error {
 			return unavailable("sweep", err)
 		}
 		if len(qkeys) == 0 {
-			return nil
+			return s.checkLegacyIdemGone()
 		}
 		n, err := s.expireChunk(qkeys, cut)
 		st.Idempotency += n
@@ -347,6 +382,24 @@ func (s *Store) expireIdempotency(ctx context.Context, st *SweepStats) error {
 		}
 	}
 	return ctx.Err()
+}
+
+// checkLegacyIdemGone stops the lookups of keys of before the epochs once
+// the queue holds none.
+func (s *Store) checkLegacyIdemGone() error {
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte{tagIdemQueue}, UpperBound: []byte{tagIdemQueue + 1}})
+	if err != nil {
+		return unavailable("sweep", err)
+	}
+	left := it.First()
+	if err := it.Close(); err != nil {
+		return unavailable("sweep", err)
+	}
+	if !left {
+		s.legacyIdem.Store(false)
+		s.log.Info("idempotency keys of before the epochs all expired")
+	}
+	return nil
 }
 
 func (s *Store) expireChunk(qkeys [][]byte, cut uint64) (int, error) {

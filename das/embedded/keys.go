@@ -73,8 +73,10 @@ const (
 	tagInbox     = 'i'
 	tagTimeline  = 't'
 	tagConv      = 'c'
-	tagIdem      = 'k'
-	tagIdemQueue = 'x'
+	tagIdem      = 'k' // the logical idempotency key (idemKey); stored under tagIdemEpoch, or as is by stores of before
+	tagIdemQueue = 'x' // the expiry queue of those stores of before (idemQueueKey)
+	tagIdemEpoch = 'y' // idempotency keys by storage epoch (idemEpochKey)
+	tagMeta      = 'z' // the store's own settings
 	tagGC        = 'g'
 
 	tagGroup       = 'h'
@@ -182,8 +184,34 @@ func idemKey(t das.Terminal, clientMsgID string) []byte {
 	return append(b, clientMsgID...)
 }
 
+// idemEpochHead is the tag and epoch that start an idemEpochKey; the
+// logical idempotency key (idemKey, groupIdemKey) follows.
+const idemEpochHead = 1 + 4
+
+// idemEpochKey is where the idempotency key ik stored in epoch e lives
+// (Store.idemEpochMs long; see expireIdempotency). The keys of an epoch
+// are contiguous, so the janitor drops an expired epoch with one range
+// deletion instead of reading and deleting each key.
+func idemEpochKey(e uint32, ik []byte) []byte {
+	b := make([]byte, 0, idemEpochHead+len(ik))
+	b = append(b, tagIdemEpoch)
+	b = binary.BigEndian.AppendUint32(b, e)
+	return append(b, ik...)
+}
+
+// idemEpochStart is the first key of epoch e.
+func idemEpochStart(e uint32) []byte {
+	return binary.BigEndian.AppendUint32([]byte{tagIdemEpoch}, e)
+}
+
+// metaIdemEpoch holds the idempotency epoch's length in ms, fixed when the
+// store is created (a key's epoch must not change under it).
+var metaIdemEpoch = []byte{tagMeta, 'i', 'd', 'e', 'm', '-', 'e', 'p', 'o', 'c', 'h', '-', 'm', 's'}
+
 // idemQueueHead is the tag and stored time that start an idemQueueKey;
-// the idempotency key follows.
+// the idempotency key follows. Stores of before idemEpochKey kept each
+// key as is and queued it here for expiry; their keys are still read and
+// expired this way until the queue is empty.
 const idemQueueHead = 1 + 8
 
 // idemQueueKey orders idempotency keys by the time they were stored, so

@@ -125,11 +125,13 @@ type Store struct {
 	sweepMu   sync.Mutex // one sweep at a time
 	dirty     dirtyUsers // timelines to check against Retention.MaxCount
 
-	seed      maphash.Seed
-	idemLocks [lockStripes]sync.Mutex // by idempotency key: check + commit
-	idem      *idemFilter             // which idempotency keys are certainly not stored
-	ackLocks  [lockStripes]sync.Mutex // by terminal: Ack's existence check + delete, AckGroup
-	gcEvent   atomic.Uint64           // suffix of collection marks, unique per process run
+	seed        maphash.Seed
+	idemLocks   [lockStripes]sync.Mutex // by idempotency key: check + commit
+	idem        *idemFilter             // which idempotency keys are certainly not stored
+	idemEpochMs uint64                  // length of an idempotency epoch (idemEpochKey)
+	legacyIdem  atomic.Bool             // keys of before the epochs may be left (tagIdemQueue)
+	ackLocks    [lockStripes]sync.Mutex // by terminal: Ack's existence check + delete, AckGroup
+	gcEvent     atomic.Uint64           // suffix of collection marks, unique per process run
 
 	// groupLocks are the groups' sequencers (by group id): every write
 	// to a group reads its head and commits head+1 under one (group.go).
@@ -173,6 +175,10 @@ func Open(dir string, opts Options) (*Store, error) {
 		now:  time.Now,
 		seed: maphash.MakeSeed(),
 		idem: newIdemFilter(opts.Retention.IdempotencyTTL),
+	}
+	if err := s.openIdemEpochs(); err != nil {
+		_ = db.Close()
+		return nil, err
 	}
 	s.life, s.endLife = context.WithCancel(context.Background())
 	s.janitor.Add(1)

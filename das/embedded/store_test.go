@@ -352,7 +352,11 @@ func TestRetentionMaxCount(t *testing.T) {
 
 func TestIdempotencyTTL(t *testing.T) {
 	s := openTest(t, Options{JanitorInterval: -1, Retention: das.Retention{IdempotencyTTL: time.Hour}})
-	now := time.Now()
+	ep := int64(s.idemEpochMs)
+	if ep != (15 * time.Minute).Milliseconds() {
+		t.Fatalf("epoch %d ms, want a quarter of the TTL", ep)
+	}
+	now := time.UnixMilli(time.Now().UnixMilli() / ep * ep) // the start of an epoch
 	var mu sync.Mutex
 	s.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
 	advance := func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
@@ -369,12 +373,13 @@ func TestIdempotencyTTL(t *testing.T) {
 	if id, dup, err := s.PutC2C(ctx, msgAt(21, a, b, "k1"), []uint32{101}, nil); err != nil || dup || id != 21 {
 		t.Fatalf("retry after the TTL = %d, %v, %v", id, dup, err)
 	}
-	st := sweep(t, s)
-	if st.Idempotency != 1 { // k2 only: k1 was replaced at the new time
-		t.Fatalf("sweep removed %d keys, want 1", st.Idempotency)
+	// The first epoch's keys expired at +60m and +75m: it stays until
+	// all of them did.
+	if st := sweep(t, s); st.Idempotency != 0 {
+		t.Fatalf("sweep at +61m removed %d keys, want 0", st.Idempotency)
 	}
-	if n, q := countTag(t, s, tagIdem), countTag(t, s, tagIdemQueue); n != 2 || q != 2 {
-		t.Fatalf("%d keys, %d queue rows left; want 2, 2", n, q)
+	if n := countIdem(t, s, tagIdem); n != 4 {
+		t.Fatalf("%d keys, want 4 (k1 twice, k2, k3)", n)
 	}
 	if id, dup, _ := s.PutC2C(ctx, msgAt(22, a, b, "k1"), []uint32{101}, nil); !dup || id != 21 {
 		t.Fatalf("retry of the replaced key = %d, %v", id, dup)
@@ -382,12 +387,70 @@ func TestIdempotencyTTL(t *testing.T) {
 	if id, dup, _ := s.PutC2C(ctx, msgAt(23, a, b, "k3"), []uint32{101}, nil); !dup || id != 12 {
 		t.Fatalf("retry of k3 = %d, %v", id, dup)
 	}
+	advance(15 * time.Minute) // +76m: the first epoch (k1's first key, k2) goes
+	if st := sweep(t, s); st.Idempotency != 2 {
+		t.Fatalf("sweep at +76m removed %d keys, want 2", st.Idempotency)
+	}
+	if id, dup, _ := s.PutC2C(ctx, msgAt(24, a, b, "k1"), []uint32{101}, nil); !dup || id != 21 {
+		t.Fatalf("retry of k1 after its first key went = %d, %v", id, dup)
+	}
 	advance(2 * time.Hour)
 	if st := sweep(t, s); st.Idempotency != 2 {
 		t.Fatalf("final sweep removed %d keys, want 2", st.Idempotency)
 	}
-	if n, q := countTag(t, s, tagIdem), countTag(t, s, tagIdemQueue); n != 0 || q != 0 {
+	if n, q := countIdem(t, s, 0), countTag(t, s, tagIdemQueue); n != 0 || q != 0 {
 		t.Fatalf("%d keys, %d queue rows left", n, q)
+	}
+}
+
+// TestIdempotencyKeysOfBefore: a store written before the epochs kept each
+// key as is, with a row in the expiry queue. Opened now, a retry still
+// finds such a key, and the janitor expires them through the queue until
+// it is empty.
+func TestIdempotencyKeysOfBefore(t *testing.T) {
+	dir := t.TempDir()
+	opts := Options{JanitorInterval: -1, Retention: das.Retention{IdempotencyTTL: time.Hour}}
+	s, err := Open(dir, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b := user(1), user(2)
+	t0 := time.Now()
+	ik := idemKey(term(a, 101), "old")
+	stored := uint64(t0.UnixMilli())
+	for k, v := range map[string][]byte{string(ik): encodeIdemValue(77, stored), string(idemQueueKey(stored, ik)): nil} {
+		if err := s.db.Set([]byte(k), v, pebble.Sync); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s, err = Open(dir, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if !s.legacyIdem.Load() {
+		t.Fatal("a store with queue rows did not look for keys of before")
+	}
+	now := t0.Add(time.Minute)
+	s.now = func() time.Time { return now }
+	if id, dup, err := s.PutC2C(ctx, msgAt(78, a, b, "old"), []uint32{101}, nil); err != nil || !dup || id != 77 {
+		t.Fatalf("retry of a key of before = %d, %v, %v; want 77, a dup", id, dup, err)
+	}
+	if id, _, err := s.SentMsgid(ctx, term(a, 101), "old"); err != nil || id != 77 {
+		t.Fatalf("SentMsgid of a key of before = %d, %v", id, err)
+	}
+	now = t0.Add(2 * time.Hour)
+	if st := sweep(t, s); st.Idempotency != 1 {
+		t.Fatalf("sweep removed %d keys, want the one of before", st.Idempotency)
+	}
+	if s.legacyIdem.Load() || countTag(t, s, tagIdemQueue) != 0 || countTag(t, s, tagIdem) != 0 {
+		t.Fatal("keys of before left, or still looked for, after they all expired")
+	}
+	if _, dup, err := s.PutC2C(ctx, msgAt(79, a, b, "old"), []uint32{101}, nil); err != nil || dup {
+		t.Fatalf("retry after expiry: dup %v, %v; want a new message", dup, err)
 	}
 }
 

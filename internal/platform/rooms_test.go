@@ -3,7 +3,6 @@ package platform
 import (
 	"context"
 	"fmt"
-	"net"
 	"net/http"
 	"testing"
 	"time"
@@ -28,18 +27,6 @@ func newLinkProxy(t testing.TB, target string, delay time.Duration) *testnet.Pro
 	return px
 }
 
-// freeAddr returns a loopback address nobody listens on (yet).
-func freeAddr(t testing.TB) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	a := ln.Addr().String()
-	_ = ln.Close()
-	return a
-}
-
 // twoDCs starts DC1 and DC2 in this process: each its own router and
 // membership (one Redis, two key prefixes), its own logic node and
 // gateway, linked through two proxies (dc1 -> dc2 and dc2 -> dc1).
@@ -56,8 +43,13 @@ func startTwoDCs(t testing.TB) *twoDCs { return startTwoDCsWAN(t, 0) }
 func startTwoDCsWAN(t testing.TB, delay time.Duration) *twoDCs {
 	t.Helper()
 	redis := testenv.Redis(t)
-	w := &twoDCs{peer1: freeAddr(t), peer2: freeAddr(t)}
-	w.to1, w.to2 = newLinkProxy(t, w.peer1, delay), newLinkProxy(t, w.peer2, delay)
+	// Each DC's peer listener takes a port of its own (":0"), and the
+	// proxy into it learns it once it listens: a port picked free and
+	// closed first could be taken meanwhile (by an outgoing connection's
+	// ephemeral port, as a CI run once found). Until then a dial through
+	// the proxy fails, and the link dials again.
+	w := &twoDCs{}
+	w.to1, w.to2 = newLinkProxy(t, "127.0.0.1:1", delay), newLinkProxy(t, "127.0.0.1:1", delay)
 	n := redisPrefixes.Add(1)
 	w.prefix1 = fmt.Sprintf("%s2dc%d:dc1:", testRedis.Prefix, n)
 	w.prefix2 = fmt.Sprintf("%s2dc%d:dc2:", testRedis.Prefix, n)
@@ -74,8 +66,12 @@ func startTwoDCsWAN(t testing.TB, delay time.Duration) *twoDCs {
 			}
 		}
 	}
-	w.dc1 = start(t, dc("dc1", w.peer1, w.prefix1, w.to2.Addr(), w.to1.Addr()))
-	w.dc2 = start(t, dc("dc2", w.peer2, w.prefix2, w.to2.Addr(), w.to1.Addr()))
+	w.dc1 = start(t, dc("dc1", "127.0.0.1:0", w.prefix1, w.to2.Addr(), w.to1.Addr()))
+	w.peer1 = w.dc1.PeerAddr()
+	w.to1.SetTarget(w.peer1)
+	w.dc2 = start(t, dc("dc2", "127.0.0.1:0", w.prefix2, w.to2.Addr(), w.to1.Addr()))
+	w.peer2 = w.dc2.PeerAddr()
+	w.to2.SetTarget(w.peer2)
 	w.waitLinked(t)
 	return w
 }
