@@ -190,6 +190,11 @@ func (s *Store) openIdemEpochs() error {
 			return unavailable("open: idempotency epoch", err)
 		}
 	}
+	if n := uint64(s.opts.Retention.IdempotencyTTL.Milliseconds()) / s.idemEpochMs; n > 16 {
+		// The TTL grew since the store was created: a lookup that misses
+		// (a Bloom filter false positive) reads every epoch of the TTL.
+		s.log.Warn("idempotency TTL spans many epochs of this store; a missed lookup reads each", "epochs", n+2, "epoch", time.Duration(s.idemEpochMs)*time.Millisecond)
+	}
 	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte{tagIdemQueue}, UpperBound: []byte{tagIdemQueue + 1}})
 	if err != nil {
 		return unavailable("open: idempotency queue", err)
