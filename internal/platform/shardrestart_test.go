@@ -185,6 +185,9 @@ func masterRestart(t *testing.T, addrs []string, lg, gw *Platform) {
 	gw.members.paused.Store(false)
 	eventually(t, 10*time.Second, "every user reachable again", func() bool { k, err := online(); return err == nil && k == n })
 	back := time.Since(resumed)
+	// The announce counts itself once it returned, which may be a moment
+	// after its last session became visible in the router.
+	eventually(t, 5*time.Second, "the gateway's announce to count itself", func() bool { return gw.members.reannounced.Load() >= 1 })
 	if got := gw.members.reannounced.Load(); got != 1 {
 		t.Fatalf("the gateway announced its sessions %d times, want once", got)
 	}
