@@ -124,20 +124,30 @@ func (c *Client) retry(ctx context.Context, try func(context.Context) error) err
 		if !IsRetryable(err) || errors.Is(err, ErrClosed) || ctx.Err() != nil {
 			return err
 		}
-		if attempt >= c.opts.SendAttempts {
-			return fmt.Errorf("%w after %d attempts: %w", ErrSendFailed, attempt, err)
+		if err := c.backoffStep(ctx, attempt, &backoff, err); err != nil {
+			return err
 		}
-		d := backoff/2 + time.Duration(rand.Int64N(int64(backoff/2)+1))
-		c.log.Debug("sdk: send failed; retrying", "attempt", attempt, "in", d, "err", err)
-		select {
-		case <-time.After(d):
-		case <-ctx.Done():
-			return fmt.Errorf("%w: %w (last error: %v)", ErrSendFailed, ctx.Err(), err)
-		case <-c.stop:
-			return ErrClosed
-		}
-		backoff = min(2*backoff, c.opts.SendBackoffMax)
 	}
+}
+
+// backoffStep follows try number attempt, which failed with the retryable
+// err: it gives up once SendAttempts are used, else waits backoff with
+// jitter (ctx or Close end the wait) and doubles it up to SendBackoffMax.
+func (c *Client) backoffStep(ctx context.Context, attempt int, backoff *time.Duration, err error) error {
+	if attempt >= c.opts.SendAttempts {
+		return fmt.Errorf("%w after %d attempts: %w", ErrSendFailed, attempt, err)
+	}
+	d := *backoff/2 + time.Duration(rand.Int64N(int64(*backoff/2)+1))
+	c.log.Debug("sdk: send failed; retrying", "attempt", attempt, "in", d, "err", err)
+	select {
+	case <-time.After(d):
+	case <-ctx.Done():
+		return fmt.Errorf("%w: %w (last error: %v)", ErrSendFailed, ctx.Err(), err)
+	case <-c.stop:
+		return ErrClosed
+	}
+	*backoff = min(2**backoff, c.opts.SendBackoffMax)
+	return nil
 }
 
 // SyncHistory returns up to limit messages of this user's history (both

@@ -4,10 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"slices"
 	"sync"
-	"time"
 
 	"github.com/imd-dev/imd/schema"
 	"github.com/imd-dev/imd/schema/pb"
@@ -219,20 +217,10 @@ func (c *Client) finishOrdered(ctx context.Context, req *pb.C2CSendRequest, msgt
 				return nil, fmt.Errorf("%w after %d out-of-order answers: %w", ErrSendFailed, outOfOrder, err)
 			}
 		} else {
-			if attempt >= c.opts.SendAttempts {
-				return nil, fmt.Errorf("%w after %d attempts: %w", ErrSendFailed, attempt, err)
+			if err := c.backoffStep(ctx, attempt, &backoff, err); err != nil {
+				return nil, err
 			}
 			attempt++
-			d := backoff/2 + time.Duration(rand.Int64N(int64(backoff/2)+1))
-			c.log.Debug("sdk: send failed; retrying", "attempt", attempt, "in", d, "err", err)
-			select {
-			case <-time.After(d):
-			case <-ctx.Done():
-				return nil, fmt.Errorf("%w: %w (last error: %v)", ErrSendFailed, ctx.Err(), err)
-			case <-c.stop:
-				return nil, ErrClosed
-			}
-			backoff = min(2*backoff, c.opts.SendBackoffMax)
 		}
 		if err := c.chain.waitHead(ctx, lk, c.stop); err != nil {
 			if errors.Is(err, ErrClosed) {

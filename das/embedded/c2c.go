@@ -59,18 +59,12 @@ func (s *Store) putC2C(ctx context.Context, m *pb.C2CMessage, inbox, senderInbox
 	defer mu.Unlock()
 
 	now := s.nowMs()
-	v, closer, err := s.getIdem(ik)
-	switch {
-	case err == nil:
-		msgid, stored, ok := decodeIdemValue(v)
-		_ = closer.Close()
-		if ok && !s.idemExpired(stored, now) {
-			return msgid, true, nil
-		}
-		// Expired but not collected yet: the new key, in a newer
-		// epoch, is the one lookups find first.
-	case !errors.Is(err, pebble.ErrNotFound):
+	// A key that expired but is not collected yet counts as absent: the
+	// new one, in a newer epoch, is the one lookups find first.
+	if msgid, ok, err := s.liveIdem(ik, now); err != nil {
 		return 0, false, unavailable("put: idempotency lookup", err)
+	} else if ok {
+		return msgid, true, nil
 	}
 	s.putIdem(b, ik, now, encodeIdemValue(m.Msgid, now))
 	if err := b.Commit(pebble.Sync); err != nil {
@@ -91,19 +85,11 @@ func (s *Store) SentMsgid(ctx context.Context, sender das.Terminal, clientMsgID 
 	if clientMsgID == "" {
 		return 0, false, nil
 	}
-	v, closer, err := s.getIdem(idemKey(sender, clientMsgID))
-	if errors.Is(err, pebble.ErrNotFound) {
-		return 0, false, nil
-	}
+	msgid, ok, err := s.liveIdem(idemKey(sender, clientMsgID), s.nowMs())
 	if err != nil {
 		return 0, false, unavailable("sent msgid", err)
 	}
-	defer closer.Close()
-	msgid, stored, ok := decodeIdemValue(v)
-	if !ok || s.idemExpired(stored, s.nowMs()) {
-		return 0, false, nil
-	}
-	return msgid, true, nil
+	return msgid, ok, nil
 }
 
 // PutInbox implements das.Store: the message row and one inbox row per
@@ -300,7 +286,6 @@ func (s *Store) readMessageKind(r pebble.Reader, msgid uint64) (m *pb.C2CMessage
 // itself, finds the rows gone. That spares the mark, and the janitor's
 // check of it, for nearly every chat message
 // (BenchmarkMessageLife).
-
 func (s *Store) Ack(ctx context.Context, t das.Terminal, msgids []uint64) ([]*pb.C2CMessage, []uint64, error) {
 	if err := s.gate.Enter(ctx); err != nil {
 		return nil, nil, err

@@ -195,14 +195,11 @@ func (s *Store) openIdemEpochs() error {
 		// (a Bloom filter false positive) reads every epoch of the TTL.
 		s.log.Warn("idempotency TTL spans many epochs of this store; a missed lookup reads each", "epochs", n+2, "epoch", time.Duration(s.idemEpochMs)*time.Millisecond)
 	}
-	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte{tagIdemQueue}, UpperBound: []byte{tagIdemQueue + 1}})
+	left, err := s.legacyIdemLeft()
 	if err != nil {
 		return unavailable("open: idempotency queue", err)
 	}
-	s.legacyIdem.Store(it.First())
-	if err := it.Close(); err != nil {
-		return unavailable("open: idempotency queue", err)
-	}
+	s.legacyIdem.Store(left)
 	return nil
 }
 
@@ -236,6 +233,32 @@ func (s *Store) getIdem(ik []byte) ([]byte, io.Closer, error) {
 		return s.db.Get(ik)
 	}
 	return nil, nil, pebble.ErrNotFound
+}
+
+// liveIdem returns the msgid stored under the c2c idempotency key ik if
+// it has not expired at nowMs; an expired one counts as absent.
+func (s *Store) liveIdem(ik []byte, nowMs uint64) (uint64, bool, error) {
+	v, closer, err := s.getIdem(ik)
+	if errors.Is(err, pebble.ErrNotFound) {
+		return 0, false, nil
+	}
+	if err != nil {
+		return 0, false, err
+	}
+	defer closer.Close()
+	msgid, stored, ok := decodeIdemValue(v)
+	return msgid, ok && !s.idemExpired(stored, nowMs), nil
+}
+
+// legacyIdemLeft reports whether the expiry queue of a store of before
+// the epochs holds any row.
+func (s *Store) legacyIdemLeft() (bool, error) {
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte{tagIdemQueue}, UpperBound: []byte{tagIdemQueue + 1}})
+	if err != nil {
+		return false, err
+	}
+	left := it.First()
+	return left, it.Close()
 }
 
 // putIdem adds to b the idempotency key ik, stored at nowMs with value v.

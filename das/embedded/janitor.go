@@ -387,12 +387,8 @@ func (s *Store) expireLegacyIdempotency(ctx context.Context, st *SweepStats, cut
 // checkLegacyIdemGone stops the lookups of keys of before the epochs once
 // the queue holds none.
 func (s *Store) checkLegacyIdemGone() error {
-	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte{tagIdemQueue}, UpperBound: []byte{tagIdemQueue + 1}})
+	left, err := s.legacyIdemLeft()
 	if err != nil {
-		return unavailable("sweep", err)
-	}
-	left := it.First()
-	if err := it.Close(); err != nil {
 		return unavailable("sweep", err)
 	}
 	if !left {

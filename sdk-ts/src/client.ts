@@ -873,19 +873,8 @@ export class Client {
               throw new ClientError("send_failed", `send failed after ${outOfOrder} out-of-order answers`, { cause: err });
             }
           } else {
-            if (attempt >= this.t.sendAttempts) {
-              throw new ClientError("send_failed", `send failed after ${attempt} attempts: ${asError(err).message}`, {
-                cause: err,
-              });
-            }
+            backoff = await this.backoffStep(attempt, backoff, err);
             attempt++;
-            let wait = backoff / 2 + Math.random() * (backoff / 2);
-            if (err instanceof StatusError && err.retryAfterMs > wait) {
-              wait = err.retryAfterMs;
-            }
-            this.log.debug?.("imd: send failed; retrying", attempt, wait, err);
-            await sleep(wait, this.stop.signal);
-            backoff = Math.min(2 * backoff, this.t.sendBackoffMaxMs);
           }
           // A retry goes once every send before it has its outcome.
           for (let i = this.chain.indexOf(lk); i > 0; i = this.chain.indexOf(lk)) {
@@ -1026,23 +1015,32 @@ export class Client {
         if (!isRetryable(err) || this.closed) {
           throw err;
         }
-        if (n >= this.t.sendAttempts) {
-          throw new ClientError("send_failed", `send failed after ${n} attempts: ${asError(err).message}`, {
-            cause: err,
-          });
-        }
-        let wait = backoff / 2 + Math.random() * (backoff / 2);
-        if (err instanceof StatusError && err.retryAfterMs > wait) {
-          wait = err.retryAfterMs;
-        }
-        this.log.debug?.("imd: send failed; retrying", n, wait, err);
-        await sleep(wait, this.stop.signal);
-        if (this.closed) {
-          throw this.closeErr!;
-        }
-        backoff = Math.min(2 * backoff, this.t.sendBackoffMaxMs);
+        backoff = await this.backoffStep(n, backoff, err);
       }
     }
+  }
+
+  /**
+   * Follows try number n, which failed with the retryable err: throws
+   * send_failed once sendAttempts are used, else waits backoff with jitter
+   * (or the server's retry-after) and resolves with the next backoff.
+   */
+  private async backoffStep(n: number, backoff: number, err: unknown): Promise<number> {
+    if (n >= this.t.sendAttempts) {
+      throw new ClientError("send_failed", `send failed after ${n} attempts: ${asError(err).message}`, {
+        cause: err,
+      });
+    }
+    let wait = backoff / 2 + Math.random() * (backoff / 2);
+    if (err instanceof StatusError && err.retryAfterMs > wait) {
+      wait = err.retryAfterMs;
+    }
+    this.log.debug?.("imd: send failed; retrying", n, wait, err);
+    await sleep(wait, this.stop.signal);
+    if (this.closed) {
+      throw this.closeErr!;
+    }
+    return Math.min(2 * backoff, this.t.sendBackoffMaxMs);
   }
 
   /**
